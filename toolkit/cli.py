@@ -1,0 +1,123 @@
+"""The ``toolkit`` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.logging import RichHandler
+
+from toolkit.config import BuildConfig, load_config
+from toolkit.errors import ToolkitError
+
+app = typer.Typer(
+    help="Fine-tune a chat model and ship it to NVIDIA Triton.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect the build config.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Build config (YAML or TOML); defaults apply without it.")
+]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=True)],
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(err: ToolkitError) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=err.exit_code)
+
+
+def _override(config: BuildConfig, **paths: Path | None) -> BuildConfig:
+    updates = {}
+    if paths.get("workspace") is not None:
+        updates["workspace"] = paths["workspace"]
+    if paths.get("output") is not None:
+        updates["repository"] = config.repository.model_copy(update={"output": paths["output"]})
+    return config.model_copy(update=updates) if updates else config
+
+
+@app.command()
+def build(
+    config: ConfigOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun the selected stages even if cached.")] = False,
+    stages: Annotated[
+        str | None, typer.Option("--stages", help="Comma-separated stages to run; the rest must be cached.")
+    ] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Stop after this stage.")] = None,
+    workspace: Annotated[Path | None, typer.Option("--workspace", help="Build directory (default build/).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Model repository to write.")] = None,
+    keep_versions: Annotated[
+        int | None, typer.Option("--keep-versions", min=1, help="Model versions kept in the repository.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Fine-tune, merge, export, quantize and package a chat model into a Triton model repository."""
+    _setup_logging(verbose)
+    from toolkit.pipeline import STAGE_NAMES, run_build
+
+    try:
+        cfg = _override(load_config(config), workspace=workspace, output=output)
+        if keep_versions is not None:
+            cfg = cfg.model_copy(
+                update={"repository": cfg.repository.model_copy(update={"keep_versions": keep_versions})}
+            )
+        only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+        report = run_build(cfg, force=force, only=only, until=until)
+    except ToolkitError as err:
+        raise _fail(err) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: finished stages are kept; rerun to continue.")
+        raise typer.Exit(code=130) from None
+    ran = [s.name for s in report.stages if s.status == "ran"]
+    skipped = [s.name for s in report.stages if s.status == "skipped"]
+    console.print(
+        f"[bold green]build passed[/] in {report.duration_s:.1f} s: ran {len(ran)}, "
+        f"skipped {len(skipped)} of {len(STAGE_NAMES)} stages; report: {cfg.workspace / 'report.md'}"
+    )
+
+
+@config_app.command("show")
+def config_show(
+    config: ConfigOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="yaml or json")] = "yaml",
+) -> None:
+    """Print the effective build config (defaults merged with the file)."""
+    try:
+        cfg = load_config(config)
+    except ToolkitError as err:
+        raise _fail(err) from None
+    data = cfg.model_dump(mode="json")
+    if fmt == "json":
+        sys.stdout.write(cfg.model_dump_json(indent=2) + "\n")
+    elif fmt == "yaml":
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    else:
+        raise _fail(ToolkitError(f"--format must be yaml or json, not {fmt!r}"))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

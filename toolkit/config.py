@@ -1,0 +1,197 @@
+"""The build config: one pydantic model, loaded from one YAML or TOML file.
+
+Every section forbids unknown keys, so a typo names the exact field. The defaults make
+``toolkit build`` work with no file at all: the embedded SmolLM2 model and the demo dataset.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from toolkit.errors import ConfigError
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    base: str = Field(
+        EMBEDDED_MODEL,
+        description="'embedded:smollm2-135m-instruct', a local Hugging Face model directory, or a hub id "
+        "(hub ids need allow_hub_download and network).",
+    )
+    name: str = Field("smollm2-chat", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Served model name.")
+    allow_hub_download: bool = False
+    context_length: int = Field(2048, ge=64, le=131072, description="Max prompt + completion tokens served.")
+
+
+class DataSection(Section):
+    paths: list[Path] = Field(default_factory=list, description="Dataset files; empty uses the demo dataset.")
+    format: Literal["auto", "alpaca", "sharegpt", "openai"] = "auto"
+    split: tuple[float, float, float] = (0.7, 0.2, 0.1)
+    seed: int = 42
+    on_malformed: Literal["fail", "skip"] = "fail"
+    system_prompt: str | None = Field(None, description="Prepended as a system message when a record has none.")
+    max_seq_len: int = Field(384, ge=16, description="Training examples are truncated to this many tokens.")
+
+    @model_validator(mode="after")
+    def _split_sums_to_one(self) -> DataSection:
+        if any(part < 0 for part in self.split) or abs(sum(self.split) - 1.0) > 1e-6:
+            raise ValueError(f"split must be three non-negative fractions summing to 1, got {self.split}")
+        if self.split[0] <= 0:
+            raise ValueError("split: the train fraction must be > 0")
+        return self
+
+
+class LoraSection(Section):
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+
+class TrainSection(Section):
+    max_steps: int | None = Field(60, ge=1, description="Optimizer steps; None trains for `epochs`.")
+    epochs: float = Field(3.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 42
+    eval_every: int = Field(20, ge=1, description="Eval loss on the val split every N steps.")
+    control_examples: int = Field(
+        48, ge=0, description="Self-distilled general examples mixed in so the model keeps its general answers."
+    )
+    threads: int | None = Field(None, ge=1, description="torch threads; None uses every core.")
+
+
+class EvalSection(Section):
+    max_new_tokens: int = Field(64, ge=1)
+    max_examples: int | None = Field(None, ge=1, description="Cap on test examples scored (None: all).")
+    min_retention: float = Field(0.75, ge=0, le=1, description="Gate: share of general questions still right.")
+
+
+class ExportSection(Section):
+    exporter: Literal["optimum", "dynamo"] = "optimum"
+    opset: int = Field(18, ge=13)
+    max_abs_logit_delta: float = Field(1e-3, gt=0, description="Gate: PyTorch vs ONNX FP32 logits.")
+    min_greedy_agreement: float = Field(1.0, ge=0, le=1, description="Gate: FP32 greedy tokens must match.")
+    gate_new_tokens: int = Field(24, ge=1)
+
+
+class QuantizeSection(Section):
+    enabled: bool = True
+    method: Literal["dynamic_per_channel", "dynamic", "static_qdq", "int4_weight_only"] = "dynamic_per_channel"
+    calibration_samples: int = Field(32, ge=1)
+    min_greedy_agreement: float = Field(0.85, ge=0, le=1)
+    max_perplexity_delta_pct: float = Field(5.0, ge=0)
+
+
+class TensorRTSection(Section):
+    precisions: list[Literal["fp16", "int8"]] = Field(default_factory=lambda: ["fp16", "int8"])
+    trtexec: str = "trtexec"
+    opt_batch_size: int = Field(4, ge=1)
+    max_input_len: int = Field(1024, ge=1)
+    workspace_mib: int = Field(4096, ge=256)
+
+
+class RepositorySection(Section):
+    output: Path = Path("model_repository")
+    keep_versions: int = Field(3, ge=1)
+    max_batch_size: int = Field(8, ge=1)
+    preferred_batch_sizes: list[int] = Field(default_factory=lambda: [4, 8])
+    max_queue_delay_us: int = Field(2000, ge=0)
+    instance_count: int = Field(1, ge=1)
+    serving_precision: Literal["onnx_fp32", "onnx_int8"] = Field(
+        "onnx_fp32", description="Core model the generation model runs; falls back to fp32 if int8 failed its gate."
+    )
+    runner: Literal["onnxruntime", "bls"] = "onnxruntime"
+
+
+class ServingSection(Section):
+    max_active_sequences: int = Field(32, ge=1)
+    max_queue: int = Field(256, ge=1)
+    max_new_tokens_limit: int = Field(1024, ge=1)
+    memory_budget_gib: float = Field(4.0, gt=0, description="KV-cache budget the capacity report plans for.")
+    triton_gate: bool = Field(True, description="End the build by serving the golden prompts through Triton.")
+
+
+class BuildConfig(Section):
+    workspace: Path = Path("build")
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    lora: LoraSection = LoraSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    export: ExportSection = ExportSection()
+    quantize: QuantizeSection = QuantizeSection()
+    tensorrt: TensorRTSection = TensorRTSection()
+    repository: RepositorySection = RepositorySection()
+    serving: ServingSection = ServingSection()
+
+    @model_validator(mode="after")
+    def _limits_fit(self) -> BuildConfig:
+        if self.tensorrt.max_input_len >= self.model.context_length:
+            raise ValueError(
+                f"tensorrt.max_input_len ({self.tensorrt.max_input_len}) must be below "
+                f"model.context_length ({self.model.context_length})"
+            )
+        if self.tensorrt.opt_batch_size > self.repository.max_batch_size:
+            raise ValueError("tensorrt.opt_batch_size must not exceed repository.max_batch_size")
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {field}: {first['msg']}{more}"
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> BuildConfig:
+    """Validate a raw mapping; raise ConfigError naming the first bad field."""
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: Path | None = None) -> BuildConfig:
+    """Load the build config from YAML or TOML; no path means all defaults."""
+    if path is None:
+        return BuildConfig()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return parse_config(data, str(path))
+
+
+def section_dump(config: BuildConfig, *names: str) -> dict[str, Any]:
+    """The named sections (dotted paths allowed) as JSON-ready data, for cache keys."""
+    out: dict[str, Any] = {}
+    full = config.model_dump(mode="json")
+    for name in names:
+        node: Any = full
+        for part in name.split("."):
+            node = node[part]
+        out[name] = node
+    return out

@@ -1,0 +1,129 @@
+"""The build report: ``report.json`` for CI, ``report.md`` for people. Saved after every stage."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from toolkit import __version__
+from toolkit.config import BuildConfig
+from toolkit.workspace import atomic_write_text, sha256_json
+
+
+class GateResult(BaseModel):
+    """One fidelity check. A failed blocking gate fails the build; a non-blocking one drops an artifact."""
+
+    name: str
+    passed: bool
+    value: float | str | None = None
+    threshold: float | str | None = None
+    detail: str = ""
+    blocking: bool = True
+
+
+class StageReport(BaseModel):
+    name: str
+    status: str  # ran | skipped | cached | unavailable | failed | not-run
+    duration_s: float | None = None
+    note: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    gates: list[GateResult] = Field(default_factory=list)
+    artifacts: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @classmethod
+    def from_record(
+        cls, name: str, data: dict[str, Any], *, status: str, stage_dir: Path | None = None
+    ) -> StageReport:
+        stage_dir_files = data.get("files", {})
+        return cls(
+            name=name,
+            status=status,
+            duration_s=data.get("duration_s"),
+            note=data.get("note", ""),
+            metrics=data.get("metrics", {}),
+            gates=[GateResult.model_validate(g) for g in data.get("gates", [])],
+            artifacts={
+                art: {"path": str(stage_dir / rel) if stage_dir else rel, "sha256": stage_dir_files.get(rel, {}).get("sha256")}
+                for art, rel in data.get("artifacts", {}).items()
+            },
+        )
+
+
+class BuildReport(BaseModel):
+    toolkit_version: str = __version__
+    config_sha256: str
+    config: dict[str, Any]
+    started_at: str
+    finished_at: str | None = None
+    duration_s: float | None = None
+    status: str = "running"  # running | passed | failed | interrupted
+    error: str | None = None
+    stages: list[StageReport] = Field(default_factory=list)
+
+    @classmethod
+    def start(cls, config: BuildConfig) -> BuildReport:
+        dumped = config.model_dump(mode="json")
+        return cls(config_sha256=sha256_json(dumped), config=dumped, started_at=_now())
+
+    def add(self, stage: StageReport) -> None:
+        self.stages = [s for s in self.stages if s.name != stage.name] + [stage]
+
+    def finish(self, *, status: str, error: str | None = None) -> None:
+        self.status = status
+        self.error = error
+        self.finished_at = _now()
+        started = dt.datetime.fromisoformat(self.started_at)
+        self.duration_s = round((dt.datetime.fromisoformat(self.finished_at) - started).total_seconds(), 3)
+
+    def stage(self, name: str) -> StageReport | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict | list):
+        return "`" + json.dumps(value, ensure_ascii=False)[:120] + "`"
+    return str(value)
+
+
+def render_markdown(report: BuildReport) -> str:
+    lines = [
+        "# Build report",
+        "",
+        f"- status: **{report.status}**" + (f" ({report.error})" if report.error else ""),
+        f"- toolkit {report.toolkit_version}, config sha256 `{report.config_sha256[:12]}`",
+        f"- started {report.started_at}, took {report.duration_s if report.duration_s is not None else '…'} s",
+        "",
+        "| stage | status | seconds | note |",
+        "| --- | --- | ---: | --- |",
+    ]
+    for s in report.stages:
+        secs = f"{s.duration_s:.1f}" if s.duration_s is not None else ""
+        lines.append(f"| {s.name} | {s.status} | {secs} | {s.note.replace('|', '/')} |")
+    for s in report.stages:
+        if not s.metrics and not s.gates:
+            continue
+        lines += ["", f"## {s.name}", ""]
+        if s.gates:
+            lines += ["| gate | result | value | threshold | detail |", "| --- | --- | --- | --- | --- |"]
+            for g in s.gates:
+                verdict = "pass" if g.passed else ("FAIL" if g.blocking else "fail (non-blocking)")
+                lines.append(f"| {g.name} | {verdict} | {_fmt(g.value)} | {_fmt(g.threshold)} | {g.detail} |")
+            lines.append("")
+        for key, value in s.metrics.items():
+            lines.append(f"- {key}: {_fmt(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: BuildReport, workspace: Path) -> None:
+    atomic_write_text(workspace / "report.json", report.model_dump_json(indent=2) + "\n")
+    atomic_write_text(workspace / "report.md", render_markdown(report))

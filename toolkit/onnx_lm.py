@@ -1,0 +1,127 @@
+"""A causal LM exported to ONNX with a KV cache, driven by onnxruntime. numpy only: no torch.
+
+Used by the fidelity gates and by the serving runner inside Triton's python backend. The graph is
+the one optimum exports for ``text-generation-with-past``: inputs ``input_ids``, ``attention_mask``,
+``position_ids`` and ``past_key_values.N.key/value`` ([batch, kv_heads, past, head_dim]); outputs
+``logits`` and ``present.N.key/value``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
+
+
+def default_providers() -> list[str]:
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxCausalLM:
+    """One onnxruntime session over a KV-cache causal LM graph."""
+
+    def __init__(self, path: Path | str, providers: Sequence[str] | None = None, threads: int | None = None):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        elif os.environ.get("OMP_NUM_THREADS"):
+            options.intra_op_num_threads = int(os.environ["OMP_NUM_THREADS"])
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = set(inputs)
+        layers = sorted(int(m.group(1)) for name in inputs if (m := _PAST.match(name)))
+        if not layers:
+            raise ValueError(f"{path}: no past_key_values inputs; export with task text-generation-with-past")
+        self.num_layers = len(layers)
+        first = inputs["past_key_values.0.key"]
+        self.num_kv_heads = int(first.shape[1])
+        self.head_dim = int(first.shape[3])
+        self.dtype = np.float16 if "float16" in first.type else np.float32
+        self.has_position_ids = "position_ids" in inputs
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token holds across all layers (key and value)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return [np.zeros(shape, dtype=self.dtype) for _ in range(2 * self.num_layers)]
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: Sequence[np.ndarray],
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One step. Returns logits [batch, seq, vocab] and the new KV cache (2 arrays a layer)."""
+        feed: dict[str, np.ndarray] = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
+        }
+        if self.has_position_ids:
+            feed["position_ids"] = np.ascontiguousarray(position_ids, dtype=np.int64)
+        for layer in range(self.num_layers):
+            feed[f"past_key_values.{layer}.key"] = past[2 * layer]
+            feed[f"past_key_values.{layer}.value"] = past[2 * layer + 1]
+        outputs = self.session.run(self.output_names, feed)
+        return outputs[0], list(outputs[1:])
+
+    def greedy(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        pad_id: int = 0,
+        return_logits: bool = False,
+    ) -> tuple[list[list[int]], list[np.ndarray]]:
+        """Greedy decoding of a left-padded batch.
+
+        Returns each prompt's generated ids, without the stop token that ended it, and (when
+        asked) each step's last-position logits [batch, vocab] for comparison with PyTorch.
+        """
+        batch = len(prompts)
+        longest = max(len(p) for p in prompts)
+        ids = np.full((batch, longest), pad_id, dtype=np.int64)
+        mask = np.zeros((batch, longest), dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, longest - len(prompt):] = prompt
+            mask[row, longest - len(prompt):] = 1
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        past = self.empty_past(batch)
+        stops = set(stop_ids)
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        done = [False] * batch
+        step_logits: list[np.ndarray] = []
+        step_ids, step_pos = ids, positions
+        for _ in range(max_new_tokens):
+            logits, past = self.forward(step_ids, mask, step_pos, past)
+            last = logits[:, -1, :]
+            if return_logits:
+                step_logits.append(last.astype(np.float32))
+            next_ids = last.argmax(axis=-1)
+            for row in range(batch):
+                if done[row]:
+                    continue
+                token = int(next_ids[row])
+                if token in stops:
+                    done[row] = True
+                else:
+                    generated[row].append(token)
+            if all(done):
+                break
+            step_ids = next_ids[:, None].astype(np.int64)
+            step_pos = step_pos[:, -1:] + 1
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        return generated, step_logits

@@ -33,3 +33,12 @@ COMPLETION_TOKENS = "completion_tokens"  # INT32 [1]
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
+
+# config.pbtxt `parameters` of the generation model (string values), read by model.py at initialize.
+# The manifest is at <model dir>/<version>/manifest.json; the tokenizer beside it.
+PARAM_CORE_MODEL = "core_model"  # repository model whose weights run the forward pass, e.g. NAME_onnx_fp32
+PARAM_RUNNER = "runner"  # "onnxruntime" (in-process, loads <repo>/<core_model>/<version>/model.onnx) or "bls"
+PARAM_MAX_ACTIVE = "max_active_sequences"
+PARAM_MAX_QUEUE = "max_queue"
+PARAM_MAX_NEW_TOKENS = "max_new_tokens_limit"
+PARAM_CONTEXT = "context_length"

@@ -12,6 +12,15 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
+# A real Prometheus for the observability tests, unpacked from Debian's package (no service started).
+PROMETHEUS := $(VENV)/bin/prometheus
+$(PROMETHEUS): | $(STAMP)
+	@rm -rf $(VENV)/.prometheus && mkdir -p $(VENV)/.prometheus
+	cd $(VENV)/.prometheus && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; }
+	dpkg -x $(VENV)/.prometheus/prometheus_*.deb $(VENV)/.prometheus/root
+	ln -sf $(abspath $(VENV))/.prometheus/root/usr/bin/prometheus $(PROMETHEUS)
+	ln -sf $(abspath $(VENV))/.prometheus/root/usr/bin/promtool $(VENV)/bin/promtool
+
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v 'is ignored' || true
@@ -27,7 +36,7 @@ $(STAMP): pyproject.toml Makefile
 build: venv
 	$(BIN)/toolkit build $(ARGS)
 
-test: venv
+test: venv $(PROMETHEUS)
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 unit: venv

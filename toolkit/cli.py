@@ -48,7 +48,7 @@ def _fail(err: ToolkitError) -> typer.Exit:
 
 
 def _override(config: BuildConfig, **paths: Path | None) -> BuildConfig:
-    updates = {}
+    updates: dict[str, object] = {}
     if paths.get("workspace") is not None:
         updates["workspace"] = paths["workspace"]
     if paths.get("output") is not None:

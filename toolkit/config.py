@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from toolkit.errors import ConfigError
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+Precision = Literal["fp16", "int8"]
 
 
 class Section(BaseModel):
@@ -98,7 +99,7 @@ class QuantizeSection(Section):
 
 
 class TensorRTSection(Section):
-    precisions: list[Literal["fp16", "int8"]] = Field(default_factory=lambda: ["fp16", "int8"])
+    precisions: list[Precision] = Field(default_factory=lambda: list[Precision](["fp16", "int8"]))
     trtexec: str = "trtexec"
     opt_batch_size: int = Field(4, ge=1)
     max_input_len: int = Field(1024, ge=1)
@@ -178,8 +179,14 @@ def load_config(path: Path | None = None) -> BuildConfig:
             data = tomllib.loads(text)
         else:
             data = yaml.safe_load(text) or {}
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid toml: {err}") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid yaml: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid yaml: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return parse_config(data, str(path))

@@ -62,8 +62,11 @@ class ModelManifest(BaseModel):
 
 def latest_version_dir(model_dir: Path) -> Path:
     """The highest numeric version directory of a repository model."""
-    versions = sorted((int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), default=None) \
-        if model_dir.is_dir() else None
+    versions = (
+        sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        if model_dir.is_dir()
+        else []
+    )
     if not versions:
         raise ServingError(f"{model_dir} has no numeric version directory")
     return model_dir / str(versions[-1])

@@ -145,12 +145,12 @@ def stage_key(spec: StageSpec, config: BuildConfig, inputs: dict[str, StageRecor
     })
 
 
-def select_stages(only: list[str] | None) -> set[str]:
+def select_stages(only: list[str] | None, names: tuple[str, ...] = STAGE_NAMES) -> set[str]:
     if not only:
-        return set(STAGE_NAMES)
-    unknown = [s for s in only if s not in STAGE_NAMES]
+        return set(names)
+    unknown = [s for s in only if s not in names]
     if unknown:
-        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(STAGE_NAMES)}")
+        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(names)}")
     return set(only)
 
 
@@ -160,20 +160,22 @@ def run_build(
     force: bool = False,
     only: list[str] | None = None,
     until: str | None = None,
+    stages: tuple[StageSpec, ...] = STAGES,
 ) -> BuildReport:
     """Run the build; return the report (also written to the workspace). Raises on a failed stage or gate."""
-    selected = select_stages(only)
+    names = tuple(s.name for s in stages)
+    selected = select_stages(only, names)
     if until is not None:
-        if until not in STAGE_NAMES:
-            raise ConfigError(f"unknown stage {until!r}; stages are: {', '.join(STAGE_NAMES)}")
-        selected &= set(STAGE_NAMES[: STAGE_NAMES.index(until) + 1])
+        if until not in names:
+            raise ConfigError(f"unknown stage {until!r}; stages are: {', '.join(names)}")
+        selected &= set(names[: names.index(until) + 1])
     ws = config.workspace
     ws.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(ws)
     report = BuildReport.start(config)
     records: dict[str, StageRecord] = {}
     try:
-        for spec in STAGES:
+        for spec in stages:
             stage_dir = ws / spec.name
             existing = _load_record(stage_dir)
             if spec.name not in selected:
@@ -232,7 +234,7 @@ def _run_stage(
         duration = time.perf_counter() - started
         files = file_manifest(tmp)
         failed = [g for g in result.gates if not g.passed and g.blocking]
-        data = {
+        data: dict[str, Any] = {
             "name": spec.name,
             "key": key,
             "status": "failed" if failed else result.status,

@@ -47,7 +47,10 @@ class StageReport(BaseModel):
             metrics=data.get("metrics", {}),
             gates=[GateResult.model_validate(g) for g in data.get("gates", [])],
             artifacts={
-                art: {"path": str(stage_dir / rel) if stage_dir else rel, "sha256": stage_dir_files.get(rel, {}).get("sha256")}
+                art: {
+                    "path": str(stage_dir / rel) if stage_dir else rel,
+                    "sha256": stage_dir_files.get(rel, {}).get("sha256"),
+                }
                 for art, rel in data.get("artifacts", {}).items()
             },
         )

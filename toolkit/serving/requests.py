@@ -1,0 +1,170 @@
+"""Validation of one generation request: raw named arrays in, a typed :class:`GenerationRequest` out.
+
+Pure numpy, no Triton. The Triton adapter hands in ``{input name: np.ndarray}`` (each with the
+leading batch dimension of 1 the generation model's ``max_batch_size > 0`` implies); every problem
+raises :class:`RequestError` with one line the client can act on, which the adapter turns into an
+error response with the final flag, so a bad request never leaves a stream hanging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from toolkit.serving import contract
+
+
+class RequestError(ValueError):
+    """The request is invalid; the message says which input and what is allowed."""
+
+
+class QueueFullError(RuntimeError):
+    """The scheduler's queue is full; the client should retry later."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the served model accepts, from the manifest and the model config parameters."""
+
+    vocab_size: int
+    context_length: int
+    max_new_tokens_limit: int
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; ``temperature == 0`` means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+_KNOWN = (contract.INPUT_IDS, *contract.OPTIONAL_INPUTS)
+
+
+def _int_values(name: str, value: Any) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iu":
+        raise RequestError(f"{name} must be integers (INT64), got {arr.dtype}")
+    return arr.reshape(-1).astype(np.int64)
+
+
+def _scalar(name: str, value: Any, kind: str) -> float | int:
+    arr = np.asarray(value)
+    allowed = "iu" if kind == "int" else "fiu"
+    if arr.dtype.kind not in allowed:
+        wanted = "an integer" if kind == "int" else "a number"
+        raise RequestError(f"{name} must be {wanted}, got {arr.dtype}")
+    if arr.size != 1:
+        raise RequestError(f"{name} must be a single value, got {arr.size} values")
+    item = arr.reshape(-1)[0]
+    if kind == "int":
+        return int(item)
+    number = float(item)
+    if not np.isfinite(number):
+        raise RequestError(f"{name} must be finite, got {number}")
+    return number
+
+
+def parse_request(
+    inputs: Mapping[str, Any], limits: Limits, parameters: Mapping[str, Any] | None = None
+) -> GenerationRequest:
+    """Validate the named inputs of one request against ``limits``.
+
+    ``max_tokens`` defaults to the remaining context, capped at ``max_new_tokens_limit``; an
+    explicit value over either bound is an error (the client asked for something it cannot get).
+    """
+    if parameters:
+        raise RequestError(
+            f"unknown request parameter(s) {', '.join(sorted(parameters))}; sampling parameters are input "
+            f"tensors: {', '.join(contract.OPTIONAL_INPUTS)}"
+        )
+    unknown = sorted(set(inputs) - set(_KNOWN))
+    if unknown:
+        raise RequestError(f"unknown input(s) {', '.join(unknown)}; accepted: {', '.join(_KNOWN)}")
+    if contract.INPUT_IDS not in inputs or inputs[contract.INPUT_IDS] is None:
+        raise RequestError(f"missing required input {contract.INPUT_IDS}")
+    ids = _int_values(contract.INPUT_IDS, inputs[contract.INPUT_IDS])
+    if ids.size == 0:
+        raise RequestError(f"{contract.INPUT_IDS} is empty: send at least one prompt token")
+    bad = ids[(ids < 0) | (ids >= limits.vocab_size)]
+    if bad.size:
+        raise RequestError(
+            f"{contract.INPUT_IDS} has id {int(bad[0])} outside the vocabulary [0, {limits.vocab_size})"
+        )
+    prompt_len = int(ids.size)
+    if prompt_len >= limits.context_length:
+        raise RequestError(
+            f"prompt has {prompt_len} tokens; the context is {limits.context_length} tokens, so the prompt "
+            f"must be at most {limits.context_length - 1}"
+        )
+    remaining = limits.context_length - prompt_len
+    values = {name: inputs[name] for name in contract.OPTIONAL_INPUTS if inputs.get(name) is not None}
+
+    if contract.MAX_TOKENS in values:
+        max_tokens = int(_scalar(contract.MAX_TOKENS, values[contract.MAX_TOKENS], "int"))
+        if max_tokens <= 0:
+            raise RequestError(f"{contract.MAX_TOKENS} must be > 0, got {max_tokens}")
+        if max_tokens > limits.max_new_tokens_limit:
+            raise RequestError(
+                f"{contract.MAX_TOKENS} is {max_tokens}; this model allows at most {limits.max_new_tokens_limit}"
+            )
+        if max_tokens > remaining:
+            raise RequestError(
+                f"{contract.MAX_TOKENS} is {max_tokens} but only {remaining} tokens of the {limits.context_length}"
+                f"-token context remain after the {prompt_len}-token prompt"
+            )
+    else:
+        max_tokens = min(remaining, limits.max_new_tokens_limit)
+
+    temperature = float(_scalar(contract.TEMPERATURE, values.get(contract.TEMPERATURE, 0.0), "float"))
+    if temperature < 0:
+        raise RequestError(f"{contract.TEMPERATURE} must be >= 0 (0 is greedy), got {temperature}")
+    top_p = float(_scalar(contract.TOP_P, values.get(contract.TOP_P, 1.0), "float"))
+    if not 0 < top_p <= 1:
+        raise RequestError(f"{contract.TOP_P} must be in (0, 1], got {top_p}")
+    top_k = int(_scalar(contract.TOP_K, values.get(contract.TOP_K, 0), "int"))
+    if top_k < 0:
+        raise RequestError(f"{contract.TOP_K} must be >= 0 (0 disables it), got {top_k}")
+    seed = int(_scalar(contract.SEED, values[contract.SEED], "int")) if contract.SEED in values else None
+    if seed is not None and seed < 0:
+        raise RequestError(f"{contract.SEED} must be >= 0, got {seed}")
+    penalty = float(_scalar(contract.REPETITION_PENALTY, values.get(contract.REPETITION_PENALTY, 1.0), "float"))
+    if penalty <= 0:
+        raise RequestError(f"{contract.REPETITION_PENALTY} must be > 0 (1 disables it), got {penalty}")
+
+    stops = set(limits.stop_token_ids)
+    if contract.STOP_TOKEN_IDS in values:
+        extra = _int_values(contract.STOP_TOKEN_IDS, values[contract.STOP_TOKEN_IDS])
+        bad = extra[(extra < 0) | (extra >= limits.vocab_size)]
+        if bad.size:
+            raise RequestError(
+                f"{contract.STOP_TOKEN_IDS} has id {int(bad[0])} outside the vocabulary [0, {limits.vocab_size})"
+            )
+        stops.update(int(t) for t in extra)
+
+    return GenerationRequest(
+        prompt_ids=[int(t) for t in ids],
+        max_tokens=max_tokens,
+        sampling=SamplingParams(temperature, top_p, top_k, seed, penalty),
+        stop_token_ids=frozenset(stops),
+    )

@@ -1,0 +1,153 @@
+"""Forward-pass runners behind one interface: one KV-cache step of the causal LM over a batch.
+
+``OnnxRunner`` (the embedded default) runs the exported ONNX graph in-process with onnxruntime (the
+CUDA provider where the installed onnxruntime has it). ``BlsRunner`` sends the same step to the
+repository's core model (``<name>_onnx_fp32``/``_onnx_int8`` onnxruntime_onnx or ``_trt_fp16``
+tensorrt_plan) through Triton's business-logic scripting, for GPU deployments in NVIDIA's Triton
+image; the scheduler does not know which one it drives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from toolkit.onnx_lm import OnnxCausalLM
+
+
+class Runner(Protocol):
+    """One forward step: logits [batch, seq, vocab] and the new KV cache (key, value per layer)."""
+
+    vocab_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: Any
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]: ...
+
+    def empty_past(self, batch: int) -> list[np.ndarray]: ...
+
+
+def kv_bytes_per_token(runner: Runner) -> int:
+    """Bytes of KV cache one token holds across all layers (key and value)."""
+    return 2 * runner.num_layers * runner.num_kv_heads * runner.head_dim * np.dtype(runner.dtype).itemsize
+
+
+class OnnxRunner:
+    """onnxruntime in the serving process (CPU, or CUDA where the provider is installed)."""
+
+    def __init__(self, path: Path | str, providers: Sequence[str] | None = None, threads: int | None = None):
+        self.lm = OnnxCausalLM(path, providers=providers, threads=threads)
+        self.vocab_size = self.lm.vocab_size
+        self.num_layers = self.lm.num_layers
+        self.num_kv_heads = self.lm.num_kv_heads
+        self.head_dim = self.lm.head_dim
+        self.dtype = self.lm.dtype
+        self.providers = self.lm.session.get_providers()
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        return self.lm.forward(input_ids, attention_mask, position_ids, past)
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return self.lm.empty_past(batch)
+
+
+def past_names(num_layers: int) -> list[str]:
+    """The optimum export's KV input names, in the order the runners pass them."""
+    return [f"past_key_values.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
+
+
+class BlsRunner:
+    """The repository's core model called with ``pb_utils.InferenceRequest(...).exec()``.
+
+    The core model has its own ``max_batch_size``; a larger decode batch is sent in chunks (with
+    ``async_exec`` where available so Triton can run them on several instances at once).
+    """
+
+    def __init__(
+        self,
+        pb_utils: Any,
+        core_model: str,
+        *,
+        vocab_size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_batch_size: int,
+        dtype: Any = np.float32,
+        has_position_ids: bool = True,
+    ):
+        self.pb_utils = pb_utils
+        self.core_model = core_model
+        self.vocab_size = vocab_size
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = np.dtype(dtype)
+        self.max_batch_size = max(1, max_batch_size)
+        self.has_position_ids = has_position_ids
+        self._past_names = past_names(num_layers)
+        self._outputs = ["logits", *present_names(num_layers)]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return [np.zeros(shape, dtype=self.dtype) for _ in range(2 * self.num_layers)]
+
+    def build_request(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Sequence[np.ndarray]
+    ) -> Any:
+        """The InferenceRequest of one chunk (public so its marshalling can be unit-tested)."""
+        tensor = self.pb_utils.Tensor
+        inputs = [
+            tensor("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64)),
+            tensor("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64)),
+        ]
+        if self.has_position_ids:
+            inputs.append(tensor("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64)))
+        inputs += [tensor(name, np.ascontiguousarray(arr, dtype=self.dtype)) for name, arr in zip(
+            self._past_names, past, strict=True)]
+        return self.pb_utils.InferenceRequest(
+            model_name=self.core_model, requested_output_names=list(self._outputs), inputs=inputs
+        )
+
+    def parse_response(self, response: Any) -> tuple[np.ndarray, list[np.ndarray]]:
+        if response.has_error():
+            raise RuntimeError(f"core model {self.core_model}: {response.error().message()}")
+        arrays = []
+        for name in self._outputs:
+            out = self.pb_utils.get_output_tensor_by_name(response, name)
+            if out is None:
+                raise RuntimeError(f"core model {self.core_model} returned no {name}")
+            arrays.append(out.as_numpy())
+        return arrays[0], arrays[1:]
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        batch = input_ids.shape[0]
+        step = self.max_batch_size
+        requests = [
+            self.build_request(
+                input_ids[lo:lo + step], attention_mask[lo:lo + step], position_ids[lo:lo + step],
+                [p[lo:lo + step] for p in past],
+            )
+            for lo in range(0, batch, step)
+        ]
+        results = [self.parse_response(r.exec()) for r in requests]
+        if len(results) == 1:
+            return results[0]
+        logits = np.concatenate([r[0] for r in results], axis=0)
+        present = [np.concatenate([r[1][i] for r in results], axis=0) for i in range(2 * self.num_layers)]
+        return logits, present

@@ -1,0 +1,280 @@
+"""Continuous (in-flight) batching: one background thread decodes every active sequence together.
+
+Between decode steps the scheduler drops cancelled sequences, admits queued requests into free
+slots (one batched, left-padded prefill that also yields their first token), then runs ONE batched
+forward over every active sequence with its KV cache (:class:`BatchKV`), samples each row with its
+own sampler, streams the new tokens through each request's :class:`Stream`, and retires the rows
+that finished. Plain Python: the Triton adapter supplies the runner, the streams and the metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from toolkit.serving import contract
+from toolkit.serving.kvcache import BatchKV, left_pad
+from toolkit.serving.metrics import NullMetrics
+from toolkit.serving.requests import GenerationRequest, QueueFullError
+from toolkit.serving.runners import Runner
+from toolkit.serving.sampling import Sampler, StopState, make_sampler
+
+log = logging.getLogger(__name__)
+
+
+class Stream(Protocol):
+    """Where one request's output goes. Exceptions raised here cancel that request only."""
+
+    def on_tokens(self, ids: list[int]) -> None: ...
+    def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+    def on_error(self, message: str) -> None: ...
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    stream: Stream
+    sampler: Sampler
+    stop: StopState
+    enqueued_at: float
+    last_token: int = 0
+    last_emit_at: float = 0.0
+    cancelled: bool = False
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0  # batched decode forwards
+    prefills: int = 0
+    max_batch_size: int = 0
+    finished: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+
+
+class Scheduler:
+    """Owns the active sequences and the decode loop; ``submit`` is thread-safe."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        max_active: int = 32,
+        max_queue: int = 256,
+        max_prefill_tokens: int = 2048,
+        pad_id: int = 0,
+        metrics: NullMetrics | None = None,
+    ):
+        self.runner = runner
+        self.max_active = max_active
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        self.pad_id = pad_id
+        self.metrics = metrics or NullMetrics()
+        self.stats = SchedulerStats()
+        self._queue: collections.deque[_Sequence] = collections.deque()
+        self._active: list[_Sequence] = []
+        self._kv = BatchKV()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- public API --------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, stream: Stream) -> None:
+        """Queue a validated request; raises QueueFullError when ``max_queue`` requests already wait."""
+        sampler, stop = make_sampler(request)
+        seq = _Sequence(request, stream, sampler, stop, enqueued_at=time.perf_counter())
+        with self._cond:
+            if self._stopping:
+                raise QueueFullError("the model is shutting down; retry on another instance")
+            if len(self._queue) >= self.max_queue:
+                self.metrics.finished("rejected")
+                raise QueueFullError(
+                    f"server busy: {len(self._queue)} requests already queued (max_queue={self.max_queue}); "
+                    "retry later"
+                )
+            self._queue.append(seq)
+            self.metrics.queue_depth(len(self._queue))
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="generation-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the loop; every queued or active request gets an error, so no stream is left open."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        with self._cond:
+            pending = list(self._queue) + list(self._active)
+            self._queue.clear()
+            self._active = []
+            self._kv.clear()
+        for seq in pending:
+            self._fail(seq, "the model is shutting down")
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def idle(self) -> bool:
+        return not self._active and not self._queue
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._queue and not self._active:
+                    self._cond.wait(timeout=1.0)
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as err:  # never let the loop die with streams open
+                log.exception("generation step failed")
+                with self._cond:
+                    failed, self._active = self._active, []
+                    self._kv.clear()
+                for seq in failed:
+                    self._fail(seq, f"generation failed: {type(err).__name__}: {err}")
+
+    def step(self) -> None:
+        """One scheduling iteration: cancel, admit and prefill, one batched decode forward, retire."""
+        self._drop_cancelled()
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        if self._active:
+            self._decode()
+        self.metrics.active_sequences(len(self._active))
+        self.metrics.kv_cache_bytes(self._kv.nbytes())
+
+    def _drop_cancelled(self) -> None:
+        keep = []
+        for row, seq in enumerate(self._active):
+            if seq.cancelled or self._poll_cancelled(seq):
+                self._finish(seq, contract.FINISH_CANCELLED)
+            else:
+                keep.append(row)
+        if len(keep) != len(self._active):
+            self._active = [self._active[r] for r in keep]
+            self._kv.keep(keep)
+
+    def _admit(self) -> list[_Sequence]:
+        admitted: list[_Sequence] = []
+        longest = 0
+        with self._cond:
+            while self._queue and len(self._active) + len(admitted) < self.max_active:
+                seq = self._queue[0]
+                if self._poll_cancelled(seq):
+                    self._queue.popleft()
+                    self._finish(seq, contract.FINISH_CANCELLED)
+                    continue
+                # Bound the padded prefill (its logits are [n, longest, vocab]); one request always fits.
+                width = max(longest, len(seq.request.prompt_ids))
+                if admitted and width * (len(admitted) + 1) > self.max_prefill_tokens:
+                    break
+                longest = width
+                admitted.append(self._queue.popleft())
+            self.metrics.queue_depth(len(self._queue))
+        return admitted
+
+    def _prefill(self, admitted: list[_Sequence]) -> None:
+        prompts = [s.request.prompt_ids for s in admitted]
+        ids, mask, positions = left_pad(prompts, self.pad_id)
+        try:
+            logits, present = self.runner.forward(ids, mask, positions, self.runner.empty_past(len(admitted)))
+        except Exception as err:
+            log.exception("prefill failed")
+            for seq in admitted:
+                self._fail(seq, f"prefill failed: {type(err).__name__}: {err}")
+            return
+        self.stats.prefills += 1
+        self.metrics.prompt_tokens(sum(len(p) for p in prompts))
+        joined = []
+        for row, seq in enumerate(admitted):
+            self._emit(seq, logits[row, -1])
+            if seq.stop.done or seq.cancelled:
+                self._finish(seq, seq.stop.finish_reason or contract.FINISH_CANCELLED)
+            else:
+                joined.append(row)
+        if joined:
+            index = np.asarray(joined)
+            rows_past = present if len(joined) == len(admitted) else [p[index] for p in present]
+            self._kv.add(rows_past, mask[index])
+            self._active.extend(admitted[r] for r in joined)
+
+    def _decode(self) -> None:
+        tokens = np.asarray([s.last_token for s in self._active], dtype=np.int64)
+        ids, mask, positions = self._kv.step_inputs(tokens)
+        logits, present = self.runner.forward(ids, mask, positions, self._kv.past)
+        self._kv.advance(present, mask)
+        batch = len(self._active)
+        self.stats.steps += 1
+        self.stats.max_batch_size = max(self.stats.max_batch_size, batch)
+        self.metrics.batch_size(batch)
+        keep = []
+        for row, seq in enumerate(self._active):
+            self._emit(seq, logits[row, -1])
+            if seq.stop.done or seq.cancelled:
+                self._finish(seq, seq.stop.finish_reason or contract.FINISH_CANCELLED)
+            else:
+                keep.append(row)
+        if len(keep) != batch:
+            self._active = [self._active[r] for r in keep]
+            self._kv.keep(keep)
+
+    # -- per-sequence helpers ------------------------------------------------------------------
+    def _emit(self, seq: _Sequence, logits: np.ndarray) -> None:
+        token = seq.sampler.sample(logits)
+        seq.sampler.observe(token)
+        seq.last_token = token
+        if not seq.stop.accept(token):
+            return
+        now = time.perf_counter()
+        if seq.stop.generated == 1:
+            self.metrics.time_to_first_token(now - seq.enqueued_at)
+        else:
+            self.metrics.inter_token_latency(now - seq.last_emit_at)
+        seq.last_emit_at = now
+        self.metrics.generated_tokens(1)
+        try:
+            seq.stream.on_tokens([token])
+        except Exception:
+            log.warning("stream rejected a token; cancelling its request", exc_info=True)
+            seq.cancelled = True
+
+    def _poll_cancelled(self, seq: _Sequence) -> bool:
+        try:
+            seq.cancelled = seq.cancelled or bool(seq.stream.is_cancelled())
+        except Exception:
+            seq.cancelled = True
+        return seq.cancelled
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        self.stats.finished[reason] += 1
+        self.metrics.finished(reason)
+        try:
+            seq.stream.on_finish(reason, len(seq.request.prompt_ids), seq.stop.generated)
+        except Exception:
+            log.warning("could not send the final response", exc_info=True)
+
+    def _fail(self, seq: _Sequence, message: str) -> None:
+        self.stats.finished["error"] += 1
+        self.metrics.finished("error")
+        try:
+            seq.stream.on_error(message)
+        except Exception:
+            log.warning("could not send the error response", exc_info=True)

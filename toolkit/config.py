@@ -54,7 +54,7 @@ class DataSection(Section):
 
 class LoraSection(Section):
     rank: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32.0, gt=0)
+    alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
 

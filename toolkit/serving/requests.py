@@ -168,3 +168,16 @@ def parse_request(
         sampling=SamplingParams(temperature, top_p, top_k, seed, penalty),
         stop_token_ids=frozenset(stops),
     )
+
+
+def unbatch(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Drop the leading batch dimension of 1 every generation-model input carries (max_batch_size > 0)."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in inputs.items():
+        arr = np.asarray(value)
+        if arr.ndim == 0:
+            raise RequestError(f"{name} must have a batch dimension of 1, got a scalar")
+        if arr.shape[0] != 1:
+            raise RequestError(f"{name} has batch dimension {arr.shape[0]}; send one sequence per request (batch 1)")
+        out[name] = arr[0]
+    return out

@@ -204,12 +204,14 @@ class Scheduler:
         self.stats.prefills += 1
         self.metrics.prompt_tokens(sum(len(p) for p in prompts))
         joined = []
+        streamed = 0
         for row, seq in enumerate(admitted):
-            self._emit(seq, logits[row, -1])
+            streamed += self._emit(seq, logits[row, -1])
             if seq.stop.done or seq.cancelled:
                 self._finish(seq, seq.stop.finish_reason or contract.FINISH_CANCELLED)
             else:
                 joined.append(row)
+        self.metrics.generated_tokens(streamed)
         if joined:
             index = np.asarray(joined)
             rows_past = present if len(joined) == len(admitted) else [p[index] for p in present]
@@ -226,35 +228,38 @@ class Scheduler:
         self.stats.max_batch_size = max(self.stats.max_batch_size, batch)
         self.metrics.batch_size(batch)
         keep = []
+        streamed = 0
         for row, seq in enumerate(self._active):
-            self._emit(seq, logits[row, -1])
+            streamed += self._emit(seq, logits[row, -1])
             if seq.stop.done or seq.cancelled:
                 self._finish(seq, seq.stop.finish_reason or contract.FINISH_CANCELLED)
             else:
                 keep.append(row)
+        self.metrics.generated_tokens(streamed)
         if len(keep) != batch:
             self._active = [self._active[r] for r in keep]
             self._kv.keep(keep)
 
     # -- per-sequence helpers ------------------------------------------------------------------
-    def _emit(self, seq: _Sequence, logits: np.ndarray) -> None:
+    def _emit(self, seq: _Sequence, logits: np.ndarray) -> int:
+        """Sample, account and stream one token; returns how many tokens were streamed (0 or 1)."""
         token = seq.sampler.sample(logits)
         seq.sampler.observe(token)
         seq.last_token = token
         if not seq.stop.accept(token):
-            return
+            return 0
         now = time.perf_counter()
         if seq.stop.generated == 1:
             self.metrics.time_to_first_token(now - seq.enqueued_at)
         else:
             self.metrics.inter_token_latency(now - seq.last_emit_at)
         seq.last_emit_at = now
-        self.metrics.generated_tokens(1)
         try:
             seq.stream.on_tokens([token])
         except Exception:
             log.warning("stream rejected a token; cancelling its request", exc_info=True)
             seq.cancelled = True
+        return 1
 
     def _poll_cancelled(self, seq: _Sequence) -> bool:
         try:

@@ -1,0 +1,141 @@
+"""A small tritonclient gRPC streaming client of the generation model (gate, benchmark and tests).
+
+Many requests share one bidirectional stream and are told apart by request id; each result
+records the arrival time of every token, for time-to-first-token and inter-token latency.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from toolkit.serving import contract
+
+
+@dataclass
+class StreamResult:
+    request_id: str
+    sent_at: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.token_times[0] - self.sent_at if self.token_times else None
+
+    def inter_token_s(self) -> list[float]:
+        return [b - a for a, b in itertools.pairwise(self.token_times)]
+
+
+def generation_inputs(
+    prompt_ids: Sequence[int], *, max_tokens: int | None = None, temperature: float | None = None,
+    top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+    repetition_penalty: float | None = None, stop_token_ids: Sequence[int] | None = None,
+) -> list[grpcclient.InferInput]:
+    """The generation model's input tensors for one request (batch dimension 1); None leaves one out."""
+    def tensor(name: str, array: np.ndarray, dtype: str) -> grpcclient.InferInput:
+        item = grpcclient.InferInput(name, list(array.shape), dtype)
+        item.set_data_from_numpy(array)
+        return item
+
+    inputs = [tensor(contract.INPUT_IDS, np.asarray([list(prompt_ids)], dtype=np.int64), "INT64")]
+    scalars: list[tuple[str, Any, Any, str]] = [
+        (contract.MAX_TOKENS, max_tokens, np.int32, "INT32"),
+        (contract.TEMPERATURE, temperature, np.float32, "FP32"),
+        (contract.TOP_P, top_p, np.float32, "FP32"),
+        (contract.TOP_K, top_k, np.int32, "INT32"),
+        (contract.SEED, seed, np.int64, "INT64"),
+        (contract.REPETITION_PENALTY, repetition_penalty, np.float32, "FP32"),
+    ]
+    for name, value, np_type, dtype in scalars:
+        if value is not None:
+            inputs.append(tensor(name, np.asarray([[value]], dtype=np_type), dtype))
+    if stop_token_ids is not None:
+        inputs.append(tensor(contract.STOP_TOKEN_IDS, np.asarray([list(stop_token_ids)], dtype=np.int64), "INT64"))
+    return inputs
+
+
+class GenerationClient:
+    """One gRPC stream to the generation model; ``submit`` many requests, ``wait`` for them."""
+
+    def __init__(self, url: str, model: str):
+        self.model = model
+        self.client = grpcclient.InferenceServerClient(url)
+        self._results: dict[str, StreamResult] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._last: StreamResult | None = None
+        self.client.start_stream(callback=self._on_response)
+
+    def _on_response(self, result: Any, error: Any) -> None:
+        now = time.perf_counter()
+        if error is not None:
+            # Stream errors carry no request id; they belong to the single request in flight (tests send
+            # requests that may fail one per client).
+            with self._lock:
+                pending = [r for r in self._results.values() if not r.done.is_set()]
+            for target in pending[:1]:
+                target.error = str(error)
+                target.done.set()
+            return
+        response = result.get_response()
+        with self._lock:
+            target = self._results.get(response.id)
+        if target is None:
+            return
+        ids = result.as_numpy(contract.OUTPUT_IDS)
+        if ids is not None and ids.size:
+            target.tokens.extend(int(t) for t in ids.reshape(-1))
+            target.token_times.extend([now] * int(ids.size))
+        reason = result.as_numpy(contract.FINISH_REASON)
+        if reason is not None and reason.reshape(-1)[0]:
+            target.finish_reason = reason.reshape(-1)[0].decode()
+            target.prompt_tokens = int(result.as_numpy(contract.PROMPT_TOKENS).reshape(-1)[0])
+            target.completion_tokens = int(result.as_numpy(contract.COMPLETION_TOKENS).reshape(-1)[0])
+            target.done.set()
+
+    def submit(self, prompt_ids: Sequence[int], **parameters: Any) -> StreamResult:
+        """Send one request on the stream; its tokens arrive in the returned result."""
+        return self.submit_inputs(generation_inputs(prompt_ids, **parameters))
+
+    def submit_inputs(self, inputs: list[grpcclient.InferInput], request_id: str | None = None) -> StreamResult:
+        rid = request_id or f"r{next(self._ids)}"
+        result = StreamResult(rid)
+        with self._lock:
+            self._results[rid] = result
+        result.sent_at = time.perf_counter()
+        self.client.async_stream_infer(self.model, inputs, request_id=rid)
+        return result
+
+    def wait(self, results: Sequence[StreamResult], timeout_s: float) -> None:
+        """Wait until every result has finished or errored; TimeoutError names how many did not."""
+        deadline = time.monotonic() + timeout_s
+        for result in results:
+            if not result.done.wait(max(0.0, deadline - time.monotonic())):
+                open_ = sum(not r.done.is_set() for r in results)
+                raise TimeoutError(f"{open_} of {len(results)} streams still open after {timeout_s:.0f}s")
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop the stream (``cancel`` cancels the requests still in flight) and close the channel."""
+        try:
+            self.client.stop_stream(cancel_requests=cancel)
+        finally:
+            self.client.close()
+
+    def __enter__(self) -> GenerationClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

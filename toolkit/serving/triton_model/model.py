@@ -1,0 +1,145 @@
+"""Triton python-backend adapter of the generation model (decoupled transaction policy).
+
+Thin on purpose: ``execute`` turns each ``pb_utils`` request into a validated
+:class:`~toolkit.serving.requests.GenerationRequest` and hands it, with a :class:`TritonStream`, to
+the continuous-batching :class:`~toolkit.serving.scheduler.Scheduler`; the scheduler's thread sends
+one response per generated token and a final one. Every failure path sends an error response with
+the final flag: a decoupled model that raises leaves its client waiting forever.
+
+The repository stage copies this file into ``<repository>/<name>/<N>/model.py``; the toolkit itself
+is imported from the Python environment the backend stub runs in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from toolkit.manifest import ModelManifest, latest_version_dir
+from toolkit.serving import contract
+from toolkit.serving.metrics import TritonMetrics
+from toolkit.serving.requests import Limits, QueueFullError, RequestError, parse_request, unbatch
+from toolkit.serving.runners import BlsRunner, OnnxRunner, Runner
+from toolkit.serving.scheduler import Scheduler
+
+log = logging.getLogger("toolkit.serving.triton_model")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _tensor(name: str, value: Any, dtype: Any) -> Any:
+    return pb_utils.Tensor(name, np.asarray(value, dtype=dtype))
+
+
+class TritonStream:
+    """One request's response sender, as the scheduler's :class:`Stream`."""
+
+    def __init__(self, request: Any, sender: Any):
+        self.request = request
+        self.sender = sender
+
+    def on_tokens(self, ids: list[int]) -> None:
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=[
+            _tensor(contract.OUTPUT_IDS, [ids], np.int64),
+            _tensor(contract.FINISH_REASON, [[b""]], np.object_),
+        ]))
+
+    def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        response = pb_utils.InferenceResponse(output_tensors=[
+            _tensor(contract.OUTPUT_IDS, np.zeros((1, 0)), np.int64),
+            _tensor(contract.FINISH_REASON, [[reason.encode()]], np.object_),
+            _tensor(contract.PROMPT_TOKENS, [[prompt_tokens]], np.int32),
+            _tensor(contract.COMPLETION_TOKENS, [[completion_tokens]], np.int32),
+        ])
+        self.sender.send(response, flags=FINAL)
+
+    def on_error(self, message: str) -> None:
+        send_error(self.sender, message)
+
+    def is_cancelled(self) -> bool:
+        return bool(self.request.is_cancelled())
+
+
+def send_error(sender: Any, message: str) -> None:
+    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)), flags=FINAL)
+
+
+def _parameters(config: dict[str, Any]) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+class TritonPythonModel:
+    """The generation model: validation and enqueueing here, generation in the scheduler."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise pb_utils.TritonModelException(
+                f"{args['model_name']}: the generation model must use the decoupled transaction policy"
+            )
+        params = _parameters(config)
+        model_dir = Path(args["model_repository"])
+        version = args["model_version"]
+        manifest = ModelManifest.load(model_dir / version)
+        core_model = params.get(contract.PARAM_CORE_MODEL) or manifest.serving_core_model
+        runner_kind = params.get(contract.PARAM_RUNNER, "onnxruntime")
+        runner: Runner
+        if runner_kind == "bls":
+            runner = BlsRunner(
+                pb_utils, core_model, vocab_size=manifest.vocab_size, num_layers=manifest.num_layers,
+                num_kv_heads=manifest.num_kv_heads, head_dim=manifest.head_dim,
+                max_batch_size=int(params.get("core_max_batch_size", "8")),
+            )
+        elif runner_kind == "onnxruntime":
+            onnx_path = model_dir.parent / core_model / version / "model.onnx"
+            if not onnx_path.is_file():  # the core model may keep other version numbers
+                onnx_path = latest_version_dir(model_dir.parent / core_model) / "model.onnx"
+            threads = params.get("threads") or os.environ.get("OMP_NUM_THREADS")
+            runner = OnnxRunner(onnx_path, threads=int(threads) if threads else None)
+        else:
+            raise pb_utils.TritonModelException(f"unknown runner {runner_kind!r}; use 'onnxruntime' or 'bls'")
+        context = min(int(params.get(contract.PARAM_CONTEXT) or manifest.context_length), manifest.context_length)
+        self.limits = Limits(
+            vocab_size=min(runner.vocab_size, manifest.vocab_size),
+            context_length=context,
+            max_new_tokens_limit=int(params.get(contract.PARAM_MAX_NEW_TOKENS) or context),
+            stop_token_ids=frozenset(manifest.stop_token_ids) | frozenset(manifest.eos_token_ids),
+        )
+        self.scheduler = Scheduler(
+            runner,
+            max_active=int(params.get(contract.PARAM_MAX_ACTIVE) or 32),
+            max_queue=int(params.get(contract.PARAM_MAX_QUEUE) or 256),
+            pad_id=manifest.pad_token_id,
+            metrics=TritonMetrics(pb_utils, args["model_name"], version),
+        )
+        self.scheduler.start()
+        log.warning("%s v%s: runner %s on %s, context %d, max active %d", args["model_name"], version,
+                    runner_kind, core_model, context, self.scheduler.max_active)
+
+    def execute(self, requests: list[Any]) -> None:
+        """Validate and enqueue; responses come from the scheduler thread. Never raises."""
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                inputs = unbatch({t.name(): t.as_numpy() for t in request.inputs()})
+                raw = request.parameters()
+                parameters = json.loads(raw) if raw else {}
+                generation = parse_request(inputs, self.limits, parameters)
+                self.scheduler.submit(generation, TritonStream(request, sender))
+            except (RequestError, QueueFullError) as err:
+                send_error(sender, str(err))
+            except Exception as err:
+                log.exception("could not enqueue a request")
+                try:
+                    send_error(sender, f"internal error: {type(err).__name__}: {err}")
+                except Exception:
+                    log.exception("could not send the error response")
+        return None
+
+    def finalize(self) -> None:
+        self.scheduler.stop()

@@ -391,3 +391,15 @@ def test_stage_fail_mode_stops_the_build(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=rf"{path.name}:2: not valid JSON"):
         run_build(config, stages=DATA_STAGE)
     assert not (tmp_path / "ws" / "data" / "train.jsonl").exists()
+
+
+def test_cache_inputs_follow_dataset_content(tmp_path: Path) -> None:
+    from toolkit.stages.data import cache_inputs
+
+    path = _jsonl(tmp_path / "user.jsonl", ['{"instruction": "q", "output": "a"}'])
+    config = BuildConfig(data=DataSection(paths=[path]))
+    before = cache_inputs(config)
+    assert cache_inputs(config) == before
+    _jsonl(path, ['{"instruction": "q", "output": "a changed answer"}'])
+    assert cache_inputs(config) != before
+    assert list(cache_inputs(BuildConfig())["files"]) == [DEMO_DATASET.name]  # the demo is hashed too

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+import toolkit.data
 from toolkit.config import BuildConfig
 from toolkit.data import dataset_paths, language_of, load_examples, split_examples, write_jsonl
 from toolkit.pipeline import StageContext, StageResult
@@ -22,15 +24,14 @@ log = logging.getLogger(__name__)
 
 
 def cache_inputs(config: BuildConfig) -> dict[str, Any]:
-    """Content hashes of the dataset files, for the stage's cache key.
+    """Content hashes of the dataset files and of the loader, for the stage's cache key.
 
-    The pipeline keys a stage on its config section, which names the files but not what is in
-    them; editing a dataset must rerun this stage. (Missing files hash as None; the stage then
-    fails with a clear DataError.)
+    The pipeline keys a stage on its config section and its own module, which name the files but
+    not what is in them: editing a dataset (or the cleaning/split code in toolkit/data.py) must
+    rerun this stage. Missing files hash as None; the stage then fails with a clear DataError.
     """
-    return {
-        display: sha256_file(path) if path.is_file() else None for path, display in dataset_paths(config.data)
-    }
+    files = {display: sha256_file(path) if path.is_file() else None for path, display in dataset_paths(config.data)}
+    return {"files": files, "loader": sha256_file(Path(toolkit.data.__file__))}
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -1,0 +1,129 @@
+"""Stage ``export_onnx``: the merged model as an ONNX graph with a KV cache, gated on FP32 parity.
+
+The graph is optimum's ``text-generation-with-past`` export: inputs ``input_ids``,
+``attention_mask``, ``position_ids`` and ``past_key_values.N.key/value``; outputs ``logits`` and
+``present.N.key/value``; batch, sequence and past length all dynamic. The stage then decodes the
+golden prompts with PyTorch and with onnxruntime at batch 1 and batch 8 (left padded) and fails
+the build unless the greedy tokens agree (``export.min_greedy_agreement``, 1.0 by default) and
+the logits stay within ``export.max_abs_logit_delta``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import ConfigError, StageError
+from toolkit.gates import onnx_parity, parity_gates
+from toolkit.pipeline import StageContext, StageRecord, StageResult
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+TASK = "text-generation-with-past"
+
+
+def merged_model_dir(record: StageRecord) -> Path:
+    """The Hugging Face model directory an upstream stage (merge) left."""
+    if "model" in record.artifacts:
+        return record.path("model")
+    for candidate in (record.dir, record.dir / "model"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise StageError(f"stage {record.name} left no Hugging Face model directory in {record.dir}; "
+                     f"rerun with --force --stages {record.name}")
+
+
+def export_onnx(model_dir: Path, out_dir: Path, opset: int = 18, exporter: str = "optimum") -> Path:
+    """Export the causal LM in `model_dir` to `out_dir/model.onnx` with a KV cache; return its path.
+
+    optimum also writes the config, generation config and tokenizer files beside the graph.
+    """
+    if exporter == "dynamo":
+        return export_dynamo(model_dir, out_dir, opset)
+    if exporter != "optimum":
+        raise ConfigError(f"export.exporter: unknown exporter {exporter!r}; use 'optimum' or 'dynamo'")
+    from optimum.exporters.onnx import main_export
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        main_export(
+            str(model_dir), output=str(out_dir), task=TASK, opset=opset, device="cpu",
+            local_files_only=True, do_validation=False,  # the parity gate below is the validation
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise StageError(f"optimum could not export {model_dir} to ONNX (opset {opset}): {err}") from err
+    path = out_dir / MODEL_FILE
+    if not path.is_file():
+        raise StageError(f"optimum wrote no {MODEL_FILE} into {out_dir}")
+    return path
+
+
+def export_dynamo(model_dir: Path, out_dir: Path, opset: int) -> Path:
+    """torch.onnx.export(dynamo=True) fallback; not supported yet."""
+    raise ConfigError("export.exporter: 'dynamo' is not supported yet; use 'optimum'")
+
+
+def graph_stats(onnx_path: Path) -> dict[str, Any]:
+    """Size on disk (graph plus external data), node count, opset and KV layout of an ONNX graph."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    external = {
+        entry.value
+        for init in model.graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    size = onnx_path.stat().st_size + sum((onnx_path.parent / name).stat().st_size for name in external)
+    inputs = [i.name for i in model.graph.input]
+    ops = {op.domain or "ai.onnx": op.version for op in model.opset_import}
+    return {
+        "graph_bytes": size,
+        "graph_mib": round(size / 2**20, 1),
+        "node_count": len(model.graph.node),
+        "opset": ops.get("ai.onnx"),
+        "external_data_files": sorted(external),
+        "kv_layers": sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key")),
+        "inputs": [name for name in inputs if not name.startswith("past_key_values.")],
+    }
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Export the merged model, then gate it on greedy-token and logit parity with PyTorch."""
+    cfg = ctx.config.export
+    model_dir = merged_model_dir(ctx.inputs["merge"])
+    started = time.perf_counter()
+    onnx_path = export_onnx(model_dir, ctx.out_dir, cfg.opset, cfg.exporter)
+    export_s = time.perf_counter() - started
+    stats = graph_stats(onnx_path)
+    log.info("export_onnx: %s in %.1f s, %s MiB, %d nodes", onnx_path.name, export_s, stats["graph_mib"],
+             stats["node_count"])
+
+    started = time.perf_counter()
+    results = onnx_parity(model_dir, onnx_path, max_new_tokens=cfg.gate_new_tokens)
+    gate_s = time.perf_counter() - started
+    gates = parity_gates(results, min_agreement=cfg.min_greedy_agreement, max_logit_delta=cfg.max_abs_logit_delta,
+                         prefix="onnx_fp32")
+    parity = {f"batch{r.batch_size}": r.to_metrics() for r in results}
+    summary = ", ".join(
+        f"batch {r.batch_size}: {r.tokens_matched}/{r.tokens_total} tokens, max|Δlogits| {r.max_abs_logit_delta:.2g}"
+        for r in results
+    )
+    return StageResult(
+        metrics={
+            "exporter": cfg.exporter,
+            "task": TASK,
+            "export_s": round(export_s, 2),
+            "parity_s": round(gate_s, 2),
+            "max_abs_logit_delta": max((r.max_abs_logit_delta or 0.0) for r in results),
+            "parity": parity,
+            **stats,
+        },
+        gates=gates,
+        artifacts={"model": MODEL_FILE},
+        note=f"{cfg.exporter} opset {stats['opset']}, {stats['graph_mib']} MiB; FP32 parity {summary}",
+    )

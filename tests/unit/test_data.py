@@ -21,7 +21,7 @@ from toolkit.data import (
     split_examples,
     write_jsonl,
 )
-from toolkit.errors import DataError
+from toolkit.errors import DataError, GateError
 from toolkit.golden import DEMO_QUESTIONS
 from toolkit.pipeline import STAGES, run_build
 from toolkit.retention import RETENTION_SET, is_accepted
@@ -403,3 +403,12 @@ def test_cache_inputs_follow_dataset_content(tmp_path: Path) -> None:
     _jsonl(path, ['{"instruction": "q", "output": "a changed answer"}'])
     assert cache_inputs(config) != before
     assert list(cache_inputs(BuildConfig())["files"]) == [DEMO_DATASET.name]  # the demo is hashed too
+
+
+def test_stage_gate_fails_when_nothing_is_left_to_test(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "one.jsonl", ['{"instruction": "q", "output": "a"}'])
+    config = BuildConfig(workspace=tmp_path / "ws", data=DataSection(paths=[path]))
+    with pytest.raises(GateError, match="test_split_not_empty"):
+        run_build(config, stages=DATA_STAGE)
+    opted_out = BuildConfig(workspace=tmp_path / "ws2", data=DataSection(paths=[path], split=(0.8, 0.2, 0.0)))
+    assert run_build(opted_out, stages=DATA_STAGE).stages[0].status == "ran"

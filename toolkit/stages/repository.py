@@ -374,9 +374,7 @@ def _adapter_sha256(record: StageRecord | None) -> str | None:
 def run(ctx: StageContext) -> StageResult:
     """Write the repository to ``repository.output``; report its versions, notes and capacity."""
     cfg = ctx.config
-    onnx_fp32 = _artifact(ctx.inputs["export_onnx"], "onnx", "model")
-    if onnx_fp32 is None:
-        raise StageError("the export_onnx stage recorded no ONNX artifact; rerun it with --force")
+    onnx_fp32 = trt.export_onnx_path(ctx.inputs["export_onnx"])
     quantize = ctx.inputs.get("quantize")
     int8_shipped = bool(quantize and quantize.metrics.get("int8_shipped"))
     onnx_int8 = _artifact(quantize, "int8", "onnx_int8", "onnx") if quantize and int8_shipped else None

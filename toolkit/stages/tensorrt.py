@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import ServingError
-from toolkit.pipeline import StageContext, StageResult
+from toolkit.errors import ServingError, StageError
+from toolkit.pipeline import StageContext, StageRecord, StageResult
 from toolkit.triton_config import LMInfo
 from toolkit.workspace import atomic_write_json, run_tool
 
@@ -225,13 +225,21 @@ def load_plan_meta(version_dir: Path) -> dict[str, str]:
         raise ServingError(f"{path} missing: rebuild the plan with its {BUILD_SCRIPT}") from None
 
 
+def export_onnx_path(record: StageRecord) -> Path:
+    """The FP32 KV-cache ONNX the export stage recorded (artifact ``onnx``, or ``model``)."""
+    for name in ("onnx", "model"):
+        if name in record.artifacts:
+            return record.path(name)
+    raise StageError(f"stage {record.name} recorded no ONNX artifact; rerun it with --force --stages {record.name}")
+
+
 def plan_sources(ctx: StageContext) -> tuple[dict[str, Path], list[str]]:
     """precision -> source ONNX, and a report line for each precision that cannot be built."""
     sources: dict[str, Path] = {}
     notes: list[str] = []
     for precision in ctx.config.tensorrt.precisions:
         if precision == "fp16":
-            sources["fp16"] = ctx.inputs["export_onnx"].path("onnx")
+            sources["fp16"] = export_onnx_path(ctx.inputs["export_onnx"])
             continue
         quantize = ctx.inputs.get("quantize")
         if quantize is not None and "qdq" in quantize.artifacts:
@@ -255,7 +263,7 @@ def build_plan(cmd: Sequence[str], plan_dir: Path, build_script_path: Path, gpu:
 def run(ctx: StageContext) -> StageResult:
     """Write a build script per precision; build the plans where trtexec and a GPU exist."""
     cfg = ctx.config
-    lm = LMInfo.from_onnx(ctx.inputs["export_onnx"].path("onnx"))
+    lm = LMInfo.from_onnx(export_onnx_path(ctx.inputs["export_onnx"]))
     profile = kv_cache_profile(lm, max_batch=cfg.repository.max_batch_size, opt_batch=cfg.tensorrt.opt_batch_size,
                                max_input_len=cfg.tensorrt.max_input_len, context_length=cfg.model.context_length)
     sources, notes = plan_sources(ctx)

@@ -1,0 +1,37 @@
+"""``python -m gateway``: serve the gateway with uvicorn on GATEWAY_HOST:GATEWAY_PORT."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main() -> int:
+    """Validate the settings, then run uvicorn with the app factory."""
+    # The gateway uses transformers only for tokenizers: keep it from importing torch (seconds, hundreds of MB).
+    os.environ.setdefault("USE_TORCH", "0")
+    import uvicorn
+    from pydantic import ValidationError
+
+    from gateway.settings import GatewaySettings
+
+    try:
+        settings = GatewaySettings()
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        print(f"error: invalid gateway setting {field}: {first['msg']}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        "gateway.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=20,
+        log_level="info",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The app factory: ``uvicorn gateway.app:create_app --factory`` (or ``python -m gateway``).
+
+Settings and the repository (manifests, tokenizers) are read in :func:`create_app`, so a bad
+setting or an unservable repository stops the start-up with one message. The Triton client pool
+is created in the lifespan, inside the server's event loop, and closed with it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway.chat.router import router as chat_router
+from gateway.deps import AppState
+from gateway.errors import install_error_handlers
+from gateway.health import router as health_router
+from gateway.limits import BodySizeLimitMiddleware, InFlightLimiter, RateLimiter
+from gateway.metrics import GatewayMetrics, MetricsMiddleware
+from gateway.models import model_summary
+from gateway.models import router as models_router
+from gateway.registry import ModelRegistry
+from gateway.settings import GatewaySettings
+from gateway.triton import TritonPool
+
+logger = logging.getLogger("gateway")
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """Build the gateway app; raises on invalid settings or a repository with no servable chat model."""
+    if not logger.handlers and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    settings = settings or GatewaySettings()
+    registry = ModelRegistry.from_repository(settings.repository, settings.default_model)
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = TritonPool(settings.triton_urls, settings.triton_timeout_s, settings.health_interval_s)
+        pool.watched_models = set(registry.names())
+        state = AppState(
+            settings=settings,
+            registry=registry,
+            pool=pool,
+            metrics=metrics,
+            in_flight=InFlightLimiter(settings.max_in_flight, settings.retry_after_s),
+            rate_limiter=RateLimiter(settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute),
+        )
+        app.state.gateway = state
+        await pool.start()
+        logger.info(
+            "gateway ready: Triton %s, %s, auth %s",
+            ", ".join(f"{e.url} ({'up' if e.healthy else 'DOWN'})" for e in pool.endpoints),
+            model_summary(state),
+            "on" if settings.auth_enabled else "off",
+        )
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(
+        title="triton-chat-toolkit gateway",
+        version="0.1.0",
+        description="OpenAI-compatible chat API in front of NVIDIA Triton, with the model's own chat template.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(chat_router)
+    app.include_router(models_router)
+    app.include_router(health_router)
+    # Added last = outermost: metrics also count the 413s the body limit answers.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,141 @@
+"""The chat models of the repository: manifest, tokenizer and limits of each, and the default one.
+
+A chat model is a repository model whose version directory holds ``manifest.json`` and
+``tokenizer/`` (the generation model); its core models (``<name>_onnx_fp32`` ...) are not listed.
+The registry is read at start-up and changed by the admin endpoint, which swaps an entry and the
+default in one assignment, so requests in flight keep the entry they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from gateway.errors import GatewayError, ModelNotFoundError
+from gateway.tokenization import ChatTokenizer
+from toolkit.manifest import MANIFEST_FILE, TOKENIZER_DIR, ModelManifest, latest_version_dir
+from toolkit.serving import contract
+
+logger = logging.getLogger("gateway")
+CONFIG_FILE = "config.pbtxt"
+
+
+class RepositoryError(GatewayError):
+    """The repository or one of its models cannot be served (start-up or admin-load failure)."""
+
+    status_code = 500
+    error_type = "repository_error"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """Everything the gateway needs to serve one model version."""
+
+    name: str
+    version: int
+    manifest: ModelManifest
+    tokenizer: ChatTokenizer
+    max_new_tokens_limit: int
+    created_s: int
+
+    @property
+    def context_length(self) -> int:
+        return self.manifest.context_length
+
+
+def _config_parameter(model_dir: Path, key: str) -> str | None:
+    config_path = model_dir / CONFIG_FILE
+    if not config_path.is_file():
+        return None
+    try:
+        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    except text_format.ParseError as err:
+        raise RepositoryError(f"{config_path} is not a valid Triton model config: {err}") from None
+    return config.parameters[key].string_value if key in config.parameters else None
+
+
+def load_entry(repository: Path, name: str, version: int | None = None) -> ModelEntry:
+    """Read manifest, tokenizer and limits of `name` (its latest version unless `version` is given)."""
+    model_dir = repository / name
+    if not model_dir.is_dir():
+        raise ModelNotFoundError(f"model '{name}' is not in the repository {repository}", param="model")
+    version_dir = model_dir / str(version) if version is not None else latest_version_dir(model_dir)
+    if not (version_dir / MANIFEST_FILE).is_file():
+        raise ModelNotFoundError(
+            f"model '{name}' has no version {version_dir.name} with a {MANIFEST_FILE}", param="model"
+        )
+    manifest = ModelManifest.load(version_dir)
+    tokenizer = ChatTokenizer.from_dir(version_dir / TOKENIZER_DIR, manifest.chat_template)
+    limit_text = _config_parameter(model_dir, contract.PARAM_MAX_NEW_TOKENS)
+    limit = int(limit_text) if limit_text and limit_text.isdigit() else manifest.context_length
+    return ModelEntry(
+        name=name,
+        version=int(version_dir.name),
+        manifest=manifest,
+        tokenizer=tokenizer,
+        max_new_tokens_limit=min(limit, manifest.context_length),
+        created_s=int(version_dir.stat().st_mtime),
+    )
+
+
+def chat_model_names(repository: Path) -> list[str]:
+    """Repository models that have a manifest in their latest version, sorted by name."""
+    names = []
+    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir()):
+        try:
+            if (latest_version_dir(model_dir) / MANIFEST_FILE).is_file():
+                names.append(model_dir.name)
+        except Exception:  # noqa: BLE001 - a directory without versions is simply not a chat model
+            continue
+    return names
+
+
+class ModelRegistry:
+    """The served models by name, and which one answers requests that name none."""
+
+    def __init__(self, entries: dict[str, ModelEntry], default: str) -> None:
+        self._entries = dict(entries)
+        self.default = default
+
+    @classmethod
+    def from_repository(cls, repository: Path, default: str | None = None) -> ModelRegistry:
+        """Load every chat model of `repository`; fail clearly when there is none or `default` is unknown."""
+        names = chat_model_names(repository)
+        if not names:
+            raise RepositoryError(
+                f"no chat model in {repository} (no <model>/<version>/{MANIFEST_FILE}); run `toolkit build`"
+            )
+        if default is not None and default not in names:
+            raise RepositoryError(f"GATEWAY_DEFAULT_MODEL '{default}' is not a chat model of {repository}: {names}")
+        entries = {name: load_entry(repository, name) for name in names}
+        for entry in entries.values():
+            logger.info("model %s version %d, context %d", entry.name, entry.version, entry.context_length)
+        return cls(entries, default or names[0])
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[ModelEntry]:
+        return [self._entries[name] for name in self.names()]
+
+    def get(self, name: str | None) -> ModelEntry:
+        """The entry for `name`, or the default; 404 in the OpenAI shape for an unknown name."""
+        key = name or self.default
+        entry = self._entries.get(key)
+        if entry is None:
+            raise ModelNotFoundError(
+                f"The model '{key}' does not exist; available: {', '.join(self.names())}",
+                param="model",
+                code="model_not_found",
+            )
+        return entry
+
+    def install(self, entry: ModelEntry, make_default: bool) -> None:
+        """Add or replace an entry (after Triton loaded it); optionally make it the default."""
+        self._entries[entry.name] = entry
+        if make_default:
+            self.default = entry.name

@@ -1,0 +1,251 @@
+"""Triton through tritonclient's asyncio gRPC client: endpoint pool, health checks, streaming generation.
+
+One ``InferenceServerClient`` (one HTTP/2 channel, multiplexing every request) per endpoint,
+created once for the app. A background task probes every endpoint; requests go round-robin to the
+ready ones, and an endpoint that fails a probe or a call is taken out until a probe finds it
+ready again. A generation is one bidirectional stream: closing it early (the HTTP client went
+away, a stop string matched) cancels the gRPC call, Triton cancels the request, and the
+generation model frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException
+
+from gateway.errors import (
+    BadRequestError,
+    GatewayError,
+    TooManyRequestsError,
+    TritonUnavailableError,
+    UpstreamTimeoutError,
+)
+from toolkit.serving import contract
+
+logger = logging.getLogger("gateway")
+_OUTPUTS = (contract.OUTPUT_IDS, contract.FINISH_REASON, contract.PROMPT_TOKENS, contract.COMPLETION_TOKENS)
+
+
+@dataclass(frozen=True)
+class GenerationInputs:
+    """One generation request in the generation model's terms (see toolkit/serving/contract.py)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def to_infer_inputs(self) -> list[InferInput]:
+        """Triton inputs, each with the leading batch dimension of 1 the model's max_batch_size implies."""
+        arrays: dict[str, np.ndarray] = {
+            contract.INPUT_IDS: np.asarray([self.prompt_ids], dtype=np.int64),
+            contract.MAX_TOKENS: np.asarray([[self.max_tokens]], dtype=np.int32),
+            contract.TEMPERATURE: np.asarray([[self.temperature]], dtype=np.float32),
+            contract.TOP_P: np.asarray([[self.top_p]], dtype=np.float32),
+            contract.TOP_K: np.asarray([[self.top_k]], dtype=np.int32),
+            contract.REPETITION_PENALTY: np.asarray([[self.repetition_penalty]], dtype=np.float32),
+        }
+        if self.seed is not None:
+            arrays[contract.SEED] = np.asarray([[self.seed]], dtype=np.int64)
+        if self.stop_token_ids:
+            arrays[contract.STOP_TOKEN_IDS] = np.asarray([list(self.stop_token_ids)], dtype=np.int64)
+        inputs = []
+        for name, array in arrays.items():
+            datatype = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
+            tensor = InferInput(name, list(array.shape), datatype[array.dtype])
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        return inputs
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One streamed response: new token ids; on the last one, the finish reason and the counts."""
+
+    token_ids: list[int]
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+def _parse_result(result: Any) -> StepOutput:
+    ids = result.as_numpy(contract.OUTPUT_IDS)
+    reason = result.as_numpy(contract.FINISH_REASON)
+    prompt = result.as_numpy(contract.PROMPT_TOKENS)
+    completion = result.as_numpy(contract.COMPLETION_TOKENS)
+    reason_text = reason.reshape(-1)[0] if reason is not None and reason.size else b""
+    if isinstance(reason_text, bytes):
+        reason_text = reason_text.decode()
+    return StepOutput(
+        token_ids=[int(t) for t in ids.reshape(-1)] if ids is not None else [],
+        finish_reason=str(reason_text) or None,
+        prompt_tokens=int(prompt.reshape(-1)[0]) if prompt is not None and prompt.size else None,
+        completion_tokens=int(completion.reshape(-1)[0]) if completion is not None and completion.size else None,
+    )
+
+
+def map_triton_error(err: Exception, url: str) -> GatewayError:
+    """A Triton or gRPC failure as the gateway error a client should see."""
+    if isinstance(err, grpc.RpcError | grpc.aio.AioRpcError):
+        code = err.code() if callable(getattr(err, "code", None)) else None
+        details = err.details() if callable(getattr(err, "details", None)) else str(err)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return UpstreamTimeoutError(f"Triton at {url} did not finish in time")
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            return TritonUnavailableError(f"Triton at {url} is unavailable: {details}", retry_after_s=1)
+        return GatewayError(f"Triton at {url} failed: {details}", status_code=502)
+    message = err.message() if isinstance(err, InferenceServerException) else str(err)
+    status = err.status() if isinstance(err, InferenceServerException) else None
+    if "server busy" in message:  # the generation model's queue bound (toolkit/serving/scheduler.py)
+        return TooManyRequestsError(message, retry_after_s=1)
+    if status and "UNAVAILABLE" in str(status):
+        return TritonUnavailableError(f"Triton at {url} is unavailable: {message}", retry_after_s=1)
+    if "is not found" in message or "unknown model" in message or "not ready" in message:
+        return TritonUnavailableError(f"Triton at {url}: {message}", retry_after_s=1)
+    return BadRequestError(f"the generation model rejected the request: {message}")
+
+
+@dataclass
+class Endpoint:
+    """One Triton server and whether the last probe found it ready."""
+
+    url: str
+    client: InferenceServerClient
+    healthy: bool = True
+    last_error: str | None = None
+    ready_models: set[str] = field(default_factory=set)
+
+
+class TritonPool:
+    """The Triton endpoints of the settings, with health checks and round-robin over the ready ones."""
+
+    def __init__(self, urls: list[str], probe_timeout_s: float, interval_s: float) -> None:
+        self.endpoints = [Endpoint(url, InferenceServerClient(url)) for url in urls]
+        self._probe_timeout_s = probe_timeout_s
+        self._interval_s = interval_s
+        self._cycle = itertools.cycle(range(len(self.endpoints)))
+        self._task: asyncio.Task[None] | None = None
+        self.watched_models: set[str] = set()
+
+    async def start(self) -> None:
+        """Probe once (so readiness is right from the start), then keep probing in the background."""
+        await self.probe_all()
+        self._task = asyncio.create_task(self._probe_loop(), name="triton-health")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for endpoint in self.endpoints:
+            await endpoint.client.close()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self.probe_all()
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(e) for e in self.endpoints))
+
+    async def _probe(self, endpoint: Endpoint) -> None:
+        try:
+            ready = await endpoint.client.is_server_ready(client_timeout=self._probe_timeout_s)
+            models = set()
+            for name in self.watched_models:
+                if await endpoint.client.is_model_ready(name, client_timeout=self._probe_timeout_s):
+                    models.add(name)
+            endpoint.ready_models = models
+            error = None if ready else "server not ready"
+        except Exception as err:  # noqa: BLE001 - any failure means "not usable now"
+            ready, error = False, str(err).splitlines()[0] if str(err) else type(err).__name__
+        if ready != endpoint.healthy:
+            logger.warning(
+                "Triton %s is %s%s", endpoint.url, "ready" if ready else "DOWN", f": {error}" if error else ""
+            )
+        endpoint.healthy, endpoint.last_error = ready, error
+
+    def mark_down(self, endpoint: Endpoint, reason: str) -> None:
+        """Take an endpoint out after a failed call; the next successful probe puts it back."""
+        if endpoint.healthy:
+            logger.warning("Triton %s taken out: %s", endpoint.url, reason)
+        endpoint.healthy, endpoint.last_error = False, reason
+
+    def healthy(self) -> list[Endpoint]:
+        return [e for e in self.endpoints if e.healthy]
+
+    def pick(self, model: str | None = None) -> Endpoint:
+        """The next ready endpoint (round-robin); 503 when none is ready."""
+        for _ in range(len(self.endpoints)):
+            endpoint = self.endpoints[next(self._cycle)]
+            if endpoint.healthy and (
+                model is None or model not in self.watched_models or model in endpoint.ready_models
+            ):
+                return endpoint
+        reasons = "; ".join(f"{e.url}: {e.last_error or 'model not ready'}" for e in self.endpoints)
+        raise TritonUnavailableError(f"no Triton endpoint is ready ({reasons})", retry_after_s=1)
+
+    async def generate(
+        self, model: str, inputs: GenerationInputs, timeout_s: float, request_id: str = ""
+    ) -> AsyncGenerator[StepOutput, None]:
+        """Stream the generation model's responses; closing this iterator cancels the Triton request.
+
+        A failure before the first response is retried once on another ready endpoint.
+        """
+        attempts = min(2, len(self.endpoints))
+        for attempt in range(attempts):
+            endpoint = self.pick(model)
+            received = False
+            try:
+                async for step in self._stream(endpoint, model, inputs, timeout_s, request_id):
+                    received = True
+                    yield step
+                return
+            except TritonUnavailableError as err:
+                self.mark_down(endpoint, err.message)
+                if received or attempt == attempts - 1:
+                    raise
+
+    async def _stream(
+        self, endpoint: Endpoint, model: str, inputs: GenerationInputs, timeout_s: float, request_id: str
+    ) -> AsyncGenerator[StepOutput, None]:
+        done = asyncio.Event()
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {
+                "model_name": model,
+                "inputs": inputs.to_infer_inputs(),
+                "outputs": [InferRequestedOutput(name) for name in _OUTPUTS],
+                "request_id": request_id,
+            }
+            await done.wait()  # keep the stream open until the final response (or cancellation)
+
+        responses = endpoint.client.stream_infer(requests(), stream_timeout=timeout_s)
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise map_triton_error(error, endpoint.url)
+                step = _parse_result(result)
+                yield step
+                if step.finish_reason is not None:
+                    return
+            raise TritonUnavailableError(f"Triton at {endpoint.url} closed the stream before the final response")
+        except (grpc.RpcError, InferenceServerException) as err:
+            raise map_triton_error(err, endpoint.url) from None
+        finally:
+            done.set()
+            # Cancelling the call cancels the request in Triton: the model sees is_cancelled() and frees the slot.
+            responses.cancel()

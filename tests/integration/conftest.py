@@ -152,7 +152,7 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_repository(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> ServedRepository:
     return write_generation_repository(tmp_path_factory.mktemp("tiny-repo"), TINY_MODEL, tiny_onnx,
-                                       context_length=256, max_new_tokens_limit=128)
+                                       context_length=1024, max_new_tokens_limit=1000)
 
 
 @pytest.fixture(scope="session")

@@ -76,7 +76,6 @@ class GenerationClient:
         self._results: dict[str, StreamResult] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
-        self._last: StreamResult | None = None
         self.client.start_stream(callback=self._on_response)
 
     def _on_response(self, result: Any, error: Any) -> None:
@@ -86,9 +85,9 @@ class GenerationClient:
             # requests that may fail one per client).
             with self._lock:
                 pending = [r for r in self._results.values() if not r.done.is_set()]
-            for target in pending[:1]:
-                target.error = str(error)
-                target.done.set()
+            for first in pending[:1]:
+                first.error = str(error)
+                first.done.set()
             return
         response = result.get_response()
         with self._lock:
@@ -110,13 +109,16 @@ class GenerationClient:
         """Send one request on the stream; its tokens arrive in the returned result."""
         return self.submit_inputs(generation_inputs(prompt_ids, **parameters))
 
-    def submit_inputs(self, inputs: list[grpcclient.InferInput], request_id: str | None = None) -> StreamResult:
+    def submit_inputs(
+        self, inputs: list[grpcclient.InferInput], request_id: str | None = None,
+        parameters: dict[str, Any] | None = None,
+    ) -> StreamResult:
         rid = request_id or f"r{next(self._ids)}"
         result = StreamResult(rid)
         with self._lock:
             self._results[rid] = result
         result.sent_at = time.perf_counter()
-        self.client.async_stream_infer(self.model, inputs, request_id=rid)
+        self.client.async_stream_infer(self.model, inputs, request_id=rid, parameters=parameters)
         return result
 
     def wait(self, results: Sequence[StreamResult], timeout_s: float) -> None:

@@ -1,0 +1,224 @@
+"""The generation model in a real Triton server on loopback, over gRPC streaming.
+
+Greedy tokens through Triton equal the direct ONNX greedy loop at concurrency 1 and 8; 32 concurrent
+streams complete and the batching shows in Triton's and the model's metrics; cancelling a stream
+frees its slot; every bad input gets an error and its stream ends.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import IM_END, RunningTriton, ServedRepository
+
+from toolkit.errors import ServingError
+from toolkit.onnx_lm import OnnxCausalLM
+from toolkit.serving.client import GenerationClient, generation_inputs
+from toolkit.serving.requests import GenerationRequest, SamplingParams
+from toolkit.serving.runners import OnnxRunner
+from toolkit.serving.scheduler import Scheduler
+from toolkit.serving.triton_server import TritonServer
+
+pytestmark = pytest.mark.integration
+TIMEOUT_S = 60.0
+
+
+def _prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, 49152, size=int(rng.integers(2, 40)))] for _ in range(count)]
+
+
+def _reference(onnx: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    lm = OnnxCausalLM(onnx)
+    return [lm.greedy([p], max_tokens, [IM_END])[0][0] for p in prompts]
+
+
+def scrape(metrics_url: str) -> dict[str, float]:
+    """Prometheus text as {'name{labels}': value}."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def metric(values: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of the series of `name` whose labels include `labels`."""
+    total = 0.0
+    for key, value in values.items():
+        series, _, label_text = key.partition("{")
+        if series != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += value
+    return total
+
+
+class RecordingStream:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.done = False
+
+    def on_tokens(self, ids: list[int]) -> None:
+        self.tokens.extend(ids)
+
+    def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.done = True
+
+    def on_error(self, message: str) -> None:
+        raise AssertionError(message)
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
+def test_scheduler_over_real_onnx_matches_direct_greedy(tiny_onnx: Path) -> None:
+    prompts = _prompts(6, seed=5)
+    expected = _reference(tiny_onnx, prompts, 12)
+    scheduler = Scheduler(OnnxRunner(tiny_onnx), max_active=4)
+    streams = [RecordingStream() for _ in prompts]
+    for prompt, stream in zip(prompts, streams, strict=True):
+        scheduler.submit(GenerationRequest(prompt, 12, SamplingParams(), frozenset({IM_END})), stream)
+        scheduler.step()
+    while not all(s.done for s in streams):
+        scheduler.step()
+    assert [s.tokens for s in streams] == expected
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_greedy_through_triton_equals_onnx_greedy(
+    triton_server: RunningTriton, tiny_repository: ServedRepository, concurrency: int
+) -> None:
+    prompts = _prompts(concurrency, seed=concurrency)
+    expected = _reference(tiny_repository.onnx, prompts, 16)
+    with GenerationClient(triton_server.grpc_url, triton_server.model) as client:
+        results = [client.submit(p, max_tokens=16) for p in prompts]
+        client.wait(results, TIMEOUT_S)
+    for prompt, result, want in zip(prompts, results, expected, strict=True):
+        assert result.error is None, result.error
+        assert result.tokens == want
+        assert result.finish_reason == ("length" if len(want) == 16 else "stop")
+        assert (result.prompt_tokens, result.completion_tokens) == (len(prompt), len(want))
+
+
+def test_32_concurrent_streams_complete_and_batching_shows_in_metrics(triton_server: RunningTriton) -> None:
+    before = scrape(triton_server.metrics_url)
+    prompts = _prompts(32, seed=32)
+    with GenerationClient(triton_server.grpc_url, triton_server.model) as client:
+        results = [client.submit(p, max_tokens=24) for p in prompts]
+        client.wait(results, TIMEOUT_S)
+    assert all(r.error is None and r.finish_reason in ("stop", "length") for r in results)
+    deadline = time.monotonic() + 10
+    while True:  # nv_inference_* counters are published on Triton's metrics interval
+        after = scrape(triton_server.metrics_url)
+        labels = {"model": triton_server.model}
+        requests = metric(after, "nv_inference_count", **labels) - metric(before, "nv_inference_count", **labels)
+        execs = metric(after, "nv_inference_exec_count", **labels) - metric(before, "nv_inference_exec_count",
+                                                                              **labels)
+        if requests >= 32 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert requests == 32
+    assert 0 < execs < requests, "Triton's dynamic batcher never handed the model more than one request"
+    steps = metric(after, "toolkit_batch_size_count") - metric(before, "toolkit_batch_size_count")
+    single = metric(after, "toolkit_batch_size_bucket", le="1") - metric(before, "toolkit_batch_size_bucket", le="1")
+    assert steps > single, "no decode step ran more than one sequence"
+    mean_batch = (metric(after, "toolkit_batch_size_sum") - metric(before, "toolkit_batch_size_sum")) / steps
+    assert mean_batch > 1
+    generated = metric(after, "toolkit_generated_tokens_total") - metric(before, "toolkit_generated_tokens_total")
+    assert generated == sum(len(r.tokens) for r in results)
+    assert metric(after, "toolkit_time_to_first_token_seconds_count") >= 32
+
+
+def test_cancelling_a_stream_frees_its_slot(triton_server: RunningTriton) -> None:
+    before = scrape(triton_server.metrics_url)
+    client = GenerationClient(triton_server.grpc_url, triton_server.model)
+    result = client.submit(_prompts(1, seed=99)[0], max_tokens=900)
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(result.tokens) < 5 and not result.done.is_set():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert metric(scrape(triton_server.metrics_url), "toolkit_active_sequences") >= 1
+    client.close(cancel=True)
+    deadline = time.monotonic() + 20
+    while metric(scrape(triton_server.metrics_url), "toolkit_active_sequences") > 0:
+        assert time.monotonic() < deadline, "the cancelled sequence still holds its slot"
+        time.sleep(0.1)
+    after = scrape(triton_server.metrics_url)
+    cancelled = metric(after, "toolkit_requests_total", finish_reason="cancelled") - metric(
+        before, "toolkit_requests_total", finish_reason="cancelled")
+    assert cancelled == 1
+    assert len(result.tokens) < 900  # the client sees its own cancellation, the server stopped early
+
+
+def _typed(name: str, array: np.ndarray, dtype: str) -> grpcclient.InferInput:
+    item = grpcclient.InferInput(name, list(array.shape), dtype)
+    item.set_data_from_numpy(array)
+    return item
+
+
+BAD_INPUTS = {
+    "missing input_ids": ([_typed("max_tokens", np.asarray([[4]], np.int32), "INT32")], "input_ids"),
+    "empty input_ids": ([_typed("input_ids", np.zeros((1, 0), np.int64), "INT64")], "empty"),
+    "id outside the vocabulary": (generation_inputs([5, 49152]), "outside the vocabulary"),
+    "prompt longer than the context": (generation_inputs([5] * 1024), "context is 1024"),
+    "max_tokens 0": (generation_inputs([5], max_tokens=0), "must be > 0"),
+    "max_tokens negative": (generation_inputs([5], max_tokens=-4), "must be > 0"),
+    "max_tokens over the limit": (generation_inputs([5], max_tokens=1001), "at most 1000"),
+    "input_ids as floats": ([_typed("input_ids", np.asarray([[1.0, 2.0]], np.float32), "FP32")], "data-type"),
+    "temperature as int": (generation_inputs([5]) + [_typed("temperature", np.asarray([[1]], np.int32), "INT32")],
+                           "data-type"),
+    "unknown input": (generation_inputs([5]) + [_typed("beam_width", np.asarray([[2]], np.int32), "INT32")],
+                      "beam_width"),
+    "negative temperature": (generation_inputs([5], temperature=-1.0), "temperature must be >= 0"),
+    "top_p zero": (generation_inputs([5], top_p=0.0), "top_p"),
+    "batch of two": ([_typed("input_ids", np.asarray([[5, 6], [7, 8]], np.int64), "INT64")], "batch"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_an_error_and_the_stream_ends(triton_server: RunningTriton, case: str) -> None:
+    inputs, message = BAD_INPUTS[case]
+    with GenerationClient(triton_server.grpc_url, triton_server.model) as client:
+        result = client.submit_inputs(inputs)
+        client.wait([result], 30)  # raises TimeoutError if the stream hangs
+    assert result.error is not None, f"{case}: no error, got {result.tokens} {result.finish_reason}"
+    assert message.lower() in result.error.lower(), result.error
+    assert result.tokens == []
+
+
+def test_unknown_request_parameters_get_an_error(triton_server: RunningTriton) -> None:
+    with GenerationClient(triton_server.grpc_url, triton_server.model) as client:
+        result = client.submit_inputs(generation_inputs([5, 6]), parameters={"temperature": 0.5})
+        client.wait([result], 30)
+    assert result.error is not None and "unknown request parameter" in result.error
+
+
+def test_server_still_serves_after_bad_inputs_and_seeded_sampling_repeats(triton_server: RunningTriton) -> None:
+    with GenerationClient(triton_server.grpc_url, triton_server.model) as client:
+        first = client.submit([5, 6, 7], max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+        second = client.submit([5, 6, 7], max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+        client.wait([first, second], TIMEOUT_S)
+    assert first.error is None and first.tokens and first.tokens == second.tokens
+
+
+def test_launcher_fails_fast_with_the_log_tail_on_a_broken_model(tmp_path: Path) -> None:
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\n')
+    (tmp_path / "broken" / "1" / "model.py").write_text("raise RuntimeError('model import exploded')\n")
+    server = TritonServer(tmp_path, models=["broken"], http_port=18090, grpc_port=18091, metrics_port=18092)
+    started = time.monotonic()
+    with pytest.raises(ServingError, match="exploded|failed to load"):
+        server.start(ready_timeout_s=60)
+    assert time.monotonic() - started < 50
+    assert not server.is_alive()

@@ -1,0 +1,222 @@
+"""The model repository: layout, manifest, versions, pruning, atomicity, INT8 left out, the stage itself.
+
+The ONNX files are small stand-ins: the repository only links them, nothing here runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from toolkit.config import RepositorySection, TensorRTSection, parse_config
+from toolkit.errors import StageError
+from toolkit.manifest import ModelManifest
+from toolkit.pipeline import StageContext, StageRecord
+from toolkit.serving import contract as c
+from toolkit.stages import repository as r
+from toolkit.triton_config import read_config
+from toolkit.workspace import sha256_file, sha256_text
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def merged_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Hugging Face directory: Llama config, a word-level tokenizer with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("merged")
+    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "hello": 3, "world": 4}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+        "unk_token": "<unk>", "chat_template": TEMPLATE}))
+    (root / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (root / "chat_template.jinja").write_text(TEMPLATE)
+    (root / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 4], "bos_token_id": 1}))
+    (root / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 32,
+        "vocab_size": 5}))
+    return root
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "fp32.onnx").write_bytes(b"fp32 graph stand-in")
+    (tmp_path / "int8.onnx").write_bytes(b"int8 graph stand-in")
+    (tmp_path / "model.py").write_text("# generation model stand-in\n")
+    return {"fp32": tmp_path / "fp32.onnx", "int8": tmp_path / "int8.onnx", "model_py": tmp_path / "model.py"}
+
+
+def _write(out: Path, merged: Path, src: dict[str, Path], **kw: Any) -> r.RepositoryWrite:
+    return r.write_repository(out, model_name="tiny", merged_dir=merged, onnx_fp32=src["fp32"],
+                              model_py=src["model_py"], base_model="dir:/base", adapter_sha256="ab" * 32,
+                              context_length=256, **kw)
+
+
+def _versions(model_dir: Path) -> list[str]:
+    return sorted(p.name for p in model_dir.iterdir() if p.is_dir())
+
+
+def test_layout_configs_and_manifest(tmp_path: Path, merged_dir: Path, sources: dict[str, Path]) -> None:
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "README.md").write_text("keep me")
+    written = _write(out, merged_dir, sources)
+    assert written.version == 1
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "tiny", "tiny_onnx_fp32"]
+    assert (out / "README.md").read_text() == "keep me"
+    gen = out / "tiny" / "1"
+    assert (gen / "model.py").read_text() == "# generation model stand-in\n"
+    assert sorted(p.name for p in (gen / "tokenizer").iterdir()) == [
+        "chat_template.jinja", "generation_config.json", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json"]
+    onnx = out / "tiny_onnx_fp32" / "1" / "model.onnx"
+    assert os.stat(onnx).st_ino == os.stat(sources["fp32"]).st_ino  # hard link, not a copy
+
+    config = read_config(out / "tiny" / "config.pbtxt")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params == {c.PARAM_CORE_MODEL: "tiny_onnx_fp32", c.PARAM_RUNNER: "onnxruntime", c.PARAM_MAX_ACTIVE: "32",
+                      c.PARAM_MAX_QUEUE: "256", c.PARAM_MAX_NEW_TOKENS: "1024", c.PARAM_CONTEXT: "256"}
+    core = read_config(out / "tiny_onnx_fp32" / "config.pbtxt")
+    assert core.platform == "onnxruntime_onnx" and len(core.input) == 3 + 2 * 2
+    assert list(core.dynamic_batching.preferred_batch_size) == [4, 8] and core.max_batch_size == 8
+
+    manifest = ModelManifest.load(gen)
+    assert (manifest.model_name, manifest.version, manifest.base_model) == ("tiny", 1, "dir:/base")
+    assert manifest.adapter_sha256 == "ab" * 32
+    assert (manifest.context_length, manifest.num_layers, manifest.num_kv_heads, manifest.head_dim) == (256, 2, 2, 8)
+    assert manifest.stop_token_ids == [2, 4] and manifest.eos_token_ids[0] == 2
+    assert manifest.chat_template == TEMPLATE and manifest.chat_template_sha256 == sha256_text(TEMPLATE)
+    assert manifest.serving_core_model == "tiny_onnx_fp32" and manifest.precisions == ["onnx_fp32"]
+    assert manifest.artifacts["onnx_fp32"].path == "tiny_onnx_fp32/1/model.onnx"
+    for ref in manifest.artifacts.values():
+        assert sha256_file(out / ref.path) == ref.sha256
+    assert written.version_dirs == [out / "tiny_onnx_fp32" / "1", gen]
+
+
+def test_new_build_writes_next_version_and_prunes(tmp_path: Path, merged_dir: Path, sources: dict[str, Path]) -> None:
+    out = tmp_path / "repo"
+    repo = RepositorySection(keep_versions=2)
+    for expected in (1, 2, 3):
+        written = _write(out, merged_dir, sources, repository=repo)
+        assert written.version == expected
+    assert _versions(out / "tiny") == ["2", "3"] and _versions(out / "tiny_onnx_fp32") == ["2", "3"]
+    assert ModelManifest.load(out / "tiny" / "3").version == 3
+    assert [p.name for p in written.pruned] == ["1", "1"]
+
+
+def test_int8_shipped_and_chosen(tmp_path: Path, merged_dir: Path, sources: dict[str, Path]) -> None:
+    out = tmp_path / "repo"
+    written = _write(out, merged_dir, sources, onnx_int8=sources["int8"],
+                     repository=RepositorySection(serving_precision="onnx_int8"))
+    assert (out / "tiny_onnx_int8" / "1" / "model.onnx").read_bytes() == b"int8 graph stand-in"
+    assert written.manifest.serving_core_model == "tiny_onnx_int8"
+    assert written.manifest.precisions == ["onnx_fp32", "onnx_int8"]
+    assert read_config(out / "tiny" / "config.pbtxt").parameters[c.PARAM_CORE_MODEL].string_value == "tiny_onnx_int8"
+
+
+def test_int8_not_shipped_falls_back_to_fp32(tmp_path: Path, merged_dir: Path, sources: dict[str, Path]) -> None:
+    out = tmp_path / "repo"
+    written = _write(out, merged_dir, sources, repository=RepositorySection(serving_precision="onnx_int8"))
+    assert not (out / "tiny_onnx_int8").exists()
+    assert written.manifest.serving_core_model == "tiny_onnx_fp32"
+    assert any("runs onnx_fp32" in n for n in written.notes)
+
+
+def test_failure_mid_write_leaves_no_half_version(
+    tmp_path: Path, merged_dir: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "repo"
+    _write(out, merged_dir, sources)
+    config_before = (out / "tiny" / "config.pbtxt").read_text()
+
+    def boom(*_: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(r, "_copy_tokenizer", boom)  # fails inside the generation model's version dir
+    with pytest.raises(OSError, match="disk full"):
+        _write(out, merged_dir, sources, repository=RepositorySection(max_batch_size=4, preferred_batch_sizes=[4]))
+    assert _versions(out / "tiny") == ["1"] and _versions(out / "tiny_onnx_fp32") == ["1"]
+    assert not [p for p in out.rglob(".*tmp-*")]
+    assert (out / "tiny" / "config.pbtxt").read_text() == config_before
+    monkeypatch.undo()
+    assert _write(out, merged_dir, sources).version == 2
+
+
+def test_missing_generation_model_source_is_a_clear_error(tmp_path: Path, merged_dir: Path,
+                                                           sources: dict[str, Path]) -> None:
+    with pytest.raises(StageError, match="triton_model/model.py"):
+        r.write_repository(tmp_path / "repo", model_name="tiny", merged_dir=merged_dir, onnx_fp32=sources["fp32"],
+                           model_py=tmp_path / "nope" / "model.py")
+    with pytest.raises(StageError, match="ONNX model .* not found"):
+        _write(tmp_path / "repo", merged_dir, {**sources, "fp32": tmp_path / "missing.onnx"})
+    assert not (tmp_path / "repo" / "tiny").exists()
+
+
+def test_tensorrt_models_get_config_and_build_script(tmp_path: Path, merged_dir: Path,
+                                                     sources: dict[str, Path]) -> None:
+    out = tmp_path / "repo"
+    built = tmp_path / "built_fp16"
+    built.mkdir()
+    (built / "model.plan").write_bytes(b"plan stand-in")
+    (built / "plan_meta.json").write_text('{"tensorrt_version": "10.3.0"}')
+    inputs = r.TrtInputs(section=TensorRTSection(max_input_len=100), max_batch_size=8, context_length=256,
+                         qdq_onnx=sources["int8"], built={"fp16": built})
+    written = _write(out, merged_dir, sources, trt_inputs=inputs)
+    fp16, int8 = out / "tiny_trt_fp16", out / "tiny_trt_int8"
+    assert read_config(fp16 / "config.pbtxt").platform == "tensorrt_plan"
+    assert (fp16 / "1" / "model.plan").read_bytes() == b"plan stand-in" and (fp16 / "1" / "plan_meta.json").is_file()
+    script = (fp16 / "build_plan.sh").read_text()
+    assert 'ONNX="${1:-../tiny_onnx_fp32/1/model.onnx}"' in script and "--saveEngine=1/model.plan" in script
+    assert "--fp16" in script and "past_key_values.1.value:8x2x255x8" in script
+    assert _versions(int8) == []  # no plan built: config + script only, so Triton sees no half version
+    int8_script = (int8 / "build_plan.sh").read_text()
+    assert "--int8" in int8_script and str(sources["int8"]) in int8_script
+    assert written.manifest.precisions == ["onnx_fp32", "trt_fp16"]
+    assert any("tiny_trt_int8: no plan built here" in n for n in written.notes)
+
+
+def _record(name: str, root: Path, artifacts: dict[str, str], metrics: dict[str, Any] | None = None) -> StageRecord:
+    return StageRecord(name=name, dir=root, key="k", digest=f"digest-{name}", metrics=metrics or {},
+                       artifacts=artifacts, data={})
+
+
+def test_stage_run(tmp_path: Path, merged_dir: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(r, "MODEL_PY_SOURCE", sources["model_py"])
+    adapter = tmp_path / "finetune" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"lora")
+    trt_dir = tmp_path / "tensorrt"
+    (trt_dir / "fp16").mkdir(parents=True)
+    config = parse_config({"model": {"name": "tiny", "context_length": 256},
+                           "repository": {"output": str(tmp_path / "repo")}, "tensorrt": {"max_input_len": 100}})
+    ctx = StageContext(config=config, out_dir=tmp_path / "out", workspace=tmp_path, inputs={
+        "base_model": _record("base_model", tmp_path, {}, {"source": "gguf:/x.gguf"}),
+        "finetune": _record("finetune", tmp_path / "finetune", {"adapter": "adapter"}),
+        "merge": _record("merge", merged_dir, {}),
+        "export_onnx": _record("export_onnx", tmp_path, {"model": "fp32.onnx"}),
+        "quantize": _record("quantize", tmp_path, {"int8": "int8.onnx"}, {"int8_shipped": False}),
+        "tensorrt": _record("tensorrt", trt_dir, {"build_plan_fp16": "fp16/build_plan.sh"}),
+    })
+    ctx.out_dir.mkdir()
+    result = r.run(ctx)
+    repo = tmp_path / "repo"
+    assert result.external == [str((repo / "tiny_onnx_fp32" / "1").resolve()), str((repo / "tiny" / "1").resolve())]
+    assert "onnx_int8 left out of the repository" in result.note
+    assert not (repo / "tiny_onnx_int8").exists()
+    manifest = ModelManifest.load(repo / "tiny" / "1")
+    assert manifest.adapter_sha256 == sha256_file(adapter / "adapter_model.safetensors")
+    assert manifest.base_model == "gguf:/x.gguf"
+    assert result.metrics["models"] == ["tiny_onnx_fp32", "tiny_trt_fp16", "tiny"]
+    rows = {row["kv_dtype"]: row for row in result.metrics["capacity"]["rows"]}
+    assert rows["fp32"]["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 4
+    assert (ctx.out_dir / "capacity.md").read_text().startswith("Capacity at context 256")

@@ -96,6 +96,33 @@ def build(
     )
 
 
+@app.command()
+def serve(
+    repository: Annotated[Path, typer.Option("--repository", "-r", help="Triton model repository.")] = Path(
+        "model_repository"),
+    triton_only: Annotated[bool, typer.Option("--triton-only", help="Start Triton without the gateway.")] = False,
+    host: Annotated[str, typer.Option("--host", help="Address every server binds to.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option("--http-port", help="Triton HTTP port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option("--grpc-port", help="Triton gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option("--metrics-port", help="Triton metrics port.")] = 8002,
+    gateway_port: Annotated[int, typer.Option("--gateway-port", help="Gateway HTTP port.")] = 8080,
+    log_dir: Annotated[Path, typer.Option("--log-dir", help="Where the server logs go.")] = Path("build/serve"),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve a model repository: Triton (explicit model control) and the gateway; Ctrl-C stops both."""
+    _setup_logging(verbose)
+    from toolkit.serving.serve import ServeOptions
+    from toolkit.serving.serve import serve as run_serve
+
+    options = ServeOptions(repository=repository, host=host, http_port=http_port, grpc_port=grpc_port,
+                           metrics_port=metrics_port, gateway_port=gateway_port, triton_only=triton_only,
+                           log_dir=log_dir)
+    try:
+        run_serve(options, say=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    except ToolkitError as err:
+        raise _fail(err) from None
+
+
 @config_app.command("show")
 def config_show(
     config: ConfigOpt = None,

@@ -8,7 +8,7 @@ is created in the lifespan, inside the server's event loop, and closed with it.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -28,8 +28,17 @@ from gateway.triton import TritonPool
 logger = logging.getLogger("gateway")
 
 
-def create_app(settings: GatewaySettings | None = None) -> FastAPI:
-    """Build the gateway app; raises on invalid settings or a repository with no servable chat model."""
+def _triton_pool(settings: GatewaySettings) -> TritonPool:
+    return TritonPool(settings.triton_urls, settings.triton_timeout_s, settings.health_interval_s)
+
+
+def create_app(
+    settings: GatewaySettings | None = None, pool_factory: Callable[[GatewaySettings], TritonPool] | None = None
+) -> FastAPI:
+    """Build the gateway app; raises on invalid settings or a repository with no servable chat model.
+
+    `pool_factory` replaces the Triton client pool (unit tests pass a fake one).
+    """
     if not logger.handlers and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
@@ -39,7 +48,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = TritonPool(settings.triton_urls, settings.triton_timeout_s, settings.health_interval_s)
+        pool = (pool_factory or _triton_pool)(settings)
         pool.watched_models = set(registry.names())
         state = AppState(
             settings=settings,

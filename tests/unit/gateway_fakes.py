@@ -1,0 +1,118 @@
+"""Helpers for the gateway unit tests: a repository with the real SmolLM2 tokenizer, and a fake Triton pool.
+
+The fake pool stands in for Triton only in tests/unit; tests/integration/test_gateway.py drives a real one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.errors import TritonUnavailableError
+from gateway.triton import GenerationInputs, StepOutput
+from toolkit.manifest import ModelManifest
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "smollm2_tokenizer"
+EOS_ID = 2  # <|im_end|>
+
+
+def write_repository(root: Path, name: str = "chat", context_length: int = 128, max_new_tokens: int = 48) -> Path:
+    """A repository with one generation model `name` (version 1): config, manifest, tokenizer."""
+    version_dir = root / name / "1"
+    shutil.copytree(TOKENIZER_DIR, version_dir / "tokenizer")
+    template = (TOKENIZER_DIR / "chat_template.jinja").read_text()
+    ModelManifest(
+        model_name=name,
+        version=1,
+        base_model="SmolLM2-135M-Instruct",
+        adapter_sha256=None,
+        toolkit_version="0.1.0",
+        built_at="2026-11-23T00:00:00Z",
+        context_length=context_length,
+        vocab_size=49152,
+        num_layers=30,
+        num_kv_heads=3,
+        head_dim=64,
+        bos_token_id=1,
+        eos_token_ids=[EOS_ID],
+        stop_token_ids=[EOS_ID],
+        pad_token_id=EOS_ID,
+        chat_template=template,
+        chat_template_sha256="0" * 64,
+        serving_core_model=f"{name}_onnx_fp32",
+    ).save(version_dir)
+    (root / name / "config.pbtxt").write_text(
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: 8\n'
+        f'parameters {{ key: "max_new_tokens_limit" value {{ string_value: "{max_new_tokens}" }} }}\n'
+    )
+    return root
+
+
+class FakeClient:
+    """The two calls the health route makes on an endpoint's client."""
+
+    def __init__(self, ready: bool) -> None:
+        self.ready = ready
+
+    async def is_model_ready(self, name: str, client_timeout: float | None = None) -> bool:
+        return self.ready
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass
+class FakeEndpoint:
+    url: str
+    client: FakeClient
+    healthy: bool = True
+    last_error: str | None = None
+    ready_models: set[str] = field(default_factory=set)
+
+
+class FakePool:
+    """Streams scripted token ids as the generation model would, one id per response."""
+
+    def __init__(self, reply_ids: list[int], healthy: bool = True, finish: str = "stop") -> None:
+        self.reply_ids = reply_ids
+        self.finish = finish
+        self.endpoints = [FakeEndpoint("fake:8001", FakeClient(healthy), healthy=healthy)]
+        self.watched_models: set[str] = set()
+        self.calls: list[GenerationInputs] = []
+        self.closed_early = 0
+        self.step_delay_s = 0.0
+
+    async def start(self) -> None:
+        for endpoint in self.endpoints:
+            endpoint.ready_models = set(self.watched_models) if endpoint.healthy else set()
+
+    async def close(self) -> None:
+        return None
+
+    def healthy(self) -> list[FakeEndpoint]:
+        return [e for e in self.endpoints if e.healthy]
+
+    async def generate(
+        self, model: str, inputs: GenerationInputs, timeout_s: float, request_id: str = ""
+    ) -> AsyncGenerator[StepOutput, None]:
+        if not self.healthy():
+            raise TritonUnavailableError("no Triton endpoint is ready (fake)", retry_after_s=1)
+        self.calls.append(inputs)
+        ids = self.reply_ids[: inputs.max_tokens]
+        finish = self.finish if len(ids) < inputs.max_tokens or self.finish == "stop" else "length"
+        if len(self.reply_ids) > inputs.max_tokens:
+            finish = "length"
+        finished = False
+        try:
+            for token in ids:
+                if self.step_delay_s:
+                    await asyncio.sleep(self.step_delay_s)
+                yield StepOutput([token])
+            finished = True
+            yield StepOutput([], finish, len(inputs.prompt_ids), len(ids))
+        finally:
+            if not finished:
+                self.closed_early += 1

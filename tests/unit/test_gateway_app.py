@@ -1,0 +1,226 @@
+"""The gateway app end to end over a fake Triton pool: routes, SSE format, error codes and shapes.
+
+The real tokenizer renders and decodes; only Triton is replaced (tests/integration uses a real one).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from gateway_fakes import EOS_ID, FakePool, write_repository
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from gateway.tokenization import ChatTokenizer
+
+REPLY = "Paris is the capital. 巴黎是首都 😀!"
+KEY = "test-key-0123456789"
+ADMIN = "admin-key-0123456789"
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_repository(tmp_path_factory.mktemp("repo"), context_length=128, max_new_tokens=48)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(repository: Path) -> ChatTokenizer:
+    tok_dir = repository / "chat" / "1" / "tokenizer"
+    return ChatTokenizer.from_dir(tok_dir, (tok_dir / "chat_template.jinja").read_text())
+
+
+def make_client(repository: Path, pool: FakePool, **overrides: Any) -> TestClient:
+    settings = GatewaySettings(repository=repository, triton_urls=["fake:8001"], **overrides)
+    return TestClient(create_app(settings, pool_factory=lambda _: pool))  # type: ignore[arg-type,return-value]
+
+
+@pytest.fixture
+def pool(tokenizer: ChatTokenizer) -> FakePool:
+    return FakePool([*tokenizer.encode(REPLY), EOS_ID])
+
+
+@pytest.fixture
+def client(repository: Path, pool: FakePool) -> Iterator[TestClient]:
+    with make_client(repository, pool) as test_client:
+        yield test_client
+
+
+def assert_openai_error(response: Any, status: int, fragment: str, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert fragment in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def sse_events(response: Any) -> list[str]:
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_non_streaming_completion(client: TestClient, pool: FakePool) -> None:
+    body = client.post("/v1/chat/completions", json={"messages": MESSAGES, "temperature": 0}).json()
+    assert body["object"] == "chat.completion" and body["model"] == "chat"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": REPLY}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == len(pool.calls[0].prompt_ids)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # max_tokens defaults to the rest of the context, capped by the model's limit (not 16).
+    assert pool.calls[0].max_tokens == min(128 - usage["prompt_tokens"], 48)
+    assert pool.calls[0].temperature == 0.0
+
+
+def test_streaming_chunks_concatenate_to_the_reply_and_end_with_done(client: TestClient) -> None:
+    payload = {"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=payload) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == REPLY
+    assert all("\ufffd" not in c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_stop_string_across_tokens_is_not_leaked_and_cancels_generation(client: TestClient, pool: FakePool) -> None:
+    body = client.post("/v1/chat/completions", json={"messages": MESSAGES, "stop": ["capital."]}).json()
+    assert body["choices"][0]["message"]["content"] == "Paris is the "
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert pool.closed_early == 1  # the rest of the generation was cancelled
+
+
+def test_length_finish_reason(client: TestClient) -> None:
+    body = client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3}).json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 3
+
+
+def test_simple_chat_endpoint(client: TestClient) -> None:
+    body = client.post("/v1/chat", json={"message": "Capital of France?"}).json()
+    assert body["response"] == REPLY and body["finish_reason"] == "stop" and body["usage"]["prompt_tokens"] > 0
+
+
+def test_models_health_docs_metrics(client: TestClient) -> None:
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == "chat" and models["data"][0]["context_length"] == 128
+    assert models["data"][0]["default"] and models["data"][0]["ready"]
+    assert client.get("/health/live").status_code == 200
+    assert client.get("/health/ready").json()["status"] == "ready"
+    assert client.get("/docs").status_code == 200
+    client.post("/v1/chat/completions", json={"messages": MESSAGES})
+    metrics = client.get("/metrics").text
+    assert 'gateway_requests_total{method="POST",route="/v1/chat/completions",status="200"}' in metrics
+    assert 'gateway_prompt_tokens_total{model="chat"}' in metrics
+    assert "gateway_time_to_first_token_seconds_bucket" in metrics
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment", "param"),
+    [
+        ({"messages": MESSAGES, "n": 2}, 400, "only n=1", "n"),
+        ({"messages": MESSAGES, "model": "nope"}, 404, "'nope' does not exist", "model"),
+        ({"messages": MESSAGES, "max_tokens": 100}, 400, "maximum context length is 128", "max_tokens"),
+        ({"messages": MESSAGES, "max_tokens": 49}, 400, "at most 48", "max_tokens"),
+        ({"messages": [{"role": "user", "content": "word " * 200}]}, 400, "maximum context length is 128", "messages"),
+        ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop", "stop"),
+        ({"messages": MESSAGES, "stream_options": {"include_usage": True}}, 400, "only allowed with stream", None),
+        ({"messages": MESSAGES, "frequency_penalty": 1}, 400, "not supported", "frequency_penalty"),
+        ({}, 422, "'messages' is required", "messages"),
+        ({"messages": MESSAGES, "temperature": "hot"}, 422, "temperature", "temperature"),
+        ({"messages": MESSAGES, "beam": 2}, 422, "beam", "beam"),
+    ],
+)
+def test_error_codes_and_openai_shape(client: TestClient, body: dict, status: int, fragment: str, param: Any) -> None:
+    assert_openai_error(client.post("/v1/chat/completions", json=body), status, fragment, param)
+
+
+def test_invalid_json_unknown_route_and_method(client: TestClient) -> None:
+    response = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_openai_error(response, 400, "not valid JSON")
+    assert_openai_error(client.get("/v1/nothing"), 404, "Not Found")
+    assert_openai_error(client.get("/v1/chat/completions"), 405, "Method Not Allowed")
+
+
+def test_body_too_large_is_refused_before_parsing(repository: Path, pool: FakePool) -> None:
+    with make_client(repository, pool, max_body_bytes=1000) as client:
+        big = {"messages": [{"role": "user", "content": "x" * 2000}]}
+        assert_openai_error(client.post("/v1/chat/completions", json=big), 413, "larger than the limit of 1000")
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted while it streams in
+            yield b'{"messages": [{"role": "user", "content": "'
+            for _ in range(10):
+                yield b"y" * 200
+            yield b'"}]}'
+
+        assert_openai_error(client.post("/v1/chat/completions", content=chunks()), 413, "larger than the limit")
+        assert not pool.calls
+
+
+def test_api_keys(repository: Path, pool: FakePool) -> None:
+    with make_client(repository, pool, api_keys=[KEY], open_metrics=False) as client:
+        assert_openai_error(client.post("/v1/chat", json={"message": "hi"}), 401, "missing API key")
+        bad = {"Authorization": "Bearer wrong-key-123456"}
+        assert_openai_error(client.post("/v1/chat", json={"message": "hi"}, headers=bad), 401, "invalid API key")
+        assert_openai_error(client.get("/v1/models"), 401, "missing API key")
+        ok = {"Authorization": f"Bearer {KEY}"}
+        assert client.post("/v1/chat", json={"message": "hi"}, headers=ok).status_code == 200
+        assert client.get("/health/live").status_code == 200  # open by default
+        assert_openai_error(client.get("/metrics"), 401, "missing API key")
+        assert client.get("/metrics", headers=ok).status_code == 200
+        # admin: no separate admin key configured, so an API key is an admin key
+        assert_openai_error(client.post("/admin/models/chat/load"), 401, "missing admin API key")
+
+
+def test_admin_disabled_without_any_key(client: TestClient) -> None:
+    assert_openai_error(client.post("/admin/models/chat/load"), 403, "admin endpoints are disabled")
+
+
+def test_rate_limit_per_key_with_retry_after(repository: Path, pool: FakePool) -> None:
+    with make_client(repository, pool, api_keys=[KEY], rate_limit_requests_per_minute=1) as client:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        assert client.post("/v1/chat", json={"message": "hi"}, headers=headers).status_code == 200
+        response = client.post("/v1/chat", json={"message": "hi"}, headers=headers)
+        error = assert_openai_error(response, 429, "1 requests per minute")
+        assert error["type"] == "rate_limit_error" and int(response.headers["Retry-After"]) >= 1
+
+
+def test_in_flight_bound_gives_429_with_retry_after(repository: Path, pool: FakePool) -> None:
+    with make_client(repository, pool, max_in_flight=1, retry_after_s=2) as client:
+        state = client.app.state.gateway  # type: ignore[attr-defined]
+        state.in_flight.acquire()  # one request is in flight
+        response = client.post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True})
+        assert_openai_error(response, 429, "limit of 1 requests in flight")
+        assert response.headers["Retry-After"] == "2"
+        state.in_flight.release()
+        assert client.post("/v1/chat/completions", json={"messages": MESSAGES}).status_code == 200
+        assert state.in_flight.count == 0  # released after the request
+
+
+def test_triton_down_is_503_and_not_ready(repository: Path, tokenizer: ChatTokenizer) -> None:
+    with make_client(repository, FakePool([5, EOS_ID], healthy=False)) as client:
+        response = client.post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True})
+        error = assert_openai_error(response, 503, "no Triton endpoint is ready")
+        assert error["type"] == "service_unavailable"
+        assert client.get("/health/ready").status_code == 503
+        assert client.get("/health/live").status_code == 200
+
+
+def test_bad_repository_fails_at_start_up(tmp_path: Path) -> None:
+    from gateway.registry import RepositoryError
+
+    with pytest.raises(RepositoryError, match="no chat model"):
+        create_app(GatewaySettings(repository=tmp_path))

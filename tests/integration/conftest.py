@@ -51,13 +51,13 @@ class RunningTriton:
     server: TritonServer
 
 
-def export_tiny_llama(out_dir: Path) -> Path:
+def export_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     """A random 2-layer Llama with SmolLM2's vocabulary, exported with optimum (a few seconds)."""
     import torch
     from optimum.exporters.onnx import main_export
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2, tie_word_embeddings=False,

@@ -1,0 +1,43 @@
+"""The build's last stage: the new repository served by a real Triton, gated on ONNX greedy parity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import ServedRepository, export_tiny_llama
+
+from toolkit.config import BuildConfig
+from toolkit.pipeline import StageContext, StageRecord
+from toolkit.stages import triton_gate
+
+pytestmark = pytest.mark.integration
+
+
+def _context(repo: ServedRepository, onnx: Path, out_dir: Path) -> StageContext:
+    config = BuildConfig.model_validate({"model": {"name": repo.model}})
+    repository = StageRecord(name="repository", dir=repo.path, key="k", digest="d",
+                             metrics={"repository": str(repo.path), "version": 1}, artifacts={}, data={})
+    export = StageRecord(name="export_onnx", dir=onnx.parent, key="k", digest="d", metrics={},
+                         artifacts={"model": onnx.name}, data={})
+    out_dir.mkdir()
+    return StageContext(config=config, out_dir=out_dir, inputs={"repository": repository, "export_onnx": export},
+                        workspace=out_dir.parent)
+
+
+def test_gate_passes_when_triton_serves_the_exported_graph(tiny_repository: ServedRepository, tmp_path: Path) -> None:
+    result = triton_gate.run(_context(tiny_repository, tiny_repository.onnx, tmp_path / "gate"))
+    gate = result.gates[0]
+    assert gate.passed and gate.blocking, gate.detail
+    assert result.metrics["exact_prompts"] == result.metrics["prompts"] == 9
+    outputs = json.loads((tmp_path / "gate" / "triton_gate.json").read_text())
+    assert outputs["served"] == outputs["expected"] and sum(map(len, outputs["served"])) > 0
+
+
+def test_gate_fails_when_the_served_model_differs(tiny_repository: ServedRepository, tmp_path: Path) -> None:
+    other = export_tiny_llama(tmp_path / "other", seed=1)  # same shapes, other weights
+    result = triton_gate.run(_context(tiny_repository, other, tmp_path / "gate"))
+    gate = result.gates[0]
+    assert not gate.passed and gate.blocking
+    assert "golden prompts identical" in gate.detail

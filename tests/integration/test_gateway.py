@@ -1,0 +1,327 @@
+"""The gateway as a real uvicorn process in front of a real Triton, driven by the `openai` client and httpx.
+
+One gateway per module on 127.0.0.1:18100, on the session's Triton (conftest ``triton_server``) plus
+a dead endpoint it must route around; a second gateway on 18101 has only a dead Triton (503s). The
+tiny generation model is random, so "correct" means: exactly the text of the tokens Triton itself
+generates greedily for the same prompt, decoded in one shot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import RunningTriton
+
+from gateway.tokenization import ChatTokenizer
+from toolkit.serving.client import GenerationClient
+
+pytestmark = pytest.mark.integration
+
+KEY = "integration-key-0123456789"
+ADMIN_KEY = "integration-admin-0123456789"
+GATEWAY_PORT, DOWN_GATEWAY_PORT, DEAD_TRITON_PORT = 18100, 18101, 18199
+MESSAGES = [{"role": "user", "content": "用中文和表情回答 😀: what is the capital of France?"}]
+TIMEOUT_S = 60.0
+
+
+@dataclass
+class Gateway:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_gateway(port: int, env: dict[str, str], log: Path, timeout_s: float = 60.0) -> Gateway:
+    """`python -m uvicorn gateway.app:create_app --factory` as `toolkit serve` starts it; wait until it answers."""
+    full_env = {**os.environ, "USE_TORCH": "0", **env}
+    command = [sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory",
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, env=full_env, stdout=sink, stderr=subprocess.STDOUT,
+                                   preexec_fn=_die_with_parent)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health/live", timeout=1).status_code == 200:
+                return Gateway(url, process, log)
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"gateway not up after {timeout_s}s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop_gateway(gateway: Gateway) -> None:
+    gateway.process.send_signal(signal.SIGINT)
+    try:
+        gateway.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        gateway.process.kill()
+        gateway.process.wait()
+
+
+@pytest.fixture(scope="module")
+def gateway(triton_server: RunningTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    env = {
+        # a dead endpoint first: the gateway must take it out and use the live one
+        "GATEWAY_TRITON_URLS": json.dumps([f"127.0.0.1:{DEAD_TRITON_PORT}", triton_server.grpc_url]),
+        "GATEWAY_REPOSITORY": str(triton_server.repository),
+        "GATEWAY_API_KEYS": KEY,
+        "GATEWAY_ADMIN_API_KEYS": ADMIN_KEY,
+        "GATEWAY_MAX_IN_FLIGHT": "2",
+        "GATEWAY_MAX_BODY_BYTES": "65536",
+        "GATEWAY_HEALTH_INTERVAL_S": "0.5",
+    }
+    running = start_gateway(GATEWAY_PORT, env, tmp_path_factory.mktemp("gateway") / "gateway.log")
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while httpx.get(f"{running.url}/health/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, running.log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield running
+    finally:
+        stop_gateway(running)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(triton_server: RunningTriton) -> ChatTokenizer:
+    version_dir = triton_server.repository / triton_server.model / "1"
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    return ChatTokenizer.from_dir(version_dir / "tokenizer", manifest["chat_template"])
+
+
+@pytest.fixture(scope="module")
+def oai(gateway: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, timeout=TIMEOUT_S, max_retries=0)
+
+
+def direct_greedy(triton: RunningTriton, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    with GenerationClient(triton.grpc_url, triton.model) as client:
+        result = client.submit(prompt_ids, max_tokens=max_tokens, temperature=0.0)
+        client.wait([result], TIMEOUT_S)
+    assert result.error is None, result.error
+    return result.tokens
+
+
+def auth(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        key, _, value = line.rpartition(" ")
+        series, _, label_text = key.partition("{")
+        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        if series == name and all(found.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_openai_client_non_streaming_equals_triton_greedy(
+    oai: openai.OpenAI, triton_server: RunningTriton, tokenizer: ChatTokenizer
+) -> None:
+    reply = oai.chat.completions.create(model=triton_server.model, messages=MESSAGES, max_tokens=24, temperature=0)
+    expected_ids = direct_greedy(triton_server, tokenizer.render_ids(MESSAGES), 24)
+    assert reply.choices[0].message.content == tokenizer.decode(expected_ids)
+    assert reply.choices[0].finish_reason == ("stop" if len(expected_ids) < 24 else "length")
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == len(tokenizer.render_ids(MESSAGES))
+    assert reply.usage.completion_tokens == len(expected_ids)
+
+
+def test_openai_client_streaming_is_utf8_clean_and_matches(
+    oai: openai.OpenAI, triton_server: RunningTriton, tokenizer: ChatTokenizer
+) -> None:
+    stream = oai.chat.completions.create(
+        model=triton_server.model, messages=MESSAGES, max_tokens=40, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    deltas, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            deltas.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    expected_ids = direct_greedy(triton_server, tokenizer.render_ids(MESSAGES), 40)
+    expected = tokenizer.decode(expected_ids)
+    assert "".join(deltas) == expected
+    # A delta never carries a broken character unless the one-shot decode has one at that point too.
+    if "\ufffd" not in expected:
+        assert all("\ufffd" not in d for d in deltas)
+    assert finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens == len(expected_ids)
+
+
+def test_default_model_and_simple_chat(gateway: Gateway) -> None:
+    response = httpx.post(f"{gateway.url}/v1/chat", json={"message": "hi", "max_tokens": 5, "temperature": 0},
+                          headers=auth(), timeout=TIMEOUT_S)  # fmt: skip
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["usage"]["completion_tokens"] <= 5 and isinstance(body["response"], str)
+
+
+def test_models_lists_context_length(oai: openai.OpenAI, triton_server: RunningTriton) -> None:
+    models = {m.id: m for m in oai.models.list().data}
+    assert triton_server.model in models
+    card = models[triton_server.model].model_dump()
+    assert card["context_length"] == 1024 and card["ready"] and card["default"]
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "fragment"),
+    [
+        ({"messages": MESSAGES}, {}, 401, "missing API key"),
+        ({"messages": MESSAGES}, {"Authorization": "Bearer not-a-valid-key"}, 401, "invalid API key"),
+        ({"messages": MESSAGES, "model": "no-such-model"}, None, 404, "does not exist"),
+        ({"messages": MESSAGES, "n": 3}, None, 400, "only n=1"),
+        ({"messages": [{"role": "user", "content": "word " * 1100}]}, None, 400, "maximum context length is 1024"),
+        ({"messages": MESSAGES, "max_tokens": 2000}, None, 400, "maximum context length is 1024"),
+        ({"messages": "hello"}, None, 422, "messages"),
+        ({"messages": [{"role": "user", "content": "x" * 70000}]}, None, 413, "larger than the limit"),
+    ],
+)
+def test_error_cases_have_their_code_and_openai_shape(
+    gateway: Gateway, body: dict, headers: dict | None, status: int, fragment: str
+) -> None:
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body,
+                          headers=auth() if headers is None else headers, timeout=TIMEOUT_S)  # fmt: skip
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and fragment in error["message"]
+
+
+def _open_stream(client: httpx.Client, gateway: Gateway, max_tokens: int) -> httpx.Response:
+    request = client.build_request(
+        "POST", f"{gateway.url}/v1/chat/completions", headers=auth(), timeout=TIMEOUT_S,
+        json={"messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0, "stream": True},
+    )  # fmt: skip
+    return client.send(request, stream=True)
+
+
+def test_disconnect_mid_stream_frees_the_triton_slot(gateway: Gateway, triton_server: RunningTriton) -> None:
+    before = scrape(triton_server.metrics_url)
+    with httpx.Client() as client:
+        response = _open_stream(client, gateway, max_tokens=900)
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        received = [line for _, line in zip(range(6), lines, strict=False)]
+        assert any(line.startswith("data: ") for line in received)
+        assert metric_sum(scrape(triton_server.metrics_url), "toolkit_active_sequences") >= 1
+        response.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 20
+    while metric_sum(scrape(triton_server.metrics_url), "toolkit_active_sequences") > 0:
+        assert time.monotonic() < deadline, "the disconnected request still holds its Triton slot"
+        time.sleep(0.1)
+    after = scrape(triton_server.metrics_url)
+    cancelled = metric_sum(after, "toolkit_requests_total", finish_reason="cancelled") - metric_sum(
+        before, "toolkit_requests_total", finish_reason="cancelled"
+    )
+    assert cancelled == 1
+    completion = metric_sum(after, "toolkit_generated_tokens_total") - metric_sum(before, "toolkit_generated_tokens_total")
+    assert completion < 900
+
+
+def test_in_flight_bound_answers_429_with_retry_after(gateway: Gateway) -> None:
+    with httpx.Client() as client:
+        streams = [_open_stream(client, gateway, max_tokens=900) for _ in range(2)]
+        try:
+            assert [s.status_code for s in streams] == [200, 200]
+            response = httpx.post(f"{gateway.url}/v1/chat/completions", json={"messages": MESSAGES},
+                                  headers=auth(), timeout=TIMEOUT_S)  # fmt: skip
+            assert response.status_code == 429, response.text
+            assert int(response.headers["Retry-After"]) >= 1
+            assert response.json()["error"]["type"] == "rate_limit_error"
+        finally:
+            for stream in streams:
+                stream.close()
+    deadline = time.monotonic() + 20
+    while True:  # the slots come back once the streams are gone
+        response = httpx.post(f"{gateway.url}/v1/chat", json={"message": "hi", "max_tokens": 2},
+                              headers=auth(), timeout=TIMEOUT_S)  # fmt: skip
+        if response.status_code == 200:
+            break
+        assert response.status_code == 429 and time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_admin_loads_a_version_and_makes_it_default(gateway: Gateway, triton_server: RunningTriton) -> None:
+    url = f"{gateway.url}/admin/models/{triton_server.model}/load"
+    assert httpx.post(url, headers=auth(), json={"version": 1}, timeout=TIMEOUT_S).status_code == 401
+    response = httpx.post(url, headers=auth(ADMIN_KEY), json={"version": 1}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "model": triton_server.model, "version": 1, "default": triton_server.model,
+        "endpoints": [triton_server.grpc_url],
+    }  # fmt: skip
+    missing = httpx.post(f"{gateway.url}/admin/models/nope/load", headers=auth(ADMIN_KEY), timeout=TIMEOUT_S)
+    assert missing.status_code == 404
+    after = httpx.post(f"{gateway.url}/v1/chat", json={"message": "hi", "max_tokens": 3},
+                       headers=auth(), timeout=TIMEOUT_S)  # fmt: skip
+    assert after.status_code == 200, after.text
+
+
+def test_gateway_metrics_and_readiness(gateway: Gateway) -> None:
+    text = httpx.get(f"{gateway.url}/metrics", timeout=5).text
+    assert metric_sum(text, "gateway_requests_total", route="/v1/chat/completions", status="200") >= 2
+    assert metric_sum(text, "gateway_requests_total", route="/v1/chat/completions", status="401") >= 1
+    assert metric_sum(text, "gateway_time_to_first_token_seconds_count") >= 2
+    assert metric_sum(text, "gateway_inter_token_latency_seconds_count") >= 10
+    assert metric_sum(text, "gateway_completion_tokens_total") > 0
+    assert metric_sum(text, "gateway_triton_endpoint_up", url=f"127.0.0.1:{DEAD_TRITON_PORT}") == 0
+    ready = httpx.get(f"{gateway.url}/health/ready", timeout=5).json()
+    assert ready["status"] == "ready" and ready["triton"][f"127.0.0.1:{DEAD_TRITON_PORT}"] != "ready"
+
+
+def test_triton_down_is_503_then_rate_limit_429(triton_server: RunningTriton, tmp_path: Path) -> None:
+    env = {
+        "GATEWAY_TRITON_URLS": f"127.0.0.1:{DEAD_TRITON_PORT}",
+        "GATEWAY_REPOSITORY": str(triton_server.repository),
+        "GATEWAY_RATE_LIMIT_REQUESTS_PER_MINUTE": "1",
+    }
+    down = start_gateway(DOWN_GATEWAY_PORT, env, tmp_path / "gateway.log")
+    try:
+        assert httpx.get(f"{down.url}/health/live", timeout=5).status_code == 200
+        assert httpx.get(f"{down.url}/health/ready", timeout=5).status_code == 503
+        body = {"messages": MESSAGES, "stream": True}
+        first = httpx.post(f"{down.url}/v1/chat/completions", json=body, timeout=TIMEOUT_S)
+        assert first.status_code == 503 and first.json()["error"]["type"] == "service_unavailable"
+        second = httpx.post(f"{down.url}/v1/chat/completions", json=body, timeout=TIMEOUT_S)
+        assert second.status_code == 429 and int(second.headers["Retry-After"]) >= 1
+    finally:
+        stop_gateway(down)
+
+
+def test_bad_settings_stop_the_start_up(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="GATEWAY_REPOSITORY|is not a directory"):
+        start_gateway(DOWN_GATEWAY_PORT, {"GATEWAY_REPOSITORY": str(tmp_path / "missing")}, tmp_path / "g.log")

@@ -118,6 +118,19 @@ class RepositorySection(Section):
     )
     runner: Literal["onnxruntime", "bls"] = "onnxruntime"
 
+    @model_validator(mode="after")
+    def _preferred_sizes_fit(self) -> RepositorySection:
+        if "preferred_batch_sizes" not in self.model_fields_set:
+            # The default [4, 8] follows a smaller max_batch_size instead of failing on it.
+            fitted = [s for s in self.preferred_batch_sizes if s <= self.max_batch_size] or [self.max_batch_size]
+            object.__setattr__(self, "preferred_batch_sizes", fitted)
+        bad = [s for s in self.preferred_batch_sizes if not 1 <= s <= self.max_batch_size]
+        if bad:
+            raise ValueError(
+                f"preferred_batch_sizes {bad} must be between 1 and max_batch_size ({self.max_batch_size})"
+            )
+        return self
+
 
 class ServingSection(Section):
     max_active_sequences: int = Field(32, ge=1)

@@ -220,3 +220,15 @@ def test_stage_run(tmp_path: Path, merged_dir: Path, sources: dict[str, Path], m
     rows = {row["kv_dtype"]: row for row in result.metrics["capacity"]["rows"]}
     assert rows["fp32"]["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 4
     assert (ctx.out_dir / "capacity.md").read_text().startswith("Capacity at context 256")
+
+
+def test_config_refuses_preferred_batch_size_over_max() -> None:
+    from toolkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"repository: .*preferred_batch_sizes \[8\] must be between 1 and "
+                                          r"max_batch_size \(4\)"):
+        parse_config({"repository": {"max_batch_size": 4, "preferred_batch_sizes": [2, 8]}})
+    # Left at its default, the preferred list follows the max batch size.
+    assert parse_config({"repository": {"max_batch_size": 6}}).repository.preferred_batch_sizes == [4]
+    small = {"repository": {"max_batch_size": 2}, "tensorrt": {"opt_batch_size": 1}}
+    assert parse_config(small).repository.preferred_batch_sizes == [2]

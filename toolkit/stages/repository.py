@@ -308,7 +308,7 @@ def _write_trt_models(
         if precision == "fp16":
             source = f"../{core_model_name(model_name, 'onnx_fp32')}/{version}/{ONNX_FILE}"
         elif inputs.qdq_onnx is not None:
-            source = str(inputs.qdq_onnx.resolve())
+            source = str(inputs.qdq_onnx.absolute())
         else:
             notes.append(f"{core_model_name(model_name, 'trt_int8')} left out: no Q/DQ ONNX to build an INT8 plan from")
             continue

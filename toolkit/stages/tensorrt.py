@@ -272,12 +272,12 @@ def run(ctx: StageContext) -> StageResult:
     scripts: list[Path] = []
     for precision, onnx in sources.items():
         script = write_build_script(ctx.out_dir / precision / BUILD_SCRIPT, build_script(
-            model=cfg.model.name, precision=precision, default_onnx=str(onnx.resolve()), plan=PLAN_FILE,
+            model=cfg.model.name, precision=precision, default_onnx=str(onnx.absolute()), plan=PLAN_FILE,
             timing_cache=f"../{TIMING_CACHE}", trtexec=cfg.tensorrt.trtexec, profile=profile,
             workspace_mib=cfg.tensorrt.workspace_mib))
         scripts.append(script)
         artifacts[f"build_plan_{precision}"] = f"{precision}/{BUILD_SCRIPT}"
-        cmd = trtexec_command(trtexec=cfg.tensorrt.trtexec, onnx=str(onnx.resolve()), plan=PLAN_FILE,
+        cmd = trtexec_command(trtexec=cfg.tensorrt.trtexec, onnx=str(onnx.absolute()), plan=PLAN_FILE,
                               timing_cache=f"../{TIMING_CACHE}", precision=precision, profile=profile,
                               workspace_mib=cfg.tensorrt.workspace_mib)
         metrics["commands"][precision] = shlex.join(cmd)
@@ -294,7 +294,7 @@ def run(ctx: StageContext) -> StageResult:
     built: dict[str, Any] = {}
     for precision, onnx in sources.items():
         plan_dir = ctx.out_dir / precision
-        cmd = trtexec_command(trtexec=trtexec_path, onnx=str(onnx.resolve()), plan=PLAN_FILE,
+        cmd = trtexec_command(trtexec=trtexec_path, onnx=str(onnx.absolute()), plan=PLAN_FILE,
                               timing_cache=f"../{TIMING_CACHE}", precision=precision, profile=profile,
                               workspace_mib=cfg.tensorrt.workspace_mib)
         built[precision] = build_plan(cmd, plan_dir, plan_dir / BUILD_SCRIPT, gpu)

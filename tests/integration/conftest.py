@@ -10,8 +10,6 @@ and cached in pytest's cache directory (minutes the first time), for tests that 
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,26 +17,16 @@ from pathlib import Path
 import pytest
 
 from toolkit.errors import ToolkitError
-from toolkit.manifest import TOKENIZER_DIR, ModelManifest
-from toolkit.serving import contract
+from toolkit.serving.devrepo import ServedRepository, write_serving_repository
 from toolkit.serving.triton_server import TritonServer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SMOLLM_TOKENIZER = FIXTURES / "smollm2_tokenizer"
-MODEL_PY = Path(__file__).resolve().parents[2] / "toolkit" / "serving" / "triton_model" / "model.py"
 TINY_MODEL = "tiny-chat"
 SMOLLM_MODEL = "smollm2-chat"
 TRITON_HTTP_PORT, TRITON_GRPC_PORT, TRITON_METRICS_PORT = 18000, 18001, 18002
 VOCAB = 49152
 IM_END = 2  # SmolLM2's <|im_end|>, the end-of-turn (eos) token
-
-
-@dataclass
-class ServedRepository:
-    path: Path
-    model: str
-    onnx: Path
-    manifest: ModelManifest
 
 
 @dataclass
@@ -70,78 +58,12 @@ def export_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     return out_dir / "onnx" / "model.onnx"
 
 
-def _generation_config_text(name: str, parameters: dict[str, str]) -> str:
-    """The generation model's config.pbtxt; the repository stage's builder when it is there."""
-    try:
-        from toolkit.triton_config import config_to_text, generation_model_config
-    except ImportError:  # built here from the same protobuf schema until the repository stage lands
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2 as pb
-
-        config = pb.ModelConfig(name=name, backend="python", max_batch_size=8)
-        inputs = [(contract.INPUT_IDS, pb.TYPE_INT64, [-1]), (contract.MAX_TOKENS, pb.TYPE_INT32, [1]),
-                  (contract.TEMPERATURE, pb.TYPE_FP32, [1]), (contract.TOP_P, pb.TYPE_FP32, [1]),
-                  (contract.TOP_K, pb.TYPE_INT32, [1]), (contract.SEED, pb.TYPE_INT64, [1]),
-                  (contract.REPETITION_PENALTY, pb.TYPE_FP32, [1]), (contract.STOP_TOKEN_IDS, pb.TYPE_INT64, [-1])]
-        for tensor_name, dtype, dims in inputs:
-            tensor = config.input.add(name=tensor_name, data_type=dtype, dims=dims)
-            tensor.optional = tensor_name != contract.INPUT_IDS
-            tensor.allow_ragged_batch = dims == [-1]
-        for tensor_name, dtype in [(contract.OUTPUT_IDS, pb.TYPE_INT64), (contract.FINISH_REASON, pb.TYPE_STRING),
-                                   (contract.PROMPT_TOKENS, pb.TYPE_INT32),
-                                   (contract.COMPLETION_TOKENS, pb.TYPE_INT32)]:
-            config.output.add(name=tensor_name, data_type=dtype, dims=[-1 if dtype == pb.TYPE_INT64 else 1])
-        config.model_transaction_policy.decoupled = True
-        config.dynamic_batching.preferred_batch_size.extend([4, 8])
-        config.dynamic_batching.max_queue_delay_microseconds = 2000
-        config.instance_group.add(count=1, kind=pb.ModelInstanceGroup.KIND_CPU)
-        for key, value in parameters.items():
-            config.parameters[key].string_value = value
-        return text_format.MessageToString(config)
-    return config_to_text(generation_model_config(
-        name, max_batch_size=8, preferred_batch_sizes=[4, 8], max_queue_delay_us=2000, instance_count=1,
-        parameters=parameters,
-    ))
-
-
-def write_generation_repository(
-    root: Path, name: str, onnx: Path, *, context_length: int, version: int = 1, max_active: int = 32,
-    max_new_tokens_limit: int = 512, tokenizer_dir: Path | None = SMOLLM_TOKENIZER,
-) -> ServedRepository:
-    """A minimal toolkit repository: ``<name>/<N>/`` (model.py, manifest, tokenizer) and
-    ``<name>_onnx_fp32/<N>/model.onnx`` (symlinked: the graph is not copied)."""
-    from toolkit.onnx_lm import OnnxCausalLM
-
-    lm = OnnxCausalLM(onnx)
-    core = f"{name}_onnx_fp32"
-    core_dir = root / core / str(version)
-    core_dir.mkdir(parents=True)
-    (core_dir / "model.onnx").symlink_to(onnx.resolve())
-    if (onnx.parent / "model.onnx_data").exists():
-        (core_dir / "model.onnx_data").symlink_to((onnx.parent / "model.onnx_data").resolve())
-    version_dir = root / name / str(version)
-    version_dir.mkdir(parents=True)
-    shutil.copy(MODEL_PY, version_dir / "model.py")
-    template = ""
-    if tokenizer_dir is not None:
-        shutil.copytree(tokenizer_dir, version_dir / TOKENIZER_DIR)
-        template_file = tokenizer_dir / "chat_template.jinja"
-        template = template_file.read_text() if template_file.is_file() else ""
-    manifest = ModelManifest(
-        model_name=name, version=version, base_model="test", adapter_sha256=None, toolkit_version="test",
-        built_at="2026-01-01T00:00:00Z", context_length=context_length, vocab_size=lm.vocab_size,
-        num_layers=lm.num_layers, num_kv_heads=lm.num_kv_heads, head_dim=lm.head_dim, bos_token_id=1,
-        eos_token_ids=[IM_END], stop_token_ids=[IM_END], pad_token_id=IM_END, chat_template=template,
-        chat_template_sha256="", serving_core_model=core, precisions=["onnx_fp32"],
-    )
-    manifest.save(version_dir)
-    parameters = {
-        contract.PARAM_CORE_MODEL: core, contract.PARAM_RUNNER: "onnxruntime",
-        contract.PARAM_MAX_ACTIVE: str(max_active), contract.PARAM_MAX_QUEUE: "64",
-        contract.PARAM_MAX_NEW_TOKENS: str(max_new_tokens_limit), contract.PARAM_CONTEXT: str(context_length),
-    }
-    (root / name / "config.pbtxt").write_text(_generation_config_text(name, parameters))
-    return ServedRepository(root, name, onnx, manifest)
+def write_generation_repository(root: Path, name: str, onnx: Path, *, context_length: int,
+                                max_new_tokens_limit: int, max_active: int = 32) -> ServedRepository:
+    """A toolkit repository serving `onnx` with SmolLM2's tokenizer and stop id."""
+    return write_serving_repository(root, name, onnx, context_length=context_length, max_active=max_active,
+                                    max_new_tokens_limit=max_new_tokens_limit, tokenizer_dir=SMOLLM_TOKENIZER,
+                                    stop_token_ids=[IM_END], pad_token_id=IM_END)
 
 
 @pytest.fixture(scope="session")
@@ -196,6 +118,3 @@ def triton_server(tiny_repository: ServedRepository, tmp_path_factory: pytest.Te
     finally:
         server.stop()
 
-
-def manifest_json(repo: ServedRepository) -> dict[str, object]:
-    return json.loads((repo.path / repo.model / "1" / "manifest.json").read_text())

@@ -181,3 +181,17 @@ def _wait(predicate, timeout_s: float = 10.0) -> None:  # type: ignore[no-untype
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for the scheduler")
         time.sleep(0.005)
+
+
+def test_prefill_is_bounded_and_chunked_by_length_without_changing_tokens() -> None:
+    runner = FakeRunner()
+    scheduler = Scheduler(runner, max_active=8, max_prefill_tokens=10)
+    streams = [RecordingStream() for _ in PROMPTS]
+    for prompt, stream in zip(PROMPTS, streams, strict=True):
+        scheduler.submit(_request(prompt, max_tokens=6), stream)
+    _drain(scheduler, streams)
+    for prompt, stream in zip(PROMPTS, streams, strict=True):
+        assert stream.tokens == reference_greedy(runner, prompt, 6, set())
+    prefill_shapes = [(b, s) for b, s in runner.calls if s > 1]
+    assert all(b * s <= 10 or b == 1 for b, s in prefill_shapes), prefill_shapes
+    assert scheduler.stats.prefills > 1

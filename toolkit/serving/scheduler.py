@@ -66,7 +66,7 @@ class Scheduler:
         *,
         max_active: int = 32,
         max_queue: int = 256,
-        max_prefill_tokens: int = 2048,
+        max_prefill_tokens: int = 1024,
         pad_id: int = 0,
         metrics: NullMetrics | None = None,
     ):
@@ -174,7 +174,7 @@ class Scheduler:
 
     def _admit(self) -> list[_Sequence]:
         admitted: list[_Sequence] = []
-        longest = 0
+        budget = self.max_prefill_tokens
         with self._cond:
             while self._queue and len(self._active) + len(admitted) < self.max_active:
                 seq = self._queue[0]
@@ -182,16 +182,30 @@ class Scheduler:
                     self._queue.popleft()
                     self._finish(seq, contract.FINISH_CANCELLED)
                     continue
-                # Bound the padded prefill (its logits are [n, longest, vocab]); one request always fits.
-                width = max(longest, len(seq.request.prompt_ids))
-                if admitted and width * (len(admitted) + 1) > self.max_prefill_tokens:
+                # Bound the prompt tokens prefilled per step, so running sequences keep streaming while a
+                # burst of arrivals is admitted over a few steps; one request always fits.
+                length = len(seq.request.prompt_ids)
+                if admitted and length > budget:
                     break
-                longest = width
+                budget -= length
                 admitted.append(self._queue.popleft())
             self.metrics.queue_depth(len(self._queue))
         return admitted
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
+        """Prefill in left-padded chunks of similar lengths, so padding costs little compute."""
+        ordered = sorted(admitted, key=lambda s: len(s.request.prompt_ids))
+        chunk: list[_Sequence] = []
+        for seq in ordered:
+            longest = len(seq.request.prompt_ids)  # ascending, so the newcomer is the longest
+            if chunk and longest * (len(chunk) + 1) > max(self.max_prefill_tokens, longest):
+                self._prefill_chunk(chunk)
+                chunk = []
+            chunk.append(seq)
+        if chunk:
+            self._prefill_chunk(chunk)
+
+    def _prefill_chunk(self, admitted: list[_Sequence]) -> None:
         prompts = [s.request.prompt_ids for s in admitted]
         ids, mask, positions = left_pad(prompts, self.pad_id)
         try:

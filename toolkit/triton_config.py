@@ -21,6 +21,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from toolkit.errors import ConfigError, StageError
 from toolkit.serving import contract as c
+from toolkit.workspace import atomic_write_text
 
 CONFIG_FILE = "config.pbtxt"
 InstanceKind = Literal["KIND_AUTO", "KIND_CPU", "KIND_GPU"]
@@ -236,10 +237,9 @@ def config_to_text(config: pb.ModelConfig) -> str:
 
 
 def write_config(model_dir: Path, config: pb.ModelConfig) -> Path:
-    """Write ``<model_dir>/config.pbtxt``; return its path."""
-    model_dir.mkdir(parents=True, exist_ok=True)
+    """Write ``<model_dir>/config.pbtxt`` (temp file + rename, so Triton never reads half a file)."""
     path = model_dir / CONFIG_FILE
-    path.write_text(config_to_text(config), encoding="utf-8")
+    atomic_write_text(path, config_to_text(config))
     return path
 
 

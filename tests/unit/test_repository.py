@@ -152,6 +152,23 @@ def test_failure_mid_write_leaves_no_half_version(
     assert _write(out, merged_dir, sources).version == 2
 
 
+def test_failed_first_build_leaves_nothing(
+    tmp_path: Path, merged_dir: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "README.md").write_text("keep me")
+
+    def boom(*_: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(r, "_copy_tokenizer", boom)
+    inputs = r.TrtInputs(section=TensorRTSection(max_input_len=100), max_batch_size=8, context_length=256)
+    with pytest.raises(OSError, match="disk full"):
+        _write(out, merged_dir, sources, onnx_int8=sources["int8"], trt_inputs=inputs)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"]
+
+
 def test_missing_generation_model_source_is_a_clear_error(tmp_path: Path, merged_dir: Path,
                                                            sources: dict[str, Path]) -> None:
     with pytest.raises(StageError, match="triton_model/model.py"):

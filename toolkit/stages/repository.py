@@ -47,7 +47,7 @@ from toolkit.triton_config import (
     tensorrt_core_config,
     write_config,
 )
-from toolkit.workspace import atomic_write_text, sha256_file, sha256_text
+from toolkit.workspace import sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +144,16 @@ class _VersionWriter:
             tmp.rename(final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                model_dir.rmdir()  # only if this build created it and left nothing in it
             raise
         self.done.append(final)
 
     def rollback(self) -> None:
         for path in reversed(self.done):
             shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # a model this build created: nothing else is in it
         self.done.clear()
 
 
@@ -234,6 +238,7 @@ def write_repository(
     core = core_model_name(model_name, serving_precision)
     writer = _VersionWriter(version)
     configs: list[tuple[Path, Any]] = []
+    scripts: list[tuple[Path, str]] = []
     artifacts: dict[str, ArtifactRef] = {}
     try:
         for precision, src in (("onnx_fp32", onnx_fp32), ("onnx_int8", onnx_int8)):
@@ -246,7 +251,7 @@ def write_repository(
             configs.append((model_dir, onnx_core_config(model_dir.name, lm, **batching)))
         if trt_inputs is not None:
             notes += _write_trt_models(output, model_name, version, lm, trt_inputs, batching, writer, configs,
-                                       artifacts, precisions)
+                                       scripts, artifacts, precisions)
         params = {
             contract.PARAM_CORE_MODEL: core,
             contract.PARAM_RUNNER: repo.runner,
@@ -276,10 +281,12 @@ def write_repository(
                 artifacts=artifacts, precisions=precisions,
             )
             manifest.save(tmp)
-        # Configs last: config.pbtxt applies to every version of a model, so it changes only once
-        # every new version directory is in place.
+        # Configs and plan scripts last: they apply to every version of a model (a script builds
+        # version N), so they change only once every new version directory is in place.
         for model_dir, config in configs:
-            write_config_atomic(model_dir, config)
+            write_config(model_dir, config)
+        for script_path, text in scripts:
+            trt.write_build_script(script_path, text)
     except BaseException:
         writer.rollback()
         raise
@@ -288,18 +295,10 @@ def write_repository(
                            model_dirs=[d for d, _ in configs], manifest=manifest, notes=notes, pruned=pruned)
 
 
-def write_config_atomic(model_dir: Path, config: Any) -> Path:
-    """write_config, through a temp file and a rename."""
-    with tempfile.TemporaryDirectory(dir=model_dir) as tmp:
-        text = write_config(Path(tmp), config).read_text(encoding="utf-8")
-    path = model_dir / "config.pbtxt"
-    atomic_write_text(path, text)
-    return path
-
-
 def _write_trt_models(
     output: Path, model_name: str, version: int, lm: LMInfo, inputs: TrtInputs, batching: dict[str, Any],
-    writer: _VersionWriter, configs: list[tuple[Path, Any]], artifacts: dict[str, ArtifactRef], precisions: list[str],
+    writer: _VersionWriter, configs: list[tuple[Path, Any]], scripts: list[tuple[Path, str]],
+    artifacts: dict[str, ArtifactRef], precisions: list[str],
 ) -> list[str]:
     notes: list[str] = []
     profile = trt.kv_cache_profile(lm, max_batch=inputs.max_batch_size, opt_batch=inputs.section.opt_batch_size,
@@ -313,7 +312,6 @@ def _write_trt_models(
             notes.append(f"{core_model_name(model_name, 'trt_int8')} left out: no Q/DQ ONNX to build an INT8 plan from")
             continue
         model_dir = output / core_model_name(model_name, f"trt_{precision}")
-        model_dir.mkdir(parents=True, exist_ok=True)
         script = trt.build_script(model=model_name, precision=precision, default_onnx=source,
                                   plan=f"{version}/{trt.PLAN_FILE}", timing_cache=trt.TIMING_CACHE,
                                   trtexec=inputs.section.trtexec, profile=profile,
@@ -327,7 +325,7 @@ def _write_trt_models(
             precisions.append(f"trt_{precision}")
         else:
             notes.append(f"{model_dir.name}: no plan built here; run {model_dir / trt.BUILD_SCRIPT} on a TensorRT host")
-        trt.write_build_script(model_dir / trt.BUILD_SCRIPT, script)
+        scripts.append((model_dir / trt.BUILD_SCRIPT, script))
         configs.append((model_dir, tensorrt_core_config(model_dir.name, lm, **batching)))
     return notes
 

@@ -52,8 +52,12 @@ class IncrementalDetokenizer:
         return self._advance(final=False)
 
     def flush(self) -> str:
-        """At the end of the sequence: whatever is still held back (an incomplete character included)."""
-        return self._advance(final=True)
+        """At the end of the sequence: whatever is still held back.
+
+        A character whose bytes were cut off (max_tokens ended the reply in the middle of a Chinese
+        character or an emoji) decodes to U+FFFD; it is dropped rather than sent broken.
+        """
+        return self._advance(final=True).rstrip(REPLACEMENT_CHAR)
 
     def _advance(self, final: bool) -> str:
         if self._read_offset >= len(self._tokens):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.detokenize import IncrementalDetokenizer
+from gateway.detokenize import REPLACEMENT_CHAR, IncrementalDetokenizer
 from gateway.errors import BadRequestError, GatewayError
 
 if TYPE_CHECKING:
@@ -80,10 +80,14 @@ class ChatTokenizer:
         return self.encode(self.render_text(messages, add_generation_prompt))
 
     def decode(self, ids: Sequence[int]) -> str:
-        """One-shot decode of generated ids, without the cleanup that would change spacing."""
+        """One-shot decode of generated ids: the text a stream of them concatenates to.
+
+        No cleanup that would change spacing; an incomplete character at the end (a reply cut by
+        max_tokens) is dropped, as the incremental detokenizer drops it.
+        """
         text = self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
         assert isinstance(text, str)
-        return text
+        return text.rstrip(REPLACEMENT_CHAR)
 
     def detokenizer(self, prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
         """A fresh incremental detokenizer for one generated sequence after `prompt_ids`."""

@@ -20,21 +20,23 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
-from conftest import RunningTriton
+from conftest import RunningTriton, ServedRepository
 
 from gateway.tokenization import ChatTokenizer
 from toolkit.serving.client import GenerationClient
+from toolkit.serving.triton_server import TritonServer
 
 pytestmark = pytest.mark.integration
 
 KEY = "integration-key-0123456789"
 ADMIN_KEY = "integration-admin-0123456789"
-GATEWAY_PORT, DOWN_GATEWAY_PORT, DEAD_TRITON_PORT = 18100, 18101, 18199
-MESSAGES = [{"role": "user", "content": "用中文和表情回答 😀: what is the capital of France?"}]
+GATEWAY_PORT, DOWN_GATEWAY_PORT, SMOLLM_GATEWAY_PORT, DEAD_TRITON_PORT = 18100, 18101, 18102, 18199
+MESSAGES: list[Any] = [{"role": "user", "content": "用中文和表情回答 😀: what is the capital of France?"}]
 TIMEOUT_S = 60.0
 
 
@@ -248,7 +250,9 @@ def test_disconnect_mid_stream_frees_the_triton_slot(gateway: Gateway, triton_se
         before, "toolkit_requests_total", finish_reason="cancelled"
     )
     assert cancelled == 1
-    completion = metric_sum(after, "toolkit_generated_tokens_total") - metric_sum(before, "toolkit_generated_tokens_total")
+    completion = metric_sum(after, "toolkit_generated_tokens_total") - metric_sum(
+        before, "toolkit_generated_tokens_total"
+    )
     assert completion < 900
 
 
@@ -325,3 +329,44 @@ def test_triton_down_is_503_then_rate_limit_429(triton_server: RunningTriton, tm
 def test_bad_settings_stop_the_start_up(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="GATEWAY_REPOSITORY|is not a directory"):
         start_gateway(DOWN_GATEWAY_PORT, {"GATEWAY_REPOSITORY": str(tmp_path / "missing")}, tmp_path / "g.log")
+
+
+@pytest.fixture(scope="module")
+def smollm_stack(smollm_repository: ServedRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """SmolLM2-135M-Instruct in its own Triton (18110-18112) behind a gateway on 18102: real text."""
+    logs = tmp_path_factory.mktemp("smollm-stack")
+    server = TritonServer(smollm_repository.path, models=[smollm_repository.model], http_port=18110,
+                          grpc_port=18111, metrics_port=18112, log_path=logs / "tritonserver.log")  # fmt: skip
+    server.start(ready_timeout_s=300)
+    try:
+        env = {"GATEWAY_TRITON_URLS": server.grpc_url, "GATEWAY_REPOSITORY": str(smollm_repository.path)}
+        running = start_gateway(SMOLLM_GATEWAY_PORT, env, logs / "gateway.log")
+        try:
+            yield running
+        finally:
+            stop_gateway(running)
+    finally:
+        server.stop()
+
+
+def test_smollm_streams_a_correct_answer(smollm_stack: Gateway) -> None:
+    client = openai.OpenAI(base_url=f"{smollm_stack.url}/v1", api_key="unused", timeout=120, max_retries=0)
+    model = next(m.id for m in client.models.list().data if m.model_dump()["default"])
+
+    def ask(content: str, max_tokens: int) -> tuple[list[str], str, str | None]:
+        messages: list = [{"role": "user", "content": content}]
+        stream = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True
+        )
+        deltas = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        whole = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+        return deltas, whole.choices[0].message.content or "", whole.choices[0].finish_reason
+
+    deltas, whole, finish = ask("What is the capital of France?", 24)
+    assert "Paris" in "".join(deltas), deltas
+    assert "".join(deltas) == whole and finish == "stop"
+    # Chinese, cut by max_tokens: every delta is whole characters, and the stream equals the whole reply.
+    deltas, whole, finish = ask("请用中文介绍一下巴黎。", 20)
+    assert "".join(deltas) == whole and finish == "length"
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in whole)
+    assert all("\ufffd" not in d for d in deltas)

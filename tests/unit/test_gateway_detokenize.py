@@ -59,6 +59,14 @@ def test_spaces_between_words_are_kept(tok: ChatTokenizer) -> None:
     assert " quick" in parts
 
 
+def test_character_cut_by_the_length_limit_is_dropped_not_sent_broken(tok: ChatTokenizer) -> None:
+    ids = tok.encode("好😀")
+    cut = ids[:-1]  # the emoji's last byte never arrives
+    assert tok.tokenizer.decode(cut).endswith("\ufffd")
+    parts = stream(tok, cut)
+    assert "".join(parts) == "好" and all("\ufffd" not in p for p in parts)
+
+
 def test_special_tokens_are_not_in_the_text(tok: ChatTokenizer) -> None:
     ids = [*tok.encode("Hi there"), 2]  # <|im_end|>
     assert "".join(stream(tok, ids)) == "Hi there"
@@ -71,19 +79,30 @@ TEXT = st.text(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=TEXT, chunk=st.integers(min_value=1, max_value=4), prompt=st.booleans())
-def test_property_stream_equals_one_shot_decode(tok: ChatTokenizer, text: str, chunk: int, prompt: bool) -> None:
+@given(text=TEXT, chunk=st.integers(min_value=1, max_value=4), prompt=st.booleans(), cut=st.integers(0, 64))
+def test_property_stream_equals_one_shot_decode(
+    tok: ChatTokenizer, text: str, chunk: int, prompt: bool, cut: int
+) -> None:
     ids = tok.encode(text)
-    parts = stream(tok, ids, chunk=chunk, prompt=prompt)
-    assert "".join(parts) == tok.decode(ids)
+    assert "".join(stream(tok, ids, chunk=chunk, prompt=prompt)) == one_shot(tok, ids) == text
+    # A reply cut by max_tokens anywhere, even inside a character: still the one-shot decode, never broken.
+    parts = stream(tok, ids[:cut], chunk=chunk, prompt=prompt)
+    assert "".join(parts) == one_shot(tok, ids[:cut])
     assert all("\ufffd" not in part for part in parts)
+
+
+def one_shot(tok: ChatTokenizer, ids: list[int]) -> str:
+    """transformers' own decode; an incomplete character at the very end is the one thing the stream drops."""
+    text = tok.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert isinstance(text, str)
+    return text.rstrip("\ufffd")
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=st.lists(st.integers(min_value=17, max_value=49151), max_size=24))
 def test_property_any_token_ids_stream_equals_one_shot_decode(tok: ChatTokenizer, ids: list[int]) -> None:
     # Arbitrary ids may form invalid UTF-8: whatever the one-shot decode shows, the stream shows too.
-    assert "".join(stream(tok, ids, prompt=False)) == tok.decode(ids)
+    assert "".join(stream(tok, ids, prompt=False)) == one_shot(tok, ids)
 
 
 class TwoCharTokenizer:

@@ -43,7 +43,7 @@ def test_openai_request_with_every_supported_field() -> None:
 
 
 def test_defaults_leave_temperature_to_the_server_default() -> None:
-    request = ChatCompletionRequest(messages=MESSAGES)  # type: ignore[arg-type]
+    request = ChatCompletionRequest.model_validate({"messages": MESSAGES})
     inputs = request.to_generation_inputs([1], 5, default_temperature=1.0, stop_token_ids=[])
     assert (inputs.temperature, inputs.top_p, inputs.top_k, inputs.seed) == (1.0, 1.0, 0, None)
     assert "seed" not in {t.name() for t in inputs.to_infer_inputs()}

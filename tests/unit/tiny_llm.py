@@ -64,6 +64,7 @@ def make_model(vocab_size: int, seed: int = 0):  # type: ignore[no-untyped-def]
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+        initializer_range=0.2,  # large enough embeddings that a frozen tied head can express confidence
     )
     return LlamaForCausalLM(config).eval()
 

@@ -1,0 +1,211 @@
+"""LoRA fine-tuning on a tiny Llama: the assistant-only loss mask, learning, determinism, the stage."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_llm import make_model, make_tokenizer, save_tiny_model
+
+from toolkit.config import BuildConfig, LoraSection, TrainSection
+from toolkit.data import Example, write_jsonl
+from toolkit.errors import StageError
+from toolkit.finetune import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    build_example,
+    eval_loss,
+    total_steps,
+    train_lora,
+)
+from toolkit.modeling import load_tokenizer, render_prompt_ids
+from toolkit.pipeline import StageContext, StageRecord
+from toolkit.stages import finetune as finetune_stage
+
+FAST_LORA = LoraSection(rank=4, alpha=8, dropout=0.0)
+
+
+def _labelled_text(tok, example: TokenizedExample) -> list[str]:  # type: ignore[no-untyped-def]
+    """The labelled tokens, decoded run by run (each run is one assistant reply)."""
+    runs: list[list[int]] = []
+    previous = False
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        on = label != IGNORE_INDEX
+        if on:
+            assert label == token
+            if not previous:
+                runs.append([])
+            runs[-1].append(token)
+        previous = on
+    return [tok.decode(run) for run in runs]
+
+
+@pytest.fixture(scope="module")
+def tok():  # type: ignore[no-untyped-def]
+    return make_tokenizer()
+
+
+def _qa(question: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def test_only_assistant_reply_and_end_of_turn_are_labelled(tok) -> None:  # type: ignore[no-untyped-def]
+    messages = [{"role": "system", "content": "Be brief."}] + _qa("Hours?", "Open 9am to 6pm.")
+    example = build_example(tok, messages, max_seq_len=512)
+    assert example is not None
+    assert _labelled_text(tok, example) == ["Open 9am to 6pm.<|im_end|>"]
+    # The unlabelled prefix is exactly the prompt serving renders, so training and serving agree.
+    prompt = render_prompt_ids(tok, messages[:-1])
+    assert example.input_ids[: len(prompt)] == prompt
+    assert all(label == IGNORE_INDEX for label in example.labels[: len(prompt)])
+
+
+def test_every_assistant_turn_is_labelled_in_a_multi_turn_chat(tok) -> None:  # type: ignore[no-untyped-def]
+    messages = _qa("Hi", "Hello! How can I help?") + _qa("退货期限?", "三十天。")
+    example = build_example(tok, messages, max_seq_len=512)
+    assert example is not None
+    assert _labelled_text(tok, example) == ["Hello! How can I help?<|im_end|>", "三十天。<|im_end|>"]
+
+
+def test_cut_short_reply_does_not_teach_stopping(tok) -> None:  # type: ignore[no-untyped-def]
+    example = build_example(tok, _qa("Tips?", "First, sleep"), max_seq_len=512, train_eos=False)
+    assert example is not None
+    assert _labelled_text(tok, example) == ["First, sleep"]
+
+
+def test_truncation_that_removes_every_reply_token_drops_the_example(tok) -> None:  # type: ignore[no-untyped-def]
+    messages = _qa("A long question " * 20, "Short answer.")
+    assert build_example(tok, messages, max_seq_len=16) is None
+    kept = build_example(tok, messages, max_seq_len=4096)
+    assert kept is not None and len(kept.input_ids) > 16
+
+
+def test_steps_from_epochs() -> None:
+    assert total_steps(TrainSection(max_steps=None, epochs=2.0, batch_size=4, grad_accum=2), 20) == 5
+    assert total_steps(TrainSection(max_steps=7), 1000) == 7
+
+
+def _examples(tok, n: int = 16) -> list[TokenizedExample]:  # type: ignore[no-untyped-def]
+    facts = ["two-year warranty", "open 9am to 6pm", "Paris", "三十天"]
+    out = []
+    for i in range(n):
+        ex = build_example(tok, _qa(f"Question {i}?", f"Answer: {facts[i % len(facts)]}."), 256)
+        assert ex is not None
+        out.append(ex)
+    return out
+
+
+def _train(tok, seed: int, steps: int = 12, scheduler: str = "cosine", lr: float = 5e-3):  # type: ignore[no-untyped-def]
+    train = TrainSection(max_steps=steps, batch_size=4, grad_accum=2, learning_rate=lr, warmup_steps=2,
+                         eval_every=5, seed=seed, lr_scheduler=scheduler)  # type: ignore[arg-type]
+    model = make_model(len(tok))
+    return train_lora(model, tok, _examples(tok), _examples(tok, 4), FAST_LORA, train, progress=False)
+
+
+def test_training_reduces_loss(tok) -> None:  # type: ignore[no-untyped-def]
+    data = _examples(tok)
+    before = eval_loss(make_model(len(tok)), data, pad_id=2, batch_size=8)
+    model, log = _train(tok, seed=1, steps=15, lr=3e-2)
+    after = eval_loss(model, data, pad_id=2, batch_size=8)
+    assert before is not None and after is not None
+    assert after < before * 0.7
+    assert log.rows[-1]["train_loss"] < log.rows[0]["train_loss"]
+    assert [r["step"] for r in log.rows if r.get("val_loss") is not None] == [5, 10, 15]
+
+
+def _lora_state(model) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def test_same_seed_gives_identical_adapters(tok) -> None:  # type: ignore[no-untyped-def]
+    first, log_a = _train(tok, seed=3, steps=4)
+    second, log_b = _train(tok, seed=3, steps=4)
+    other, _ = _train(tok, seed=4, steps=4)
+    a, b, c = _lora_state(first), _lora_state(second), _lora_state(other)
+    assert a and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["train_loss"] for r in log_a.rows] == [r["train_loss"] for r in log_b.rows]
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "constant"])
+def test_schedules_warm_up_then_follow_their_shape(tok, scheduler: str) -> None:  # type: ignore[no-untyped-def]
+    _, log = _train(tok, seed=1, steps=6, scheduler=scheduler)
+    lrs = [r["lr"] for r in log.rows]
+    assert lrs[0] < lrs[1]  # warmup
+    if scheduler == "constant":
+        assert lrs[2:] == [5e-3] * 4
+    else:
+        assert lrs[-1] < lrs[2]
+
+
+def test_no_training_examples_is_a_clear_error(tok) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(StageError, match="no training examples"):
+        train_lora(make_model(len(tok)), tok, [], [], FAST_LORA, TrainSection(max_steps=1), progress=False)
+
+
+def _data_record(tmp_path: Path) -> StageRecord:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    rows = [Example(messages=_qa(f"Warranty {i}?", "Two years."), facts=["Two years"], source=f"x:{i}")
+            for i in range(8)]
+    for split in ("train", "val", "test"):
+        write_jsonl(data_dir / f"{split}.jsonl", rows[:4] if split != "train" else rows)
+    artifacts = {s: f"{s}.jsonl" for s in ("train", "val", "test")}
+    return StageRecord("data", data_dir, "k", "d", {}, artifacts, {})
+
+
+def test_stage_saves_adapter_template_and_loss_curve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = save_tiny_model(tmp_path / "base" / "model")
+    monkeypatch.setattr(finetune_stage, "load_control_prompts", lambda: ["What is the capital of France?"] * 3)
+    config = BuildConfig.model_validate({
+        "workspace": str(tmp_path),
+        "lora": {"rank": 4, "alpha": 8},
+        "train": {"max_steps": 3, "batch_size": 4, "eval_every": 2, "control_examples": 2},
+    })
+    inputs = {
+        "base_model": StageRecord("base_model", base.parent, "k", "d", {}, {"model": "model"}, {}),
+        "data": _data_record(tmp_path),
+    }
+    out = tmp_path / "out"
+    out.mkdir()
+    result = finetune_stage.run(StageContext(config=config, out_dir=out, inputs=inputs, workspace=tmp_path))
+
+    adapter = out / result.artifacts["adapter"]
+    template = (adapter / "chat_template.jinja").read_text()
+    assert template == load_tokenizer(base).chat_template
+    assert result.metrics["chat_template_sha256"] == finetune_stage.sha256_text(template)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # it trained
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    rows = list(csv.DictReader((out / "loss.csv").open()))
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and rows[1]["val_loss"] and not rows[0]["val_loss"]
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    control = [json.loads(line) for line in (out / "control.jsonl").read_text().splitlines()]
+    # A random model may answer with nothing (empty replies are dropped), never with more than asked.
+    assert len(control) == result.metrics["control_examples"] <= 2
+    assert result.metrics["train_examples"] == 8 + len(control) and result.metrics["steps"] == 3
+
+
+def test_self_distill_keeps_finished_and_cut_replies_and_drops_empty_ones(
+    tok, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    cap = finetune_stage.CONTROL_MAX_NEW_TOKENS
+    paris = tok("Paris is the capital of France.").input_ids
+    long_reply = (tok(" two-year warranty").input_ids * cap)[:cap]
+    seen: list[list[int]] = []
+
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size):  # type: ignore[no-untyped-def]
+        seen.extend(prompts)
+        return [paris, long_reply, []]
+
+    monkeypatch.setattr(finetune_stage, "greedy_generate", fake_generate)
+    prompts = ["What is the capital of France?", "Tell me about warranties.", "Say nothing.", "Unused."]
+    control = finetune_stage.self_distill(None, tok, prompts, count=3)
+    assert seen[0] == render_prompt_ids(tok, [{"role": "user", "content": prompts[0]}])
+    assert [c.finished for c in control] == [True, False]
+    assert control[0].messages[-1] == {"role": "assistant", "content": "Paris is the capital of France."}

@@ -1,0 +1,290 @@
+"""LoRA fine-tuning: assistant-only labels, a plain seeded torch loop, loss curve output.
+
+A plain loop rather than ``transformers.Trainer``: the whole job is ~60 small CPU steps, and the
+loop keeps every piece the build promises visible in one place (the label mask, a deterministic
+data order, token-weighted gradient accumulation, eval on a fixed schedule) without Trainer's
+accelerate/dataloader machinery, which adds start-up time and nondeterminism knobs to pin down.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toolkit.config import LoraSection, TrainSection
+from toolkit.data import Example as DataExample
+from toolkit.data import read_jsonl
+from toolkit.errors import StageError
+from toolkit.modeling import Messages, encode_text, pad_token_id, render_text
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from toolkit.pipeline import StageRecord
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def read_split(record: StageRecord, split: str) -> list[DataExample]:
+    """Examples of one split ("train", "val", "test") written by the data stage."""
+    rel = record.artifacts.get(split) or f"{split}.jsonl"
+    path = record.dir / rel
+    if not path.is_file():
+        raise StageError(f"the data stage left no {split} split at {path}; rerun with --force --stages data")
+    return read_jsonl(path)
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One tokenized conversation; labels are IGNORE_INDEX everywhere but assistant tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant reply within it.
+
+    A reply's span runs from the end of the prompt rendered up to it (with the generation prompt)
+    to the end of the conversation rendered through it, so it covers the reply and the template's
+    end-of-turn token: exactly what the model must generate when served the same prompt.
+    """
+    full = render_text(tokenizer, messages, add_generation_prompt=False)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_text(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = render_text(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not full.startswith(through) or not through.startswith(before):
+            raise StageError("the chat template does not render conversations incrementally; "
+                             "cannot locate assistant replies for the loss mask")
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def build_example(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, max_seq_len: int, *, train_eos: bool = True
+) -> TokenizedExample | None:
+    """Tokenize a conversation with labels on assistant tokens only; None if no assistant token survives.
+
+    Tokens after the end-of-turn token inside a span (ChatML's trailing newline) are not trained on:
+    serving stops at the end-of-turn token and never generates them. `train_eos=False` also leaves
+    out the end-of-turn token itself, for replies that were cut short and must not teach stopping.
+    """
+    full, spans = assistant_char_spans(tokenizer, messages)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    offsets: list[tuple[int, int]] = list(enc["offset_mapping"])
+    if ids != encode_text(tokenizer, full):
+        raise StageError("tokenizer offsets disagree with its encoding; use a fast tokenizer")
+    labels = [IGNORE_INDEX] * len(ids)
+    eos = tokenizer.eos_token_id
+    for start, end in spans:
+        inside = [i for i, (a, _b) in enumerate(offsets) if start <= a < end]
+        if eos is not None and any(ids[i] == eos for i in inside):
+            last_eos = max(j for j, i in enumerate(inside) if ids[i] == eos)
+            inside = inside[: last_eos + (1 if train_eos else 0)]
+        for i in inside:
+            labels[i] = ids[i]
+    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return TokenizedExample(ids, labels)
+
+
+def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch for training; padding is masked out of attention and loss."""
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        ids[i, :n] = torch.tensor(ex.input_ids)
+        labels[i, :n] = torch.tensor(ex.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labelled tokens, and how many there were.
+
+    The output head runs only at positions that predict a label: with a 49k vocabulary it is a
+    large share of a small model's compute, and most positions (system/user/template) have none.
+    """
+    import torch.nn.functional as F  # noqa: N812 - the conventional alias
+
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = core.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = core.get_output_embeddings()(hidden[:, :-1, :][keep]).float()
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+def eval_loss(model: Any, examples: Sequence[TokenizedExample], pad_id: int, batch_size: int) -> float | None:
+    """Mean per-token loss on `examples` (no dropout, no gradients)."""
+    import torch
+
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(examples), batch_size):
+            loss, n = summed_loss(model, collate(examples[start: start + batch_size], pad_id))
+            total, tokens = total + float(loss), tokens + n
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+def batch_stream(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless example-index batches: a fresh seeded permutation per epoch, the same on every run."""
+    import torch
+
+    epoch = 0
+    while True:
+        gen = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(n_examples, generator=gen).tolist()
+        for start in range(0, n_examples, batch_size):
+            yield order[start: start + batch_size]
+        epoch += 1
+
+
+def total_steps(train: TrainSection, n_examples: int) -> int:
+    """Optimizer steps: max_steps when set, else enough for `epochs` passes over the data."""
+    if train.max_steps is not None:
+        return train.max_steps
+    per_step = train.batch_size * train.grad_accum
+    return max(1, math.ceil(train.epochs * n_examples / per_step))
+
+
+def make_scheduler(optimizer: Any, train: TrainSection, steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if train.lr_scheduler == "constant" else train.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=min(train.warmup_steps, steps),
+                         num_training_steps=steps)
+
+
+def lora_model(model: Any, lora: LoraSection) -> Any:
+    """Wrap `model` with fresh LoRA adapters (initialised from torch's seeded RNG)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets: str | list[str] = lora.target_modules
+    config = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        bias="none", task_type=TaskType.CAUSAL_LM,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise StageError(f"lora.target_modules: {err}") from err
+
+
+@dataclass
+class TrainLog:
+    """The loss curve: one row per optimizer step, val loss where it was measured."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, **row: Any) -> None:
+        self.rows.append(row)
+
+    def write_csv(self, path: Path) -> None:
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["step", "train_loss", "val_loss", "lr", "elapsed_s"])
+            writer.writeheader()
+            for row in self.rows:
+                writer.writerow({k: row.get(k, "") for k in writer.fieldnames})
+
+    def write_png(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on CI machines
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot([r["step"] for r in self.rows], [r["train_loss"] for r in self.rows], label="train")
+        val = [(r["step"], r["val_loss"]) for r in self.rows if r.get("val_loss") not in (None, "")]
+        if val:
+            ax.plot(*zip(*val, strict=True), marker="o", label="val")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (assistant tokens)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+def train_lora(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    train_examples: Sequence[TokenizedExample],
+    val_examples: Sequence[TokenizedExample],
+    lora: LoraSection,
+    train: TrainSection,
+    *,
+    progress: bool = True,
+) -> tuple[Any, TrainLog]:
+    """Fine-tune `model` with LoRA; return the PEFT model and its loss log.
+
+    Deterministic for a given seed: adapters are initialised and the data order drawn from
+    seeded generators, and every optimizer step sees the same micro-batches.
+    """
+    import torch
+    from tqdm import tqdm
+
+    if not train_examples:
+        raise StageError("no training examples with assistant tokens; check the dataset and data.max_seq_len")
+    torch.manual_seed(train.seed)
+    peft_model = lora_model(model, lora)
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    steps = total_steps(train, len(train_examples))
+    scheduler = make_scheduler(optimizer, train, steps)
+    pad = pad_token_id(tokenizer)
+    stream = batch_stream(len(train_examples), train.batch_size, train.seed)
+    log_ = TrainLog()
+    started = time.perf_counter()
+    bar = tqdm(range(1, steps + 1), desc="finetune", unit="step", disable=not progress)
+    for step in bar:
+        window = [collate([train_examples[i] for i in next(stream)], pad) for _ in range(train.grad_accum)]
+        window_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+        step_loss = 0.0
+        for batch in window:
+            loss, _ = summed_loss(peft_model, batch)
+            (loss / max(window_tokens, 1)).backward()
+            step_loss += float(loss.detach())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        row: dict[str, Any] = {
+            "step": step, "train_loss": step_loss / max(window_tokens, 1),
+            "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - started, 2),
+        }
+        if step % train.eval_every == 0 or step == steps:
+            row["val_loss"] = eval_loss(peft_model, val_examples, pad, train.batch_size)
+        log_.add(**row)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}",
+                        **({"val": f"{row['val_loss']:.3f}"} if row.get("val_loss") is not None else {}))
+    bar.close()
+    peft_model.eval()
+    return peft_model, log_

@@ -1,0 +1,150 @@
+"""Stage ``finetune``: LoRA on the data stage's train split, plus self-distilled control examples.
+
+Examples are rendered with the base model's own chat template; that exact template string is saved
+beside the adapter (``adapter/chat_template.jinja``) and its sha256 is in the metrics, so serving
+renders prompts exactly as training did.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from toolkit.data import load_control_prompts
+from toolkit.finetune import TokenizedExample, build_example, read_split, train_lora
+from toolkit.modeling import (
+    CHAT_TEMPLATE_FILE,
+    Messages,
+    chat_template_of,
+    greedy_generate,
+    load_model,
+    load_tokenizer,
+    render_prompt_ids,
+    seed_everything,
+)
+from toolkit.pipeline import StageContext, StageResult
+from toolkit.workspace import sha256_text
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+# Control replies are capped for time; a reply cut at the cap is still trained on, minus its
+# end-of-turn token, so it anchors general behaviour without teaching the model to stop mid-sentence.
+CONTROL_MAX_NEW_TOKENS = 64
+CONTROL_BATCH = 16
+
+
+@dataclass(frozen=True)
+class ControlExample:
+    messages: Messages
+    finished: bool
+
+
+def self_distill(model: Any, tokenizer: Any, prompts: list[str], count: int) -> list[ControlExample]:
+    """The base model's own greedy answers to the first `count` prompts, as conversations.
+
+    Training on them anchors the adapter to the base model's general behaviour.
+    """
+    if count > len(prompts):
+        log.warning("train.control_examples=%d but only %d control prompts exist; using all", count, len(prompts))
+    conversations: list[Messages] = [[{"role": "user", "content": p}] for p in prompts[:count]]
+    ids = greedy_generate(
+        model, tokenizer, [render_prompt_ids(tokenizer, c) for c in conversations],
+        max_new_tokens=CONTROL_MAX_NEW_TOKENS, batch_size=CONTROL_BATCH,
+    )
+    out = []
+    for conv, row in zip(conversations, ids, strict=True):
+        reply = tokenizer.decode(row, skip_special_tokens=True).strip()
+        if reply:
+            finished = len(row) < CONTROL_MAX_NEW_TOKENS  # greedy_generate cuts at the stop token
+            out.append(ControlExample(conv + [{"role": "assistant", "content": reply}], finished))
+    return out
+
+
+def tokenize_all(
+    tokenizer: Any, conversations: list[Messages], max_seq_len: int, train_eos: list[bool] | None = None
+) -> tuple[list[TokenizedExample], int]:
+    """Examples with assistant labels, and how many conversations had no assistant token left."""
+    examples, dropped = [], 0
+    for i, messages in enumerate(conversations):
+        example = build_example(tokenizer, messages, max_seq_len, train_eos=train_eos[i] if train_eos else True)
+        if example is None:
+            dropped += 1
+        else:
+            examples.append(example)
+    return examples, dropped
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Fine-tune LoRA adapters on the base model; save them with the tokenizer and chat template."""
+    train_cfg, lora_cfg = ctx.config.train, ctx.config.lora
+    seed_everything(train_cfg.seed, train_cfg.threads)
+    base_dir = ctx.inputs["base_model"].path("model")
+    tokenizer = load_tokenizer(base_dir)
+    template = chat_template_of(tokenizer)
+    model = load_model(base_dir)
+
+    started = time.perf_counter()
+    control: list[ControlExample] = []
+    if train_cfg.control_examples:
+        control = self_distill(model, tokenizer, load_control_prompts(), train_cfg.control_examples)
+    control_s = time.perf_counter() - started
+    with (ctx.out_dir / "control.jsonl").open("w", encoding="utf-8") as fh:
+        for c in control:
+            fh.write(json.dumps({"messages": c.messages, "finished": c.finished, "source": "self-distilled"},
+                                ensure_ascii=False) + "\n")
+
+    max_len = ctx.config.data.max_seq_len
+    data_rows = read_split(ctx.inputs["data"], "train")
+    train_examples, dropped = tokenize_all(
+        tokenizer, [r.messages for r in data_rows] + [c.messages for c in control], max_len,
+        train_eos=[True] * len(data_rows) + [c.finished for c in control],
+    )
+    val_examples, _ = tokenize_all(tokenizer, [r.messages for r in read_split(ctx.inputs["data"], "val")],
+                                   max_len)
+    if dropped:
+        log.warning("%d training conversations had no assistant token within data.max_seq_len=%d; skipped",
+                    dropped, max_len)
+
+    started = time.perf_counter()
+    peft_model, train_log = train_lora(model, tokenizer, train_examples, val_examples, lora_cfg, train_cfg)
+    train_s = time.perf_counter() - started
+
+    adapter = ctx.out_dir / ADAPTER_DIR
+    peft_model.save_pretrained(str(adapter), safe_serialization=True)
+    tokenizer.save_pretrained(str(adapter))
+    (adapter / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")  # the exact string trained with
+    train_log.write_csv(ctx.out_dir / "loss.csv")
+    train_log.write_png(ctx.out_dir / "loss.png")
+
+    rows = train_log.rows
+    val_losses = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    return StageResult(
+        metrics={
+            "steps": len(rows),
+            "train_examples": len(train_examples),
+            "control_examples": len(control),
+            "val_examples": len(val_examples),
+            "dropped_examples": dropped,
+            "train_loss_first": round(rows[0]["train_loss"], 4),
+            "train_loss_last": round(rows[-1]["train_loss"], 4),
+            "val_loss_last": round(val_losses[-1], 4) if val_losses else None,
+            "trainable_params": trainable,
+            "control_s": round(control_s, 1),
+            "train_s": round(train_s, 1),
+            "s_per_step": round(train_s / max(len(rows), 1), 2),
+            "chat_template_sha256": sha256_text(template),
+        },
+        artifacts={
+            "adapter": ADAPTER_DIR,
+            "chat_template": f"{ADAPTER_DIR}/{CHAT_TEMPLATE_FILE}",
+            "loss_csv": "loss.csv",
+            "loss_png": "loss.png",
+            "control": "control.jsonl",
+        },
+        note=f"{len(rows)} steps, {len(control)} control examples",
+    )

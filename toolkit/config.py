@@ -92,10 +92,20 @@ class ExportSection(Section):
 
 class QuantizeSection(Section):
     enabled: bool = True
-    method: Literal["dynamic_per_channel", "dynamic", "static_qdq", "int4_weight_only"] = "dynamic_per_channel"
-    calibration_samples: int = Field(32, ge=1)
-    min_greedy_agreement: float = Field(0.85, ge=0, le=1)
-    max_perplexity_delta_pct: float = Field(5.0, ge=0)
+    method: Literal["int8_weight_only", "dynamic_per_channel", "dynamic", "static_qdq", "int4_weight_only"] = Field(
+        "int8_weight_only", description="How the served INT8 variant is made (README: measured comparison)."
+    )
+    exclude_nodes: list[str] = Field(
+        default_factory=list, description="Weight MatMuls whose node name contains one of these stay FP32."
+    )
+    emit_qdq: bool = Field(True, description="Also write model_qdq.onnx (static Q/DQ), the TensorRT INT8 source.")
+    calibration_samples: int = Field(32, ge=1, description="Training conversations used for calibration.")
+    min_greedy_agreement: float = Field(0.85, ge=0, le=1, description="Gate: INT8 vs FP32 greedy tokens.")
+    max_perplexity_delta_pct: float = Field(5.0, ge=0, description="Gate: test-split perplexity increase.")
+    gate_new_tokens: int = Field(24, ge=1)
+    max_eval_examples: int = Field(64, ge=1, description="Test examples scored for perplexity.")
+    bench_new_tokens: int = Field(16, ge=1, description="Fixed greedy decode length timed at batch 1 and 8.")
+    bench_threads: int | None = Field(None, ge=1, description="onnxruntime threads for FP32 and INT8; None: all cores.")
 
 
 class TensorRTSection(Section):

@@ -1,0 +1,144 @@
+"""export_onnx and quantize stages on a tiny random Llama: real optimum export, real parity gate, real INT8."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from tiny_llm import save_tiny_model
+
+from toolkit.config import BuildConfig
+from toolkit.errors import ConfigError
+from toolkit.gates import onnx_parity, parity_gates
+from toolkit.onnx_lm import OnnxCausalLM
+from toolkit.pipeline import StageContext, StageRecord, StageResult
+from toolkit.stages import export_onnx, quantize
+
+CONFIG = BuildConfig.model_validate({
+    "export": {"gate_new_tokens": 6},
+    "quantize": {"gate_new_tokens": 6, "bench_new_tokens": 2, "calibration_samples": 4, "bench_threads": 1,
+                 "min_greedy_agreement": 0.0, "max_perplexity_delta_pct": 1000.0},
+})
+
+
+def _record(name: str, directory: Path, artifacts: dict[str, str]) -> StageRecord:
+    return StageRecord(name=name, dir=directory, key="k", digest="d", metrics={}, artifacts=artifacts, data={})
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, StageResult, StageContext]:
+    root = tmp_path_factory.mktemp("export")
+    save_tiny_model(root / "merge" / "model")
+    ctx = StageContext(
+        config=CONFIG, out_dir=root / "export_onnx", workspace=root,
+        inputs={"merge": _record("merge", root / "merge", {"model": "model"})},
+    )
+    ctx.out_dir.mkdir()
+    return root, export_onnx.run(ctx), ctx
+
+
+def test_export_writes_a_kv_cache_graph_with_dynamic_axes(exported: tuple[Path, StageResult, StageContext]) -> None:
+    _root, result, ctx = exported
+    path = ctx.out_dir / result.artifacts["model"]
+    assert path.name == "model.onnx"
+    assert (ctx.out_dir / "tokenizer.json").is_file() and (ctx.out_dir / "config.json").is_file()
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inputs = {i.name: i for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    assert {"input_ids", "attention_mask", "position_ids", "past_key_values.1.value"} <= set(inputs)
+    assert {"logits", "present.0.key", "present.1.value"} <= outputs
+    dims = inputs["past_key_values.0.key"].type.tensor_type.shape.dim
+    assert dims[0].dim_param and dims[2].dim_param  # batch and past length are symbolic
+    assert not dims[1].dim_param and not dims[3].dim_param  # heads and head_dim are fixed
+    assert result.metrics["opset"] == 18 and result.metrics["exporter"] == "optimum"
+    assert result.metrics["kv_layers"] == 2 and result.metrics["node_count"] > 0
+    assert result.metrics["graph_bytes"] == path.stat().st_size
+
+
+def test_fp32_parity_gate_passes_at_batch_1_and_8(exported: tuple[Path, StageResult, StageContext]) -> None:
+    _root, result, _ctx = exported
+    assert [g.passed for g in result.gates] == [True] * 4, [g.detail for g in result.gates]
+    assert all(g.blocking for g in result.gates)
+    for batch in ("batch1", "batch8"):
+        parity = result.metrics["parity"][batch]
+        assert parity["tokens_total"] > 0 and parity["agreement"] == 1.0
+        assert parity["max_abs_logit_delta"] < 1e-3
+
+
+def test_parity_gate_catches_a_corrupted_weight(exported: tuple[Path, StageResult, StageContext]) -> None:
+    root, _result, ctx = exported
+    model = onnx.load(str(ctx.out_dir / "model.onnx"))
+    weight = next(init for init in model.graph.initializer if len(init.dims) == 2 and init.dims[0] == 64
+                  and "embed" not in init.name)
+    values = numpy_helper.to_array(weight).copy()
+    values[:, :] = np.random.default_rng(0).normal(0.0, 1.0, values.shape)  # one projection scrambled
+    weight.CopyFrom(numpy_helper.from_array(values.astype(np.float32), weight.name))
+    corrupted = root / "corrupted.onnx"
+    onnx.save(model, str(corrupted))
+    results = onnx_parity(root / "merge" / "model", corrupted, max_new_tokens=6, batch_sizes=(1,))
+    gates = parity_gates(results, min_agreement=1.0, max_logit_delta=1e-3, prefix="onnx_fp32")
+    assert results[0].max_abs_logit_delta is not None and results[0].max_abs_logit_delta > 1e-2
+    assert not all(g.passed for g in gates)
+
+
+def test_dynamo_exporter_is_refused_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="dynamo"):
+        export_onnx.export_onnx(tmp_path, tmp_path / "out", 18, "dynamo")
+
+
+def _quantize_ctx(root: Path, export_ctx: StageContext, result: StageResult, name: str,
+                  config: BuildConfig = CONFIG) -> StageContext:
+    data = root / "data"
+    if not data.is_dir():
+        data.mkdir()
+        rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                              {"role": "assistant", "content": f"Bluepeak answer {i}."}]} for i in range(6)]
+        for split in ("train", "test"):
+            (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ctx = StageContext(
+        config=config, out_dir=root / name, workspace=root,
+        inputs={
+            "merge": _record("merge", root / "merge", {"model": "model"}),
+            "export_onnx": _record("export_onnx", export_ctx.out_dir, result.artifacts),
+            "data": _record("data", data, {}),
+        },
+    )
+    ctx.out_dir.mkdir()
+    return ctx
+
+
+def test_quantize_stage_writes_int8_and_qdq_and_reports(exported: tuple[Path, StageResult, StageContext]) -> None:
+    root, result, export_ctx = exported
+    ctx = _quantize_ctx(root, export_ctx, result, "quantize")
+    out = quantize.run(ctx)
+    assert set(out.artifacts) == {"int8", "qdq"}
+    int8 = OnnxCausalLM(ctx.out_dir / out.artifacts["int8"], providers=["CPUExecutionProvider"])
+    assert int8.num_layers == 2
+    int8_ops = {n.op_type for n in onnx.load(str(int8.path)).graph.node}
+    assert "MatMulNBits" in int8_ops  # the default method: weight-only int8
+    qdq_ops = {n.op_type for n in onnx.load(str(ctx.out_dir / out.artifacts["qdq"])).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= qdq_ops
+    assert out.gates and not any(g.blocking for g in out.gates)
+    assert out.metrics["int8_shipped"] is True  # thresholds loosened above: a random model has no answers to keep
+    assert out.metrics["calibration_samples"] == 4
+    for key in ("fp32_batch1_tokens_per_s", "int8_batch8_tokens_per_s", "speedup_batch1", "perplexity_delta_pct"):
+        assert key in out.metrics
+    assert out.note.startswith("INT8 shipped")
+
+
+def test_quantize_gate_failure_drops_the_variant_without_failing_the_build(
+    exported: tuple[Path, StageResult, StageContext],
+) -> None:
+    root, result, export_ctx = exported
+    strict = CONFIG.model_copy(update={"quantize": CONFIG.quantize.model_copy(update={
+        "method": "dynamic", "emit_qdq": False, "min_greedy_agreement": 1.0, "max_perplexity_delta_pct": -100.0})})  # below any possible delta
+    ctx = _quantize_ctx(root, export_ctx, result, "quantize_strict", strict)
+    out = quantize.run(ctx)
+    assert set(out.artifacts) == {"int8"}
+    assert out.metrics["int8_shipped"] is False
+    assert out.note.startswith("INT8 NOT shipped: failed") and "onnx_int8_perplexity_delta_pct" in out.note
+    assert [g.blocking for g in out.gates] == [False] * len(out.gates)

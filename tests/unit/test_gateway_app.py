@@ -121,6 +121,8 @@ def test_models_health_docs_metrics(client: TestClient) -> None:
     assert client.get("/health/live").status_code == 200
     assert client.get("/health/ready").json()["status"] == "ready"
     assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/chat", "/v1/chat/completions", "/v1/models", "/admin/models/{name}/load"} <= set(paths)
     client.post("/v1/chat/completions", json={"messages": MESSAGES})
     metrics = client.get("/metrics").text
     assert 'gateway_requests_total{method="POST",route="/v1/chat/completions",status="200"}' in metrics

@@ -13,23 +13,23 @@ def main() -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from gateway.app import create_app
+    from gateway.errors import GatewayError
     from gateway.settings import GatewaySettings
+    from toolkit.errors import ToolkitError
 
     try:
         settings = GatewaySettings()
+        app = create_app(settings)
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "settings"
         print(f"error: invalid gateway setting {field}: {first['msg']}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        "gateway.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        timeout_graceful_shutdown=20,
-        log_level="info",
-    )
+    except (GatewayError, ToolkitError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=20, log_level="info")
     return 0
 
 

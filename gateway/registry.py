@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import text_format
+from pydantic import ValidationError
 from tritonclient.grpc import model_config_pb2
 
 from gateway.errors import GatewayError, ModelNotFoundError
@@ -68,7 +69,10 @@ def load_entry(repository: Path, name: str, version: int | None = None) -> Model
         raise ModelNotFoundError(
             f"model '{name}' has no version {version_dir.name} with a {MANIFEST_FILE}", param="model"
         )
-    manifest = ModelManifest.load(version_dir)
+    try:
+        manifest = ModelManifest.load(version_dir)
+    except ValidationError as err:
+        raise RepositoryError(f"{version_dir / MANIFEST_FILE} is not a valid manifest: {err.errors()[0]['msg']}") from None
     tokenizer = ChatTokenizer.from_dir(version_dir / TOKENIZER_DIR, manifest.chat_template)
     limit_text = _config_parameter(model_dir, contract.PARAM_MAX_NEW_TOKENS)
     limit = int(limit_text) if limit_text and limit_text.isdigit() else manifest.context_length

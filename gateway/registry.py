@@ -72,7 +72,8 @@ def load_entry(repository: Path, name: str, version: int | None = None) -> Model
     try:
         manifest = ModelManifest.load(version_dir)
     except ValidationError as err:
-        raise RepositoryError(f"{version_dir / MANIFEST_FILE} is not a valid manifest: {err.errors()[0]['msg']}") from None
+        problem = err.errors()[0]
+        raise RepositoryError(f"{version_dir / MANIFEST_FILE} is not a valid manifest: {problem['msg']}") from None
     tokenizer = ChatTokenizer.from_dir(version_dir / TOKENIZER_DIR, manifest.chat_template)
     limit_text = _config_parameter(model_dir, contract.PARAM_MAX_NEW_TOKENS)
     limit = int(limit_text) if limit_text and limit_text.isdigit() else manifest.context_length

@@ -72,8 +72,9 @@ def present_names(num_layers: int) -> list[str]:
 class BlsRunner:
     """The repository's core model called with ``pb_utils.InferenceRequest(...).exec()``.
 
-    The core model has its own ``max_batch_size``; a larger decode batch is sent in chunks (with
-    ``async_exec`` where available so Triton can run them on several instances at once).
+    The core model has its own ``max_batch_size``; a larger decode batch is sent in chunks, one
+    ``exec()`` after another. Only the marshalling is unit-tested here (fake ``pb_utils``): the pytriton
+    server has no onnxruntime or tensorrt backend to call.
     """
 
     def __init__(

@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,10 +210,14 @@ class TritonPool:
         for attempt in range(attempts):
             endpoint = self.pick(model)
             received = False
+            stream = self._stream(endpoint, model, inputs, timeout_s, request_id)
             try:
-                async for step in self._stream(endpoint, model, inputs, timeout_s, request_id):
-                    received = True
-                    yield step
+                # aclosing: when our consumer stops early, the inner stream is closed now (cancelling
+                # the Triton request), not whenever the garbage collector gets to it.
+                async with aclosing(stream):
+                    async for step in stream:
+                        received = True
+                        yield step
                 return
             except TritonUnavailableError as err:
                 self.mark_down(endpoint, err.message)

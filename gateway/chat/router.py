@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Request, Response
 from sse_starlette import EventSourceResponse
 
 from gateway.chat.protocol import (
@@ -28,6 +28,8 @@ from gateway.deps import ApiKey, State
 from gateway.errors import BadRequestError, GatewayError, error_body
 
 router = APIRouter(tags=["chat"])
+# nginx's "client closed request": logged and counted for a client that left before its answer.
+CLIENT_CLOSED_REQUEST = 499
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"description": text}
@@ -57,7 +59,10 @@ def _check_openai_options(request: ChatCompletionRequest) -> None:
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
 async def chat_completions(
-    state: State, caller: ApiKey, request: ChatCompletionRequest = Body(examples=[openapi_examples()])
+    http_request: Request,
+    state: State,
+    caller: ApiKey,
+    request: ChatCompletionRequest = Body(examples=[openapi_examples()]),
 ) -> Any:
     """OpenAI-compatible chat completions; ``stream=true`` answers with ``chat.completion.chunk`` events."""
     _check_openai_options(request)
@@ -66,7 +71,10 @@ async def chat_completions(
     prepared = service.prepare(request, request.template_messages(), request.requested_max_tokens(), caller, request_id)
     model = prepared.entry.name
     if not request.stream:
-        text, finish, usage = await service.complete(prepared)
+        result = await service.complete_or_cancel(prepared, http_request.is_disconnected)
+        if result is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        text, finish, usage = result
         return ChatCompletionResponse(
             id=request_id,
             model=model,
@@ -131,9 +139,12 @@ async def _sse(
 
 
 @router.post("/v1/chat", response_model=SimpleChatResponse, responses=_ERRORS)
-async def chat(state: State, caller: ApiKey, request: SimpleChatRequest) -> SimpleChatResponse:
+async def chat(http_request: Request, state: State, caller: ApiKey, request: SimpleChatRequest) -> Any:
     """Simple chat: ``{"messages": [...]}`` or ``{"message": "..."}`` in, ``{"response", "usage"}`` out."""
     service = ChatService(state)
     prepared = service.prepare(request, request.template_messages(), request.max_tokens, caller, completion_id())
-    text, finish, usage = await service.complete(prepared)
+    result = await service.complete_or_cancel(prepared, http_request.is_disconnected)
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    text, finish, usage = result
     return SimpleChatResponse(model=prepared.entry.name, response=text, finish_reason=finish, usage=usage)

@@ -8,8 +8,9 @@ usage. Closing the iterator early cancels the Triton request and releases the in
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -156,6 +157,23 @@ class ChatService:
             metrics.in_flight.set(state.in_flight.count)
             metrics.completion_tokens.labels(model).inc(completion_tokens)
             state.rate_limiter.charge_completion(prepared.caller, completion_tokens)
+
+    async def complete_or_cancel(
+        self, prepared: Prepared, is_disconnected: Callable[[], Awaitable[bool]], poll_s: float = 0.5
+    ) -> tuple[str, str, Usage] | None:
+        """:meth:`complete`, cancelled (Triton request and all) if the client goes away first; None then."""
+        task = asyncio.create_task(self.complete(prepared))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=poll_s)
+                if done:
+                    return task.result()
+                if await is_disconnected():
+                    return None
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def complete(self, prepared: Prepared) -> tuple[str, str, Usage]:
         """Non-streaming: the whole reply, its finish reason and usage."""

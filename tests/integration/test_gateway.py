@@ -256,6 +256,24 @@ def test_disconnect_mid_stream_frees_the_triton_slot(gateway: Gateway, triton_se
     assert completion < 900
 
 
+def test_disconnect_during_a_non_streaming_request_frees_the_slot(
+    gateway: Gateway, triton_server: RunningTriton
+) -> None:
+    before = scrape(triton_server.metrics_url)
+    body = {"messages": MESSAGES, "max_tokens": 900, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=auth(), timeout=1.0)
+    deadline = time.monotonic() + 20
+    while metric_sum(scrape(triton_server.metrics_url), "toolkit_active_sequences") > 0:
+        assert time.monotonic() < deadline, "the abandoned request still holds its Triton slot"
+        time.sleep(0.1)
+    after = scrape(triton_server.metrics_url)
+    cancelled = metric_sum(after, "toolkit_requests_total", finish_reason="cancelled") - metric_sum(
+        before, "toolkit_requests_total", finish_reason="cancelled"
+    )
+    assert cancelled == 1
+
+
 def test_in_flight_bound_answers_429_with_retry_after(gateway: Gateway) -> None:
     with httpx.Client() as client:
         streams = [_open_stream(client, gateway, max_tokens=900) for _ in range(2)]

@@ -64,3 +64,36 @@ def test_parse_streamed_and_final_responses() -> None:
         )
     )
     assert (final.token_ids, final.finish_reason, final.prompt_tokens, final.completion_tokens) == ([], "length", 5, 9)
+
+
+class SwitchableClient:
+    """Answers health probes as told: down (connection refused) or ready."""
+
+    def __init__(self) -> None:
+        self.up = False
+
+    async def is_server_ready(self, client_timeout: float | None = None) -> bool:
+        if not self.up:
+            raise ConnectionError("connection refused")
+        return True
+
+    async def is_model_ready(self, name: str, client_timeout: float | None = None) -> bool:
+        return self.up
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_dead_endpoint_is_out_until_a_probe_finds_it_ready_again() -> None:
+    pool = TritonPool(DEAD[:1], probe_timeout_s=1.0, interval_s=60)
+    await pool.endpoints[0].client.close()
+    client = SwitchableClient()
+    pool.endpoints[0].client = client  # type: ignore[assignment]
+    pool.watched_models = {"chat"}
+    await pool.probe_all()
+    with pytest.raises(TritonUnavailableError, match="connection refused"):
+        pool.pick("chat")
+    client.up = True
+    await pool.probe_all()
+    assert pool.pick("chat") is pool.endpoints[0]
+    await pool.close()

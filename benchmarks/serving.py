@@ -46,32 +46,55 @@ def fixed_prompts(tokenizer_dir: Path) -> list[list[int]]:
     return [render_prompt_ids(tokenizer, conversation) for conversation in golden_conversations()]
 
 
-def direct_loop(onnx: Path, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    """OnnxCausalLM's batch-1 greedy loop (same math as ``OnnxCausalLM.greedy``), timed per token."""
-    lm = OnnxCausalLM(onnx)
-    lm.greedy([prompts[0]], 4, [])  # warm-up
-    ttfts: list[float] = []
-    itls: list[float] = []
-    tokens, elapsed = 0, 0.0
+def direct_request(lm: OnnxCausalLM, prompt: list[int], max_tokens: int) -> tuple[float, float, list[float]]:
+    """One request through OnnxCausalLM's batch-1 greedy loop (same math as ``OnnxCausalLM.greedy``), timed
+    per token: (elapsed s, time to first token s, inter-token gaps s)."""
+    started = time.perf_counter()
+    ids = np.asarray([prompt], dtype=np.int64)
+    mask = np.ones_like(ids)
+    positions = np.arange(len(prompt), dtype=np.int64)[None]
+    past = lm.empty_past(1)
+    stamps = []
+    for _ in range(max_tokens):
+        logits, past = lm.forward(ids, mask, positions, past)
+        token = int(logits[0, -1].argmax())
+        stamps.append(time.perf_counter())
+        ids = np.asarray([[token]], dtype=np.int64)
+        positions = positions[:, -1:] + 1
+        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return stamps[-1] - started, stamps[0] - started, gaps
+
+
+def paired_single_stream(
+    lm: OnnxCausalLM, client: GenerationClient, prompts: list[list[int]], max_tokens: int
+) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """Alternate direct and Triton requests on the same prompts, so load drift on a shared machine hits both.
+
+    Returns the direct row, the Triton row and the median per-pair Triton/direct speed ratio.
+    """
+    direct: dict[str, list[float]] = {"elapsed": [], "ttft": [], "itl": []}
+    served: dict[str, list[float]] = {"elapsed": [], "ttft": [], "itl": []}
+    ratios = []
     for prompt in prompts:
-        started = time.perf_counter()
-        ids = np.asarray([prompt], dtype=np.int64)
-        mask = np.ones_like(ids)
-        positions = np.arange(len(prompt), dtype=np.int64)[None]
-        past = lm.empty_past(1)
-        last = started
-        for step in range(max_tokens):
-            logits, past = lm.forward(ids, mask, positions, past)
-            token = int(logits[0, -1].argmax())
-            now = time.perf_counter()
-            (ttfts if step == 0 else itls).append(now - last if step else now - started)
-            last = now
-            ids = np.asarray([[token]], dtype=np.int64)
-            positions = positions[:, -1:] + 1
-            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-        tokens += max_tokens
-        elapsed += time.perf_counter() - started
-    return _row("direct onnxruntime (batch 1)", 1, tokens, elapsed, ttfts, itls)
+        elapsed, ttft, gaps = direct_request(lm, prompt, max_tokens)
+        direct["elapsed"].append(elapsed)
+        direct["ttft"].append(ttft)
+        direct["itl"] += gaps
+        result = client.submit(prompt, max_tokens=max_tokens)
+        client.wait([result], 600)
+        if result.error or len(result.tokens) != max_tokens:
+            raise SystemExit(f"Triton request failed: {result.error or len(result.tokens)}")
+        served["elapsed"].append(result.token_times[-1] - result.sent_at)
+        served["ttft"].append(float(result.ttft_s or 0.0))
+        served["itl"] += result.inter_token_s()
+        ratios.append(elapsed / served["elapsed"][-1])
+    tokens = max_tokens * len(prompts)
+    return (
+        _row("direct onnxruntime (batch 1)", 1, tokens, sum(direct["elapsed"]), direct["ttft"], direct["itl"]),
+        _row("Triton, concurrency 1", 1, tokens, sum(served["elapsed"]), served["ttft"], served["itl"]),
+        statistics.median(ratios),
+    )
 
 
 class _TimedStream:
@@ -196,7 +219,8 @@ def main() -> int:
     parser.add_argument("--tokenizer", type=Path, default=TOKENIZER)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--single-requests", type=int, default=3, help="Requests at concurrency 1 (and direct).")
+    parser.add_argument("--single-requests", type=int, default=4,
+                        help="Requests at concurrency 1, each paired with the same request on the direct loop.")
     parser.add_argument("--waves", type=int, default=1, help="Requests per level = waves x concurrency (>1).")
     parser.add_argument("--in-process", action="store_true", help="Also time the scheduler without Triton.")
     parser.add_argument("--include-long", action="store_true",
@@ -205,6 +229,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.onnx is None or not args.onnx.is_file():
         parser.error("no ONNX export found; pass --onnx (run `toolkit build --until export_onnx` first)")
+    if 1 not in args.concurrency:
+        parser.error("--concurrency must include 1 (the baseline paired with the direct loop)")
 
     prompts = fixed_prompts(args.tokenizer)
     if not args.include_long:
@@ -212,26 +238,32 @@ def main() -> int:
     single = prompts[: args.single_requests]
     print(f"model {args.onnx}; prompt lengths {[len(p) for p in prompts]}; max_tokens {args.max_tokens}; "
           f"{os.cpu_count()} CPUs", flush=True)
-    rows = [direct_loop(args.onnx, single, args.max_tokens)]
-    print(rows[0], flush=True)
+    lm = OnnxCausalLM(args.onnx)
+    lm.greedy([prompts[0]], 4, [])  # warm-up
     in_process = [scheduler_in_process(args.onnx, prompts, level, args.max_tokens)
                   for level in args.concurrency if level > 1 and args.in_process]
     for row in in_process:
         print(row, flush=True)
 
+    rows: list[dict[str, Any]] = []
+    ratio = None
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-repo-") as tmp:
         repo = write_serving_repository(Path(tmp), MODEL, args.onnx, context_length=2048, max_active=32,
                                         max_queue=256, max_new_tokens_limit=1024, stop_token_ids=[])
         server = TritonServer(repo.path, models=[MODEL], http_port=PORTS[0], grpc_port=PORTS[1],
                               metrics_port=PORTS[2], log_path=args.out / "tritonserver.log")
-        args.out.mkdir(parents=True, exist_ok=True)
         with server:
             with GenerationClient(server.grpc_url, MODEL) as client:
                 client.wait([client.submit(prompts[0], max_tokens=4)], 120)  # warm-up
                 for level in args.concurrency:
                     before = batch_metrics(server.metrics_url)
-                    count = args.single_requests if level == 1 else level * args.waves
-                    row = triton_level(client, single if level == 1 else prompts, level, args.max_tokens, count)
+                    if level == 1:
+                        direct_row, row, ratio = paired_single_stream(lm, client, single, args.max_tokens)
+                        rows.insert(0, direct_row)
+                        print(direct_row, flush=True)
+                    else:
+                        row = triton_level(client, prompts, level, args.max_tokens, level * args.waves)
                     after = batch_metrics(server.metrics_url)
                     steps = after.get("toolkit_batch_size_count", 0) - before.get("toolkit_batch_size_count", 0)
                     summed = after.get("toolkit_batch_size_sum", 0) - before.get("toolkit_batch_size_sum", 0)
@@ -239,16 +271,13 @@ def main() -> int:
                     rows.append(row)
                     print(row, flush=True)
 
-    again = direct_loop(args.onnx, single, args.max_tokens)  # before and after: the machine is shared
-    print(again, flush=True)
-    if again["tokens_per_s"] > rows[0]["tokens_per_s"]:
-        rows[0] = again
     rows += in_process
     direct_tps = rows[0]["tokens_per_s"]
     by_level = {int(r["concurrency"]): r for r in rows[1:] if str(r["name"]).startswith("Triton")}
     summary = {
         "triton_c1_overhead_pct": round(100 * (1 - by_level[1]["tokens_per_s"] / direct_tps), 1)
         if 1 in by_level else None,
+        "triton_c1_overhead_pct_median_pair": round(100 * (1 - ratio), 1) if ratio is not None else None,
         "c32_over_c1": round(by_level[32]["tokens_per_s"] / by_level[1]["tokens_per_s"], 2)
         if 1 in by_level and 32 in by_level else None,
         "c32_over_direct": round(by_level[32]["tokens_per_s"] / direct_tps, 2) if 32 in by_level else None,

@@ -69,6 +69,8 @@ class Scheduler:
         max_prefill_tokens: int = 1024,
         pad_id: int = 0,
         metrics: NullMetrics | None = None,
+        cancel_poll_every: int = 4,
+        itl_samples_per_step: int = 8,
     ):
         self.runner = runner
         self.max_active = max_active
@@ -76,6 +78,13 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.pad_id = pad_id
         self.metrics = metrics or NullMetrics()
+        # Inside Triton every is_cancelled() and metric update is a round trip to the server process; at
+        # batch 32 they cost as much as a third of a step on a busy CPU. So each sequence is polled for
+        # cancellation every `cancel_poll_every` steps (staggered), and inter-token latency is observed
+        # for at most `itl_samples_per_step` sequences a step (rotating; the sequences of one step see the
+        # same latency, so the histogram's shape holds, its count is a sample).
+        self.cancel_poll_every = max(1, cancel_poll_every)
+        self.itl_samples_per_step = max(1, itl_samples_per_step)
         self.stats = SchedulerStats()
         self._queue: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
@@ -163,8 +172,10 @@ class Scheduler:
 
     def _drop_cancelled(self) -> None:
         keep = []
+        phase = self.stats.steps % self.cancel_poll_every
         for row, seq in enumerate(self._active):
-            if seq.cancelled or self._poll_cancelled(seq):
+            due = (row + phase) % self.cancel_poll_every == 0
+            if seq.cancelled or (due and self._poll_cancelled(seq)):
                 self._finish(seq, contract.FINISH_CANCELLED)
             else:
                 keep.append(row)
@@ -243,8 +254,9 @@ class Scheduler:
         self.metrics.batch_size(batch)
         keep = []
         streamed = 0
+        stride = -(-batch // self.itl_samples_per_step)  # rotate which rows report inter-token latency
         for row, seq in enumerate(self._active):
-            streamed += self._emit(seq, logits[row, -1])
+            streamed += self._emit(seq, logits[row, -1], observe_itl=(row + self.stats.steps) % stride == 0)
             if seq.stop.done or seq.cancelled:
                 self._finish(seq, seq.stop.finish_reason or contract.FINISH_CANCELLED)
             else:
@@ -255,7 +267,7 @@ class Scheduler:
             self._kv.keep(keep)
 
     # -- per-sequence helpers ------------------------------------------------------------------
-    def _emit(self, seq: _Sequence, logits: np.ndarray) -> int:
+    def _emit(self, seq: _Sequence, logits: np.ndarray, observe_itl: bool = True) -> int:
         """Sample, account and stream one token; returns how many tokens were streamed (0 or 1)."""
         token = seq.sampler.sample(logits)
         seq.sampler.observe(token)
@@ -265,7 +277,7 @@ class Scheduler:
         now = time.perf_counter()
         if seq.stop.generated == 1:
             self.metrics.time_to_first_token(now - seq.enqueued_at)
-        else:
+        elif observe_itl:
             self.metrics.inter_token_latency(now - seq.last_emit_at)
         seq.last_emit_at = now
         try:

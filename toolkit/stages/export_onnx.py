@@ -61,9 +61,73 @@ def export_onnx(model_dir: Path, out_dir: Path, opset: int = 18, exporter: str =
     return path
 
 
+def _kv_wrapper(model: Any, num_layers: int) -> Any:
+    """The model as a flat-tensor module: (ids, mask, positions, *past) -> (logits, *present)."""
+    import torch
+    from transformers import DynamicCache
+
+    class FlatKV(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple[Any, ...]:
+            cache = DynamicCache()
+            for layer in range(num_layers):
+                cache.update(past[2 * layer], past[2 * layer + 1], layer)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *present)
+
+    return FlatKV()
+
+
 def export_dynamo(model_dir: Path, out_dir: Path, opset: int) -> Path:
-    """torch.onnx.export(dynamo=True) fallback; not supported yet."""
-    raise ConfigError("export.exporter: 'dynamo' is not supported yet; use 'optimum'")
+    """torch.onnx.export(dynamo=True) with the same input/output names as optimum's graph.
+
+    The fallback for architectures optimum does not know. Every dimension is exported as
+    ``Dim.AUTO``, so batch, sequence and past lengths come out symbolic; the example shapes are
+    all distinct and above 1 so none is specialised away.
+    """
+    import torch
+
+    from toolkit.modeling import load_model, load_tokenizer
+
+    model = load_model(model_dir)
+    cfg = model.config
+    layers = int(cfg.num_hidden_layers)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    batch, seq, past = 2, 3, 5
+    args = (
+        torch.ones(batch, seq, dtype=torch.long), torch.ones(batch, past + seq, dtype=torch.long),
+        torch.arange(past, past + seq).repeat(batch, 1),
+        *[torch.randn(batch, kv_heads, past, head_dim) for _ in range(2 * layers)],
+    )
+    auto = torch.export.Dim.AUTO
+    dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto},
+               tuple({0: auto, 2: auto} for _ in range(2 * layers)))
+    kv_names = [f"{layer}.{kind}" for layer in range(layers) for kind in ("key", "value")]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / MODEL_FILE
+    try:
+        program = torch.onnx.export(
+            _kv_wrapper(model, layers), args, None, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
+            input_names=["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv_names],
+            output_names=["logits"] + [f"present.{n}" for n in kv_names],
+        )
+        if program is None:
+            raise StageError("torch.onnx.export(dynamo=True) returned no program")
+        program.save(str(path))
+    except (ImportError, RuntimeError, ValueError, torch.onnx.OnnxExporterError) as err:
+        raise StageError(f"torch.onnx dynamo export of {model_dir} failed (try export.exporter: optimum): "
+                         f"{str(err).splitlines()[0]}") from err
+    load_tokenizer(model_dir).save_pretrained(str(out_dir))
+    cfg.save_pretrained(str(out_dir))
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(str(out_dir))
+    return path
 
 
 def graph_stats(onnx_path: Path) -> dict[str, Any]:

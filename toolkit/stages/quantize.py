@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 INT8_FILE = "model_int8.onnx"
 QDQ_FILE = "model_qdq.onnx"
 WEIGHT_ONLY_BLOCK = 32
-CALIBRATION_MAX_TOKENS = 256
+CALIBRATION_WINDOW = 128  # tokens a calibration feed holds
 
 
 # --------------------------------------------------------------------------- graph selection
@@ -62,14 +62,30 @@ def weight_matmuls(model: onnx.ModelProto, exclude_lm_head: bool = True) -> list
     ]
 
 
-class CalibrationReader:
-    """onnxruntime CalibrationDataReader: one prefill feed (empty KV cache) per sample."""
+def calibration_windows(samples: Sequence[Sequence[int]], window: int) -> list[list[int]]:
+    """The samples' tokens as one stream cut into equal windows.
 
-    def __init__(self, samples: Sequence[Sequence[int]], num_layers: int, kv_heads: int, head_dim: int):
-        self._samples = [list(s)[:CALIBRATION_MAX_TOKENS] for s in samples if s]
+    onnxruntime's histogram calibrators (percentile, entropy) stack each tensor across feeds, so
+    every feed must have the same shape; a stream shorter than one window is a single feed.
+    """
+    stream = [token for sample in samples for token in sample]
+    if len(stream) <= window:
+        return [stream] if stream else []
+    return [stream[i: i + window] for i in range(0, len(stream) - window + 1, window)]
+
+
+class CalibrationReader:
+    """onnxruntime CalibrationDataReader: prefill feeds (empty KV cache) of equal length."""
+
+    def __init__(self, samples: Sequence[Sequence[int]], num_layers: int, kv_heads: int, head_dim: int,
+                 window: int = CALIBRATION_WINDOW):
+        self._samples = calibration_windows(samples, window)
         self._shape = (1, kv_heads, 0, head_dim)
         self._layers = num_layers
         self._iter: Iterator[dict[str, np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._samples)
 
     def _feeds(self) -> Iterator[dict[str, np.ndarray]]:
         for ids in self._samples:
@@ -125,14 +141,15 @@ def quantize_int8(
         )
         quantizer.process()
         quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
-    elif method == "static_qdq":
-        quantize_qdq(fp32_path, out_path, calibration, nodes)
+    elif method in ("static_qdq", "static_qdq_percentile"):
+        quantize_qdq(fp32_path, out_path, calibration, nodes, "minmax" if method == "static_qdq" else "percentile")
     else:
         raise StageError(f"quantize.method: unknown method {method!r}")
     return out_path
 
 
-def quantize_qdq(fp32_path: Path, out_path: Path, calibration: Sequence[Sequence[int]], nodes: list[str]) -> Path:
+def quantize_qdq(fp32_path: Path, out_path: Path, calibration: Sequence[Sequence[int]], nodes: list[str],
+                 calibrate: str = "minmax") -> Path:
     """Static Q/DQ: symmetric int8 per-channel weights, symmetric activations (what TensorRT expects)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -146,7 +163,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: Sequence[Sequence
     quantize_static(
         fp32_path, out_path, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
         nodes_to_quantize=nodes, per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.Percentile,
+        calibrate_method=CalibrationMethod.MinMax if calibrate == "minmax" else CalibrationMethod.Percentile,
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.99,
                        "MatMulConstBOnly": True},
     )

@@ -252,7 +252,7 @@ def main() -> int:
         repo = write_serving_repository(Path(tmp), MODEL, args.onnx, context_length=2048, max_active=32,
                                         max_queue=256, max_new_tokens_limit=1024, stop_token_ids=[])
         server = TritonServer(repo.path, models=[MODEL], http_port=PORTS[0], grpc_port=PORTS[1],
-                              metrics_port=PORTS[2], log_path=args.out / "tritonserver.log")
+                              metrics_port=PORTS[2], log_path=ROOT / "build" / "bench" / "tritonserver.log")
         with server:
             with GenerationClient(server.grpc_url, MODEL) as client:
                 client.wait([client.submit(prompts[0], max_tokens=4)], 120)  # warm-up

@@ -156,3 +156,11 @@ def test_bls_runner_raises_the_core_models_error(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(RuntimeError, match="m_trt_fp16: plan built for sm_90"):
         bls.forward(np.ones((1, 1), np.int64), np.ones((1, 1), np.int64), np.zeros((1, 1), np.int64),
                     bls.empty_past(1))
+
+
+def test_bls_core_batch_size_comes_from_the_core_models_config(model_module, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "core").mkdir()
+    (tmp_path / "core" / "config.pbtxt").write_text('name: "core"\nmax_batch_size: 16\n')
+    assert model_module._core_max_batch_size(tmp_path / "core", {}) == 16
+    assert model_module._core_max_batch_size(tmp_path / "core", {"core_max_batch_size": "4"}) == 4
+    assert model_module._core_max_batch_size(tmp_path / "missing", {}) == 8

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,17 @@ def send_error(sender: Any, message: str) -> None:
     sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)), flags=FINAL)
 
 
+def _core_max_batch_size(core_dir: Path, params: dict[str, str]) -> int:
+    """The core model's max_batch_size: a `core_max_batch_size` parameter, else its config.pbtxt, else 8."""
+    if params.get("core_max_batch_size"):
+        return int(params["core_max_batch_size"])
+    try:
+        found = re.search(r"^max_batch_size:\s*(\d+)", (core_dir / "config.pbtxt").read_text(), re.MULTILINE)
+    except OSError:
+        found = None
+    return int(found.group(1)) if found and int(found.group(1)) > 0 else 8
+
+
 def _parameters(config: dict[str, Any]) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
@@ -93,7 +105,7 @@ class TritonPythonModel:
             runner = BlsRunner(
                 pb_utils, core_model, vocab_size=manifest.vocab_size, num_layers=manifest.num_layers,
                 num_kv_heads=manifest.num_kv_heads, head_dim=manifest.head_dim,
-                max_batch_size=int(params.get("core_max_batch_size", "8")),
+                max_batch_size=_core_max_batch_size(model_dir.parent / core_model, params),
             )
         elif runner_kind == "onnxruntime":
             onnx_path = model_dir.parent / core_model / version / "model.onnx"

@@ -41,3 +41,12 @@ def test_gate_fails_when_the_served_model_differs(tiny_repository: ServedReposit
     gate = result.gates[0]
     assert not gate.passed and gate.blocking
     assert "golden prompts identical" in gate.detail
+
+
+def test_real_smollm2_through_triton_equals_onnx_greedy(smollm_repository: ServedRepository, tmp_path: Path) -> None:
+    """The real model (real text, a 500-token prompt batched with short ones): token for token."""
+    outcome = triton_gate.serve_and_compare(smollm_repository.path, smollm_repository.model, 1,
+                                            smollm_repository.onnx, max_new_tokens=12,
+                                            log_path=tmp_path / "tritonserver.log")
+    assert outcome["served"] == outcome["expected"]
+    assert outcome["exact_prompts"] == 9 and outcome["tokens"] > 9

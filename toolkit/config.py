@@ -70,8 +70,9 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 42
     eval_every: int = Field(20, ge=1, description="Eval loss on the val split every N steps.")
+    val_examples: int | None = Field(32, ge=1, description="Cap on val examples per eval loss (None: all).")
     control_examples: int = Field(
-        48, ge=0, description="Self-distilled general examples mixed in so the model keeps its general answers."
+        32, ge=0, description="Self-distilled general examples mixed in so the model keeps its general answers."
     )
     threads: int | None = Field(None, ge=1, description="torch threads; None uses every core.")
 
@@ -92,13 +93,20 @@ class ExportSection(Section):
 
 class QuantizeSection(Section):
     enabled: bool = True
-    method: Literal["int8_weight_only", "dynamic_per_channel", "dynamic", "static_qdq", "int4_weight_only"] = Field(
+    method: Literal[
+        "int8_weight_only", "dynamic_per_channel", "dynamic", "static_qdq", "static_qdq_percentile", "int4_weight_only"
+    ] = Field(
         "int8_weight_only", description="How the served INT8 variant is made (README: measured comparison)."
     )
     exclude_nodes: list[str] = Field(
         default_factory=list, description="Weight MatMuls whose node name contains one of these stay FP32."
     )
     emit_qdq: bool = Field(True, description="Also write model_qdq.onnx (static Q/DQ), the TensorRT INT8 source.")
+    qdq_exclude_nodes: list[str] = Field(
+        default_factory=lambda: ["down_proj"],
+        description="Weight MatMuls left FP32 in model_qdq.onnx; down_proj inputs carry outliers per-tensor "
+        "activation scales cannot hold.",
+    )
     calibration_samples: int = Field(32, ge=1, description="Training conversations used for calibration.")
     min_greedy_agreement: float = Field(0.85, ge=0, le=1, description="Gate: INT8 vs FP32 greedy tokens.")
     max_perplexity_delta_pct: float = Field(5.0, ge=0, description="Gate: test-split perplexity increase.")

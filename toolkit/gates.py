@@ -138,9 +138,10 @@ def compare_decodes(
     """Compare two decodes of the same prompts; logits are per batch run, each a list of steps."""
     matched, total = token_agreement(reference, candidate)
     diverged = [
-        {"row": row, "step": common_prefix(ref, got), "reference": list(ref[:24]), "candidate": list(got[:24])}
+        {"row": row, "step": step, "reference": list(ref[step: step + 4]), "candidate": list(got[step: step + 4])}
         for row, (ref, got) in enumerate(zip(reference, candidate, strict=True))
         if list(ref) != list(got)
+        for step in [common_prefix(ref, got)]
     ]
     delta: float | None = None
     compared = 0

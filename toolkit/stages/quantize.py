@@ -327,9 +327,10 @@ def run(ctx: StageContext) -> StageResult:
     artifacts = {"int8": INT8_FILE}
     if cfg.emit_qdq:
         started = time.perf_counter()
-        if cfg.method != "static_qdq":
-            quantize_int8(fp32_path, ctx.out_dir / QDQ_FILE, "static_qdq", calibration, exclude=cfg.exclude_nodes)
-        artifacts["qdq"] = INT8_FILE if cfg.method == "static_qdq" else QDQ_FILE
+        if not cfg.method.startswith("static_qdq"):
+            quantize_int8(fp32_path, ctx.out_dir / QDQ_FILE, "static_qdq", calibration,
+                          exclude=cfg.qdq_exclude_nodes)
+        artifacts["qdq"] = INT8_FILE if cfg.method.startswith("static_qdq") else QDQ_FILE
         metrics["qdq_s"] = round(time.perf_counter() - started, 2)
         metrics["qdq_bytes"] = (ctx.out_dir / artifacts["qdq"]).stat().st_size
 

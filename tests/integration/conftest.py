@@ -22,6 +22,7 @@ from toolkit.serving.triton_server import TritonServer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SMOLLM_TOKENIZER = FIXTURES / "smollm2_tokenizer"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = "tiny-chat"
 SMOLLM_MODEL = "smollm2-chat"
 TRITON_HTTP_PORT, TRITON_GRPC_PORT, TRITON_METRICS_PORT = 18000, 18001, 18002
@@ -80,7 +81,10 @@ def tiny_repository(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def smollm_onnx(request: pytest.FixtureRequest) -> Path:
     """The embedded SmolLM2 converted from its GGUF and exported once; cached across sessions."""
-    cache = Path(request.config.cache.mkdir("smollm2-onnx"))
+    pytest_cache = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`
+    fallback = REPO_ROOT / "build" / "test-cache" / "smollm2-onnx"
+    cache = Path(pytest_cache.mkdir("smollm2-onnx")) if pytest_cache else fallback
+    cache.mkdir(parents=True, exist_ok=True)
     onnx = cache / "onnx" / "model.onnx"
     if onnx.is_file():
         return onnx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,20 @@ CONFIG = BuildConfig.model_validate({
 
 def _record(name: str, directory: Path, artifacts: dict[str, str]) -> StageRecord:
     return StageRecord(name=name, dir=directory, key="k", digest="d", metrics={}, artifacts=artifacts, data={})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One thread for torch and onnxruntime: a tiny model gains nothing from more, and on a busy
+    machine spinning thread pools make each step 50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # read by OnnxCausalLM
+        yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

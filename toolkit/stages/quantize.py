@@ -4,16 +4,35 @@ Calibration samples are training conversations rendered with the model's chat te
 the weight MatMuls of the decoder layers are quantized: the attention MatMuls multiply two
 activations and ``lm_head`` (tied to the embeddings) decides every token, so both stay FP32.
 
-Methods (``quantize.method``), as measured on SmolLM2-135M (see the README table):
+Methods (``quantize.method``), measured on SmolLM2-135M-Instruct, 2 threads on a shared 2-core
+CPU (speed ratios are noisy to +-30 %): free-running greedy agreement with FP32 on the 9 golden
+prompts at batch 1 (24 new tokens), teacher-forced top-1 agreement, perplexity delta on held-out
+assistant tokens, decode speed relative to FP32 at batch 1 / 8, size (FP32: 539 MB).
 
-- ``int8_weight_only``: MatMulNBits with 8-bit blockwise weights, int8 compute (accuracy level 4).
-- ``dynamic_per_channel`` / ``dynamic``: onnxruntime dynamic quantization (DynamicQuantizeMatMul).
-- ``static_qdq``: QuantizeLinear/DequantizeLinear pairs, activations calibrated (percentile).
-- ``int4_weight_only``: MatMulNBits with 4-bit weights.
+====================================  =========  ========  ========  ===========  ======
+method                                greedy     forced    ppl       speed b1/b8  MB
+====================================  =========  ========  ========  ===========  ======
+int8_weight_only (default)            0.63       0.958     +1.8 %    1.35/1.22    234
+int8_weight_only, down_proj excluded  0.80       0.970     +1.6 %    1.35/1.05    310
+int8_weight_only, accuracy_level 1    0.77       0.976     +0.8 %    0.27/0.45    234
+dynamic_per_channel                   0.30       -         +91 %     -            222
+dynamic_per_channel, no down_proj     0.62       -         -0.5 %    -            302
+dynamic (per tensor)                  0.15       -         +102 %    0.94/0.77    222
+static_qdq (MinMax)                   0.015      0.375     +1165 %   0.28/0.59    222
+static_qdq (MinMax), no down_proj     0.42       0.875     +15 %     0.23/0.49    302
+static_qdq_percentile, no down_proj   0.09       0.655     +110 %    0.22/0.31    302
+====================================  =========  ========  ========  ===========  ======
+
+``int8_weight_only`` is MatMulNBits with symmetric 8-bit weights in blocks of 32 and int8
+compute (accuracy level 4): the only variant that is both faster than FP32 and close to it per
+token. Free-running agreement understates it: SmolLM2's first token for "What is the capital
+of France?" is a near tie ("The" 25.33 vs "L" 25.24), so any perturbation rewrites that reply.
+Per-tensor activation scales (dynamic, static Q/DQ) break on the outliers entering down_proj.
 
 The gate is not blocking: a variant that fails it is reported with ``int8_shipped: False`` and the
 repository stage leaves it out. The stage also writes ``model_qdq.onnx`` (static Q/DQ, symmetric,
-calibrated on the same samples): TensorRT builds its INT8 plan from explicit Q/DQ.
+MinMax-calibrated on the same samples, ``quantize.qdq_exclude_nodes`` left FP32): TensorRT
+builds its INT8 plan from explicit Q/DQ.
 """
 
 from __future__ import annotations
@@ -277,14 +296,20 @@ def evaluate_int8(
     results = onnx_agreement(fp32, int8, prompts, max_new_tokens=cfg.gate_new_tokens, stop_ids=stops, pad_id=pad)
     reference = [fp32.greedy([p], cfg.gate_new_tokens, stops, pad)[0][0] for p in prompts]
     hits, positions = teacher_forced_agreement(int8, prompts, reference)
-    fp32_ppl, int8_ppl = perplexity(fp32, scored), perplexity(int8, scored)
+    if scored:
+        fp32_ppl, int8_ppl = perplexity(fp32, scored), perplexity(int8, scored)
+        ppl_gate = _gate_perplexity(fp32_ppl, int8_ppl, cfg.max_perplexity_delta_pct)
+    else:  # nothing held out: the variant cannot be shown to keep its answers, so it is not shipped
+        fp32_ppl = int8_ppl = float("nan")
+        ppl_gate = GateResult(name="onnx_int8_perplexity_delta_pct", passed=False, blocking=False,
+                              threshold=cfg.max_perplexity_delta_pct, detail="no test or val examples to score")
 
     metrics: dict[str, Any] = {
         "agreement": {f"batch{r.batch_size}": r.to_metrics() for r in results},
         "teacher_forced_agreement": round(hits / positions, 6) if positions else 1.0,
-        "fp32_perplexity": round(fp32_ppl, 4),
-        "int8_perplexity": round(int8_ppl, 4),
-        "perplexity_delta_pct": round((int8_ppl / fp32_ppl - 1) * 100, 3),
+        "fp32_perplexity": round(fp32_ppl, 4) if scored else None,
+        "int8_perplexity": round(int8_ppl, 4) if scored else None,
+        "perplexity_delta_pct": round((int8_ppl / fp32_ppl - 1) * 100, 3) if scored else None,
         "perplexity_examples": len(scored),
         "bench_threads": threads,
         "bench_new_tokens": cfg.bench_new_tokens,
@@ -299,7 +324,7 @@ def evaluate_int8(
 
     gates = parity_gates(results, min_agreement=cfg.min_greedy_agreement, max_logit_delta=None, prefix="onnx_int8",
                          blocking=False)
-    gates.append(_gate_perplexity(fp32_ppl, int8_ppl, cfg.max_perplexity_delta_pct))
+    gates.append(ppl_gate)
     return metrics, gates
 
 
@@ -316,7 +341,10 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = load_tokenizer(merged_model_dir(ctx.inputs["merge"]))
     data = ctx.inputs["data"]
     train = read_conversations(data.dir / data.artifacts.get("train", "train.jsonl"))
-    test = read_conversations(data.dir / data.artifacts.get("test", "test.jsonl"))[: cfg.max_eval_examples]
+    test = read_conversations(data.dir / data.artifacts.get("test", "test.jsonl"))
+    if not test and (data.dir / data.artifacts.get("val", "val.jsonl")).is_file():
+        test = read_conversations(data.dir / data.artifacts.get("val", "val.jsonl"))  # tiny datasets: no test rows
+    test = test[: cfg.max_eval_examples]
     calibration = calibration_ids(tokenizer, train, cfg.calibration_samples)
 
     started = time.perf_counter()
@@ -344,7 +372,9 @@ def run(ctx: StageContext) -> StageResult:
 
     agreement = ", ".join(f"batch {r['batch_size']} {r['tokens_matched']}/{r['tokens_total']}"
                           for r in measured["agreement"].values())
-    summary = (f"{cfg.method}: greedy agreement {agreement}, perplexity {measured['perplexity_delta_pct']:+.2f}%, "
+    ppl = measured["perplexity_delta_pct"]
+    summary = (f"{cfg.method}: greedy agreement {agreement}, "
+               f"perplexity {'not scored' if ppl is None else f'{ppl:+.2f}%'}, "
                f"{measured['speedup_batch1']:.2f}x/{measured['speedup_batch8']:.2f}x FP32 speed at batch 1/8, "
                f"{int8_bytes / 2**20:.0f} MiB")
     failed = ", ".join(g.name for g in gates if not g.passed)

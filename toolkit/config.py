@@ -109,6 +109,10 @@ class QuantizeSection(Section):
     )
     calibration_samples: int = Field(32, ge=1, description="Training conversations used for calibration.")
     min_greedy_agreement: float = Field(0.85, ge=0, le=1, description="Gate: INT8 vs FP32 greedy tokens.")
+    agreement: Literal["greedy", "teacher_forced"] = Field(
+        "greedy", description="What min_greedy_agreement gates: free-running greedy tokens at batch 1 and 8, or "
+        "INT8's top-1 fed FP32's own greedy tokens (one near-tie flip does not rewrite the rest of a reply).",
+    )
     max_perplexity_delta_pct: float = Field(5.0, ge=0, description="Gate: test-split perplexity increase.")
     gate_new_tokens: int = Field(24, ge=1)
     max_eval_examples: int = Field(64, ge=1, description="Test examples scored for perplexity.")

@@ -154,16 +154,27 @@ def eval_loss(model: Any, examples: Sequence[TokenizedExample], pad_id: int, bat
     return total / max(tokens, 1)
 
 
-def batch_stream(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Endless example-index batches: a fresh seeded permutation per epoch, the same on every run."""
+def batch_stream(lengths: Sequence[int], batch_size: int, seed: int, group: int = 8) -> Iterator[list[int]]:
+    """Endless example-index batches, the same on every run for a given seed.
+
+    Each epoch draws a seeded permutation, cuts it into windows of `group` batches, sorts each
+    window by length and cuts it into batches, then shuffles the batch order: examples of similar
+    length share a batch, so little compute goes to padding, while the order stays random.
+    """
     import torch
 
     epoch = 0
+    n = len(lengths)
     while True:
         gen = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(n_examples, generator=gen).tolist()
-        for start in range(0, n_examples, batch_size):
-            yield order[start: start + batch_size]
+        order = torch.randperm(n, generator=gen).tolist()
+        batches: list[list[int]] = []
+        window = batch_size * group
+        for start in range(0, n, window):
+            chunk = sorted(order[start: start + window], key=lambda i: lengths[i])
+            batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            yield batches[b]
         epoch += 1
 
 
@@ -261,7 +272,7 @@ def train_lora(
     steps = total_steps(train, len(train_examples))
     scheduler = make_scheduler(optimizer, train, steps)
     pad = pad_token_id(tokenizer)
-    stream = batch_stream(len(train_examples), train.batch_size, train.seed)
+    stream = batch_stream([len(e.input_ids) for e in train_examples], train.batch_size, train.seed)
     log_ = TrainLog()
     started = time.perf_counter()
     bar = tqdm(range(1, steps + 1), desc="finetune", unit="step", disable=not progress)

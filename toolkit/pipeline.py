@@ -48,7 +48,9 @@ class StageSpec:
 
 # The build, in order. Each stage's inputs are its config sections and its upstream artifacts.
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("base_model", "toolkit.stages.base_model", ("model",), (), "embedded/local base model"),
+    # Only what selects the weights: renaming the served model must not retrain it.
+    StageSpec("base_model", "toolkit.stages.base_model", ("model.base", "model.allow_hub_download"), (),
+              "embedded/local base model"),
     StageSpec("data", "toolkit.stages.data", ("data",), (), "load, clean and split datasets"),
     StageSpec(
         "finetune", "toolkit.stages.finetune", ("lora", "train", "data.max_seq_len"),

@@ -17,6 +17,7 @@ from toolkit.errors import StageError
 from toolkit.finetune import (
     IGNORE_INDEX,
     TokenizedExample,
+    batch_stream,
     build_example,
     eval_loss,
     total_steps,
@@ -82,6 +83,21 @@ def test_truncation_that_removes_every_reply_token_drops_the_example(tok) -> Non
     assert build_example(tok, messages, max_seq_len=16) is None
     kept = build_example(tok, messages, max_seq_len=4096)
     assert kept is not None and len(kept.input_ids) > 16
+
+
+def test_batches_cover_each_epoch_once_in_a_seeded_length_grouped_order() -> None:
+    lengths = [(i * 37) % 100 + 1 for i in range(50)]
+    stream = batch_stream(lengths, batch_size=4, seed=7, group=4)
+    epoch = [next(stream) for _ in range(13)]  # 50 examples: 12 full batches and one of 2
+    assert sorted(i for b in epoch for i in b) == list(range(50))
+    again = batch_stream(lengths, batch_size=4, seed=7, group=4)
+    assert [next(again) for _ in range(13)] == epoch
+    other = batch_stream(lengths, batch_size=4, seed=8, group=4)
+    assert [next(other) for _ in range(13)] != epoch
+    padding = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in epoch)
+    ungrouped = sum(max(lengths[i] for i in range(s, min(s + 4, 50))) * len(range(s, min(s + 4, 50)))
+                    - sum(lengths[s: s + 4]) for s in range(0, 50, 4))
+    assert padding < ungrouped / 2  # similar lengths share a batch
 
 
 def test_steps_from_epochs() -> None:

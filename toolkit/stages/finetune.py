@@ -90,6 +90,7 @@ def run(ctx: StageContext) -> StageResult:
     started = time.perf_counter()
     control: list[ControlExample] = []
     if train_cfg.control_examples:
+        log.info("finetune: self-distilling %d control examples from the base model", train_cfg.control_examples)
         control = self_distill(model, tokenizer, load_control_prompts(), train_cfg.control_examples)
     control_s = time.perf_counter() - started
     with (ctx.out_dir / "control.jsonl").open("w", encoding="utf-8") as fh:
@@ -103,15 +104,15 @@ def run(ctx: StageContext) -> StageResult:
         tokenizer, [r.messages for r in data_rows] + [c.messages for c in control], max_len,
         train_eos=[True] * len(data_rows) + [c.finished for c in control],
     )
-    val_examples, _ = tokenize_all(tokenizer, [r.messages for r in read_split(ctx.inputs["data"], "val")],
-                                   max_len)
+    val_rows = read_split(ctx.inputs["data"], "val")[: train_cfg.val_examples]
+    val_examples, _ = tokenize_all(tokenizer, [r.messages for r in val_rows], max_len)
     if dropped:
         log.warning("%d training conversations had no assistant token within data.max_seq_len=%d; skipped",
                     dropped, max_len)
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     peft_model, train_log = train_lora(model, tokenizer, train_examples, val_examples, lora_cfg, train_cfg)
-    train_s = time.perf_counter() - started
+    train_s, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
 
     adapter = ctx.out_dir / ADAPTER_DIR
     peft_model.save_pretrained(str(adapter), safe_serialization=True)
@@ -137,6 +138,8 @@ def run(ctx: StageContext) -> StageResult:
             "control_s": round(control_s, 1),
             "train_s": round(train_s, 1),
             "s_per_step": round(train_s / max(len(rows), 1), 2),
+            # CPU seconds over all threads: comparable across runs when other jobs share the machine.
+            "train_cpu_s": round(train_cpu_s, 1),
             "chat_template_sha256": sha256_text(template),
         },
         artifacts={

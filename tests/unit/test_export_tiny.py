@@ -167,10 +167,12 @@ def test_quantize_gate_failure_drops_the_variant_without_failing_the_build(
     root, result, export_ctx = exported
     # a perplexity delta below -100% is impossible: the gate must fail
     strict = CONFIG.model_copy(update={"quantize": CONFIG.quantize.model_copy(update={
-        "method": "dynamic", "emit_qdq": False, "min_greedy_agreement": 1.0, "max_perplexity_delta_pct": -100.0})})
+        "method": "dynamic", "emit_qdq": False, "min_greedy_agreement": 1.0, "max_perplexity_delta_pct": -100.0,
+        "agreement": "teacher_forced"})})
     ctx = _quantize_ctx(root, export_ctx, result, "quantize_strict", strict)
     out = quantize.run(ctx)
     assert set(out.artifacts) == {"int8"}
     assert out.metrics["int8_shipped"] is False
     assert out.note.startswith("INT8 NOT shipped: failed") and "onnx_int8_perplexity_delta_pct" in out.note
     assert [g.blocking for g in out.gates] == [False] * len(out.gates)
+    assert [g.name for g in out.gates] == ["onnx_int8_teacher_forced_agreement", "onnx_int8_perplexity_delta_pct"]

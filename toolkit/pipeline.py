@@ -3,16 +3,21 @@
 A stage is a module with one function ``run(ctx: StageContext) -> StageResult``. It writes into
 ``ctx.out_dir``, a temp directory the pipeline renames to ``<workspace>/<stage>`` only on success,
 so an interrupted build never leaves a half-written artifact behind. The stage's cache key covers
-its config sections, its upstream artifacts' content hashes, the toolkit version and the stage's
-own source; when the key matches and the recorded files are unchanged, the stage is skipped.
+its config sections, its upstream artifacts' content hashes (recorded in their ``.stage.json``,
+not recomputed), the toolkit version, the source of the stage module and of the toolkit modules it
+imports (:mod:`toolkit.sources`), and whatever the module's optional ``cache_inputs(config)``
+returns (e.g. dataset file hashes); when the key matches and the recorded files are unchanged
+(size and mtime), the stage is skipped.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
+import json
 import logging
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +26,7 @@ from toolkit import __version__
 from toolkit.config import BuildConfig, section_dump
 from toolkit.errors import ConfigError, GateError, ToolkitError
 from toolkit.report import BuildReport, GateResult, StageReport, write_report
+from toolkit.sources import SourceHasher
 from toolkit.workspace import (
     atomic_dir,
     atomic_write_json,
@@ -113,16 +119,34 @@ class StageContext:
     workspace: Path
 
 
-def _source_hash(module: Any) -> str:
+def source_hash(module: Any, hashers: dict[str, SourceHasher] | None = None) -> str:
+    """Digest of the stage module's source and the package modules it imports (see toolkit.sources).
+
+    `hashers` memoises file hashes across the stages of one build. A module with no file on disk
+    (a test stand-in) hashes as "unknown".
+    """
+    module_file = getattr(module, "__file__", None)
+    package = module.__name__.partition(".")[0]
+    package_file = getattr(sys.modules.get(package), "__file__", None)
     try:
-        return sha256_file(Path(inspect.getfile(module)))
-    except (TypeError, OSError):
+        if not module_file:
+            return "unknown"
+        if not package_file or Path(package_file).name != "__init__.py":  # a lone module, no package
+            return sha256_file(Path(module_file))
+        hashers = {} if hashers is None else hashers
+        hasher = hashers.setdefault(package, SourceHasher(package, Path(package_file).parent))
+        return hasher.digest(module.__name__)
+    except OSError:
         return "unknown"
 
 
-def _load_record(stage_dir: Path) -> StageRecord | None:
-    import json
+def cache_inputs(module: Any, config: BuildConfig) -> dict[str, Any]:
+    """What the module's optional ``cache_inputs(config)`` declares beyond its config sections."""
+    declared: Callable[[BuildConfig], dict[str, Any]] | None = getattr(module, "cache_inputs", None)
+    return declared(config) if declared is not None else {}
 
+
+def _load_record(stage_dir: Path) -> StageRecord | None:
     record_path = stage_dir / RECORD
     if not record_path.is_file():
         return None
@@ -137,13 +161,18 @@ def _load_record(stage_dir: Path) -> StageRecord | None:
     )
 
 
-def stage_key(spec: StageSpec, config: BuildConfig, inputs: dict[str, StageRecord], source: str) -> str:
+def stage_key(
+    spec: StageSpec, config: BuildConfig, inputs: dict[str, StageRecord], source: str,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """The stage's cache key: everything that decides its artifact. `extra` is the module's cache_inputs."""
     return sha256_json({
         "stage": spec.name,
         "toolkit": __version__,
         "source": source,
         "config": section_dump(config, *spec.sections),
         "inputs": {name: rec.digest for name, rec in sorted(inputs.items())},
+        "extra": extra or {},
     })
 
 
@@ -176,6 +205,7 @@ def run_build(
     clean_stale_temps(ws)
     report = BuildReport.start(config)
     records: dict[str, StageRecord] = {}
+    hashers: dict[str, SourceHasher] = {}
     try:
         for spec in stages:
             stage_dir = ws / spec.name
@@ -195,7 +225,7 @@ def run_build(
                 )
             inputs = {d: records[d] for d in spec.depends_on}
             module = importlib.import_module(spec.module)
-            key = stage_key(spec, config, inputs, _source_hash(module))
+            key = stage_key(spec, config, inputs, source_hash(module, hashers), cache_inputs(module, config))
             if existing is not None and existing.key == key and not force:
                 log.info("%s: skipped (inputs unchanged)", spec.name)
                 records[spec.name] = existing

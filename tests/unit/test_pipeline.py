@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import textwrap
 import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+import toolkit
 from toolkit.config import BuildConfig
 from toolkit.errors import GateError, StageError
-from toolkit.pipeline import StageContext, StageResult, StageSpec, run_build
+from toolkit.pipeline import STAGES, StageContext, StageResult, StageSpec, run_build
 from toolkit.report import GateResult
+from toolkit.sources import SourceHasher
 
 CALLS: list[str] = []
 
 
-def _module(name: str, body) -> str:  # type: ignore[no-untyped-def]
+Stage = Callable[[StageContext], StageResult]
+
+
+def _module(name: str, body: Stage) -> str:
     mod = types.ModuleType(f"fake_stage_{name}")
     mod.run = body  # type: ignore[attr-defined]
     sys.modules[mod.__name__] = mod
@@ -37,7 +45,7 @@ def _second(ctx: StageContext) -> StageResult:
     return StageResult(artifacts={"b": "b.txt"}, gates=[GateResult(name="ok", passed=True)])
 
 
-def _specs(second=_second) -> tuple[StageSpec, ...]:  # type: ignore[no-untyped-def]
+def _specs(second: Stage = _second) -> tuple[StageSpec, ...]:
     return (
         StageSpec("first", _module("first", _first), ("lora",)),
         StageSpec("second", _module("second", second), ("train",), ("first",)),
@@ -132,3 +140,100 @@ def test_unknown_stage_is_a_config_error(tmp_path: Path) -> None:
         run_build(_config(tmp_path), stages=_specs(), only=["nope"])
     with pytest.raises(ConfigError, match="needs first"):
         run_build(_config(tmp_path), stages=_specs(), only=["second"])
+
+
+# ---------------------------------------------------------------- what the key covers: code and declared inputs
+
+
+def test_cache_inputs_are_part_of_the_key(tmp_path: Path) -> None:
+    declared = {"dataset": "hash-1"}
+    mod = sys.modules[_module("first", _first)]
+    mod.cache_inputs = lambda config: dict(declared)  # type: ignore[attr-defined]
+    specs = (StageSpec("first", mod.__name__, ("lora",)),
+             StageSpec("second", _module("second", _second), ("train",), ("first",)))
+    run_build(_config(tmp_path), stages=specs)
+    run_build(_config(tmp_path), stages=specs)
+    assert CALLS == ["first", "second"]
+    declared["dataset"] = "hash-2"
+    CALLS.clear()
+    report = run_build(_config(tmp_path), stages=specs)
+    # first reruns; it writes the same bytes again, so second (keyed on content) stays cached
+    assert CALLS == ["first"]
+    assert [s.status for s in report.stages] == ["ran", "skipped"]
+
+
+def _write(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(textwrap.dedent(text))
+
+
+@pytest.fixture
+def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An on-disk package `fakepkg` with two stages: `uses` imports `helper` (through `middle`,
+    inside a function), `alone` imports only `pipeline`, which is left out of every key."""
+    root = tmp_path / "src" / "fakepkg"
+    stage = """
+        from toolkit.pipeline import StageResult
+        from fakepkg import pipeline
+        {imports}
+
+        def run(ctx):
+            (ctx.out_dir / "out.txt").write_text("{name}")
+            return StageResult(artifacts={{"out": "out.txt"}})
+    """
+    _write(root, {
+        "__init__.py": "",
+        "helper.py": "VALUE = 1\n",
+        "pipeline.py": "RUNNER = 1\n",
+        "middle.py": "def value():\n    from .helper import VALUE\n    return VALUE\n",
+        "stages/__init__.py": "",
+        "stages/uses.py": stage.format(name="uses", imports="from fakepkg.middle import value"),
+        "stages/alone.py": stage.format(name="alone", imports=""),
+    })
+    monkeypatch.syspath_prepend(str(root.parent))
+    yield root
+    for name in [n for n in sys.modules if n == "fakepkg" or n.startswith("fakepkg.")]:
+        del sys.modules[name]
+
+
+def _fake_specs() -> tuple[StageSpec, ...]:
+    return (StageSpec("alone", "fakepkg.stages.alone", ()), StageSpec("uses", "fakepkg.stages.uses", ()))
+
+
+def test_editing_an_imported_module_reruns_only_the_stages_importing_it(tmp_path: Path, fake_package: Path) -> None:
+    run_build(_config(tmp_path), stages=_fake_specs())
+    assert [s.status for s in run_build(_config(tmp_path), stages=_fake_specs()).stages] == ["skipped", "skipped"]
+    (fake_package / "helper.py").write_text("VALUE = 2  # edited\n")
+    assert [s.status for s in run_build(_config(tmp_path), stages=_fake_specs()).stages] == ["skipped", "ran"]
+    (fake_package / "pipeline.py").write_text("RUNNER = 2  # the pipeline machinery: no stage reruns\n")
+    assert [s.status for s in run_build(_config(tmp_path), stages=_fake_specs()).stages] == ["skipped", "skipped"]
+    (fake_package / "stages" / "alone.py").write_text(
+        (fake_package / "stages" / "alone.py").read_text() + "# edited\n")
+    assert [s.status for s in run_build(_config(tmp_path), stages=_fake_specs()).stages] == ["ran", "skipped"]
+
+
+def test_toolkit_stage_keys_follow_the_modules_they_import(tmp_path: Path) -> None:
+    """On a copy of the real package: gates.py reruns only the stages that use it; the control
+    prompts rerun the stages that read toolkit.data; the Triton model.py reruns the repository."""
+    root = tmp_path / "toolkit"
+    shutil.copytree(Path(toolkit.__file__).parent, root, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def digests() -> dict[str, str]:
+        hasher = SourceHasher("toolkit", root)
+        return {spec.name: hasher.digest(spec.module) for spec in STAGES}
+
+    def changed_by(rel: str) -> set[str]:
+        before = digests()
+        with (root / rel).open("a") as fh:
+            fh.write("\n# edited\n" if rel.endswith(".py") else "\n")
+        after = digests()
+        return {name for name in before if before[name] != after[name]}
+
+    assert changed_by("gates.py") == {"export_onnx", "quantize"}
+    assert {"data", "finetune"} <= changed_by("datasets/control_prompts.json")
+    assert "export_onnx" not in changed_by("datasets/control_prompts.json")
+    assert changed_by("serving/triton_model/model.py") == {"repository"}
+    assert changed_by("serving/scheduler.py") == {"repository"}  # imported by the copied model.py
+    assert changed_by("pipeline.py") == set()
+    assert changed_by("config.py") == set()  # keyed through the config sections' values instead

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-import toolkit.data
 from toolkit.config import BuildConfig
 from toolkit.data import dataset_paths, language_of, load_examples, split_examples, write_jsonl
 from toolkit.pipeline import StageContext, StageResult
@@ -24,14 +22,14 @@ log = logging.getLogger(__name__)
 
 
 def cache_inputs(config: BuildConfig) -> dict[str, Any]:
-    """Content hashes of the dataset files and of the loader, for the stage's cache key.
+    """Content hashes of the dataset files, for the stage's cache key.
 
-    The pipeline keys a stage on its config section and its own module, which name the files but
-    not what is in them: editing a dataset (or the cleaning/split code in toolkit/data.py) must
-    rerun this stage. Missing files hash as None; the stage then fails with a clear DataError.
+    The config section names the files but not what is in them: editing a dataset must rerun this
+    stage (the pipeline already keys on the loader's source, toolkit/data.py, which this imports).
+    Missing files hash as None; the stage then fails with a clear DataError.
     """
     files = {display: sha256_file(path) if path.is_file() else None for path, display in dataset_paths(config.data)}
-    return {"files": files, "loader": sha256_file(Path(toolkit.data.__file__))}
+    return {"files": files}
 
 
 def run(ctx: StageContext) -> StageResult:

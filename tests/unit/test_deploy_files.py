@@ -1,0 +1,324 @@
+"""Deployment files against the code they configure: drift here fails CI, not a rollout.
+
+Every ``GATEWAY_*`` variable in docker-compose.yml, deploy/k8s and the Dockerfiles must be a
+``GatewaySettings`` field in a format its validators accept; the Triton command lines, ports and
+model name must match ``toolkit serve``; every metric the Grafana dashboard, the prometheus-adapter
+rules and the HPA use must be one the gateway, the generation model or Triton itself exports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.metrics import GatewayMetrics
+from gateway.settings import GatewaySettings
+from toolkit.config import ModelSection
+from toolkit.serving import triton_server
+from toolkit.serving.metrics import TritonMetrics
+from toolkit.serving.serve import ServeOptions
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+GRAFANA = DEPLOY / "grafana"
+DOCKERFILES = (ROOT / "Dockerfile.gateway", ROOT / "Dockerfile.triton")
+
+# Triton's own metrics (docs: user_guide/metrics.md) that the deploy files may use.
+TRITON_METRICS = frozenset({
+    "nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
+    "nv_inference_exec_count", "nv_inference_pending_request_count", "nv_inference_request_duration_us",
+    "nv_inference_queue_duration_us", "nv_inference_compute_input_duration_us",
+    "nv_inference_compute_infer_duration_us", "nv_inference_compute_output_duration_us",
+    "nv_gpu_utilization", "nv_gpu_memory_total_bytes", "nv_gpu_memory_used_bytes", "nv_gpu_power_usage",
+    "nv_cpu_utilization", "nv_cpu_memory_total_bytes", "nv_cpu_memory_used_bytes",
+})
+_PROMQL_KEYWORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool",
+                              "and", "or", "unless", "inf", "nan"})
+
+
+# ---------------------------------------------------------------- readers
+
+
+def _yaml_docs(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _k8s_docs() -> list[dict[str, Any]]:
+    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in _yaml_docs(path)]
+
+
+def _k8s_object(kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in _k8s_docs() if d.get("kind") == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name} in deploy/k8s"
+    return found[0]
+
+
+def _container(deployment: str) -> dict[str, Any]:
+    container: dict[str, Any] = _k8s_object("Deployment", deployment)["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def _compose() -> dict[str, Any]:
+    compose: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return compose
+
+
+def _dockerfile_env(path: Path) -> dict[str, str]:
+    """``ENV K=V ...`` instructions of a Dockerfile (continuation lines joined, comments dropped)."""
+    lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
+    env: dict[str, str] = {}
+    for instruction in "\n".join(lines).replace("\\\n", " ").splitlines():
+        if instruction.startswith("ENV "):
+            env.update(token.split("=", 1) for token in shlex.split(instruction[4:]) if "=" in token)
+    return env
+
+
+def _dockerfile_cmd(path: Path) -> str:
+    text = path.read_text().replace("\\\n", " ")
+    cmd = [line for line in text.splitlines() if line.startswith("CMD ")]
+    assert len(cmd) == 1, f"{path.name}: expected one CMD"
+    return " ".join(json.loads(cmd[0][4:]))
+
+
+def _env_var(name: str) -> str:
+    return f"GATEWAY_{name}".upper()
+
+
+def _gateway_env_sets() -> dict[str, dict[str, str]]:
+    """Every place that sets gateway environment variables, as name -> value."""
+    compose_env = _compose()["services"]["gateway"]["environment"]
+    if isinstance(compose_env, list):
+        compose_env = dict(item.split("=", 1) for item in compose_env)
+    k8s_env = {e["name"]: e["value"] for e in _container("gateway").get("env", [])}
+    return {
+        "docker-compose.yml": {k: str(v) for k, v in compose_env.items()},
+        "deploy/k8s/gateway.yaml": k8s_env,
+        "Dockerfile.gateway": _dockerfile_env(ROOT / "Dockerfile.gateway"),
+    }
+
+
+# ---------------------------------------------------------------- gateway settings
+
+
+def test_every_gateway_variable_mentioned_in_deploy_files_is_a_setting() -> None:
+    fields = {_env_var(name) for name in GatewaySettings.model_fields}
+    sources = [ROOT / "docker-compose.yml", *DOCKERFILES, *sorted(K8S.glob("*.yaml"))]
+    used = {(path.name, var) for path in sources for var in re.findall(r"\bGATEWAY_[A-Z0-9_]+", path.read_text())}
+    assert used, "no GATEWAY_ variable found: the deploy files moved?"
+    unknown = sorted(f"{source}: {var}" for source, var in used if var not in fields)
+    assert not unknown, f"not a GatewaySettings field: {unknown}"
+
+
+@pytest.mark.parametrize("source", ["docker-compose.yml", "deploy/k8s/gateway.yaml", "Dockerfile.gateway"])
+def test_deployed_gateway_environment_validates(source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in [n for n in os.environ if n.upper().startswith("GATEWAY_")]:
+        monkeypatch.delenv(name)
+    env = _gateway_env_sets()[source]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # Paths inside the container do not exist here: stand in for them, keep every other value as deployed.
+    monkeypatch.setenv("GATEWAY_REPOSITORY", str(tmp_path))
+    if "GATEWAY_API_KEYS_FILE" in env:
+        monkeypatch.setenv("GATEWAY_API_KEYS_FILE", str(DEPLOY / "api_keys.example"))
+    settings = GatewaySettings()
+    if "GATEWAY_TRITON_URLS" in env:
+        assert settings.triton_urls == ["triton:8001"]
+    if "GATEWAY_PORT" in env:
+        assert settings.port == 8080
+
+
+def test_gateway_points_at_tritons_grpc_port(tmp_path: Path) -> None:
+    grpc_port = ServeOptions(repository=Path(".")).grpc_port
+    compose = _compose()["services"]
+    assert f"{grpc_port}:{grpc_port}" in compose["triton"]["ports"]
+    service = _k8s_object("Service", "triton")
+    assert {"name": "grpc", "port": grpc_port, "targetPort": "grpc"} in service["spec"]["ports"]
+    container_ports = {p["name"]: p["containerPort"] for p in _container("triton")["ports"]}
+    assert container_ports["grpc"] == grpc_port
+    for source, env in _gateway_env_sets().items():
+        if "GATEWAY_TRITON_URLS" in env:
+            urls = GatewaySettings(repository=tmp_path, triton_urls=env["GATEWAY_TRITON_URLS"]).triton_urls
+            assert urls == [f"triton:{grpc_port}"], source
+
+
+def test_api_key_files_are_where_the_deployments_mount_them() -> None:
+    gateway = _compose()["services"]["gateway"]
+    key_path = Path(gateway["environment"]["GATEWAY_API_KEYS_FILE"])
+    assert key_path.parent == Path("/run/secrets") and key_path.name in gateway["secrets"]
+    assert (ROOT / _compose()["secrets"][key_path.name]["file"]).is_file()
+
+    container = _container("gateway")
+    env = {e["name"]: e["value"] for e in container["env"]}
+    key_path = Path(env["GATEWAY_API_KEYS_FILE"])
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(key_path.parent))
+    volumes = _k8s_object("Deployment", "gateway")["spec"]["template"]["spec"]["volumes"]
+    secret = next(v["secret"]["secretName"] for v in volumes if v["name"] == mount["name"])
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    generator = next(g for g in kustomization["secretGenerator"] if g["name"] == secret)
+    files = dict(f.split("=", 1) for f in generator["files"])
+    # kustomize refuses files outside its directory (the default load restrictor).
+    target = (K8S / files[key_path.name]).resolve()
+    assert target.is_file() and target.is_relative_to(K8S.resolve())
+
+
+# ---------------------------------------------------------------- Triton command lines
+
+
+def _triton_commands() -> dict[str, str]:
+    args = _container("triton")["args"]
+    return {"Dockerfile.triton": _dockerfile_cmd(ROOT / "Dockerfile.triton"), "deploy/k8s/triton.yaml": args[-1]}
+
+
+def _flags(command: str) -> dict[str, str]:
+    return dict(tok.split("=", 1) if "=" in tok else (tok, "") for tok in shlex.split(command) if tok.startswith("--"))
+
+
+def test_triton_command_lines_match_toolkit_serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(triton_server, "pytriton_dist", lambda: tmp_path)
+    options = ServeOptions(repository=tmp_path)
+    launcher = triton_server.TritonServer(tmp_path, models=["m"], metrics_port=options.metrics_port)
+    ours = _flags(" ".join(launcher.command(tmp_path)[1:]))
+    model_name = ModelSection().name
+    assert _dockerfile_env(ROOT / "Dockerfile.triton")["MODEL_NAME"] == "${MODEL_NAME}"
+    assert re.search(rf"^ARG MODEL_NAME={re.escape(model_name)}$", (ROOT / "Dockerfile.triton").read_text(), re.M)
+    k8s_env = {e["name"]: e["value"] for e in _container("triton")["env"]}
+    assert k8s_env["MODEL_NAME"] == model_name
+    for source, command in _triton_commands().items():
+        flags = _flags(command)
+        unknown = set(flags) - set(ours) - {"--log-info"}
+        assert not unknown, f"{source}: flags toolkit serve never passes: {sorted(unknown)}"
+        assert flags["--model-control-mode"] == ours["--model-control-mode"] == "explicit", source
+        assert flags["--model-repository"] == "/models", source
+        assert flags["--load-model"] in ("${MODEL_NAME}", "$(MODEL_NAME)"), source
+        assert flags["--metrics-port"] == str(options.metrics_port), source
+        assert flags["--allow-metrics"] == "true", source
+
+
+def test_triton_ports_and_scrape_targets_agree() -> None:
+    options = ServeOptions(repository=Path("."))
+    exposed = re.search(r"^EXPOSE (.+)$", (ROOT / "Dockerfile.triton").read_text(), re.M)
+    assert exposed and exposed.group(1).split() == [str(p) for p in (options.http_port, options.grpc_port,
+                                                                      options.metrics_port)]
+    container = _container("triton")
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "http": options.http_port, "grpc": options.grpc_port, "metrics": options.metrics_port}
+    annotations = _k8s_object("Deployment", "triton")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(options.metrics_port)
+    gateway_annotations = _k8s_object("Deployment", "gateway")["spec"]["template"]["metadata"]["annotations"]
+    assert gateway_annotations["prometheus.io/port"] == str(options.gateway_port)
+
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in prometheus["scrape_configs"]}
+    assert targets == {"triton": [f"triton:{options.metrics_port}"], "gateway": [f"gateway:{options.gateway_port}"]}
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class _RecordingFamily:
+    COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+    registered: list[tuple[str, str]] = []
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        _RecordingFamily.registered.append((name, kind))
+
+    def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> object:  # noqa: N802
+        return object()
+
+
+def _generation_model_series() -> set[str]:
+    """Series names the generation model's ``pb_utils.MetricFamily`` metrics appear under on Triton."""
+    _RecordingFamily.registered = []
+    TritonMetrics(type("pb_utils", (), {"MetricFamily": _RecordingFamily}), "m", "1")
+    series = set()
+    for name, kind in _RecordingFamily.registered:
+        suffixes = ("_bucket", "_sum", "_count") if kind == _RecordingFamily.HISTOGRAM else ("",)
+        series.update(name + suffix for suffix in suffixes)
+    return series
+
+
+def _gateway_series() -> set[str]:
+    """Series names of the gateway's prometheus-client metrics (Counter adds _total, Histogram _bucket...)."""
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    return {f.name + s for f in GatewayMetrics().registry.collect() for s in suffixes[f.type]}
+
+
+def known_series() -> set[str]:
+    return _generation_model_series() | _gateway_series() | TRITON_METRICS
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (or a prometheus-adapter query template)."""
+    expr = re.sub(r"<<[^>]*>>", " ", expr)
+    expr = re.sub(r"\"[^\"]*\"|'[^']*'", " ", expr)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    names = set()
+    for match in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*", expr):
+        if expr[match.end():].lstrip().startswith("(") or match.group() in _PROMQL_KEYWORDS:
+            continue  # a function or aggregation, or a keyword
+        names.add(match.group())
+    return names
+
+
+def test_promql_metrics_reads_names_not_functions_or_labels() -> None:
+    expr = ('histogram_quantile(0.95, sum by (le) (rate(a_seconds_bucket{job="x"}[5m]))) '
+            "/ on (pod) sum(b_total) * 1e3")
+    assert promql_metrics(expr) == {"a_seconds_bucket", "b_total"}
+    assert promql_metrics("sum(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)") == set()
+
+
+def test_metric_names_cover_what_the_code_registers() -> None:
+    series = known_series()
+    assert {"gateway_requests_total", "gateway_request_duration_seconds_bucket", "gateway_requests_in_flight",
+            "toolkit_requests_total", "toolkit_time_to_first_token_seconds_bucket", "toolkit_queue_depth"} <= series
+    assert "gateway_requests" not in series  # prometheus-client exposes the counter only with _total
+
+
+def test_dashboard_json_is_the_scripts_output() -> None:
+    sys.path.insert(0, str(GRAFANA))
+    try:
+        import make_dashboard
+    finally:
+        sys.path.remove(str(GRAFANA))
+    written = (GRAFANA / "dashboards" / "chat-serving.json").read_text()
+    assert written == json.dumps(make_dashboard.dashboard(), indent=2) + "\n", (
+        "dashboards/chat-serving.json is stale: run python deploy/grafana/make_dashboard.py")
+
+
+def test_dashboard_uses_only_exported_metrics() -> None:
+    dashboard = json.loads((GRAFANA / "dashboards" / "chat-serving.json").read_text())
+    series, unknown = known_series(), []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            names = promql_metrics(target["expr"])
+            assert names, f"{panel['title']}: no metric found in {target['expr']!r}"
+            unknown += [f"{panel['title']}: {name}" for name in sorted(names - series)]
+    assert not unknown, f"metrics nothing exports: {unknown}"
+    datasources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yaml").read_text())
+    assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {d["uid"] for d in datasources["datasources"]}
+
+
+def test_adapter_rules_and_hpa_use_exported_metrics() -> None:
+    adapter = _yaml_docs(K8S / "prometheus-adapter.yaml")[0]
+    series, exposed = known_series(), set()
+    for rule in adapter["rules"]["custom"]:
+        names = promql_metrics(rule["seriesQuery"]) | promql_metrics(rule["metricsQuery"])
+        assert names and names <= series, f"adapter rule {rule['seriesQuery']!r}: unknown {sorted(names - series)}"
+        exposed.add(rule["name"]["as"])
+    hpa_metrics = [
+        metric["pods"]["metric"]["name"]
+        for doc in _k8s_docs() if doc.get("kind") == "HorizontalPodAutoscaler"
+        for metric in doc["spec"]["metrics"] if metric["type"] == "Pods"
+    ]
+    assert hpa_metrics, "the Triton HPA scales on no custom metric"
+    assert set(hpa_metrics) <= exposed, f"HPA metrics the adapter does not expose: {set(hpa_metrics) - exposed}"

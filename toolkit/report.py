@@ -98,6 +98,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _cell(text: str) -> str:
+    """A markdown table cell: pipes escaped as ``\\|`` (GFM, code spans included), line breaks as spaces."""
+    return " ".join(text.replace("|", "\\|").splitlines())
+
+
 def render_markdown(report: BuildReport) -> str:
     lines = [
         "# Build report",
@@ -111,7 +116,7 @@ def render_markdown(report: BuildReport) -> str:
     ]
     for s in report.stages:
         secs = f"{s.duration_s:.1f}" if s.duration_s is not None else ""
-        lines.append(f"| {s.name} | {s.status} | {secs} | {s.note.replace('|', '/')} |")
+        lines.append(f"| {_cell(s.name)} | {_cell(s.status)} | {secs} | {_cell(s.note)} |")
     for s in report.stages:
         if not s.metrics and not s.gates:
             continue
@@ -120,7 +125,8 @@ def render_markdown(report: BuildReport) -> str:
             lines += ["| gate | result | value | threshold | detail |", "| --- | --- | --- | --- | --- |"]
             for g in s.gates:
                 verdict = "pass" if g.passed else ("FAIL" if g.blocking else "fail (non-blocking)")
-                lines.append(f"| {g.name} | {verdict} | {_fmt(g.value)} | {_fmt(g.threshold)} | {g.detail} |")
+                cells = [g.name, verdict, _fmt(g.value), _fmt(g.threshold), g.detail]
+                lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
             lines.append("")
         for key, value in s.metrics.items():
             lines.append(f"- {key}: {_fmt(value)}")

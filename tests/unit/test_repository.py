@@ -249,3 +249,50 @@ def test_config_refuses_preferred_batch_size_over_max() -> None:
     assert parse_config({"repository": {"max_batch_size": 6}}).repository.preferred_batch_sizes == [4]
     small = {"repository": {"max_batch_size": 2}, "tensorrt": {"opt_batch_size": 1}}
     assert parse_config(small).repository.preferred_batch_sizes == [2]
+
+
+def _kv_graph_stand_in(path: Path, layers: int = 2, kv_heads: int = 2, head_dim: int = 8, vocab: int = 5) -> Path:
+    """An ONNX file with a KV-cache LM's inputs and outputs and no real computation: enough for the
+    repository, which reads the graph's interface and links the file."""
+    from onnx import TensorProto, helper, save
+
+    def tensor(name: str, *dims: int | str) -> Any:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(dims))
+
+    past = [tensor(f"past_key_values.{i}.{kv}", "batch", kv_heads, "past", head_dim)
+            for i in range(layers) for kv in ("key", "value")]
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "stand-in",
+                              [tensor("input_ids", "batch", "seq"), *past], [tensor("logits", "batch", "seq", vocab)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_dev_repository_is_the_stage_layout_around_an_onnx(tmp_path: Path, merged_dir: Path) -> None:
+    from toolkit.serving.devrepo import write_serving_repository
+
+    onnx = _kv_graph_stand_in(tmp_path / "export" / "model.onnx")
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (tokenizer / name).write_bytes((merged_dir / name).read_bytes())
+    served = write_serving_repository(tmp_path / "repo", "dev", onnx, context_length=128, max_active=4,
+                                      max_queue=16, max_new_tokens_limit=64, tokenizer_dir=tokenizer,
+                                      stop_token_ids=[2], pad_token_id=2, max_batch_size=2)
+    repo = tmp_path / "repo"
+    assert (served.path, served.model, served.onnx) == (repo, "dev", onnx)
+    assert (repo / "dev_onnx_fp32" / "1" / "model.onnx").resolve() == onnx.resolve()  # linked, not copied
+    params = {k: v.string_value for k, v in read_config(repo / "dev" / "config.pbtxt").parameters.items()}
+    assert params == {c.PARAM_CORE_MODEL: "dev_onnx_fp32", c.PARAM_RUNNER: "onnxruntime", c.PARAM_MAX_ACTIVE: "4",
+                      c.PARAM_MAX_QUEUE: "16", c.PARAM_MAX_NEW_TOKENS: "64", c.PARAM_CONTEXT: "128"}
+    core = read_config(repo / "dev_onnx_fp32" / "config.pbtxt")
+    assert core.max_batch_size == 2 and list(core.dynamic_batching.preferred_batch_size) == [2]
+    manifest = ModelManifest.load(repo / "dev" / "1")
+    assert manifest == served.manifest
+    assert (manifest.num_layers, manifest.num_kv_heads, manifest.head_dim, manifest.vocab_size) == (2, 2, 8, 5)
+    assert (manifest.stop_token_ids, manifest.pad_token_id, manifest.chat_template) == ([2], 2, TEMPLATE)
+    assert sorted(p.name for p in (repo / "dev" / "1" / "tokenizer").iterdir()) == [
+        "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+
+    bare = write_serving_repository(tmp_path / "bare", "dev", onnx, context_length=128)  # token ids only
+    assert not (tmp_path / "bare" / "dev" / "1" / "tokenizer").exists() and bare.manifest.chat_template == ""

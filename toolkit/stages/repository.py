@@ -14,7 +14,8 @@ Every build writes version N+1 of every model it ships. A version directory is w
 hidden temp directory and renamed into place, core models first and the generation model last;
 if anything fails, the versions this build already renamed are removed again, so no half version
 is ever visible. Older versions beyond ``repository.keep_versions`` are pruned afterwards.
-:func:`write_repository` is the same thing as a plain function, for test fixtures.
+:func:`write_repository` is the same thing as a plain function; given :class:`ModelFacts` instead of
+a merged model directory it also serves :mod:`toolkit.serving.devrepo` (tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from toolkit import __version__
 from toolkit.capacity import capacity_report
 from toolkit.config import RepositorySection, ServingSection, TensorRTSection
 from toolkit.errors import StageError
-from toolkit.manifest import ArtifactRef, ModelManifest
+from toolkit.manifest import TOKENIZER_DIR, ArtifactRef, ModelManifest
 from toolkit.pipeline import StageContext, StageRecord, StageResult
 from toolkit.serving import contract
 from toolkit.stages import tensorrt as trt
@@ -67,6 +68,37 @@ class TrtInputs:
     context_length: int
     qdq_onnx: Path | None = None  # source of the INT8 plan; None leaves the INT8 model out
     built: Mapping[str, Path] = field(default_factory=dict)  # precision -> dir with model.plan + plan_meta.json
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the repository records about the model beside its ONNX graph.
+
+    `tokenizer_dir` holds the tokenizer files shipped beside the manifest (None ships none: the
+    generation model works on token ids; only the gateway needs the tokenizer).
+    """
+
+    lm: LMInfo
+    bos_token_id: int | None
+    stop_token_ids: tuple[int, ...]
+    pad_token_id: int
+    chat_template: str
+    tokenizer_dir: Path | None = None
+
+    @classmethod
+    def from_merged_dir(cls, merged_dir: Path) -> ModelFacts:
+        """Shape, bos / stop / pad ids and chat template of a merged model, as the rest of the build computes them."""
+        from toolkit.modeling import CHAT_TEMPLATE_FILE, chat_template_of, load_tokenizer, pad_token_id, stop_token_ids
+
+        lm = LMInfo.from_hf_config(merged_dir)
+        tokenizer = load_tokenizer(merged_dir)
+        gen_path = merged_dir / "generation_config.json"
+        gen = SimpleNamespace(**json.loads(gen_path.read_text(encoding="utf-8"))) if gen_path.is_file() else None
+        template_file = merged_dir / CHAT_TEMPLATE_FILE
+        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else chat_template_of(tokenizer)
+        stops = stop_token_ids(tokenizer, gen)  # the tokenizer's eos, then the generation config's eos ids
+        return cls(lm=lm, bos_token_id=tokenizer.bos_token_id, stop_token_ids=tuple(stops),
+                   pad_token_id=pad_token_id(tokenizer), chat_template=template, tokenizer_dir=merged_dir)
 
 
 @dataclass
@@ -108,14 +140,14 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _link_onnx(src: Path, version_tmp: Path) -> None:
+def _link_onnx(src: Path, version_tmp: Path, symlink: bool = False) -> None:
     if not src.is_file():
         raise StageError(f"ONNX model {src} not found; rerun the export stage (toolkit build --force --stages "
                          "export_onnx)")
-    link_or_copy(src, version_tmp / ONNX_FILE)
     data = src.with_name(src.name + "_data")  # optimum's external-data file for graphs over 2 GB
-    if data.is_file():
-        link_or_copy(data, version_tmp / data.name)
+    for source, dest in ((src, version_tmp / ONNX_FILE), (data, version_tmp / data.name)):
+        if source.is_file():
+            dest.symlink_to(source.resolve()) if symlink else link_or_copy(source, dest)
 
 
 def _clean_temps(model_dir: Path) -> None:
@@ -157,34 +189,16 @@ class _VersionWriter:
         self.done.clear()
 
 
-def _tokenizer_facts(merged_dir: Path) -> dict[str, Any]:
-    """bos / eos / stop / pad ids and the chat template, as the rest of the build computes them."""
-    from toolkit.modeling import CHAT_TEMPLATE_FILE, chat_template_of, load_tokenizer, pad_token_id, stop_token_ids
-
-    tokenizer = load_tokenizer(merged_dir)
-    gen_path = merged_dir / "generation_config.json"
-    gen = SimpleNamespace(**json.loads(gen_path.read_text(encoding="utf-8"))) if gen_path.is_file() else None
-    template_file = merged_dir / CHAT_TEMPLATE_FILE
-    template = template_file.read_text(encoding="utf-8") if template_file.is_file() else chat_template_of(tokenizer)
-    stops = stop_token_ids(tokenizer, gen)  # the tokenizer's eos, then the generation config's eos ids
-    return {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_ids": stops,
-        "stop_token_ids": stops,
-        "pad_token_id": pad_token_id(tokenizer),
-        "chat_template": template,
-    }
-
-
-def _copy_tokenizer(merged_dir: Path, dest: Path, template: str) -> None:
-    missing = [n for n in REQUIRED_TOKENIZER_FILES if not (merged_dir / n).is_file()]
+def _copy_tokenizer(tokenizer_dir: Path, dest: Path, template: str) -> None:
+    missing = [n for n in REQUIRED_TOKENIZER_FILES if not (tokenizer_dir / n).is_file()]
     if missing:
-        raise StageError(f"{merged_dir} lacks {', '.join(missing)}: the merged model has no saved tokenizer")
+        raise StageError(f"{tokenizer_dir} lacks {', '.join(missing)}: the merged model has no saved tokenizer")
     dest.mkdir(parents=True)
     for name in TOKENIZER_FILES:
-        if (merged_dir / name).is_file():
-            shutil.copy2(merged_dir / name, dest / name)
-    (dest / "chat_template.jinja").write_text(template, encoding="utf-8")
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, dest / name)
+    if template:  # an empty one would hide the tokenizer_config's template from the gateway
+        (dest / "chat_template.jinja").write_text(template, encoding="utf-8")
 
 
 def _ref(root: Path, path: Path) -> ArtifactRef:
@@ -195,7 +209,8 @@ def write_repository(
     output: Path,
     *,
     model_name: str,
-    merged_dir: Path,
+    merged_dir: Path | None = None,
+    model: ModelFacts | None = None,
     onnx_fp32: Path,
     onnx_int8: Path | None = None,
     context_length: int = 2048,
@@ -206,13 +221,17 @@ def write_repository(
     trt_inputs: TrtInputs | None = None,
     model_py: Path | None = None,
     extra_parameters: Mapping[str, str] | None = None,
+    symlink_onnx: bool = False,
 ) -> RepositoryWrite:
     """Write version N+1 of the generation model and its core models into `output`; prune old versions.
 
     `merged_dir` is a Hugging Face model directory with the tokenizer (config.json, tokenizer.json,
-    tokenizer_config.json, ...). `onnx_fp32` is the KV-cache ONNX export; `onnx_int8` the INT8
-    variant, only when it passed its gate. Sections default to the build config's defaults.
-    `extra_parameters` are added to the generation model's config parameters (e.g. EXECUTION_ENV_PATH).
+    tokenizer_config.json, ...); or pass what it would give as `model` instead. `onnx_fp32` is the
+    KV-cache ONNX export; `onnx_int8` the INT8 variant, only when it passed its gate. Sections
+    default to the build config's defaults. `extra_parameters` are added to the generation model's
+    config parameters (e.g. EXECUTION_ENV_PATH). `symlink_onnx` links the core models to the
+    exports instead of holding them (hard link or copy): for dev repositories beside a build only,
+    a shipped repository must stand alone.
     """
     repo = repository or RepositorySection()
     srv = serving or ServingSection()
@@ -220,9 +239,14 @@ def write_repository(
     if not model_py.is_file():
         raise StageError(f"the Triton generation model {model_py} does not exist yet; it comes with the serving "
                          "package (toolkit/serving/triton_model/model.py), install or update the toolkit")
+    if merged_dir is not None and model is None:
+        facts = ModelFacts.from_merged_dir(merged_dir)
+    elif model is not None and merged_dir is None:
+        facts = model
+    else:
+        raise ValueError("write_repository takes one of merged_dir and model")
     output.mkdir(parents=True, exist_ok=True)
-    lm = LMInfo.from_hf_config(merged_dir)
-    facts = _tokenizer_facts(merged_dir)
+    lm = facts.lm
     version = next_version(output, model_name)
     notes: list[str] = []
     batching: dict[str, Any] = {"max_batch_size": repo.max_batch_size,
@@ -246,7 +270,7 @@ def write_repository(
                 continue
             model_dir = output / core_model_name(model_name, precision)
             with writer.version_dir(model_dir) as tmp:
-                _link_onnx(src, tmp)
+                _link_onnx(src, tmp, symlink_onnx)
             artifacts[precision] = _ref(output, model_dir / str(version) / ONNX_FILE)
             configs.append((model_dir, onnx_core_config(model_dir.name, lm, **batching)))
         if trt_inputs is not None:
@@ -265,19 +289,20 @@ def write_repository(
         configs.append((gen_dir, generation_model_config(model_name, parameters=params, **batching)))
         with writer.version_dir(gen_dir) as tmp:
             shutil.copy2(model_py, tmp / "model.py")
-            _copy_tokenizer(merged_dir, tmp / "tokenizer", facts["chat_template"])
             artifacts["model_py"] = ArtifactRef(path=f"{model_name}/{version}/model.py", sha256=sha256_file(model_py))
-            for name in sorted(p.name for p in (tmp / "tokenizer").iterdir()):
-                artifacts[f"tokenizer/{name}"] = ArtifactRef(path=f"{model_name}/{version}/tokenizer/{name}",
-                                                             sha256=sha256_file(tmp / "tokenizer" / name))
+            if facts.tokenizer_dir is not None:
+                _copy_tokenizer(facts.tokenizer_dir, tmp / TOKENIZER_DIR, facts.chat_template)
+                for path in sorted((tmp / TOKENIZER_DIR).iterdir()):
+                    artifacts[f"tokenizer/{path.name}"] = ArtifactRef(
+                        path=f"{model_name}/{version}/{TOKENIZER_DIR}/{path.name}", sha256=sha256_file(path))
             manifest = ModelManifest(
                 model_name=model_name, version=version, base_model=base_model, adapter_sha256=adapter_sha256,
                 toolkit_version=__version__, built_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 context_length=context_length, vocab_size=lm.vocab_size, num_layers=lm.num_layers,
-                num_kv_heads=lm.num_kv_heads, head_dim=lm.head_dim, bos_token_id=facts["bos_token_id"],
-                eos_token_ids=facts["eos_token_ids"], stop_token_ids=facts["stop_token_ids"],
-                pad_token_id=facts["pad_token_id"], chat_template=facts["chat_template"],
-                chat_template_sha256=sha256_text(facts["chat_template"]), serving_core_model=core,
+                num_kv_heads=lm.num_kv_heads, head_dim=lm.head_dim, bos_token_id=facts.bos_token_id,
+                eos_token_ids=list(facts.stop_token_ids), stop_token_ids=list(facts.stop_token_ids),
+                pad_token_id=facts.pad_token_id, chat_template=facts.chat_template,
+                chat_template_sha256=sha256_text(facts.chat_template), serving_core_model=core,
                 artifacts=artifacts, precisions=precisions,
             )
             manifest.save(tmp)

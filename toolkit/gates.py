@@ -206,6 +206,8 @@ def torch_greedy(
     import torch
     from transformers import DynamicCache
 
+    from toolkit.onnx_lm import record_greedy_step
+
     batch = len(prompts)
     longest = max(len(p) for p in prompts)
     ids = torch.full((batch, longest), pad_id, dtype=torch.long)
@@ -228,15 +230,7 @@ def torch_greedy(
             last = out.logits[:, -1, :].float()
             step_logits.append(last.numpy().copy())
             next_ids = last.argmax(dim=-1)
-            for row in range(batch):
-                if done[row]:
-                    continue
-                token = int(next_ids[row])
-                if token in stops:
-                    done[row] = True
-                else:
-                    generated[row].append(token)
-            if all(done):
+            if record_greedy_step(next_ids.tolist(), stops, generated, done):
                 break
             step_ids = next_ids[:, None]
             step_pos = step_pos[:, -1:] + 1

@@ -24,6 +24,22 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def record_greedy_step(next_ids: Sequence[int], stops: set[int], generated: list[list[int]], done: list[bool]) -> bool:
+    """Append each unfinished row's next token to its completion; a stop id ends the row instead.
+
+    The bookkeeping of every greedy loop here (onnxruntime and the PyTorch reference in
+    toolkit.gates), so they stop alike. Returns True once every row has ended.
+    """
+    for row, token in enumerate(next_ids):
+        if done[row]:
+            continue
+        if token in stops:
+            done[row] = True
+        else:
+            generated[row].append(int(token))
+    return all(done)
+
+
 class OnnxCausalLM:
     """One onnxruntime session over a KV-cache causal LM graph."""
 
@@ -111,15 +127,7 @@ class OnnxCausalLM:
             if return_logits:
                 step_logits.append(last.astype(np.float32))
             next_ids = last.argmax(axis=-1)
-            for row in range(batch):
-                if done[row]:
-                    continue
-                token = int(next_ids[row])
-                if token in stops:
-                    done[row] = True
-                else:
-                    generated[row].append(token)
-            if all(done):
+            if record_greedy_step(next_ids.tolist(), stops, generated, done):
                 break
             step_ids = next_ids[:, None].astype(np.int64)
             step_pos = step_pos[:, -1:] + 1

@@ -231,6 +231,20 @@ def _open_stream(client: httpx.Client, gateway: Gateway, max_tokens: int) -> htt
     return client.send(request, stream=True)
 
 
+def _wait_for_one_cancelled(metrics_url: str, before: str, timeout_s: float = 20) -> str:
+    """Wait until Triton holds no sequence, assert exactly one more request ended cancelled; return the scrape."""
+    deadline = time.monotonic() + timeout_s
+    while metric_sum(scrape(metrics_url), "toolkit_active_sequences") > 0:
+        assert time.monotonic() < deadline, "the abandoned request still holds its Triton slot"
+        time.sleep(0.1)
+    after = scrape(metrics_url)
+    cancelled = metric_sum(after, "toolkit_requests_total", finish_reason="cancelled") - metric_sum(
+        before, "toolkit_requests_total", finish_reason="cancelled"
+    )
+    assert cancelled == 1
+    return after
+
+
 def test_disconnect_mid_stream_frees_the_triton_slot(gateway: Gateway, triton_server: RunningTriton) -> None:
     before = scrape(triton_server.metrics_url)
     with httpx.Client() as client:
@@ -241,15 +255,7 @@ def test_disconnect_mid_stream_frees_the_triton_slot(gateway: Gateway, triton_se
         assert any(line.startswith("data: ") for line in received)
         assert metric_sum(scrape(triton_server.metrics_url), "toolkit_active_sequences") >= 1
         response.close()  # the client goes away mid-stream
-    deadline = time.monotonic() + 20
-    while metric_sum(scrape(triton_server.metrics_url), "toolkit_active_sequences") > 0:
-        assert time.monotonic() < deadline, "the disconnected request still holds its Triton slot"
-        time.sleep(0.1)
-    after = scrape(triton_server.metrics_url)
-    cancelled = metric_sum(after, "toolkit_requests_total", finish_reason="cancelled") - metric_sum(
-        before, "toolkit_requests_total", finish_reason="cancelled"
-    )
-    assert cancelled == 1
+    after = _wait_for_one_cancelled(triton_server.metrics_url, before)
     completion = metric_sum(after, "toolkit_generated_tokens_total") - metric_sum(
         before, "toolkit_generated_tokens_total"
     )
@@ -263,15 +269,7 @@ def test_disconnect_during_a_non_streaming_request_frees_the_slot(
     body = {"messages": MESSAGES, "max_tokens": 900, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
         httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=auth(), timeout=1.0)
-    deadline = time.monotonic() + 20
-    while metric_sum(scrape(triton_server.metrics_url), "toolkit_active_sequences") > 0:
-        assert time.monotonic() < deadline, "the abandoned request still holds its Triton slot"
-        time.sleep(0.1)
-    after = scrape(triton_server.metrics_url)
-    cancelled = metric_sum(after, "toolkit_requests_total", finish_reason="cancelled") - metric_sum(
-        before, "toolkit_requests_total", finish_reason="cancelled"
-    )
-    assert cancelled == 1
+    _wait_for_one_cancelled(triton_server.metrics_url, before)
 
 
 def test_in_flight_bound_answers_429_with_retry_after(gateway: Gateway) -> None:

@@ -6,14 +6,25 @@ SmolLM2 tokenizer fixture renders prompts for it) exported with optimum once per
 and cached in pytest's cache directory (minutes the first time), for tests that need real text.
 ``triton_server``: a session-scoped tritonserver with the tiny generation model loaded (ports
 18000-18002); the gateway tests reuse it.
+``start_gateway``/``wait_ready``/``stop_gateway``: a real gateway process on loopback, as ``toolkit serve``
+starts it; ``scrape``/``metric_sum`` read a Prometheus text endpoint.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from toolkit.errors import ToolkitError
@@ -122,3 +133,75 @@ def triton_server(tiny_repository: ServedRepository, tmp_path_factory: pytest.Te
     finally:
         server.stop()
 
+
+
+@dataclass
+class Gateway:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for test servers: the kernel sends SIGTERM to the child if pytest dies."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_gateway(port: int, env: dict[str, str], log: Path, timeout_s: float = 60.0) -> Gateway:
+    """`python -m uvicorn gateway.app:create_app --factory` as `toolkit serve` starts it; wait until it answers."""
+    full_env = {**os.environ, "USE_TORCH": "0", **env}
+    command = [sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory",
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, env=full_env, stdout=sink, stderr=subprocess.STDOUT,
+                                   preexec_fn=die_with_parent)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health/live", timeout=1).status_code == 200:
+                return Gateway(url, process, log)
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"gateway not up after {timeout_s}s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def wait_ready(gateway: Gateway, timeout_s: float = 60.0) -> None:
+    """Wait until /health/ready answers 200 (a Triton endpoint has the default model ready)."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{gateway.url}/health/ready", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, gateway.log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def stop_gateway(gateway: Gateway) -> None:
+    gateway.process.send_signal(signal.SIGINT)
+    try:
+        gateway.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        gateway.process.kill()
+        gateway.process.wait()
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of every sample of `name` in a Prometheus text scrape whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        key, _, value = line.rpartition(" ")
+        series, _, label_text = key.partition("{")
+        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        if series == name and all(found.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total

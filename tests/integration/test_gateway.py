@@ -8,24 +8,25 @@ generates greedily for the same prompt, decoded in one shot.
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from conftest import RunningTriton, ServedRepository
+from conftest import (
+    Gateway,
+    RunningTriton,
+    ServedRepository,
+    metric_sum,
+    scrape,
+    start_gateway,
+    stop_gateway,
+    wait_ready,
+)
 
 from gateway.tokenization import ChatTokenizer
 from toolkit.serving.client import GenerationClient
@@ -38,50 +39,6 @@ ADMIN_KEY = "integration-admin-0123456789"
 GATEWAY_PORT, DOWN_GATEWAY_PORT, SMOLLM_GATEWAY_PORT, DEAD_TRITON_PORT = 18100, 18101, 18102, 18199
 MESSAGES: list[Any] = [{"role": "user", "content": "用中文和表情回答 😀: what is the capital of France?"}]
 TIMEOUT_S = 60.0
-
-
-@dataclass
-class Gateway:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def start_gateway(port: int, env: dict[str, str], log: Path, timeout_s: float = 60.0) -> Gateway:
-    """`python -m uvicorn gateway.app:create_app --factory` as `toolkit serve` starts it; wait until it answers."""
-    full_env = {**os.environ, "USE_TORCH": "0", **env}
-    command = [sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory",
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, env=full_env, stdout=sink, stderr=subprocess.STDOUT,
-                                   preexec_fn=_die_with_parent)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"gateway exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health/live", timeout=1).status_code == 200:
-                return Gateway(url, process, log)
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"gateway not up after {timeout_s}s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-
-
-def stop_gateway(gateway: Gateway) -> None:
-    gateway.process.send_signal(signal.SIGINT)
-    try:
-        gateway.process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        gateway.process.kill()
-        gateway.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +55,7 @@ def gateway(triton_server: RunningTriton, tmp_path_factory: pytest.TempPathFacto
     }
     running = start_gateway(GATEWAY_PORT, env, tmp_path_factory.mktemp("gateway") / "gateway.log")
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while httpx.get(f"{running.url}/health/ready", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, running.log.read_text()[-3000:]
-            time.sleep(0.2)
+        wait_ready(running, TIMEOUT_S)
         yield running
     finally:
         stop_gateway(running)
@@ -129,24 +83,6 @@ def direct_greedy(triton: RunningTriton, prompt_ids: list[int], max_tokens: int)
 
 def auth(key: str = KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-def scrape(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return response.read().decode()
-
-
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("#") or not line:
-            continue
-        key, _, value = line.rpartition(" ")
-        series, _, label_text = key.partition("{")
-        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
-        if series == name and all(found.get(k) == v for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def test_openai_client_non_streaming_equals_triton_greedy(

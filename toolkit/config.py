@@ -57,24 +57,34 @@ class LoraSection(Section):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    layers_fraction: float = Field(
+        0.5, gt=0, le=1,
+        description="Adapt only this top share of the decoder layers (1.0: every layer). Backpropagation stops at "
+        "the lowest adapted layer: on SmolLM2 0.5 makes a step about 40% cheaper and keeps general answers "
+        "better (README: measured).",
+    )
 
 
 class TrainSection(Section):
-    max_steps: int | None = Field(60, ge=1, description="Optimizer steps; None trains for `epochs`.")
+    max_steps: int | None = Field(160, ge=1, description="Optimizer steps; None trains for `epochs`.")
     epochs: float = Field(3.0, gt=0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     learning_rate: float = Field(1e-3, gt=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(5, ge=0)
+    warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 42
-    eval_every: int = Field(20, ge=1, description="Eval loss on the val split every N steps.")
+    eval_every: int = Field(40, ge=1, description="Eval loss on the val split every N steps.")
     val_examples: int | None = Field(32, ge=1, description="Cap on val examples per eval loss (None: all).")
     control_examples: int = Field(
-        32, ge=0, description="Self-distilled general examples mixed in so the model keeps its general answers."
+        60, ge=0, description="Self-distilled general examples mixed in so the model keeps its general answers."
     )
     threads: int | None = Field(None, ge=1, description="torch threads; None uses every core.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "bf16", description="Autocast for the training forward pass (bf16 is faster on CPUs with AVX512-BF16 or "
+        "AMX, and on GPUs); adapters and master weights stay fp32.",
+    )
 
 
 class EvalSection(Section):
@@ -131,7 +141,7 @@ class TensorRTSection(Section):
 class RepositorySection(Section):
     output: Path = Path("model_repository")
     keep_versions: int = Field(3, ge=1)
-    max_batch_size: int = Field(8, ge=1)
+    max_batch_size: int = Field(4, ge=1)
     preferred_batch_sizes: list[int] = Field(default_factory=lambda: [4, 8])
     max_queue_delay_us: int = Field(2000, ge=0)
     instance_count: int = Field(1, ge=1)

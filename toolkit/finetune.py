@@ -194,14 +194,36 @@ def make_scheduler(optimizer: Any, train: TrainSection, steps: int) -> Any:
                          num_training_steps=steps)
 
 
+def linear_module_names(model: Any) -> list[str]:
+    """Short names of the model's linear layers below the output head (PEFT's "all-linear" set)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return sorted({
+        name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    })
+
+
 def lora_model(model: Any, lora: LoraSection) -> Any:
-    """Wrap `model` with fresh LoRA adapters (initialised from torch's seeded RNG)."""
+    """Wrap `model` with fresh LoRA adapters (initialised from torch's seeded RNG).
+
+    With `lora.layers_fraction` < 1, only the top decoder layers get adapters: nothing below the lowest
+    one needs a gradient, so autograd stops there and a training step skips that part of the backward.
+    """
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets: str | list[str] = lora.target_modules
+    layers: list[int] | None = None
+    if lora.layers_fraction < 1:
+        n_layers = int(model.config.num_hidden_layers)
+        top = max(1, round(n_layers * lora.layers_fraction))
+        layers = list(range(n_layers - top, n_layers))
+        if targets == "all-linear":  # PEFT refuses layers_to_transform with the "all-linear" shorthand
+            targets = linear_module_names(model)
     config = LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-        bias="none", task_type=TaskType.CAUSAL_LM,
+        layers_to_transform=layers, bias="none", task_type=TaskType.CAUSAL_LM,
     )
     try:
         return get_peft_model(model, config)
@@ -281,7 +303,8 @@ def train_lora(
         window_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
         step_loss = 0.0
         for batch in window:
-            loss, _ = summed_loss(peft_model, batch)
+            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=train.precision == "bf16"):
+                loss, _ = summed_loss(peft_model, batch)
             (loss / max(window_tokens, 1)).backward()
             step_loss += float(loss.detach())
         optimizer.step()

@@ -58,9 +58,11 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("base_model", "toolkit.stages.base_model", ("model.base", "model.allow_hub_download"), (),
               "embedded/local base model"),
     StageSpec("data", "toolkit.stages.data", ("data",), (), "load, clean and split datasets"),
+    StageSpec("control", "toolkit.stages.control", ("train.control_examples", "train.seed"), ("base_model",),
+              "self-distilled general examples"),
     StageSpec(
         "finetune", "toolkit.stages.finetune", ("lora", "train", "data.max_seq_len"),
-        ("base_model", "data"), "PEFT LoRA fine-tune",
+        ("base_model", "data", "control"), "PEFT LoRA fine-tune",
     ),
     StageSpec("evaluate", "toolkit.stages.evaluate", ("eval",), ("base_model", "data", "finetune"),
               "BLEU/ROUGE/exact match before and after"),

@@ -14,7 +14,7 @@ from toolkit.pipeline import run_build
 
 pytestmark = pytest.mark.integration
 
-TRAINING_HALF = ["base_model", "data", "finetune", "evaluate", "merge"]
+TRAINING_HALF = ["base_model", "data", "control", "finetune", "evaluate", "merge"]
 
 
 def _config(workspace: Path, rank: int = 8) -> BuildConfig:
@@ -54,7 +54,8 @@ def test_first_build_writes_every_artifact_and_passes_its_gates(workspace: Path)
     assert base["eos_token"] == "<|im_end|>" and base["add_bos_token"] is False
 
     tuned = stages["finetune"]["metrics"]
-    assert tuned["steps"] == 3 and tuned["control_examples"] <= 2
+    assert stages["control"]["metrics"]["control_examples"] <= 2
+    assert tuned["steps"] == 3 and tuned["control_examples"] == stages["control"]["metrics"]["control_examples"]
     adapter = workspace / "finetune" / "adapter"
     template = (adapter / "chat_template.jinja").read_text()
     assert template == (workspace / "base_model" / "model" / "chat_template.jinja").read_text()
@@ -85,7 +86,7 @@ def test_rerun_skips_everything_and_a_lora_change_reruns_only_what_follows(works
 
     run_build(_config(workspace, rank=4), until="merge")
     statuses = _statuses(workspace / "report.json")
-    assert statuses == {"base_model": "skipped", "data": "skipped", "finetune": "ran", "evaluate": "ran",
-                        "merge": "ran"}
+    assert statuses == {"base_model": "skipped", "data": "skipped", "control": "skipped", "finetune": "ran",
+                        "evaluate": "ran", "merge": "ran"}
     adapter_config = json.loads((workspace / "finetune" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4

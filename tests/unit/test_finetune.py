@@ -19,12 +19,14 @@ from toolkit.finetune import (
     TokenizedExample,
     batch_stream,
     build_example,
+    collate,
     eval_loss,
     total_steps,
     train_lora,
 )
 from toolkit.modeling import load_tokenizer, render_prompt_ids
 from toolkit.pipeline import StageContext, StageRecord
+from toolkit.stages import control as control_stage
 from toolkit.stages import finetune as finetune_stage
 
 FAST_LORA = LoraSection(rank=4, alpha=8, dropout=0.0)
@@ -177,15 +179,25 @@ def _data_record(tmp_path: Path) -> StageRecord:
 
 def test_stage_saves_adapter_template_and_loss_curve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = save_tiny_model(tmp_path / "base" / "model")
-    monkeypatch.setattr(finetune_stage, "load_control_prompts", lambda: ["What is the capital of France?"] * 3)
+    monkeypatch.setattr(control_stage, "load_control_prompts", lambda: ["What is the capital of France?"] * 3)
     config = BuildConfig.model_validate({
         "workspace": str(tmp_path),
         "lora": {"rank": 4, "alpha": 8},
         "train": {"max_steps": 3, "batch_size": 4, "eval_every": 2, "control_examples": 2},
     })
+    base_record = StageRecord("base_model", base.parent, "k", "d", {}, {"model": "model"}, {})
+    control_dir = tmp_path / "control"
+    control_dir.mkdir()
+    distilled = control_stage.run(
+        StageContext(config=config, out_dir=control_dir, inputs={"base_model": base_record}, workspace=tmp_path)
+    )
+    control = [json.loads(line) for line in (control_dir / "control.jsonl").read_text().splitlines()]
+    # A random model may answer with nothing (empty replies are dropped), never with more than asked.
+    assert len(control) == distilled.metrics["control_examples"] <= 2
     inputs = {
-        "base_model": StageRecord("base_model", base.parent, "k", "d", {}, {"model": "model"}, {}),
+        "base_model": base_record,
         "data": _data_record(tmp_path),
+        "control": StageRecord("control", control_dir, "k", "d", {}, distilled.artifacts, {}),
     }
     out = tmp_path / "out"
     out.mkdir()
@@ -201,16 +213,14 @@ def test_stage_saves_adapter_template_and_loss_curve(tmp_path: Path, monkeypatch
     rows = list(csv.DictReader((out / "loss.csv").open()))
     assert [r["step"] for r in rows] == ["1", "2", "3"] and rows[1]["val_loss"] and not rows[0]["val_loss"]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    control = [json.loads(line) for line in (out / "control.jsonl").read_text().splitlines()]
-    # A random model may answer with nothing (empty replies are dropped), never with more than asked.
-    assert len(control) == result.metrics["control_examples"] <= 2
+    assert result.metrics["control_examples"] == len(control)
     assert result.metrics["train_examples"] == 8 + len(control) and result.metrics["steps"] == 3
 
 
 def test_self_distill_keeps_finished_and_cut_replies_and_drops_empty_ones(
     tok, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
 ) -> None:
-    cap = finetune_stage.CONTROL_MAX_NEW_TOKENS
+    cap = control_stage.CONTROL_MAX_NEW_TOKENS
     paris = tok("Paris is the capital of France.").input_ids
     long_reply = (tok(" two-year warranty").input_ids * cap)[:cap]
     seen: list[list[int]] = []
@@ -219,9 +229,43 @@ def test_self_distill_keeps_finished_and_cut_replies_and_drops_empty_ones(
         seen.extend(prompts)
         return [paris, long_reply, []]
 
-    monkeypatch.setattr(finetune_stage, "greedy_generate", fake_generate)
+    monkeypatch.setattr(control_stage, "greedy_generate", fake_generate)
     prompts = ["What is the capital of France?", "Tell me about warranties.", "Say nothing.", "Unused."]
-    control = finetune_stage.self_distill(None, tok, prompts, count=3)
+    control = control_stage.self_distill(None, tok, prompts, count=3)
     assert seen[0] == render_prompt_ids(tok, [{"role": "user", "content": prompts[0]}])
     assert [c.finished for c in control] == [True, False]
     assert control[0].messages[-1] == {"role": "assistant", "content": "Paris is the capital of France."}
+
+
+def test_layers_fraction_adapts_only_the_top_layers_and_stops_the_backward_there(tok) -> None:  # type: ignore[no-untyped-def]
+    from toolkit.finetune import lora_model, summed_loss
+
+    model = make_model(len(tok))
+    n_layers = model.config.num_hidden_layers
+    assert n_layers >= 2
+    peft_model = lora_model(model, LoraSection(rank=4, alpha=8, dropout=0.0, layers_fraction=0.5))
+    adapted = {int(name.split("layers.")[1].split(".")[0]) for name, _ in peft_model.named_parameters()
+               if "lora_" in name}
+    top = max(1, round(n_layers * 0.5))
+    assert adapted == set(range(n_layers - top, n_layers))
+    # every linear layer kind of the adapted layers, as with "all-linear", not only attention
+    kinds = {name.split(".")[-4] for name, _ in peft_model.named_parameters() if "lora_A" in name}
+    assert {"q_proj", "v_proj", "down_proj"} <= kinds
+
+    batch = collate([TokenizedExample([5, 6, 7, 8], [IGNORE_INDEX, 6, 7, 8])], pad_id=2)
+    hidden_in: list[torch.Tensor] = []
+    first_adapted = peft_model.get_base_model().model.layers[n_layers - top]
+    first_adapted.register_forward_hook(
+        lambda _m, args, kwargs, _out: hidden_in.append(args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True,
+    )
+    loss, _ = summed_loss(peft_model, batch)
+    loss.backward()
+    assert not hidden_in[0].requires_grad  # nothing below the adapted layers is on the autograd tape
+
+
+def test_bf16_precision_trains_and_keeps_fp32_adapters(tok) -> None:  # type: ignore[no-untyped-def]
+    train = TrainSection(max_steps=3, batch_size=4, learning_rate=1e-2, warmup_steps=0, precision="bf16")
+    model, log = train_lora(make_model(len(tok)), tok, _examples(tok), [], FAST_LORA, train, progress=False)
+    assert all(v.dtype == torch.float32 for v in _lora_state(model).values())
+    assert all(r["train_loss"] == r["train_loss"] for r in log.rows)  # no NaN

@@ -231,7 +231,7 @@ def test_toolkit_stage_keys_follow_the_modules_they_import(tmp_path: Path) -> No
         return {name for name in before if before[name] != after[name]}
 
     assert changed_by("gates.py") == {"export_onnx", "quantize"}
-    assert {"data", "finetune"} <= changed_by("datasets/control_prompts.json")
+    assert {"data", "control", "finetune"} <= changed_by("datasets/control_prompts.json")
     assert "export_onnx" not in changed_by("datasets/control_prompts.json")
     assert changed_by("serving/triton_model/model.py") == {"repository"}
     assert changed_by("serving/scheduler.py") == {"repository"}  # imported by the copied model.py

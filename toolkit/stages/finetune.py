@@ -1,4 +1,4 @@
-"""Stage ``finetune``: LoRA on the data stage's train split, plus self-distilled control examples.
+"""Stage ``finetune``: LoRA on the data stage's train split, plus the control stage's self-distilled examples.
 
 Examples are rendered with the base model's own chat template; that exact template string is saved
 beside the adapter (``adapter/chat_template.jinja``) and its sha256 is in the metrics, so serving
@@ -7,61 +7,19 @@ renders prompts exactly as training did.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from toolkit.data import load_control_prompts
 from toolkit.finetune import TokenizedExample, build_example, read_split, train_lora
-from toolkit.modeling import (
-    CHAT_TEMPLATE_FILE,
-    Messages,
-    chat_template_of,
-    greedy_generate,
-    load_model,
-    load_tokenizer,
-    render_prompt_ids,
-    seed_everything,
-)
+from toolkit.modeling import CHAT_TEMPLATE_FILE, Messages, chat_template_of, load_model, load_tokenizer, seed_everything
 from toolkit.pipeline import StageContext, StageResult
+from toolkit.stages.control import read_control
 from toolkit.workspace import sha256_text
 
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
-# Control replies are capped for time; a reply cut at the cap is still trained on, minus its
-# end-of-turn token, so it anchors general behaviour without teaching the model to stop mid-sentence.
-CONTROL_MAX_NEW_TOKENS = 64
-CONTROL_BATCH = 16
-
-
-@dataclass(frozen=True)
-class ControlExample:
-    messages: Messages
-    finished: bool
-
-
-def self_distill(model: Any, tokenizer: Any, prompts: list[str], count: int) -> list[ControlExample]:
-    """The base model's own greedy answers to the first `count` prompts, as conversations.
-
-    Training on them anchors the adapter to the base model's general behaviour.
-    """
-    if count > len(prompts):
-        log.warning("train.control_examples=%d but only %d control prompts exist; using all", count, len(prompts))
-    conversations: list[Messages] = [[{"role": "user", "content": p}] for p in prompts[:count]]
-    ids = greedy_generate(
-        model, tokenizer, [render_prompt_ids(tokenizer, c) for c in conversations],
-        max_new_tokens=CONTROL_MAX_NEW_TOKENS, batch_size=CONTROL_BATCH,
-    )
-    out = []
-    for conv, row in zip(conversations, ids, strict=True):
-        reply = tokenizer.decode(row, skip_special_tokens=True).strip()
-        if reply:
-            finished = len(row) < CONTROL_MAX_NEW_TOKENS  # greedy_generate cuts at the stop token
-            out.append(ControlExample(conv + [{"role": "assistant", "content": reply}], finished))
-    return out
 
 
 def tokenize_all(
@@ -87,16 +45,7 @@ def run(ctx: StageContext) -> StageResult:
     template = chat_template_of(tokenizer)
     model = load_model(base_dir)
 
-    started = time.perf_counter()
-    control: list[ControlExample] = []
-    if train_cfg.control_examples:
-        log.info("finetune: self-distilling %d control examples from the base model", train_cfg.control_examples)
-        control = self_distill(model, tokenizer, load_control_prompts(), train_cfg.control_examples)
-    control_s = time.perf_counter() - started
-    with (ctx.out_dir / "control.jsonl").open("w", encoding="utf-8") as fh:
-        for c in control:
-            fh.write(json.dumps({"messages": c.messages, "finished": c.finished, "source": "self-distilled"},
-                                ensure_ascii=False) + "\n")
+    control = read_control(ctx.inputs["control"].path("control"))
 
     max_len = ctx.config.data.max_seq_len
     data_rows = read_split(ctx.inputs["data"], "train")
@@ -135,7 +84,6 @@ def run(ctx: StageContext) -> StageResult:
             "train_loss_last": round(rows[-1]["train_loss"], 4),
             "val_loss_last": round(val_losses[-1], 4) if val_losses else None,
             "trainable_params": trainable,
-            "control_s": round(control_s, 1),
             "train_s": round(train_s, 1),
             "s_per_step": round(train_s / max(len(rows), 1), 2),
             # CPU seconds over all threads: comparable across runs when other jobs share the machine.
@@ -147,7 +95,6 @@ def run(ctx: StageContext) -> StageResult:
             "chat_template": f"{ADAPTER_DIR}/{CHAT_TEMPLATE_FILE}",
             "loss_csv": "loss.csv",
             "loss_png": "loss.png",
-            "control": "control.jsonl",
         },
         note=f"{len(rows)} steps, {len(control)} control examples",
     )

@@ -283,7 +283,9 @@ def run(ctx: StageContext) -> StageResult:
         metrics["commands"][precision] = shlex.join(cmd)
     trtexec_path = shutil.which(cfg.tensorrt.trtexec)
     gpu = gpu_facts()
-    where = ", ".join(str(s) for s in scripts) or str(ctx.out_dir)
+    # Name the scripts where they will be once the stage's temporary directory is renamed into place.
+    final_dir = ctx.workspace / "tensorrt"
+    where = ", ".join(str(final_dir / s.relative_to(ctx.out_dir)) for s in scripts) or str(final_dir)
     if trtexec_path is None or gpu is None:
         missing = "trtexec not on PATH" if trtexec_path is None else "no GPU (nvidia-smi found none)"
         found = "TensorRT not found" if trtexec_path is None else "no GPU"

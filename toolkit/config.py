@@ -141,7 +141,7 @@ class TensorRTSection(Section):
 class RepositorySection(Section):
     output: Path = Path("model_repository")
     keep_versions: int = Field(3, ge=1)
-    max_batch_size: int = Field(4, ge=1)
+    max_batch_size: int = Field(8, ge=1)
     preferred_batch_sizes: list[int] = Field(default_factory=lambda: [4, 8])
     max_queue_delay_us: int = Field(2000, ge=0)
     instance_count: int = Field(1, ge=1)

@@ -179,13 +179,18 @@ def wait_ready(gateway: Gateway, timeout_s: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def stop_gateway(gateway: Gateway) -> None:
-    gateway.process.send_signal(signal.SIGINT)
+def stop_process(process: subprocess.Popen[bytes], sig: signal.Signals, timeout_s: float) -> None:
+    """Send `sig` (the program's clean shutdown), wait up to `timeout_s`, then kill."""
+    process.send_signal(sig)
     try:
-        gateway.process.wait(timeout=15)
+        process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        gateway.process.kill()
-        gateway.process.wait()
+        process.kill()
+        process.wait()
+
+
+def stop_gateway(gateway: Gateway) -> None:
+    stop_process(gateway.process, signal.SIGINT, 15)
 
 
 def scrape(url: str) -> str:

@@ -35,6 +35,7 @@ from conftest import (
     scrape,
     start_gateway,
     stop_gateway,
+    stop_process,
     wait_ready,
 )
 
@@ -117,12 +118,7 @@ def _start_prometheus(config: Path, storage: Path, log: Path, timeout_s: float =
 
 def _stop_prometheus(prometheus: Prometheus) -> None:
     # SIGTERM is Prometheus's clean shutdown (it flushes the head block); kill only if it hangs.
-    prometheus.process.send_signal(signal.SIGTERM)
-    try:
-        prometheus.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        prometheus.process.kill()
-        prometheus.process.wait()
+    stop_process(prometheus.process, signal.SIGTERM, 20)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper
 from toolkit.config import BuildConfig, parse_config
 from toolkit.errors import ServingError
 from toolkit.pipeline import StageContext, StageRecord
+from toolkit.serving import plan_compat
 from toolkit.stages import tensorrt as trt
 from toolkit.triton_config import LMInfo
 
@@ -158,10 +159,10 @@ def test_build_script_runs_and_writes_plan_meta(tmp_path: Path, monkeypatch: pyt
         trtexec="trtexec", profile=profile, workspace_mib=512))
     subprocess.run([str(script)], check=True, capture_output=True, cwd=tmp_path)
     assert (model_dir / "3" / "model.plan").is_file()
-    meta = trt.load_plan_meta(model_dir / "3")
+    meta = plan_compat.load_plan_meta(model_dir / "3")
     assert meta == {"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA A10", "compute_capability": "8.6",
                     "build_script": str(script)}
-    trt.check_plan_compat(meta, "10.3.0", "NVIDIA A10", "8.6")
+    plan_compat.check_plan_compat(meta, "10.3.0", "NVIDIA A10", "8.6")
     log = (model_dir / "3" / "trtexec.log").read_text()
     assert "--onnx=../src.onnx" in log and shlex.quote("--saveEngine=3/model.plan") in log
 
@@ -169,26 +170,49 @@ def test_build_script_runs_and_writes_plan_meta(tmp_path: Path, monkeypatch: pyt
 def test_plan_compat_refuses_another_tensorrt_or_gpu() -> None:
     meta = {"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA A10", "compute_capability": "8.6",
             "build_script": "/repo/m_trt_fp16/build_plan.sh"}
-    trt.check_plan_compat(meta, "10.3.0", "NVIDIA A10", "8.6")
+    plan_compat.check_plan_compat(meta, "10.3.0", "NVIDIA A10", "8.6")
     with pytest.raises(ServingError) as err:
-        trt.check_plan_compat(meta, "10.5.0", "NVIDIA L4", "8.9")
+        plan_compat.check_plan_compat(meta, "10.5.0", "NVIDIA L4", "8.9")
     assert str(err.value) == (
         "plan built for TensorRT 10.3.0 on NVIDIA A10 sm_86; this server has TensorRT 10.5.0 on NVIDIA L4 sm_89; "
         "rebuild with /repo/m_trt_fp16/build_plan.sh")
     with pytest.raises(ServingError, match="TensorRT 10.3.0 on NVIDIA A10 sm_86; this server has TensorRT 10.3.1"):
-        trt.check_plan_compat(meta, "10.3.1", "NVIDIA A10", "8.6")
+        plan_compat.check_plan_compat(meta, "10.3.1", "NVIDIA A10", "8.6")
 
 
 def test_missing_plan_meta_is_an_actionable_error(tmp_path: Path) -> None:
     with pytest.raises(ServingError, match="plan_meta.json missing: rebuild the plan with its build_plan.sh"):
-        trt.load_plan_meta(tmp_path)
+        plan_compat.load_plan_meta(tmp_path)
 
 
 @pytest.mark.parametrize(("tag", "version"), [("100300", "10.3.0"), ("101401", "10.14.1"), ("8601", "8.6.1")])
 def test_trt_version_from_trtexec_tag(tag: str, version: str) -> None:
-    assert trt.trt_version_from_tag(tag) == version
+    assert plan_compat.trt_version_from_tag(tag) == version
 
 
 def test_lm_info_from_onnx(tmp_path: Path) -> None:
     assert LMInfo.from_onnx(tiny_kv_onnx(tmp_path / "m.onnx", layers=3, heads=2, dim=4, vocab=10)) == LMInfo(
         num_layers=3, num_kv_heads=2, head_dim=4, vocab_size=10)
+
+
+def test_serving_verifies_a_plan_against_this_servers_tensorrt_and_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_tools(tmp_path, monkeypatch)  # nvidia-smi reports an NVIDIA A10, sm_86
+    profile = trt.kv_cache_profile(LM, max_batch=4, opt_batch=2, max_input_len=16, context_length=64)
+    model_dir = tmp_path / "m_trt_fp16"
+    with pytest.raises(ServingError, match=r"no TensorRT plan at .*3/model.plan: run .*build_plan.sh"):
+        plan_compat.verify_plan_dir(model_dir / "3")
+    script = trt.write_build_script(model_dir / "build_plan.sh", trt.build_script(
+        model="m", precision="fp16", default_onnx="../src.onnx", plan="3/model.plan", timing_cache="timing.cache",
+        trtexec="trtexec", profile=profile, workspace_mib=512))
+    subprocess.run([str(script)], check=True, capture_output=True, cwd=tmp_path)
+
+    monkeypatch.setenv("TRT_VERSION", "10.3.0")  # what NVIDIA's containers set
+    plan_compat.verify_plan_dir(model_dir / "3")
+    monkeypatch.setenv("TRT_VERSION", "10.8.0")
+    with pytest.raises(ServingError, match=r"this server has TensorRT 10.8.0 on NVIDIA A10 sm_86; rebuild with"):
+        plan_compat.verify_plan_dir(model_dir / "3")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no nvidia-smi, no GPU
+    with pytest.raises(ServingError, match=r"is a TensorRT plan but this server has no GPU .*onnx_fp32"):
+        plan_compat.verify_plan_dir(model_dir / "3")

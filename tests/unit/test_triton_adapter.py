@@ -164,3 +164,26 @@ def test_bls_core_batch_size_comes_from_the_core_models_config(model_module, tmp
     assert model_module._core_max_batch_size(tmp_path / "core", {}) == 16
     assert model_module._core_max_batch_size(tmp_path / "core", {"core_max_batch_size": "4"}) == 4
     assert model_module._core_max_batch_size(tmp_path / "missing", {}) == 8
+
+
+def test_bls_over_a_plan_built_for_another_gpu_refuses_to_load(
+    model_module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    _manifest(tmp_path / "m" / "1", 40)
+    core = tmp_path / "m_trt_fp16"
+    (core / "1").mkdir(parents=True)
+    (core / "config.pbtxt").write_text('name: "m_trt_fp16"\nplatform: "tensorrt_plan"\nmax_batch_size: 8\n')
+    (core / "1" / "model.plan").write_bytes(b"plan")
+    (core / "1" / "plan_meta.json").write_text(json.dumps({
+        "tensorrt_version": "10.3.0", "gpu_name": "NVIDIA A10", "compute_capability": "8.6",
+        "build_script": str(core / "build_plan.sh")}))
+    monkeypatch.setenv("TRT_VERSION", "10.3.0")
+    monkeypatch.setattr("toolkit.serving.plan_compat.gpu_facts", lambda: ("NVIDIA H100 80GB HBM3", "9.0"))
+    config = {"model_transaction_policy": {"decoupled": True}, "parameters": {
+        contract.PARAM_RUNNER: {"string_value": "bls"}, contract.PARAM_CORE_MODEL: {"string_value": "m_trt_fp16"}}}
+    instance = model_module.TritonPythonModel()
+    with pytest.raises(fake_pb_utils.TritonModelException,
+                       match=r"core model m_trt_fp16: plan built for TensorRT 10.3.0 on NVIDIA A10 sm_86; this server "
+                             r"has TensorRT 10.3.0 on NVIDIA H100 80GB HBM3 sm_90; rebuild with .*build_plan.sh"):
+        instance.initialize({"model_config": json.dumps(config), "model_repository": str(tmp_path / "m"),
+                             "model_version": "1", "model_name": "m"})

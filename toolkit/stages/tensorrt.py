@@ -21,24 +21,26 @@ ready-to-run ``build_plan.sh`` per precision. No plan is ever faked.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import shutil
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import ServingError, StageError
+from toolkit.errors import StageError
 from toolkit.pipeline import StageContext, StageRecord, StageResult
+from toolkit.serving.plan_compat import (  # the stage writes what serving checks
+    BUILD_SCRIPT,
+    PLAN_FILE,
+    PLAN_META,
+    gpu_facts,
+    trt_version_from_tag,
+)
 from toolkit.triton_config import LMInfo
 from toolkit.workspace import atomic_write_json, run_tool
 
-PLAN_FILE = "model.plan"
-PLAN_META = "plan_meta.json"
-BUILD_SCRIPT = "build_plan.sh"
 TIMING_CACHE = "timing.cache"
 Shape = tuple[int, ...]
 
@@ -158,71 +160,6 @@ def write_build_script(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     path.chmod(0o755)
     return path
-
-
-def trt_version_from_tag(tag: str | int) -> str:
-    """``100300`` (trtexec's ``[TensorRT v100300]``) -> ``10.3.0``; 8.x tags are ``8601`` -> ``8.6.1``."""
-    n = int(tag)
-    if n >= 10000:
-        return f"{n // 10000}.{n // 100 % 100}.{n % 100}"
-    return f"{n // 1000}.{n // 100 % 10}.{n % 100}"
-
-
-def gpu_facts() -> tuple[str, str] | None:
-    """(GPU name, compute capability) of GPU 0 from nvidia-smi; None without a working GPU."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-    except (subprocess.SubprocessError, OSError):
-        return None
-    line = out.strip().splitlines()[0] if out.strip() else ""
-    if "," not in line:
-        return None
-    name, cap = (part.strip() for part in line.rsplit(",", 1))
-    return name, cap
-
-
-def _sm(compute_capability: str) -> str:
-    return "sm_" + compute_capability.replace(".", "")
-
-
-def normalise_plan_meta(meta: Mapping[str, Any]) -> dict[str, str]:
-    """plan_meta.json as written by the stage or by build_plan.sh -> version, GPU, capability."""
-    version = meta.get("tensorrt_version") or (trt_version_from_tag(meta["tensorrt_tag"])
-                                               if meta.get("tensorrt_tag") else "")
-    return {"tensorrt_version": str(version), "gpu_name": str(meta.get("gpu_name", "")),
-            "compute_capability": str(meta.get("compute_capability", "")),
-            "build_script": str(meta.get("build_script", BUILD_SCRIPT))}
-
-
-def check_plan_compat(
-    plan_meta: Mapping[str, Any], runtime_trt_version: str, gpu_name: str, compute_capability: str
-) -> None:
-    """Refuse a plan built for another TensorRT version or GPU, with the command that rebuilds it.
-
-    TensorRT engines are specific to the TensorRT version and to the GPU they were tuned on.
-    """
-    meta = normalise_plan_meta(plan_meta)
-    same_trt = meta["tensorrt_version"] == runtime_trt_version
-    same_gpu = meta["gpu_name"] == gpu_name and meta["compute_capability"] == compute_capability
-    if same_trt and same_gpu:
-        return
-    raise ServingError(
-        f"plan built for TensorRT {meta['tensorrt_version'] or '?'} on {meta['gpu_name'] or '?'} "
-        f"{_sm(meta['compute_capability'] or '?')}; this server has TensorRT {runtime_trt_version} on {gpu_name} "
-        f"{_sm(compute_capability)}; rebuild with {meta['build_script']}"
-    )
-
-
-def load_plan_meta(version_dir: Path) -> dict[str, str]:
-    """The normalised plan_meta.json beside a plan."""
-    path = version_dir / PLAN_META
-    try:
-        return normalise_plan_meta(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError:
-        raise ServingError(f"{path} missing: rebuild the plan with its {BUILD_SCRIPT}") from None
 
 
 def export_onnx_path(record: StageRecord) -> Path:

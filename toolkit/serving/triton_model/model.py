@@ -22,9 +22,11 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from toolkit.errors import ServingError
 from toolkit.manifest import ModelManifest, latest_version_dir
 from toolkit.serving import contract
 from toolkit.serving.metrics import TritonMetrics
+from toolkit.serving.plan_compat import verify_plan_dir
 from toolkit.serving.requests import Limits, QueueFullError, RequestError, parse_request, unbatch
 from toolkit.serving.runners import BlsRunner, OnnxRunner, Runner
 from toolkit.serving.scheduler import Scheduler
@@ -81,6 +83,20 @@ def _core_max_batch_size(core_dir: Path, params: dict[str, str]) -> int:
     return int(found.group(1)) if found and int(found.group(1)) > 0 else 8
 
 
+def _verify_core_plan(core_dir: Path, version: str) -> None:
+    """A tensorrt_plan core model must hold a plan built for this server's TensorRT and GPU."""
+    try:
+        config = (core_dir / "config.pbtxt").read_text()
+    except OSError:
+        return  # Triton reports the missing core model itself
+    if not re.search(r'^(platform|backend):\s*"(tensorrt_plan|tensorrt)"', config, re.MULTILINE):
+        return
+    try:
+        verify_plan_dir(core_dir / version if (core_dir / version).is_dir() else latest_version_dir(core_dir))
+    except ServingError as err:
+        raise pb_utils.TritonModelException(f"core model {core_dir.name}: {err}") from err
+
+
 def _parameters(config: dict[str, Any]) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
@@ -102,6 +118,7 @@ class TritonPythonModel:
         runner_kind = params.get(contract.PARAM_RUNNER, "onnxruntime")
         runner: Runner
         if runner_kind == "bls":
+            _verify_core_plan(model_dir.parent / core_model, version)
             runner = BlsRunner(
                 pb_utils, core_model, vocab_size=manifest.vocab_size, num_layers=manifest.num_layers,
                 num_kv_heads=manifest.num_kv_heads, head_dim=manifest.head_dim,

@@ -50,3 +50,25 @@ def test_serve_finds_generation_models_only(tmp_path: Path) -> None:
     assert generation_models(tmp_path) == ["chat"]
     with pytest.raises(ServingError, match="no generation model"):
         generation_models(tmp_path / "chat_onnx_fp32")
+
+
+def test_serve_also_loads_the_core_model_of_a_bls_generation_model(tmp_path: Path) -> None:
+    from toolkit.serving import contract
+    from toolkit.serving.serve import models_to_load
+
+    def model(name: str, runner: str | None = None, files: tuple[str, ...] = ("model.py", "manifest.json")) -> None:
+        (tmp_path / name / "1").mkdir(parents=True)
+        params = (f'parameters {{ key: "{contract.PARAM_RUNNER}" value {{ string_value: "{runner}" }} }}\n'
+                  f'parameters {{ key: "{contract.PARAM_CORE_MODEL}" value {{ string_value: "{name}_trt_fp16" }} }}\n'
+                  if runner else "")
+        (tmp_path / name / "config.pbtxt").write_text(f'name: "{name}"\nbackend: "python"\n{params}')
+        for file in files:
+            (tmp_path / name / "1" / file).write_text("")
+
+    model("a", runner="onnxruntime")
+    model("b", runner="bls")
+    model("b_trt_fp16", files=("model.plan",))
+    assert models_to_load(tmp_path) == ["a", "b", "b_trt_fp16"]
+    model("c", runner="bls")  # its core model is missing
+    with pytest.raises(ServingError, match="c runs the BLS runner over core model 'c_trt_fp16', which is not in"):
+        models_to_load(tmp_path)

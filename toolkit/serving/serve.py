@@ -21,6 +21,7 @@ from pathlib import Path
 
 from toolkit.errors import ServingError
 from toolkit.manifest import MANIFEST_FILE
+from toolkit.serving import contract
 from toolkit.serving.triton_server import TritonServer, _die_with_parent
 
 MAX_BACKOFF_S = 30.0
@@ -57,6 +58,26 @@ def generation_models(repository: Path) -> list[str]:
     return found
 
 
+def models_to_load(repository: Path) -> list[str]:
+    """The generation models, each followed by its core model when it runs the BLS runner.
+
+    A BLS generation model calls its core model (``tensorrt_plan`` or ``onnxruntime_onnx``) through
+    Triton, so under explicit model control that core model must be loaded too.
+    """
+    from toolkit.triton_config import read_config
+
+    out: list[str] = []
+    for name in generation_models(repository):
+        out.append(name)
+        params = {k: v.string_value for k, v in read_config(repository / name / "config.pbtxt").parameters.items()}
+        if params.get(contract.PARAM_RUNNER) == "bls":
+            core = params.get(contract.PARAM_CORE_MODEL, "")
+            if not (repository / core / "config.pbtxt").is_file():
+                raise ServingError(f"{name} runs the BLS runner over core model {core!r}, which is not in {repository}")
+            out.append(core)
+    return list(dict.fromkeys(out))
+
+
 def gateway_available() -> bool:
     return importlib.util.find_spec("gateway") is not None and importlib.util.find_spec("gateway.app") is not None
 
@@ -67,7 +88,7 @@ class Supervisor:
     def __init__(self, options: ServeOptions, say: Callable[[str], None] = print):
         self.options = options
         self.say = say
-        self.models = generation_models(options.repository)
+        self.models = models_to_load(options.repository)
         options.log_dir.mkdir(parents=True, exist_ok=True)
         self.triton = self._new_triton()
         self.gateway: subprocess.Popen[bytes] | None = None

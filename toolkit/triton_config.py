@@ -141,12 +141,8 @@ def onnx_core_config(
     max_queue_delay_us: int, instance_count: int, kind: InstanceKind = "KIND_AUTO",
 ) -> pb.ModelConfig:
     """An ``onnxruntime_onnx`` core model: one forward pass of the KV-cache graph."""
-    config = pb.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime")
-    dtype = "TYPE_FP16" if lm_info.kv_dtype == "fp16" else "TYPE_FP32"
-    _lm_tensors(config, lm_info, kv_type=dtype, logits_type=dtype)
-    _batching(config, max_batch_size, preferred_batch_sizes, max_queue_delay_us, instance_count, kind)
-    validate_config(config)
-    return config
+    return _core_config(pb.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime"), lm_info,
+                        max_batch_size, preferred_batch_sizes, max_queue_delay_us, instance_count, kind)
 
 
 def tensorrt_core_config(
@@ -161,7 +157,15 @@ def tensorrt_core_config(
     help: "default = all inputs in fp32:chw"), which the generated command does not. The int64
     token tensors stay int64: TensorRT 10 binds INT64 natively (8.x cast them to INT32).
     """
-    config = pb.ModelConfig(name=name, platform="tensorrt_plan", backend="tensorrt")
+    return _core_config(pb.ModelConfig(name=name, platform="tensorrt_plan", backend="tensorrt"), lm_info,
+                        max_batch_size, preferred_batch_sizes, max_queue_delay_us, instance_count, kind)
+
+
+def _core_config(
+    config: pb.ModelConfig, lm_info: LMInfo, max_batch_size: int, preferred_batch_sizes: Iterable[int],
+    max_queue_delay_us: int, instance_count: int, kind: InstanceKind,
+) -> pb.ModelConfig:
+    """The KV-cache graph's tensors (in the graph's own types) and batching on a core model config."""
     dtype = "TYPE_FP16" if lm_info.kv_dtype == "fp16" else "TYPE_FP32"
     _lm_tensors(config, lm_info, kv_type=dtype, logits_type=dtype)
     _batching(config, max_batch_size, preferred_batch_sizes, max_queue_delay_us, instance_count, kind)

@@ -25,7 +25,7 @@ PROMPT_CONTEXT_TOKENS = 5
 class TokenizerLike(Protocol):
     """The two tokenizer methods incremental decoding needs (a transformers fast tokenizer has them)."""
 
-    def convert_ids_to_tokens(self, ids: list[int], skip_special_tokens: bool = ...) -> list[str]: ...
+    def convert_ids_to_tokens(self, ids: int | list[int], skip_special_tokens: bool = ...) -> str | list[str]: ...
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str: ...
 
@@ -39,17 +39,19 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         context = list(prompt_ids)[-PROMPT_CONTEXT_TOKENS:]
-        self._tokens: list[str] = tokenizer.convert_ids_to_tokens(context, skip_special_tokens=skip_special_tokens)
+        self._tokens: list[str] = self._tokens_of(context)
         self._prefix_offset = 0
         self._read_offset = len(self._tokens)
 
     def push(self, token_ids: Sequence[int]) -> str:
         """Add generated ids; return the text they complete (possibly empty, never a partial character)."""
         for token_id in token_ids:
-            self._tokens.extend(
-                self._tokenizer.convert_ids_to_tokens([int(token_id)], skip_special_tokens=self._skip_special)
-            )
+            self._tokens.extend(self._tokens_of([int(token_id)]))
         return self._advance(final=False)
+
+    def _tokens_of(self, ids: list[int]) -> list[str]:
+        tokens = self._tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=self._skip_special)
+        return [tokens] if isinstance(tokens, str) else list(tokens)
 
     def flush(self) -> str:
         """At the end of the sequence: whatever is still held back.

@@ -94,7 +94,6 @@ class EvalSection(Section):
 
 
 class ExportSection(Section):
-    exporter: Literal["optimum", "dynamo"] = "optimum"
     opset: int = Field(18, ge=13)
     max_abs_logit_delta: float = Field(1e-3, gt=0, description="Gate: PyTorch vs ONNX FP32 logits.")
     min_greedy_agreement: float = Field(1.0, ge=0, le=1, description="Gate: FP32 greedy tokens must match.")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import StageError
+from toolkit.tokenizer_files import CHAT_TEMPLATE_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
 
 Messages = list[dict[str, str]]
 
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
+__all__ = ["CHAT_TEMPLATE_FILE"]  # re-exported for the stages
+
 
 
 def seed_everything(seed: int, threads: int | None = None) -> None:
@@ -174,4 +176,11 @@ def generate_replies(
     """Greedy assistant replies (text) to conversations rendered with the chat template."""
     prompts = [render_prompt_ids(tokenizer, conv) for conv in conversations]
     ids = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+    return [decode_text(tokenizer, row).strip() for row in ids]
+
+
+def decode_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    """Generated ids as text, special tokens left out."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    assert isinstance(text, str)
+    return text

@@ -52,10 +52,12 @@ class RunningTriton:
 
 
 def export_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
-    """A random 2-layer Llama with SmolLM2's vocabulary, exported with optimum (a few seconds)."""
+    """A random 2-layer Llama with SmolLM2's vocabulary and tokenizer, exported by the toolkit (seconds)."""
     import torch
-    from optimum.exporters.onnx import main_export
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from toolkit.stages.export_onnx import export_onnx
+    from toolkit.tokenizer_files import copy_tokenizer_files
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -65,9 +67,8 @@ def export_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     )
     hf_dir = out_dir / "hf"
     LlamaForCausalLM(config).eval().save_pretrained(str(hf_dir))
-    main_export(str(hf_dir), output=str(out_dir / "onnx"), task="text-generation-with-past", opset=18,
-                device="cpu", do_validation=False)
-    return out_dir / "onnx" / "model.onnx"
+    copy_tokenizer_files(SMOLLM_TOKENIZER, hf_dir)
+    return export_onnx(hf_dir, out_dir / "onnx")
 
 
 def write_generation_repository(root: Path, name: str, onnx: Path, *, context_length: int,
@@ -91,10 +92,21 @@ def tiny_repository(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="session")
 def smollm_onnx(request: pytest.FixtureRequest) -> Path:
-    """The embedded SmolLM2 converted from its GGUF and exported once; cached across sessions."""
+    """The embedded SmolLM2 converted from its GGUF and exported once; cached across sessions.
+
+    The cache is keyed on the code that makes it and the transformers version, so a change to
+    either converts and exports again.
+    """
+    import hashlib
+
+    import transformers
+
+    makers = ("toolkit/stages/base_model.py", "toolkit/stages/export_onnx.py", "toolkit/tokenizer_files.py")
+    key = hashlib.sha256(transformers.__version__.encode() + b"".join(
+        (REPO_ROOT / name).read_bytes() for name in makers)).hexdigest()[:12]
     pytest_cache = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`
-    fallback = REPO_ROOT / "build" / "test-cache" / "smollm2-onnx"
-    cache = Path(pytest_cache.mkdir("smollm2-onnx")) if pytest_cache else fallback
+    fallback = REPO_ROOT / "build" / "test-cache" / f"smollm2-onnx-{key}"
+    cache = Path(pytest_cache.mkdir(f"smollm2-onnx-{key}")) if pytest_cache else fallback
     cache.mkdir(parents=True, exist_ok=True)
     onnx = cache / "onnx" / "model.onnx"
     if onnx.is_file():

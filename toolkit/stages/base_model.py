@@ -21,8 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 from toolkit.config import EMBEDDED_MODEL
 from toolkit.errors import ConfigError, StageError
-from toolkit.modeling import CHAT_TEMPLATE_FILE, chat_template_of, load_tokenizer, render_text
+from toolkit.modeling import chat_template_of, load_tokenizer
 from toolkit.pipeline import StageContext, StageResult
+from toolkit.portability import jinja_render, special_token_vars
+from toolkit.tokenizer_files import (
+    CHAT_TEMPLATE_FILE,
+    fix_tokenizer_files,
+    portable_model_config,
+    write_gguf_tokenizer,
+)
 from toolkit.workspace import sha256_text
 
 if TYPE_CHECKING:
@@ -53,15 +60,25 @@ def embedded_gguf_path() -> Path:
 
 
 def gguf_to_hf(gguf: Path, out: Path) -> None:
-    """Convert a GGUF file to a float32 safetensors Hugging Face directory (transformers' loader)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Convert a GGUF file to a float32 safetensors Hugging Face directory.
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    drop_gguf_vocab_copy(out)
+    The weights come through transformers' GGUF loader, dequantized to dense float32; the
+    tokenizer files are written from the GGUF's vocabulary in the model family's published form
+    (:func:`toolkit.tokenizer_files.write_gguf_tokenizer`), not re-derived by transformers.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # dense already; only the marker would stop save_pretrained
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(str(out))
+    write_gguf_tokenizer(gguf, out, context_length=int(model.config.max_position_embeddings))
+    portable_model_config(out)
 
 
 def drop_gguf_vocab_copy(model_dir: Path) -> None:
@@ -103,10 +120,11 @@ def hub_snapshot(repo_id: str) -> Path:
         raise StageError(f"could not download {repo_id!r} from the Hugging Face hub: {err}") from err
 
 
-def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase, template: str) -> str | None:
     """The special token the chat template writes right after an assistant reply, if any."""
-    text = render_text(
-        tokenizer, [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}], False
+    text = jinja_render(
+        template, [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}], False,
+        special_token_vars(tokenizer),
     )
     after = text[text.rindex("pong") + len("pong"):]
     specials = sorted(
@@ -115,64 +133,62 @@ def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
     return next((tok for tok in specials if after.startswith(tok)), None)
 
 
-def normalise_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Fix eos, bos and pad in place so generation stops where the chat template ends a turn.
-
-    Returns what was changed, for the report.
-    """
-    fixes: list[str] = []
-    eot = end_of_turn_token(tokenizer)
-    if eot is not None and tokenizer.eos_token != eot:
-        fixes.append(f"eos_token {tokenizer.eos_token!r} -> {eot!r}")
-        tokenizer.eos_token = eot
-    bos = tokenizer.bos_token
-    starts_with_bos = bos is not None and render_text(
-        tokenizer, [{"role": "user", "content": "ping"}], True
-    ).startswith(bos)
-    # The template already writes the bos token; adding another would shift every prompt.
-    if starts_with_bos and getattr(tokenizer, "add_bos_token", False):
-        fixes.append("add_bos_token True -> False")
-        tokenizer.add_bos_token = False
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        fixes.append(f"pad_token None -> {tokenizer.eos_token!r}")
-        tokenizer.pad_token = tokenizer.eos_token
-    return fixes
-
-
-def _update_json(path: Path, updates: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
+def _update_json(path: Path, updates: dict[str, Any]) -> None:
     data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     data.update(updates)
-    for key in drop:
-        data.pop(key, None)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def normalise_model_dir(model_dir: Path) -> dict[str, Any]:
-    """Normalise tokenizer, config and generation config of `model_dir` in place; return facts for metrics."""
+    """Normalise tokenizer, config and generation config of `model_dir` in place; return facts for metrics.
+
+    Fixes, each an edit of the JSON keys concerned (the tokenizer files are otherwise the
+    source's own): eos becomes the template's end-of-turn token; a tokenizer that adds a bos the
+    template already writes stops adding it; a missing pad becomes eos; the tokenizer's maximum
+    length is capped at the model's positions; the chat template is written to both places
+    readers look for it; config.json gets the pre-5.x RoPE keys.
+    """
     tokenizer = load_tokenizer(model_dir)
     template = chat_template_of(tokenizer)
-    fixes = normalise_tokenizer(tokenizer)
+    specials = special_token_vars(tokenizer)
+    fixes: list[str] = []
+    eos = eot = end_of_turn_token(tokenizer, template)
+    if eot is None or tokenizer.eos_token == eot:
+        eos = None
+    else:
+        fixes.append(f"eos_token {tokenizer.eos_token!r} -> {eot!r}")
+    bos = tokenizer.bos_token
+    starts_with_bos = bos is not None and jinja_render(
+        template, [{"role": "user", "content": "ping"}], True, specials).startswith(bos)
+    adds_bos = bos is not None and tokenizer("ping")["input_ids"][:1] == [tokenizer.bos_token_id]
+    # The template already writes the bos token; adding another would shift every prompt.
+    drop_bos = starts_with_bos and (adds_bos or bool(getattr(tokenizer, "add_bos_token", False)))
+    if drop_bos:
+        fixes.append("add_bos_token True -> False")
+    pad = None
+    if tokenizer.pad_token is None and (eos or tokenizer.eos_token) is not None:
+        pad = eos or tokenizer.eos_token
+        fixes.append(f"pad_token None -> {pad!r}")
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     context = int(config.get("max_position_embeddings") or 0) or None
-    if context and (tokenizer.model_max_length is None or tokenizer.model_max_length > context):
-        tokenizer.model_max_length = context
-    tokenizer.chat_template = template
-    (model_dir / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
-    tokenizer.save_pretrained(str(model_dir))
-    (model_dir / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+    max_length = context if context and (tokenizer.model_max_length or 0) > context else None
+    fix_tokenizer_files(model_dir, eos=eos, drop_bos=drop_bos, pad=pad, max_length=max_length,
+                        chat_template=template)
+    added = portable_model_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     ids = {
         "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    # Stale copies of the old ids inside tokenizer_config.json would contradict the fixed tokens.
-    _update_json(model_dir / "tokenizer_config.json", {}, drop=tuple(ids))
     for name in ("config.json", "generation_config.json"):  # copies (never links): safe to rewrite
         _update_json(model_dir / name, {k: v for k, v in ids.items() if v is not None})
     return {
         "fixes": fixes,
+        "config_keys_added": added,  # so transformers 4.x reads the same RoPE settings
         "vocab": len(tokenizer),
         "context": context,
+        "tokenizer_class": type(tokenizer).__name__,
         "eos_token": tokenizer.eos_token,
         "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
         "chat_template_sha256": sha256_text(template),

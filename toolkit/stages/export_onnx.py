@@ -1,6 +1,6 @@
 """Stage ``export_onnx``: the merged model as an ONNX graph with a KV cache, gated on FP32 parity.
 
-The graph is optimum's ``text-generation-with-past`` export: inputs ``input_ids``,
+The graph has the interface of optimum's ``text-generation-with-past`` export: inputs ``input_ids``,
 ``attention_mask``, ``position_ids`` and ``past_key_values.N.key/value``; outputs ``logits`` and
 ``present.N.key/value``; batch, sequence and past length all dynamic. The stage then decodes the
 golden prompts with PyTorch and with onnxruntime at batch 1 and batch 8 (left padded) and fails
@@ -11,18 +11,22 @@ the logits stay within ``export.max_abs_logit_delta``.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import ConfigError, StageError
+from toolkit.errors import StageError
 from toolkit.gates import onnx_parity, parity_gates
 from toolkit.pipeline import StageContext, StageRecord, StageResult
+from toolkit.serving.runners import past_names, present_names
+from toolkit.tokenizer_files import copy_tokenizer_files
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 TASK = "text-generation-with-past"
+EXPORTER = "torch.onnx (dynamo)"
 
 
 def merged_model_dir(record: StageRecord) -> Path:
@@ -36,28 +40,50 @@ def merged_model_dir(record: StageRecord) -> Path:
                      f"rerun with --force --stages {record.name}")
 
 
-def export_onnx(model_dir: Path, out_dir: Path, opset: int = 18, exporter: str = "optimum") -> Path:
+def export_onnx(model_dir: Path, out_dir: Path, opset: int = 18) -> Path:
     """Export the causal LM in `model_dir` to `out_dir/model.onnx` with a KV cache; return its path.
 
-    optimum also writes the config, generation config and tokenizer files beside the graph.
+    ``torch.onnx.export(dynamo=True)`` of a flat-tensor wrapper (:func:`_kv_wrapper`) with the
+    tensor names optimum's ``text-generation-with-past`` export uses, so Triton configs, runners
+    and TensorRT profiles read any such graph. The model's config, generation config and
+    tokenizer files are copied beside the graph unchanged.
     """
-    if exporter == "dynamo":
-        return export_dynamo(model_dir, out_dir, opset)
-    if exporter != "optimum":
-        raise ConfigError(f"export.exporter: unknown exporter {exporter!r}; use 'optimum' or 'dynamo'")
-    from optimum.exporters.onnx import main_export
+    import torch
 
+    from toolkit.modeling import load_model
+
+    model = load_model(model_dir)
+    cfg = model.config
+    layers = int(cfg.num_hidden_layers)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    # Example shapes all distinct and above 1, so no dimension is specialised away; every one is Dim.AUTO.
+    batch, seq, past = 2, 3, 5
+    args = (
+        torch.ones(batch, seq, dtype=torch.long), torch.ones(batch, past + seq, dtype=torch.long),
+        torch.arange(past, past + seq).repeat(batch, 1),
+        *[torch.randn(batch, kv_heads, past, head_dim) for _ in range(2 * layers)],
+    )
+    auto = torch.export.Dim.AUTO
+    dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto},
+               tuple({0: auto, 2: auto} for _ in range(2 * layers)))
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        main_export(
-            str(model_dir), output=str(out_dir), task=TASK, opset=opset, device="cpu",
-            local_files_only=True, do_validation=False,  # the parity gate below is the validation
-        )
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise StageError(f"optimum could not export {model_dir} to ONNX (opset {opset}): {err}") from err
     path = out_dir / MODEL_FILE
-    if not path.is_file():
-        raise StageError(f"optimum wrote no {MODEL_FILE} into {out_dir}")
+    try:
+        program = torch.onnx.export(
+            _kv_wrapper(model, layers), args, None, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
+            input_names=["input_ids", "attention_mask", "position_ids", *past_names(layers)],
+            output_names=["logits", *present_names(layers)],
+        )
+        if program is None:
+            raise StageError("torch.onnx.export(dynamo=True) returned no program")
+        program.save(str(path))
+    except (ImportError, RuntimeError, ValueError, torch.onnx.OnnxExporterError) as err:
+        raise StageError(f"torch.onnx export of {model_dir} failed: {str(err).splitlines()[0]}") from err
+    copy_tokenizer_files(model_dir, out_dir)
+    for name in ("config.json", "generation_config.json"):
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, out_dir / name)
     return path
 
 
@@ -80,54 +106,7 @@ def _kv_wrapper(model: Any, num_layers: int) -> Any:
             present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
             return (out.logits, *present)
 
-    return FlatKV()
-
-
-def export_dynamo(model_dir: Path, out_dir: Path, opset: int) -> Path:
-    """torch.onnx.export(dynamo=True) with the same input/output names as optimum's graph.
-
-    The fallback for architectures optimum does not know. Every dimension is exported as
-    ``Dim.AUTO``, so batch, sequence and past lengths come out symbolic; the example shapes are
-    all distinct and above 1 so none is specialised away.
-    """
-    import torch
-
-    from toolkit.modeling import load_model, load_tokenizer
-
-    model = load_model(model_dir)
-    cfg = model.config
-    layers = int(cfg.num_hidden_layers)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    batch, seq, past = 2, 3, 5
-    args = (
-        torch.ones(batch, seq, dtype=torch.long), torch.ones(batch, past + seq, dtype=torch.long),
-        torch.arange(past, past + seq).repeat(batch, 1),
-        *[torch.randn(batch, kv_heads, past, head_dim) for _ in range(2 * layers)],
-    )
-    auto = torch.export.Dim.AUTO
-    dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto},
-               tuple({0: auto, 2: auto} for _ in range(2 * layers)))
-    kv_names = [f"{layer}.{kind}" for layer in range(layers) for kind in ("key", "value")]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / MODEL_FILE
-    try:
-        program = torch.onnx.export(
-            _kv_wrapper(model, layers), args, None, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
-            input_names=["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv_names],
-            output_names=["logits"] + [f"present.{n}" for n in kv_names],
-        )
-        if program is None:
-            raise StageError("torch.onnx.export(dynamo=True) returned no program")
-        program.save(str(path))
-    except (ImportError, RuntimeError, ValueError, torch.onnx.OnnxExporterError) as err:
-        raise StageError(f"torch.onnx dynamo export of {model_dir} failed (try export.exporter: optimum): "
-                         f"{str(err).splitlines()[0]}") from err
-    load_tokenizer(model_dir).save_pretrained(str(out_dir))
-    cfg.save_pretrained(str(out_dir))
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(str(out_dir))
-    return path
+    return FlatKV().eval()
 
 
 def graph_stats(onnx_path: Path) -> dict[str, Any]:
@@ -161,7 +140,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config.export
     model_dir = merged_model_dir(ctx.inputs["merge"])
     started = time.perf_counter()
-    onnx_path = export_onnx(model_dir, ctx.out_dir, cfg.opset, cfg.exporter)
+    onnx_path = export_onnx(model_dir, ctx.out_dir, cfg.opset)
     export_s = time.perf_counter() - started
     stats = graph_stats(onnx_path)
     log.info("export_onnx: %s in %.1f s, %s MiB, %d nodes", onnx_path.name, export_s, stats["graph_mib"],
@@ -179,7 +158,7 @@ def run(ctx: StageContext) -> StageResult:
     )
     return StageResult(
         metrics={
-            "exporter": cfg.exporter,
+            "exporter": EXPORTER,
             "task": TASK,
             "export_s": round(export_s, 2),
             "parity_s": round(gate_s, 2),
@@ -189,5 +168,5 @@ def run(ctx: StageContext) -> StageResult:
         },
         gates=gates,
         artifacts={"model": MODEL_FILE},
-        note=f"{cfg.exporter} opset {stats['opset']}, {stats['graph_mib']} MiB; FP32 parity {summary}",
+        note=f"{EXPORTER} opset {stats['opset']}, {stats['graph_mib']} MiB; FP32 parity {summary}",
     )

@@ -15,6 +15,7 @@ from toolkit.finetune import TokenizedExample, build_example, read_split, train_
 from toolkit.modeling import CHAT_TEMPLATE_FILE, Messages, chat_template_of, load_model, load_tokenizer, seed_everything
 from toolkit.pipeline import StageContext, StageResult
 from toolkit.stages.control import read_control
+from toolkit.tokenizer_files import copy_tokenizer_files
 from toolkit.workspace import sha256_text
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def run(ctx: StageContext) -> StageResult:
 
     adapter = ctx.out_dir / ADAPTER_DIR
     peft_model.save_pretrained(str(adapter), safe_serialization=True)
-    tokenizer.save_pretrained(str(adapter))
+    copy_tokenizer_files(base_dir, adapter)  # byte for byte: never re-derived by the installed transformers
     (adapter / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")  # the exact string trained with
     train_log.write_csv(ctx.out_dir / "loss.csv")
     train_log.write_png(ctx.out_dir / "loss.png")

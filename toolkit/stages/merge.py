@@ -17,6 +17,7 @@ from toolkit.modeling import (
     CHAT_TEMPLATE_FILE,
     Messages,
     chat_template_of,
+    decode_text,
     greedy_generate,
     load_model,
     load_tokenizer,
@@ -24,7 +25,9 @@ from toolkit.modeling import (
     stop_token_ids,
 )
 from toolkit.pipeline import StageContext, StageResult
+from toolkit.portability import portability_gate
 from toolkit.report import GateResult
+from toolkit.tokenizer_files import copy_tokenizer_files, portable_model_config
 from toolkit.workspace import sha256_text
 
 log = logging.getLogger(__name__)
@@ -44,12 +47,18 @@ def load_adapter_model(base_dir: Path, adapter_dir: Path) -> Any:
     return model
 
 
-def merge_to_dir(adapter_model: Any, tokenizer: Any, template: str, out: Path) -> None:
-    """merge_and_unload and save weights (safetensors), tokenizer, chat template and generation config."""
+def merge_to_dir(adapter_model: Any, tokenizer_dir: Path, template: str, out: Path) -> None:
+    """merge_and_unload and save weights (safetensors) and generation config; copy the tokenizer files.
+
+    The tokenizer files are the base model's, copied byte for byte (a ``save_pretrained`` of the
+    loaded tokenizer would re-derive them through the installed transformers), and config.json
+    keeps the spelling transformers 4.x reads.
+    """
     merged = adapter_model.merge_and_unload()
-    merged.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
+    merged.save_pretrained(str(out))
+    copy_tokenizer_files(tokenizer_dir, out)
     (out / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+    portable_model_config(out)
 
 
 def special_tokens(tokenizer: Any) -> dict[str, Any]:
@@ -107,6 +116,8 @@ def golden_ids(model: Any, tokenizer: Any, conversations: list[Messages]) -> lis
 
 def run(ctx: StageContext) -> StageResult:
     """Merge, save, re-load and gate; golden outputs go to golden.jsonl for the report."""
+    from transformers import GenerationConfig
+
     base_dir = ctx.inputs["base_model"].path("model")
     adapter_dir = ctx.inputs["finetune"].path("adapter")
     tokenizer = load_tokenizer(adapter_dir)
@@ -117,20 +128,24 @@ def run(ctx: StageContext) -> StageResult:
     adapter_model = load_adapter_model(base_dir, adapter_dir)
     adapter_out = golden_ids(adapter_model, tokenizer, conversations)
     out = ctx.out_dir / MODEL_DIR
-    merge_to_dir(adapter_model, tokenizer, template, out)
+    merge_to_dir(adapter_model, adapter_dir, template, out)
     del adapter_model
 
     merged = load_model(out)  # from disk: the gate checks what export will read
     merged_tokenizer = load_tokenizer(out)
     merged_out = golden_ids(merged, merged_tokenizer, conversations)
-    texts = [(tokenizer.decode(a, skip_special_tokens=True), tokenizer.decode(m, skip_special_tokens=True))
+    texts = [(decode_text(tokenizer, a), decode_text(tokenizer, m))
              for a, m in zip(adapter_out, merged_out, strict=True)]
     with (ctx.out_dir / GOLDEN_FILE).open("w", encoding="utf-8") as fh:
         for conv, (a_text, m_text), a_ids, m_ids in zip(conversations, texts, adapter_out, merged_out,
                                                          strict=True):
             fh.write(json.dumps({"messages": conv, "adapter": a_text, "merged": m_text,
                                  "match": a_ids == m_ids}, ensure_ascii=False) + "\n")
-    gates = [greedy_gate(adapter_out, merged_out, texts), token_gate(tokenizer, template, out)]
+    gates = [
+        greedy_gate(adapter_out, merged_out, texts),
+        token_gate(tokenizer, template, out),
+        portability_gate(out, stop_token_ids(merged_tokenizer, GenerationConfig.from_pretrained(str(out)))),
+    ]
     return StageResult(
         metrics={
             "golden_prompts": len(conversations),

@@ -41,6 +41,7 @@ from toolkit.manifest import TOKENIZER_DIR, ArtifactRef, ModelManifest
 from toolkit.pipeline import StageContext, StageRecord, StageResult
 from toolkit.serving import contract
 from toolkit.stages import tensorrt as trt
+from toolkit.tokenizer_files import CHAT_TEMPLATE_FILE, copy_tokenizer_files
 from toolkit.triton_config import (
     LMInfo,
     generation_model_config,
@@ -53,8 +54,6 @@ from toolkit.workspace import sha256_file, sha256_text
 log = logging.getLogger(__name__)
 
 MODEL_PY_SOURCE = Path(__file__).resolve().parent.parent / "serving" / "triton_model" / "model.py"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
 REQUIRED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ONNX_FILE = "model.onnx"
 
@@ -88,7 +87,7 @@ class ModelFacts:
     @classmethod
     def from_merged_dir(cls, merged_dir: Path) -> ModelFacts:
         """Shape, bos / stop / pad ids and chat template of a merged model, as the rest of the build computes them."""
-        from toolkit.modeling import CHAT_TEMPLATE_FILE, chat_template_of, load_tokenizer, pad_token_id, stop_token_ids
+        from toolkit.modeling import chat_template_of, load_tokenizer, pad_token_id, stop_token_ids
 
         lm = LMInfo.from_hf_config(merged_dir)
         tokenizer = load_tokenizer(merged_dir)
@@ -194,11 +193,11 @@ def _copy_tokenizer(tokenizer_dir: Path, dest: Path, template: str) -> None:
     if missing:
         raise StageError(f"{tokenizer_dir} lacks {', '.join(missing)}: the merged model has no saved tokenizer")
     dest.mkdir(parents=True)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy2(tokenizer_dir / name, dest / name)
-    if template:  # an empty one would hide the tokenizer_config's template from the gateway
-        (dest / "chat_template.jinja").write_text(template, encoding="utf-8")
+    copy_tokenizer_files(tokenizer_dir, dest)  # byte for byte, as merge left them
+    if (tokenizer_dir / "generation_config.json").is_file():
+        shutil.copyfile(tokenizer_dir / "generation_config.json", dest / "generation_config.json")
+    if template and not (dest / CHAT_TEMPLATE_FILE).is_file():  # the gateway renders with the template
+        (dest / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
 
 
 def _ref(root: Path, path: Path) -> ArtifactRef:

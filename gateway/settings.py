@@ -65,6 +65,9 @@ class GatewaySettings(BaseSettings):
     )
     max_body_bytes: PositiveInt = Field(default=1 << 20, description="Larger request bodies get 413 unread.")
     max_stop_strings: PositiveInt = 4
+    sse_ping_s: PositiveFloat = Field(
+        default=15.0, description="Seconds between keep-alive comment lines (`: ping`) in an idle stream."
+    )
 
     @field_validator("triton_urls", "api_keys", "admin_api_keys", mode="before")
     @classmethod

@@ -49,6 +49,7 @@ class GenerationInputs:
     seed: int | None = None
     repetition_penalty: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
     def to_infer_inputs(self) -> list[InferInput]:
         """Triton inputs, each with the leading batch dimension of 1 the model's max_batch_size implies."""
@@ -64,9 +65,12 @@ class GenerationInputs:
             arrays[contract.SEED] = np.asarray([[self.seed]], dtype=np.int64)
         if self.stop_token_ids:
             arrays[contract.STOP_TOKEN_IDS] = np.asarray([list(self.stop_token_ids)], dtype=np.int64)
+        if self.ignore_eos:
+            arrays[contract.IGNORE_EOS] = np.asarray([[True]], dtype=np.bool_)
         inputs = []
         for name, array in arrays.items():
-            datatype = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
+            datatype = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
+                        np.dtype(np.bool_): "BOOL"}
             tensor = InferInput(name, list(array.shape), datatype[array.dtype])
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)

@@ -188,6 +188,7 @@ def generation_model_config(
         (c.SEED, "TYPE_INT64", [1]),
         (c.REPETITION_PENALTY, "TYPE_FP32", [1]),
         (c.STOP_TOKEN_IDS, "TYPE_INT64", [-1]),
+        (c.IGNORE_EOS, "TYPE_BOOL", [1]),
     ]
     assert [n for n, _, _ in optional] == list(c.OPTIONAL_INPUTS), "contract.OPTIONAL_INPUTS changed"
     for tensor_name, dtype, dims in optional:

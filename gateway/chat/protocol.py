@@ -50,6 +50,10 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, description="Extension: 1 disables.")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = Field(default=None, description="Up to 4 strings that end the reply (not sent).")
+    ignore_eos: bool = Field(
+        default=False, description="Extension (as in vLLM): generate past the end-of-turn token until max_tokens or a "
+        "stop string; benchmark clients use it for fixed output lengths.",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -80,6 +84,7 @@ class SamplingFields(BaseModel):
             seed=self.seed,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             stop_token_ids=tuple(stop_token_ids),
+            ignore_eos=self.ignore_eos,
         )
 
 

@@ -90,7 +90,10 @@ async def chat_completions(
         raise
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return EventSourceResponse(
-        _sse(first, events, request_id, model, include_usage), ping=15, headers={"X-Request-Id": request_id}
+        _sse(first, events, request_id, model, include_usage),
+        sep="\n",  # OpenAI's framing, "data: {json}\n\n": many clients split events on "\n\n"
+        ping=state.settings.sse_ping_s,
+        headers={"X-Request-Id": request_id},
     )
 
 

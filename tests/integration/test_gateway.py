@@ -27,8 +27,8 @@ from conftest import (
     stop_gateway,
     wait_ready,
 )
+from reference import ReferenceTokenizer
 
-from gateway.tokenization import ChatTokenizer
 from toolkit.serving.client import GenerationClient
 from toolkit.serving.triton_server import TritonServer
 
@@ -62,10 +62,9 @@ def gateway(triton_server: RunningTriton, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="module")
-def tokenizer(triton_server: RunningTriton) -> ChatTokenizer:
-    version_dir = triton_server.repository / triton_server.model / "1"
-    manifest = json.loads((version_dir / "manifest.json").read_text())
-    return ChatTokenizer.from_dir(version_dir / "tokenizer", manifest["chat_template"])
+def tokenizer(triton_server: RunningTriton) -> ReferenceTokenizer:
+    """Expected prompts and texts from the raw tokenizers library and jinja2, not the gateway's own code."""
+    return ReferenceTokenizer(triton_server.repository / triton_server.model / "1" / "tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +85,7 @@ def auth(key: str = KEY) -> dict[str, str]:
 
 
 def test_openai_client_non_streaming_equals_triton_greedy(
-    oai: openai.OpenAI, triton_server: RunningTriton, tokenizer: ChatTokenizer
+    oai: openai.OpenAI, triton_server: RunningTriton, tokenizer: ReferenceTokenizer
 ) -> None:
     reply = oai.chat.completions.create(model=triton_server.model, messages=MESSAGES, max_tokens=24, temperature=0)
     expected_ids = direct_greedy(triton_server, tokenizer.render_ids(MESSAGES), 24)
@@ -98,7 +97,7 @@ def test_openai_client_non_streaming_equals_triton_greedy(
 
 
 def test_openai_client_streaming_is_utf8_clean_and_matches(
-    oai: openai.OpenAI, triton_server: RunningTriton, tokenizer: ChatTokenizer
+    oai: openai.OpenAI, triton_server: RunningTriton, tokenizer: ReferenceTokenizer
 ) -> None:
     stream = oai.chat.completions.create(
         model=triton_server.model, messages=MESSAGES, max_tokens=40, temperature=0, stream=True,
@@ -119,6 +118,40 @@ def test_openai_client_streaming_is_utf8_clean_and_matches(
         assert all("\ufffd" not in d for d in deltas)
     assert finish in ("stop", "length")
     assert usage is not None and usage.completion_tokens == len(expected_ids)
+
+
+def test_live_stream_read_by_a_client_that_splits_on_blank_lines(
+    gateway: Gateway, triton_server: RunningTriton, tokenizer: ReferenceTokenizer
+) -> None:
+    """A hand-written SSE reader as vLLM's benchmark and many scripts have one: split the raw body on
+    b"\n\n", strip "data: ", parse JSON until [DONE]. Also checks the bytes themselves."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", GATEWAY_PORT, timeout=TIMEOUT_S)
+    body = {"model": triton_server.model, "messages": MESSAGES, "max_tokens": 24, "temperature": 0, "stream": True}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type", "").startswith("text/event-stream")
+    raw, buffer, parts, done = b"", b"", [], False
+    while not done:
+        chunk = response.read1(65536)
+        if not chunk:
+            break
+        raw += chunk
+        buffer += chunk
+        while not done and b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            assert event.startswith(b"data: "), event
+            if event == b"data: [DONE]":
+                done = True
+                break
+            choices = json.loads(event[len(b"data: "):])["choices"]
+            parts.extend(c["delta"].get("content") or "" for c in choices)
+    conn.close()
+    assert done, raw[-200:]
+    assert b"\r" not in raw and raw.endswith(b"data: [DONE]\n\n")
+    assert "".join(parts) == tokenizer.decode(direct_greedy(triton_server, tokenizer.render_ids(MESSAGES), 24))
 
 
 def test_default_model_and_simple_chat(gateway: Gateway) -> None:

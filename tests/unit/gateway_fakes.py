@@ -74,9 +74,16 @@ class FakeEndpoint:
 
 
 class FakePool:
-    """Streams scripted token ids as the generation model would, one id per response."""
+    """Streams scripted token ids as the generation model would, one id per response.
+
+    As the serving contract says (``toolkit.serving.contract``): a stop token is never streamed;
+    the reply ends with a final response carrying the finish reason ("stop" when the model would
+    sample a stop token next, "length" at max_tokens) and the token counts.
+    """
 
     def __init__(self, reply_ids: list[int], healthy: bool = True, finish: str = "stop") -> None:
+        if EOS_ID in reply_ids:
+            raise ValueError("the generation model never streams a stop token; script the reply without it")
         self.reply_ids = reply_ids
         self.finish = finish
         self.endpoints = [FakeEndpoint("fake:8001", FakeClient(healthy), healthy=healthy)]
@@ -101,10 +108,17 @@ class FakePool:
         if not self.healthy():
             raise TritonUnavailableError("no Triton endpoint is ready (fake)", retry_after_s=1)
         self.calls.append(inputs)
-        ids = self.reply_ids[: inputs.max_tokens]
-        finish = self.finish if len(ids) < inputs.max_tokens or self.finish == "stop" else "length"
-        if len(self.reply_ids) > inputs.max_tokens:
-            finish = "length"
+        stops = {EOS_ID, *inputs.stop_token_ids}
+        ids: list[int] = []
+        finish = self.finish
+        for token in self.reply_ids:
+            if token in stops:
+                finish = "stop"
+                break
+            ids.append(token)
+            if len(ids) == inputs.max_tokens:
+                finish = "length"
+                break
         finished = False
         try:
             for token in ids:

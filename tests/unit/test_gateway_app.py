@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from gateway_fakes import EOS_ID, FakePool, write_repository
+from gateway_fakes import FakePool, write_repository
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
@@ -42,7 +42,7 @@ def make_client(repository: Path, pool: FakePool, **overrides: Any) -> TestClien
 
 @pytest.fixture
 def pool(tokenizer: ChatTokenizer) -> FakePool:
-    return FakePool([*tokenizer.encode(REPLY), EOS_ID])
+    return FakePool(tokenizer.encode(REPLY))
 
 
 @pytest.fixture
@@ -63,6 +63,49 @@ def assert_openai_error(response: Any, status: int, fragment: str, param: str | 
 
 def sse_events(response: Any) -> list[str]:
     return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def _raw_stream(client: TestClient, body: dict[str, Any]) -> tuple[str, bytes]:
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        return response.headers["content-type"], b"".join(response.iter_raw())
+
+
+def test_stream_is_framed_like_openai(client: TestClient) -> None:
+    content_type, raw = _raw_stream(client, {"messages": MESSAGES, "stream": True, "temperature": 0})
+    assert content_type.startswith("text/event-stream")
+    assert b"\r" not in raw
+    assert raw.endswith(b"data: [DONE]\n\n")
+    events = raw.split(b"\n\n")
+    assert events[-1] == b""
+    for event in events[:-2]:  # each event is exactly one `data: {json}` line
+        assert event.startswith(b"data: {") and b"\n" not in event, event
+        json.loads(event[len(b"data: "):])
+    text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-2]
+                   if json.loads(e[6:])["choices"])
+    assert text == REPLY
+
+
+def test_idle_stream_sends_keepalive_comment_lines(repository: Path, tokenizer: ChatTokenizer) -> None:
+    pool = FakePool(tokenizer.encode("slow reply"))
+    pool.step_delay_s = 0.4
+    with make_client(repository, pool, sse_ping_s=0.1) as slow:
+        _, raw = _raw_stream(slow, {"messages": MESSAGES, "stream": True})
+    events = raw.split(b"\n\n")[:-1]
+    pings = [e for e in events if e.startswith(b":")]
+    assert pings and all(b"\n" not in p for p in pings)  # a comment line, which SSE clients skip
+    assert all(e.startswith((b":", b"data: ")) for e in events)
+
+
+def test_ignore_eos_reaches_triton(client: TestClient, pool: FakePool) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 8, "ignore_eos": True}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert pool.calls[-1].ignore_eos is True
+    tensors = {t.name(): t for t in pool.calls[-1].to_infer_inputs()}
+    assert tensors["ignore_eos"].datatype() == "BOOL"
+    assert client.post("/v1/chat/completions", json={"messages": MESSAGES}).status_code == 200
+    assert pool.calls[-1].ignore_eos is False
+    assert "ignore_eos" not in {t.name() for t in pool.calls[-1].to_infer_inputs()}
 
 
 def test_non_streaming_completion(client: TestClient, pool: FakePool) -> None:
@@ -213,7 +256,7 @@ def test_in_flight_bound_gives_429_with_retry_after(repository: Path, pool: Fake
 
 
 def test_triton_down_is_503_and_not_ready(repository: Path, tokenizer: ChatTokenizer) -> None:
-    with make_client(repository, FakePool([5, EOS_ID], healthy=False)) as client:
+    with make_client(repository, FakePool([5], healthy=False)) as client:
         response = client.post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True})
         error = assert_openai_error(response, 503, "no Triton endpoint is ready")
         assert error["type"] == "service_unavailable"

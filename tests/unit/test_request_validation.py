@@ -36,6 +36,17 @@ def test_all_parameters_are_read() -> None:
     assert request.stop_token_ids == frozenset({2, 9, 10})
 
 
+def test_ignore_eos_drops_the_manifest_stops_but_keeps_the_requests_own() -> None:
+    flag = np.asarray([[True]], np.bool_)
+    only_own = parse_request({"input_ids": _ids(5), "ignore_eos": flag, "stop_token_ids": _ids(9)}, LIMITS)
+    assert only_own.stop_token_ids == frozenset({9})
+    assert parse_request({"input_ids": _ids(5), "ignore_eos": flag}, LIMITS).stop_token_ids == frozenset()
+    off = parse_request({"input_ids": _ids(5), "ignore_eos": np.asarray([[False]], np.bool_)}, LIMITS)
+    assert off.stop_token_ids == frozenset({2})
+    with pytest.raises(RequestError, match="ignore_eos must be a single BOOL"):
+        parse_request({"input_ids": _ids(5), "ignore_eos": np.asarray([[1]], np.int32)}, LIMITS)
+
+
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [

@@ -43,6 +43,7 @@ def generation_inputs(
     prompt_ids: Sequence[int], *, max_tokens: int | None = None, temperature: float | None = None,
     top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
     repetition_penalty: float | None = None, stop_token_ids: Sequence[int] | None = None,
+    ignore_eos: bool | None = None,
 ) -> list[grpcclient.InferInput]:
     """The generation model's input tensors for one request (batch dimension 1); None leaves one out."""
     def tensor(name: str, array: np.ndarray, dtype: str) -> grpcclient.InferInput:
@@ -64,6 +65,8 @@ def generation_inputs(
             inputs.append(tensor(name, np.asarray([[value]], dtype=np_type), dtype))
     if stop_token_ids is not None:
         inputs.append(tensor(contract.STOP_TOKEN_IDS, np.asarray([list(stop_token_ids)], dtype=np.int64), "INT64"))
+    if ignore_eos is not None:
+        inputs.append(tensor(contract.IGNORE_EOS, np.asarray([[ignore_eos]], dtype=np.bool_), "BOOL"))
     return inputs
 
 

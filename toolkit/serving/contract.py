@@ -21,8 +21,9 @@ TOP_K = "top_k"  # INT32 [1]; 0 disables
 SEED = "seed"  # INT64 [1]
 REPETITION_PENALTY = "repetition_penalty"  # FP32 [1]
 STOP_TOKEN_IDS = "stop_token_ids"  # INT64 [-1]; added to the manifest's stop ids
+IGNORE_EOS = "ignore_eos"  # BOOL [1]; true: only stop_token_ids end the reply, not the manifest's (benchmarks)
 
-OPTIONAL_INPUTS = (MAX_TOKENS, TEMPERATURE, TOP_P, TOP_K, SEED, REPETITION_PENALTY, STOP_TOKEN_IDS)
+OPTIONAL_INPUTS = (MAX_TOKENS, TEMPERATURE, TOP_P, TOP_K, SEED, REPETITION_PENALTY, STOP_TOKEN_IDS, IGNORE_EOS)
 
 # outputs
 OUTPUT_IDS = "output_ids"  # INT64 [-1]

@@ -152,7 +152,13 @@ def parse_request(
     if penalty <= 0:
         raise RequestError(f"{contract.REPETITION_PENALTY} must be > 0 (1 disables it), got {penalty}")
 
-    stops = set(limits.stop_token_ids)
+    ignore_eos = False
+    if contract.IGNORE_EOS in values:
+        flag = np.asarray(values[contract.IGNORE_EOS]).reshape(-1)
+        if flag.dtype.kind != "b" or flag.size != 1:
+            raise RequestError(f"{contract.IGNORE_EOS} must be a single BOOL, got {flag.size} {flag.dtype} value(s)")
+        ignore_eos = bool(flag[0])
+    stops = set() if ignore_eos else set(limits.stop_token_ids)
     if contract.STOP_TOKEN_IDS in values:
         extra = _int_values(contract.STOP_TOKEN_IDS, values[contract.STOP_TOKEN_IDS])
         bad = extra[(extra < 0) | (extra >= limits.vocab_size)]

@@ -1,0 +1,233 @@
+"""Interoperability check: other software reads the toolkit's build the way the toolkit does.
+
+On a finished default build (``build/merge/model`` and ``model_repository/``):
+
+1. Tokenizer files under several transformers versions: the toolkit's own (current 5.x), vLLM's
+   (5.19 with vLLM 0.32) and 4.57, each in its own environment. ``AutoTokenizer`` on ``build/merge/model`` and on every
+   ``model_repository/*/N/tokenizer`` must encode a probe sentence to the expected ids, decode it
+   back exactly and log no warning.
+2. vLLM serving ``build/merge/model`` answers every golden prompt and every test-split question of
+   the build (greedy, 64 tokens) with the same text as the toolkit's gateway serving
+   ``model_repository`` (``toolkit serve``).
+3. vLLM's benchmark client, ``vllm bench serve --backend openai-chat``, against the gateway:
+   every request must complete.
+
+Writes ``benchmarks/results/interop-vllm-<date>.{json,md}``. Not part of the test suite: the first
+run installs vLLM (about 3.5 GB, see benchmarks/thirdparty.py) and vLLM takes about 100 s to start
+here.
+
+    .venv/bin/python benchmarks/interop_vllm.py [--build build] [--repository model_repository]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from thirdparty import (  # noqa: E402
+    BENCH_DIR,
+    ROOT,
+    Server,
+    ensure_transformers,
+    ensure_vllm,
+    free_port,
+    toolkit_serve_command,
+    vllm_env,
+)
+
+from toolkit.golden import golden_conversations  # noqa: E402
+
+PROBE = "Hello world, how are you?"
+PROBE_IDS = [19556, 905, 28, 638, 359, 346, 47]  # SmolLM2's published tokenizer
+MAX_TOKENS = 64
+
+# Run inside another environment: load each directory with AutoTokenizer and report what it saw.
+_TOKENIZER_CHECK = r"""
+import json, logging, sys, warnings
+import transformers
+from transformers import AutoTokenizer
+seen = []
+class Collect(logging.Handler):
+    def emit(self, record): seen.append(record.getMessage().splitlines()[0])
+logging.getLogger("transformers").addHandler(Collect(level=logging.WARNING))
+warnings.simplefilter("always")
+results = []
+for path in sys.argv[2:]:
+    seen.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        ids = tok(sys.argv[1], add_special_tokens=False)["input_ids"]
+        text = tok.decode(ids, skip_special_tokens=True)
+    results.append({"path": path, "class": type(tok).__name__, "ids": list(ids), "decoded": text,
+                    "warnings": seen + [str(w.message).splitlines()[0] for w in caught]})
+print(json.dumps({"transformers": transformers.__version__, "results": results}))
+"""
+
+
+def tokenizer_dirs(build: Path, repository: Path) -> list[Path]:
+    dirs = [build / "merge" / "model"]
+    dirs += sorted(p.parent for p in repository.glob("*/[0-9]*/tokenizer/tokenizer.json"))
+    return dirs
+
+
+def check_tokenizers(python: Path, dirs: list[Path]) -> dict[str, Any]:
+    out = subprocess.run([str(python), "-c", _TOKENIZER_CHECK, PROBE, *map(str, dirs)], check=True,
+                         capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for item in report["results"]:
+        item["ok"] = item["ids"] == PROBE_IDS and item["decoded"] == PROBE and not item["warnings"]
+    report["ok"] = all(item["ok"] for item in report["results"])
+    return report
+
+
+def chat(url: str, model: str, messages: list[dict[str, str]]) -> str:
+    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+    response.raise_for_status()
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
+def prompts_to_compare(build: Path) -> list[list[dict[str, str]]]:
+    """The golden prompts, then the build's held-out test questions (new phrasings of taught facts)."""
+    conversations = golden_conversations()
+    test = build / "data" / "test.jsonl"
+    if test.is_file():
+        for line in test.read_text(encoding="utf-8").splitlines():
+            messages = json.loads(line)["messages"]
+            conversations.append(messages[:-1])
+    return conversations
+
+
+def compare_answers(vllm_url: str, gateway_url: str, model: str, build: Path) -> list[dict[str, Any]]:
+    rows = []
+    for conversation in prompts_to_compare(build):
+        ours, theirs = chat(gateway_url, model, conversation), chat(vllm_url, model, conversation)
+        rows.append({"prompt": conversation[-1]["content"], "gateway": ours, "vllm": theirs, "same": ours == theirs})
+        print(f"  {'same' if ours == theirs else 'DIFFERENT'}: {conversation[-1]['content'][:50]!r}", flush=True)
+    return rows
+
+
+def bench_gateway(vllm: Path, gateway_url: str, model: str, tokenizer: Path, prompts: int) -> dict[str, Any]:
+    """vLLM's own benchmark client against the gateway's OpenAI-compatible streaming endpoint."""
+    result_dir = BENCH_DIR / "interop"
+    result_dir.mkdir(parents=True, exist_ok=True)
+    command = [str(vllm), "bench", "serve", "--backend", "openai-chat", "--base-url", gateway_url,
+               "--endpoint", "/v1/chat/completions", "--model", model, "--tokenizer", str(tokenizer),
+               "--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "32",
+               "--num-prompts", str(prompts), "--max-concurrency", "4", "--seed", "0",
+               "--save-result", "--result-dir", str(result_dir), "--result-filename", "gateway.json"]
+    print("$", " ".join(command), flush=True)
+    run = subprocess.run(command, env=vllm_env(), capture_output=True, text=True)
+    tail = "\n".join((run.stdout + run.stderr).splitlines()[-30:])
+    saved = result_dir / "gateway.json"
+    data = json.loads(saved.read_text()) if run.returncode == 0 and saved.is_file() else {}
+    completed = int(data.get("completed", 0))
+    return {"command": command, "exit_code": run.returncode, "completed": completed, "num_prompts": prompts,
+            "failed": prompts - completed, "ok": run.returncode == 0 and completed == prompts,
+            "output_throughput": data.get("output_throughput"), "tail": tail if run.returncode else ""}
+
+
+def machine_description() -> str:
+    import os
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or "cpu")
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.release()}"
+
+
+def write_results(data: dict[str, Any]) -> Path:
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"interop-vllm-{datetime.now(UTC):%Y%m%d}"
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    lines = [f"# Interoperability with vLLM ({data['date']})", "", f"Machine: {data['machine']}", ""]
+    lines += ["## Tokenizer files under other transformers versions", "",
+              "| transformers | directory | class | ids ok | decoded ok | warnings |", "|---|---|---|---|---|---|"]
+    for env in data["tokenizers"]:
+        for item in env["results"]:
+            rel = Path(item["path"]).resolve().relative_to(ROOT) if ROOT in Path(item["path"]).resolve().parents \
+                else item["path"]
+            lines.append(f"| {env['transformers']} | `{rel}` | {item['class']} | {item['ids'] == PROBE_IDS} | "
+                         f"{item['decoded'] == PROBE} | {len(item['warnings'])} |")
+    same = sum(r["same"] for r in data["answers"])
+    lines += ["", f"## Greedy answers: vLLM {data['vllm_version']} vs the gateway", "",
+              f"{same}/{len(data['answers'])} prompts (the golden prompts and the build's test questions) answered "
+              "with identical text "
+              f"({MAX_TOKENS} new tokens, temperature 0). vLLM was ready in {data['vllm_ready_s']:.0f} s.", ""]
+    for row in data["answers"]:
+        if not row["same"]:
+            lines += [f"- {row['prompt'][:60]!r}: gateway {row['gateway'][:80]!r} vs vLLM {row['vllm'][:80]!r}"]
+    bench = data["bench"]
+    lines += ["", "## `vllm bench serve --backend openai-chat` against the gateway", "",
+              f"{bench['completed']}/{bench['num_prompts']} requests completed (exit code {bench['exit_code']}), "
+              f"output throughput {bench['output_throughput']} tok/s.", "", "```", " ".join(bench["command"]), "```"]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return stem.with_suffix(".md")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--build", type=Path, default=ROOT / "build")
+    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument("--model", default="smollm2-chat", help="served model name (the repository's)")
+    parser.add_argument("--bench-prompts", type=int, default=16)
+    parser.add_argument("--old-transformers", default="4.57.6")
+    args = parser.parse_args()
+    merged = args.build / "merge" / "model"
+    if not (merged / "config.json").is_file():
+        print(f"no merged model in {merged}: run `make build` first", file=sys.stderr)
+        return 2
+
+    vllm = ensure_vllm()
+    dirs = tokenizer_dirs(args.build, args.repository)
+    tokenizers = [check_tokenizers(Path(sys.executable), dirs),  # the toolkit's own (current) transformers
+                  check_tokenizers(vllm.parent / "python", dirs),
+                  check_tokenizers(ensure_transformers(args.old_transformers), dirs)]
+    for env in tokenizers:
+        print(f"transformers {env['transformers']}: {'ok' if env['ok'] else 'FAILED'} on {len(dirs)} directories")
+
+    vllm_port, gateway_port, triton_port = free_port(), free_port(), free_port() + 100
+    vllm_server = Server(
+        "vLLM", [str(vllm), "serve", str(merged.resolve()), "--dtype", "float32", "--host", "127.0.0.1",
+                 "--port", str(vllm_port), "--served-model-name", args.model, "--max-model-len", "2048", "--seed", "0"],
+        f"http://127.0.0.1:{vllm_port}/v1/models", BENCH_DIR / "logs" / "vllm.log", env=vllm_env())
+    gateway = Server("toolkit serve", toolkit_serve_command(args.repository, gateway_port, triton_port),
+                     f"http://127.0.0.1:{gateway_port}/health/ready", BENCH_DIR / "logs" / "toolkit-serve.log")
+    started = time.monotonic()
+    with gateway:
+        gateway_url = f"http://127.0.0.1:{gateway_port}"
+        bench = bench_gateway(vllm, gateway_url, args.model, merged, args.bench_prompts)
+        print(f"vllm bench serve against the gateway: {bench['completed']}/{bench['num_prompts']} completed")
+        ready_s = vllm_server.start()
+        try:
+            answers = compare_answers(f"http://127.0.0.1:{vllm_port}", gateway_url, args.model, args.build)
+        finally:
+            vllm_server.stop()
+    version = subprocess.run([str(vllm.parent / "python"), "-c", "import vllm; print(vllm.__version__)"],
+                             capture_output=True, text=True, env=vllm_env()).stdout.strip()
+    data = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_description(),
+        "vllm_version": version, "vllm_ready_s": ready_s, "total_s": time.monotonic() - started,
+        "tokenizers": tokenizers, "answers": answers, "bench": bench,
+    }
+    md = write_results(data)
+    same = sum(r["same"] for r in answers)
+    print(f"\n{same}/{len(answers)} identical answers; tokenizers "
+          f"{'ok' if all(t['ok'] for t in tokenizers) else 'FAILED'}; bench {bench['completed']}/{bench['num_prompts']}"
+          f"\nwrote {md}")
+    return 0 if same == len(answers) and all(t["ok"] for t in tokenizers) and bench["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

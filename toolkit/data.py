@@ -13,8 +13,10 @@ Formats (``data.format: auto`` detects per record from its keys):
 - openai: ``{"messages": [{"role": "system"|"user"|"assistant", "content"}], "facts"?}``.
 
 ``facts`` (optional, any format) lists short strings a correct answer must contain; evaluation
-scores exact match on them. Other keys (ids, metadata) are ignored, with one warning per file
-that names them, never silently.
+scores exact match on them. ``group`` (optional, any format) names the fact a record teaches, so
+its phrasings are split together (see :func:`split_by_phrasing`); without it, records with the same
+answer are one group. Other keys (ids, metadata) are ignored, with one warning per file that names
+them, never silently.
 
 A file is a JSON array of records or JSON Lines (one record per line); ``.json`` files whose first
 character is not ``[`` are read as JSON Lines.
@@ -43,9 +45,9 @@ CONTROL_PROMPTS = DATASETS_DIR / "control_prompts.json"
 
 ROLES = ("system", "user", "assistant")
 KNOWN_KEYS = {
-    "alpaca": frozenset({"instruction", "input", "output", "system", "facts"}),
-    "sharegpt": frozenset({"conversations", "system", "facts"}),
-    "openai": frozenset({"messages", "facts"}),
+    "alpaca": frozenset({"instruction", "input", "output", "system", "facts", "group"}),
+    "sharegpt": frozenset({"conversations", "system", "facts", "group"}),
+    "openai": frozenset({"messages", "facts", "group"}),
 }
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _MAX_WARNINGS = 20  # per load: past this, one summary line instead of a flood
@@ -58,6 +60,12 @@ class Example:
     messages: list[dict[str, str]]
     facts: list[str] = field(default_factory=list)
     source: str = ""
+    group: str = ""  # the record's `group` key; empty when it has none
+
+    @property
+    def fact_key(self) -> str:
+        """Which fact this example teaches: its group, else its (normalised) answer."""
+        return self.group or "answer:" + " ".join(self.answer.casefold().split())
 
     @property
     def prompt(self) -> list[dict[str, str]]:
@@ -74,11 +82,15 @@ class Example:
         return next(m["content"] for m in self.messages if m["role"] == "user")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"messages": self.messages, "facts": self.facts, "source": self.source}
+        data: dict[str, Any] = {"messages": self.messages, "facts": self.facts, "source": self.source}
+        if self.group:
+            data["group"] = self.group
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Example:
-        return cls(messages=list(data["messages"]), facts=list(data.get("facts", [])), source=data.get("source", ""))
+        return cls(messages=list(data["messages"]), facts=list(data.get("facts", [])), source=data.get("source", ""),
+                   group=str(data.get("group", "")))
 
 
 @dataclass(frozen=True)
@@ -202,6 +214,19 @@ def read_jsonl(path: Path) -> list[Example]:
     return out
 
 
+def read_split(stage_dir: Path, split: str) -> list[Example]:
+    """Examples of one split ("train", "val", "test") that the data stage wrote into `stage_dir`."""
+    path = stage_dir / f"{split}.jsonl"
+    if not path.is_file():
+        raise DataError(f"the data stage left no {split} split at {path}; rerun with --force --stages data")
+    return read_jsonl(path)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every JSON object of a JSON Lines file a stage wrote."""
+    return [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
+
+
 def write_jsonl(path: Path, examples: Iterable[Example]) -> int:
     """Write one Example per line as ``{"messages", "facts", "source"}``; return the count."""
     n = 0
@@ -247,6 +272,13 @@ def _facts(record: dict[str, Any]) -> list[str]:
     if not isinstance(facts, list) or not all(isinstance(f, str) and f.strip() for f in facts):
         raise _MalformedError("facts must be a list of non-empty strings")
     return [clean_text(f) for f in facts]
+
+
+def _group(record: dict[str, Any]) -> str:
+    group = record.get("group", "")
+    if not isinstance(group, str):
+        raise _MalformedError("group must be a string")
+    return group.strip()
 
 
 def _alpaca(record: dict[str, Any]) -> list[dict[str, str]]:
@@ -329,11 +361,12 @@ def load_file(path: Path, section: DataSection, display: str | None = None) -> t
             if isinstance(record, _MalformedError):
                 raise record
             messages, facts, kind = parse_record(record, section.format, section.system_prompt)
+            group = _group(record)
         except _MalformedError as err:
             problems.append(Problem(source, str(err)))
             continue
         ignored |= set(record) - KNOWN_KEYS[kind]
-        examples.append(Example(messages=messages, facts=facts, source=source))
+        examples.append(Example(messages=messages, facts=facts, source=source, group=group))
     if ignored:
         log.warning("%s: ignoring unknown record keys: %s", display or path, ", ".join(sorted(ignored)))
     return examples, problems
@@ -407,6 +440,53 @@ def split_examples(examples: list[Example], ratios: tuple[float, float, float], 
             train.remove(moved)
             part.append(moved)
     return Splits(train=train, val=val, test=test)
+
+
+def split_by_phrasing(examples: list[Example], ratios: tuple[float, float, float], seed: int) -> Splits:
+    """Hold out phrasings of facts the model is taught, never whole facts.
+
+    Examples are grouped by :attr:`Example.fact_key`; within a group, identical questions count as
+    one phrasing and the phrasings are ordered by the seeded hash of :func:`split_position`. The first
+    phrasing goes to test when the group has at least two, the next to val when it has at least
+    three; every other phrasing trains. So each test (and val) question asks a fact that training
+    teaches in other words, and a fact with a single phrasing is only trained on. A zero val or
+    test share in `ratios` keeps that split empty. Input order is kept within each split.
+    """
+    groups: dict[str, dict[str, list[Example]]] = {}
+    for ex in examples:
+        groups.setdefault(ex.fact_key, {}).setdefault(split_key(ex), []).append(ex)
+    where: dict[int, str] = {}
+    for phrasings in groups.values():
+        ordered = sorted(phrasings, key=lambda key: hashlib.sha256(f"{seed}\x00{key}".encode()).digest())
+        held = []
+        if ratios[2] > 0 and len(ordered) >= 2:
+            held.append("test")
+        if ratios[1] > 0 and len(ordered) >= 2 + len(held):
+            held.append("val")
+        for i, key in enumerate(ordered):
+            for ex in phrasings[key]:
+                where[id(ex)] = held[i] if i < len(held) else "train"
+    parts: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+    for ex in examples:
+        parts[where[id(ex)]].append(ex)
+    return Splits(train=parts["train"], val=parts["val"], test=parts["test"])
+
+
+def resolve_split_by(examples: list[Example], split_by: str) -> str:
+    """``data.split_by: auto``: by phrasing when some fact has two or more distinct phrasings, else by hash."""
+    if split_by != "auto":
+        return split_by
+    phrasings: dict[str, set[str]] = {}
+    for ex in examples:
+        phrasings.setdefault(ex.fact_key, set()).add(split_key(ex))
+    return "phrasing" if any(len(p) >= 2 for p in phrasings.values()) else "hash"
+
+
+def split_dataset(examples: list[Example], split_by: str, ratios: tuple[float, float, float], seed: int) -> Splits:
+    """The configured split (``split_by`` already resolved): by phrasing or by question hash."""
+    if split_by == "phrasing":
+        return split_by_phrasing(examples, ratios, seed)
+    return split_examples(examples, ratios, seed)
 
 
 def load_control_prompts() -> list[str]:

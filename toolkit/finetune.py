@@ -18,29 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolkit.config import LoraSection, TrainSection
-from toolkit.data import Example as DataExample
-from toolkit.data import read_jsonl
-from toolkit.errors import StageError
+from toolkit.errors import ConfigError, StageError
 from toolkit.modeling import Messages, encode_text, pad_token_id, render_text
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
-    from toolkit.pipeline import StageRecord
-
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-
-
-def read_split(record: StageRecord, split: str) -> list[DataExample]:
-    """Examples of one split ("train", "val", "test") written by the data stage."""
-    rel = record.artifacts.get(split) or f"{split}.jsonl"
-    path = record.dir / rel
-    if not path.is_file():
-        raise StageError(f"the data stage left no {split} split at {path}; rerun with --force --stages data")
-    return read_jsonl(path)
 
 
 @dataclass(frozen=True)
@@ -118,6 +105,63 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.T
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def resolve_device(setting: str) -> torch.device:
+    """``train.device``: auto picks CUDA when torch sees a GPU; asking for CUDA without one is an error."""
+    import torch
+
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: cuda, but torch sees no CUDA GPU (torch.version.cuda="
+                              f"{torch.version.cuda}); install a CUDA torch (README: set-up) or use train.device: cpu")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def cpu_has_amx() -> bool:
+    """True when the CPU has AMX bf16 tiles (Sapphire Rapids and later), where bf16 matmuls are fast."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a training forward runs: autocast dtype (None: fp32) and whether the loss needs a scaler."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    scaler: bool
+
+    @classmethod
+    def choose(cls, device: torch.device, precision: str) -> Precision:
+        """``train.precision``: bf16 autocast where it is fast, fp16 with a loss scaler on GPUs without bf16.
+
+        auto means bf16 on GPUs and on CPUs with AMX tiles, fp32 on other CPUs (bf16 autocast without
+        AMX is emulated and slower than fp32).
+        """
+        import torch
+
+        if precision == "auto" and device.type == "cpu":
+            precision = "bf16" if cpu_has_amx() else "fp32"
+        if precision == "fp32":
+            return cls(device, None, False)
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return cls(device, torch.float16, True)
+        return cls(device, torch.bfloat16, False)
+
+    def autocast(self) -> Any:
+        import torch
+
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype or torch.float32,
+                              enabled=self.dtype is not None)
+
+    @property
+    def label(self) -> str:
+        return "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
+
+
 def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled tokens, and how many there were.
 
@@ -127,6 +171,8 @@ def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(core.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     hidden = core.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state
@@ -236,6 +282,7 @@ class TrainLog:
     """The loss curve: one row per optimizer step, val loss where it was measured."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
+    setup: dict[str, Any] = field(default_factory=dict)  # device, precision, ... for the report
 
     def add(self, **row: Any) -> None:
         self.rows.append(row)
@@ -278,8 +325,9 @@ def train_lora(
 ) -> tuple[Any, TrainLog]:
     """Fine-tune `model` with LoRA; return the PEFT model and its loss log.
 
-    Deterministic for a given seed: adapters are initialised and the data order drawn from
-    seeded generators, and every optimizer step sees the same micro-batches.
+    Deterministic for a given seed on a given device: adapters are initialised and the data order
+    drawn from seeded generators, and every optimizer step sees the same micro-batches. Runs on
+    ``train.device``; the returned model is back on the CPU.
     """
     import torch
     from tqdm import tqdm
@@ -287,15 +335,24 @@ def train_lora(
     if not train_examples:
         raise StageError("no training examples with assistant tokens; check the dataset and data.max_seq_len")
     torch.manual_seed(train.seed)
-    peft_model = lora_model(model, lora)
+    device = resolve_device(train.device)
+    precision = Precision.choose(device, train.precision)
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_model = lora_model(model, lora).to(device)
     peft_model.train()
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
+    log.info("finetune on %s, %s autocast%s", device, precision.label,
+             ", gradient checkpointing" if train.gradient_checkpointing else "")
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
     steps = total_steps(train, len(train_examples))
     scheduler = make_scheduler(optimizer, train, steps)
     pad = pad_token_id(tokenizer)
     stream = batch_stream([len(e.input_ids) for e in train_examples], train.batch_size, train.seed)
-    log_ = TrainLog()
+    log_ = TrainLog(setup={"device": str(device), "precision": precision.label,
+                           "gradient_checkpointing": train.gradient_checkpointing})
     started = time.perf_counter()
     bar = tqdm(range(1, steps + 1), desc="finetune", unit="step", disable=not progress)
     for step in bar:
@@ -303,11 +360,12 @@ def train_lora(
         window_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
         step_loss = 0.0
         for batch in window:
-            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=train.precision == "bf16"):
+            with precision.autocast():
                 loss, _ = summed_loss(peft_model, batch)
-            (loss / max(window_tokens, 1)).backward()
+            scaler.scale(loss / max(window_tokens, 1)).backward()
             step_loss += float(loss.detach())
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         row: dict[str, Any] = {
@@ -321,4 +379,6 @@ def train_lora(
                         **({"val": f"{row['val_loss']:.3f}"} if row.get("val_loss") is not None else {}))
     bar.close()
     peft_model.eval()
-    return peft_model, log_
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    return peft_model.to("cpu"), log_

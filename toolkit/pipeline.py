@@ -60,12 +60,15 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("data", "toolkit.stages.data", ("data",), (), "load, clean and split datasets"),
     StageSpec("control", "toolkit.stages.control", ("train.control_examples", "train.seed"), ("base_model",),
               "self-distilled general examples"),
+    # The base model's answers: cached apart, so a recipe change reruns only the fine-tuned half.
+    StageSpec("baseline", "toolkit.stages.baseline", ("eval.max_new_tokens", "eval.max_examples", "eval.batch_size"),
+              ("base_model", "data"), "base-model answers to the test and retention questions"),
     StageSpec(
         "finetune", "toolkit.stages.finetune", ("lora", "train", "data.max_seq_len"),
         ("base_model", "data", "control"), "PEFT LoRA fine-tune",
     ),
-    StageSpec("evaluate", "toolkit.stages.evaluate", ("eval",), ("base_model", "data", "finetune"),
-              "BLEU/ROUGE/exact match before and after"),
+    StageSpec("evaluate", "toolkit.stages.evaluate", ("eval",), ("base_model", "data", "finetune", "baseline"),
+              "held-out-phrasing fact accuracy, BLEU/ROUGE, retention"),
     StageSpec("merge", "toolkit.stages.merge", (), ("base_model", "finetune"), "merge_and_unload + gate"),
     StageSpec("export_onnx", "toolkit.stages.export_onnx", ("export",), ("merge",),
               "ONNX with KV cache + FP32 parity gate"),

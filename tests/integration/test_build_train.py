@@ -14,7 +14,7 @@ from toolkit.pipeline import run_build
 
 pytestmark = pytest.mark.integration
 
-TRAINING_HALF = ["base_model", "data", "control", "finetune", "evaluate", "merge"]
+TRAINING_HALF = ["base_model", "data", "control", "baseline", "finetune", "evaluate", "merge"]
 
 
 def _config(workspace: Path, rank: int = 8) -> BuildConfig:
@@ -67,8 +67,12 @@ def test_first_build_writes_every_artifact_and_passes_its_gates(workspace: Path)
     for key in ("bleu4_before", "bleu4_after", "rouge_l_before", "rouge_l_after", "fact_em_after",
                 "retention_after"):
         assert 0.0 <= scores[key] <= 1.0, key
+    for key in ("fact_accuracy_en_after", "fact_accuracy_zh_after"):  # the test split has both languages
+        assert scores[key] is None or 0.0 <= scores[key] <= 1.0, key
+    assert scores["fact_questions_en"] + scores["fact_questions_zh"] == 3
     samples = (workspace / "evaluate" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 3 and {"question", "reference", "before", "after"} <= json.loads(samples[0]).keys()
+    assert "Held-out-phrasing fact accuracy" in (workspace / "evaluate" / "facts.md").read_text()
 
     merged = workspace / "merge" / "model"
     assert (merged / "model.safetensors").is_file()
@@ -86,7 +90,8 @@ def test_rerun_skips_everything_and_a_lora_change_reruns_only_what_follows(works
 
     run_build(_config(workspace, rank=4), until="merge")
     statuses = _statuses(workspace / "report.json")
-    assert statuses == {"base_model": "skipped", "data": "skipped", "control": "skipped", "finetune": "ran",
-                        "evaluate": "ran", "merge": "ran"}
+    # The base model's answers (baseline) are not recomputed for a new recipe.
+    assert statuses == {"base_model": "skipped", "data": "skipped", "control": "skipped", "baseline": "skipped",
+                        "finetune": "ran", "evaluate": "ran", "merge": "ran"}
     adapter_config = json.loads((workspace / "finetune" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4

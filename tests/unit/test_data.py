@@ -18,7 +18,10 @@ from toolkit.data import (
     load_control_prompts,
     load_examples,
     read_jsonl,
+    resolve_split_by,
+    split_by_phrasing,
     split_examples,
+    split_key,
     write_jsonl,
 )
 from toolkit.errors import DataError, GateError
@@ -367,7 +370,8 @@ def test_stage_writes_splits_and_metrics_for_demo(tmp_path: Path) -> None:
     train = read_jsonl(tmp_path / "data" / "train.jsonl")
     assert len(train) == m["train"] and all(ex.facts for ex in train)
     line = json.loads((tmp_path / "data" / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
-    assert set(line) == {"messages", "facts", "source"}
+    assert set(line) == {"messages", "facts", "source", "group"}
+    assert m["split_by"] == "phrasing"
 
 
 def test_stage_skip_mode_counts_malformed(tmp_path: Path) -> None:
@@ -412,3 +416,42 @@ def test_stage_gate_fails_when_nothing_is_left_to_test(tmp_path: Path) -> None:
         run_build(config, stages=DATA_STAGE)
     opted_out = BuildConfig(workspace=tmp_path / "ws2", data=DataSection(paths=[path], split=(0.8, 0.2, 0.0)))
     assert run_build(opted_out, stages=DATA_STAGE).stages[0].status == "ran"
+
+
+def _ex(question: str, answer: str, group: str = "") -> Example:
+    return Example(messages=[{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                   facts=[answer[:3]], group=group)
+
+
+def test_phrasing_split_holds_out_phrasings_of_taught_facts_only() -> None:
+    examples = [_ex(f"q{g}-{i}", f"answer {g}") for g in range(20) for i in range(1 + g % 5)]
+    examples += [_ex("same question", "answer 3"), _ex("Same  question", "answer 3")]  # one phrasing, twice
+    splits = split_by_phrasing(examples, (0.7, 0.2, 0.1), seed=7)
+    assert sum(splits.counts().values()) == len(examples)
+    train_facts = {ex.fact_key for ex in splits.train}
+    for held in (splits.test, splits.val):
+        keys = [ex.fact_key for ex in held]
+        assert len(keys) == len(set(keys)), "at most one phrasing of a fact per held-out split"
+        assert all(key in train_facts for key in keys), "every held-out fact is taught in other words"
+    sizes = {g: 1 + g % 5 for g in range(20)}
+    singles = {f"answer:answer {g}" for g, n in sizes.items() if n == 1}
+    assert singles and all(ex.fact_key not in singles for ex in splits.test + splits.val)
+    where = {split_key(ex): name for name in ("train", "val", "test") for ex in getattr(splits, name)}
+    assert where[split_key(examples[-1])] == where[split_key(examples[-2])]
+    assert split_by_phrasing(examples, (0.7, 0.2, 0.1), seed=7) == splits  # deterministic
+    assert split_by_phrasing(examples, (0.9, 0.1, 0.0), seed=7).test == []
+
+
+def test_group_key_overrides_the_answer_and_auto_picks_the_split() -> None:
+    grouped = [_ex("q1", "a", "hours/en"), _ex("q2", "b", "hours/en"), _ex("q3", "c", "hours/en")]
+    assert {ex.fact_key for ex in grouped} == {"hours/en"}
+    assert resolve_split_by(grouped, "auto") == "phrasing"
+    unique = [_ex(f"q{i}", f"a{i}") for i in range(5)]
+    assert resolve_split_by(unique, "auto") == "hash"
+    assert resolve_split_by(unique, "phrasing") == "phrasing"
+
+
+def test_group_must_be_a_string(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "g.jsonl", [json.dumps({"instruction": "q", "output": "a", "group": 3})])
+    with pytest.raises(DataError, match="group must be a string"):
+        load_examples(DataSection(paths=[path]))

@@ -269,3 +269,31 @@ def test_bf16_precision_trains_and_keeps_fp32_adapters(tok) -> None:  # type: ig
     model, log = train_lora(make_model(len(tok)), tok, _examples(tok), [], FAST_LORA, train, progress=False)
     assert all(v.dtype == torch.float32 for v in _lora_state(model).values())
     assert all(r["train_loss"] == r["train_loss"] for r in log.rows)  # no NaN
+
+
+def test_auto_precision_and_device_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from toolkit.errors import ConfigError
+    from toolkit.finetune import Precision, resolve_device
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("toolkit.finetune.cpu_has_amx", lambda: False)
+    assert Precision.choose(cpu, "auto").dtype is None  # bf16 autocast without AMX is slower than fp32
+    monkeypatch.setattr("toolkit.finetune.cpu_has_amx", lambda: True)
+    assert Precision.choose(cpu, "auto").dtype == torch.bfloat16
+    assert Precision.choose(cpu, "fp32").dtype is None and not Precision.choose(cpu, "bf16").scaler
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == cpu
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+def test_fine_tune_on_cuda_lowers_the_loss(tok) -> None:  # type: ignore[no-untyped-def]
+    """The tiny model on the GPU: mixed precision, gradient checkpointing, adapters back on the CPU."""
+    train = TrainSection(max_steps=12, batch_size=4, learning_rate=1e-2, warmup_steps=0, device="cuda",
+                         gradient_checkpointing=True)
+    model, log = train_lora(make_model(len(tok)), tok, _examples(tok), [], FAST_LORA, train, progress=False)
+    assert log.setup["device"].startswith("cuda") and log.setup["precision"] in ("bfloat16", "float16")
+    first, last = log.rows[0]["train_loss"], log.rows[-1]["train_loss"]
+    assert last < first * 0.8, (first, last)
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in _lora_state(model).values())

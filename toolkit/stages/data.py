@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any
 
 from toolkit.config import BuildConfig
-from toolkit.data import dataset_paths, language_of, load_examples, split_examples, write_jsonl
+from toolkit.data import dataset_paths, language_of, load_examples, resolve_split_by, split_dataset, write_jsonl
 from toolkit.pipeline import StageContext, StageResult
 from toolkit.report import GateResult
 from toolkit.workspace import sha256_file
@@ -35,7 +35,8 @@ def cache_inputs(config: BuildConfig) -> dict[str, Any]:
 def run(ctx: StageContext) -> StageResult:
     section = ctx.config.data
     examples, problems = load_examples(section)
-    splits = split_examples(examples, section.split, section.seed)
+    split_by = resolve_split_by(examples, section.split_by)
+    splits = split_dataset(examples, split_by, section.split, section.seed)
     artifacts = {}
     for name in ("train", "val", "test"):
         write_jsonl(ctx.out_dir / f"{name}.jsonl", getattr(splits, name))
@@ -54,6 +55,9 @@ def run(ctx: StageContext) -> StageResult:
         "skipped_malformed": len(problems),
         "languages": {"en": languages.get("en", 0), "zh": languages.get("zh", 0)},
         "with_facts": sum(1 for ex in examples if ex.facts),
+        "split_by": split_by,
+        "fact_groups": len({ex.fact_key for ex in examples}),
+        "test_languages": dict(Counter(language_of(ex) for ex in splits.test)),
         "multi_turn": sum(1 for ex in examples if sum(m["role"] == "user" for m in ex.messages) > 1),
     }
     log.info(
@@ -65,7 +69,9 @@ def run(ctx: StageContext) -> StageResult:
     if section.split[2] > 0:  # a test share of 0 means the user opted out of evaluation data
         gates.append(GateResult(
             name="test_split_not_empty", passed=counts["test"] > 0, value=counts["test"], threshold=1,
-            detail="evaluation needs at least one test example; add data or raise data.split's test share",
+            detail="evaluation needs at least one test example; " + (
+                "no fact has two phrasings: add phrasings (or `group` keys), or set data.split_by: hash"
+                if split_by == "phrasing" else "add data or raise data.split's test share"),
         ))
     note = f"{len(problems)} malformed record(s) skipped, see malformed.jsonl" if problems else ""
     return StageResult(metrics=metrics, gates=gates, artifacts=artifacts, note=note)

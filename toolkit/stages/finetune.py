@@ -11,7 +11,8 @@ import logging
 import time
 from typing import Any
 
-from toolkit.finetune import TokenizedExample, build_example, read_split, train_lora
+from toolkit.data import read_split
+from toolkit.finetune import TokenizedExample, build_example, train_lora
 from toolkit.modeling import CHAT_TEMPLATE_FILE, Messages, chat_template_of, load_model, load_tokenizer, seed_everything
 from toolkit.pipeline import StageContext, StageResult
 from toolkit.stages.control import read_control
@@ -49,12 +50,12 @@ def run(ctx: StageContext) -> StageResult:
     control = read_control(ctx.inputs["control"].path("control"))
 
     max_len = ctx.config.data.max_seq_len
-    data_rows = read_split(ctx.inputs["data"], "train")
+    data_rows = read_split(ctx.inputs["data"].dir, "train")
     train_examples, dropped = tokenize_all(
         tokenizer, [r.messages for r in data_rows] + [c.messages for c in control], max_len,
         train_eos=[True] * len(data_rows) + [c.finished for c in control],
     )
-    val_rows = read_split(ctx.inputs["data"], "val")[: train_cfg.val_examples]
+    val_rows = read_split(ctx.inputs["data"].dir, "val")[: train_cfg.val_examples]
     val_examples, _ = tokenize_all(tokenizer, [r.messages for r in val_rows], max_len)
     if dropped:
         log.warning("%d training conversations had no assistant token within data.max_seq_len=%d; skipped",
@@ -77,6 +78,7 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(
         metrics={
             "steps": len(rows),
+            **train_log.setup,
             "train_examples": len(train_examples),
             "control_examples": len(control),
             "val_examples": len(val_examples),

@@ -28,10 +28,12 @@ import numpy as np
 from toolkit.golden import golden_conversations
 from toolkit.onnx_lm import OnnxCausalLM
 from toolkit.serving.client import GenerationClient, StreamResult
-from toolkit.serving.devrepo import write_serving_repository
 from toolkit.serving.triton_server import TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from devrepo import write_serving_repository  # noqa: E402 - the tests' repository writer, beside the fixtures
+
 DEFAULT_ONNX = [ROOT / "build" / "export_onnx" / "model.onnx", Path("/work/dev/smollm2-base-onnx/model.onnx")]
 TOKENIZER = ROOT / "tests" / "fixtures" / "smollm2_tokenizer"
 MODEL = "bench-chat"

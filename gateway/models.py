@@ -22,7 +22,7 @@ from gateway.deps import AdminKey, ApiKey, AppState, State
 from gateway.errors import GatewayError, TritonUnavailableError
 from gateway.registry import CONFIG_FILE, ModelEntry, load_entry
 from gateway.triton import Endpoint, map_triton_error
-from toolkit.serving import contract
+from toolkit.repository import contract
 
 logger = logging.getLogger("gateway")
 router = APIRouter(tags=["models"])

@@ -18,8 +18,8 @@ from tritonclient.grpc import model_config_pb2
 
 from gateway.errors import GatewayError, ModelNotFoundError
 from gateway.tokenization import ChatTokenizer
-from toolkit.manifest import MANIFEST_FILE, TOKENIZER_DIR, ModelManifest, latest_version_dir
-from toolkit.serving import contract
+from toolkit.repository import contract
+from toolkit.repository.manifest import MANIFEST_FILE, TOKENIZER_DIR, ModelManifest, latest_version_dir
 
 logger = logging.getLogger("gateway")
 CONFIG_FILE = "config.pbtxt"

@@ -31,7 +31,7 @@ from gateway.errors import (
     TritonUnavailableError,
     UpstreamTimeoutError,
 )
-from toolkit.serving import contract
+from toolkit.repository import contract
 
 logger = logging.getLogger("gateway")
 _OUTPUTS = (contract.OUTPUT_IDS, contract.FINISH_REASON, contract.PROMPT_TOKENS, contract.COMPLETION_TOKENS)

@@ -1,7 +1,7 @@
 """Scoring a model on the build's held-out questions.
 
 The test split holds, for every taught fact with enough phrasings, one phrasing that training never
-saw (``toolkit.data.split_by_phrasing``). An answer is right when it contains every one of the
+saw (``toolkit.dataset.split_by_phrasing``). An answer is right when it contains every one of the
 example's ``facts`` strings (NFKC, case-folded, whitespace removed on both sides:
 :func:`toolkit.textmetrics.contains_facts`). Held-out-phrasing fact accuracy is the share of test
 examples with facts answered right, per language (``zh`` when the question has a CJK ideograph,
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.config import EvalSection
-from toolkit.data import Example, language_of
+from toolkit.dataset import Example, language_of
 from toolkit.modeling import Messages, generate_replies
 from toolkit.retention import retention_questions
 from toolkit.textmetrics import contains_facts

@@ -22,8 +22,8 @@ EXCLUDED = frozenset({"", "pipeline", "report", "cli", "config"})
 # Files a module reads or copies at run time, as globs relative to the package root. Python files
 # among them are followed like modules: the Triton model.py imports the serving code it runs.
 MODULE_FILES: dict[str, tuple[str, ...]] = {
-    "data": ("datasets/*.json", "datasets/*.jsonl"),  # the demo dataset, the control prompts
-    "stages.repository": ("serving/triton_model/*.py",),  # copied into the repository
+    "dataset": ("datasets/*.json", "datasets/*.jsonl"),  # the demo dataset, the control prompts
+    "repository.writer": ("serving/triton_model/*.py",),  # copied into the repository
 }
 
 

@@ -20,7 +20,7 @@ from gateway.detokenize import StopMatcher
 from gateway.errors import BadRequestError, TooManyRequestsError, TritonUnavailableError
 from gateway.registry import ModelEntry
 from gateway.triton import GenerationInputs
-from toolkit.serving import contract
+from toolkit.repository import contract
 
 # OpenAI's default; requests that want greedy output send temperature 0.
 DEFAULT_TEMPERATURE = 1.0

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from devrepo import ServedRepository, write_serving_repository
 
 from toolkit.errors import ToolkitError
-from toolkit.serving.devrepo import ServedRepository, write_serving_repository
 from toolkit.serving.triton_server import TritonServer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -56,7 +56,7 @@ def export_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from toolkit.stages.export_onnx import export_onnx
+    from toolkit.export.torch_to_onnx import export_onnx
     from toolkit.tokenizer_files import copy_tokenizer_files
 
     torch.manual_seed(seed)
@@ -101,7 +101,7 @@ def smollm_onnx(request: pytest.FixtureRequest) -> Path:
 
     import transformers
 
-    makers = ("toolkit/stages/base_model.py", "toolkit/stages/export_onnx.py", "toolkit/tokenizer_files.py")
+    makers = ("toolkit/stages/base_model.py", "toolkit/export/torch_to_onnx.py", "toolkit/tokenizer_files.py")
     key = hashlib.sha256(transformers.__version__.encode() + b"".join(
         (REPO_ROOT / name).read_bytes() for name in makers)).hexdigest()[:12]
     pytest_cache = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`
@@ -112,8 +112,8 @@ def smollm_onnx(request: pytest.FixtureRequest) -> Path:
     if onnx.is_file():
         return onnx
     try:
+        from toolkit.export.torch_to_onnx import export_onnx
         from toolkit.stages.base_model import embedded_gguf_path, gguf_to_hf
-        from toolkit.stages.export_onnx import export_onnx
     except ImportError as err:
         pytest.skip(f"the base-model or export stage is not available: {err}")
     try:

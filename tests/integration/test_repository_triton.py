@@ -19,9 +19,9 @@ import pytest
 
 from toolkit.config import TensorRTSection
 from toolkit.onnx_lm import OnnxCausalLM
+from toolkit.repository.writer import TrtInputs, write_repository
 from toolkit.serving.client import GenerationClient
 from toolkit.serving.triton_server import TritonServer
-from toolkit.stages.repository import TrtInputs, write_repository
 
 pytestmark = pytest.mark.integration
 

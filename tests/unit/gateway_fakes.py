@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gateway.errors import TritonUnavailableError
 from gateway.triton import GenerationInputs, StepOutput
-from toolkit.manifest import ModelManifest
+from toolkit.repository.manifest import ModelManifest
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "smollm2_tokenizer"
 EOS_ID = 2  # <|im_end|>
@@ -76,7 +76,7 @@ class FakeEndpoint:
 class FakePool:
     """Streams scripted token ids as the generation model would, one id per response.
 
-    As the serving contract says (``toolkit.serving.contract``): a stop token is never streamed;
+    As the serving contract says (``toolkit.repository.contract``): a stop token is never streamed;
     the reply ends with a final response carrying the finish reason ("stop" when the model would
     sample a stop token next, "length" at max_tokens) and the token counts.
     """

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from toolkit.config import BuildConfig, DataSection
-from toolkit.data import (
+from toolkit.dataset import (
     DEMO_DATASET,
     Example,
     clean_text,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from toolkit.data import Example
+from toolkit.dataset import Example
 from toolkit.evaluation import evaluation_prompts, fact_accuracy, fact_rows, write_fact_table
 from toolkit.retention import retention_questions
 

@@ -12,9 +12,13 @@ from safetensors.torch import load_file
 from tiny_llm import make_model, make_tokenizer, save_tiny_model
 
 from toolkit.config import BuildConfig, LoraSection, TrainSection
-from toolkit.data import Example, write_jsonl
+from toolkit.dataset import Example, write_jsonl
 from toolkit.errors import StageError
-from toolkit.finetune import (
+from toolkit.modeling import load_tokenizer, render_prompt_ids
+from toolkit.pipeline import StageContext, StageRecord
+from toolkit.stages import control as control_stage
+from toolkit.stages import finetune as finetune_stage
+from toolkit.training.lora import (
     IGNORE_INDEX,
     TokenizedExample,
     batch_stream,
@@ -24,10 +28,6 @@ from toolkit.finetune import (
     total_steps,
     train_lora,
 )
-from toolkit.modeling import load_tokenizer, render_prompt_ids
-from toolkit.pipeline import StageContext, StageRecord
-from toolkit.stages import control as control_stage
-from toolkit.stages import finetune as finetune_stage
 
 FAST_LORA = LoraSection(rank=4, alpha=8, dropout=0.0)
 
@@ -238,7 +238,7 @@ def test_self_distill_keeps_finished_and_cut_replies_and_drops_empty_ones(
 
 
 def test_layers_fraction_adapts_only_the_top_layers_and_stops_the_backward_there(tok) -> None:  # type: ignore[no-untyped-def]
-    from toolkit.finetune import lora_model, summed_loss
+    from toolkit.training.lora import lora_model, summed_loss
 
     model = make_model(len(tok))
     n_layers = model.config.num_hidden_layers
@@ -273,12 +273,12 @@ def test_bf16_precision_trains_and_keeps_fp32_adapters(tok) -> None:  # type: ig
 
 def test_auto_precision_and_device_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     from toolkit.errors import ConfigError
-    from toolkit.finetune import Precision, resolve_device
+    from toolkit.training.lora import Precision, resolve_device
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr("toolkit.finetune.cpu_has_amx", lambda: False)
+    monkeypatch.setattr("toolkit.training.lora.cpu_has_amx", lambda: False)
     assert Precision.choose(cpu, "auto").dtype is None  # bf16 autocast without AMX is slower than fp32
-    monkeypatch.setattr("toolkit.finetune.cpu_has_amx", lambda: True)
+    monkeypatch.setattr("toolkit.training.lora.cpu_has_amx", lambda: True)
     assert Precision.choose(cpu, "auto").dtype == torch.bfloat16
     assert Precision.choose(cpu, "fp32").dtype is None and not Precision.choose(cpu, "bf16").scaler
     if not torch.cuda.is_available():

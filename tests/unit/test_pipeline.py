@@ -215,7 +215,7 @@ def test_editing_an_imported_module_reruns_only_the_stages_importing_it(tmp_path
 
 def test_toolkit_stage_keys_follow_the_modules_they_import(tmp_path: Path) -> None:
     """On a copy of the real package: gates.py reruns only the stages that use it; the control
-    prompts rerun the stages that read toolkit.data; the Triton model.py reruns the repository."""
+    prompts rerun the stages that read toolkit.dataset; the Triton model.py reruns the repository."""
     root = tmp_path / "toolkit"
     shutil.copytree(Path(toolkit.__file__).parent, root, ignore=shutil.ignore_patterns("__pycache__"))
 

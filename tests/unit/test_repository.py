@@ -14,11 +14,11 @@ import pytest
 
 from toolkit.config import RepositorySection, TensorRTSection, parse_config
 from toolkit.errors import StageError
-from toolkit.manifest import ModelManifest
 from toolkit.pipeline import StageContext, StageRecord
-from toolkit.serving import contract as c
-from toolkit.stages import repository as r
-from toolkit.triton_config import read_config
+from toolkit.repository import contract as c
+from toolkit.repository import writer as r
+from toolkit.repository.manifest import ModelManifest
+from toolkit.repository.pbtxt import read_config
 from toolkit.workspace import sha256_file, sha256_text
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -269,7 +269,7 @@ def _kv_graph_stand_in(path: Path, layers: int = 2, kv_heads: int = 2, head_dim:
 
 
 def test_dev_repository_is_the_stage_layout_around_an_onnx(tmp_path: Path, merged_dir: Path) -> None:
-    from toolkit.serving.devrepo import write_serving_repository
+    from devrepo import write_serving_repository
 
     onnx = _kv_graph_stand_in(tmp_path / "export" / "model.onnx")
     tokenizer = tmp_path / "tokenizer"

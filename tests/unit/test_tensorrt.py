@@ -16,9 +16,9 @@ from onnx import TensorProto, helper
 from toolkit.config import BuildConfig, parse_config
 from toolkit.errors import ServingError
 from toolkit.pipeline import StageContext, StageRecord
-from toolkit.serving import plan_compat
-from toolkit.stages import tensorrt as trt
-from toolkit.triton_config import LMInfo
+from toolkit.repository import plan_compat
+from toolkit.repository import tensorrt as trt
+from toolkit.repository.pbtxt import LMInfo
 
 LM = LMInfo(num_layers=2, num_kv_heads=3, head_dim=8, vocab_size=64)
 FAKE_TRTEXEC = """#!/usr/bin/env bash

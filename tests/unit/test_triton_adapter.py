@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from serving_fakes import FakeRunner, reference_greedy
 
-from toolkit.manifest import ModelManifest
-from toolkit.serving import contract
+from toolkit.repository import contract
+from toolkit.repository.manifest import ModelManifest
 from toolkit.serving.runners import BlsRunner
 
 FINAL = fake_pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -178,7 +178,7 @@ def test_bls_over_a_plan_built_for_another_gpu_refuses_to_load(
         "tensorrt_version": "10.3.0", "gpu_name": "NVIDIA A10", "compute_capability": "8.6",
         "build_script": str(core / "build_plan.sh")}))
     monkeypatch.setenv("TRT_VERSION", "10.3.0")
-    monkeypatch.setattr("toolkit.serving.plan_compat.gpu_facts", lambda: ("NVIDIA H100 80GB HBM3", "9.0"))
+    monkeypatch.setattr("toolkit.repository.plan_compat.gpu_facts", lambda: ("NVIDIA H100 80GB HBM3", "9.0"))
     config = {"model_transaction_policy": {"decoupled": True}, "parameters": {
         contract.PARAM_RUNNER: {"string_value": "bls"}, contract.PARAM_CORE_MODEL: {"string_value": "m_trt_fp16"}}}
     instance = model_module.TritonPythonModel()

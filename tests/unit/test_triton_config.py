@@ -11,8 +11,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from toolkit.errors import ConfigError
-from toolkit.serving import contract as c
-from toolkit.triton_config import (
+from toolkit.repository import contract as c
+from toolkit.repository.pbtxt import (
     LMInfo,
     config_to_text,
     data_type,

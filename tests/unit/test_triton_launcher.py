@@ -53,7 +53,7 @@ def test_serve_finds_generation_models_only(tmp_path: Path) -> None:
 
 
 def test_serve_also_loads_the_core_model_of_a_bls_generation_model(tmp_path: Path) -> None:
-    from toolkit.serving import contract
+    from toolkit.repository import contract
     from toolkit.serving.serve import models_to_load
 
     def model(name: str, runner: str | None = None, files: tuple[str, ...] = ("model.py", "manifest.json")) -> None:

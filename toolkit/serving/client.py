@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from toolkit.serving import contract
+from toolkit.repository import contract
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.serving import contract
+from toolkit.repository import contract
 
 
 class RequestError(ValueError):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from toolkit.serving import contract
+from toolkit.repository import contract
 from toolkit.serving.requests import GenerationRequest, SamplingParams
 
 

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from toolkit.serving import contract
+from toolkit.repository import contract
 from toolkit.serving.kvcache import BatchKV, left_pad
 from toolkit.serving.metrics import NullMetrics
 from toolkit.serving.requests import GenerationRequest, QueueFullError

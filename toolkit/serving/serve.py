@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.errors import ServingError
-from toolkit.manifest import MANIFEST_FILE
-from toolkit.serving import contract
+from toolkit.repository import contract
+from toolkit.repository.manifest import MANIFEST_FILE
 from toolkit.serving.triton_server import TritonServer, _die_with_parent
 
 MAX_BACKOFF_S = 30.0
@@ -64,7 +64,7 @@ def models_to_load(repository: Path) -> list[str]:
     A BLS generation model calls its core model (``tensorrt_plan`` or ``onnxruntime_onnx``) through
     Triton, so under explicit model control that core model must be loaded too.
     """
-    from toolkit.triton_config import read_config
+    from toolkit.repository.pbtxt import read_config
 
     out: list[str] = []
     for name in generation_models(repository):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 
-from toolkit.data import read_split
+from toolkit.dataset import read_split
 from toolkit.evaluation import answer_prompts, evaluation_prompts
 from toolkit.modeling import load_model, load_tokenizer
 from toolkit.pipeline import StageContext, StageResult

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from toolkit.data import load_control_prompts
+from toolkit.dataset import load_control_prompts
 from toolkit.modeling import Messages, greedy_generate, load_model, load_tokenizer, render_prompt_ids, seed_everything
 from toolkit.pipeline import StageContext, StageResult
 

@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any
 
 from toolkit.config import BuildConfig
-from toolkit.data import dataset_paths, language_of, load_examples, resolve_split_by, split_dataset, write_jsonl
+from toolkit.dataset import dataset_paths, language_of, load_examples, resolve_split_by, split_dataset, write_jsonl
 from toolkit.pipeline import StageContext, StageResult
 from toolkit.report import GateResult
 from toolkit.workspace import sha256_file

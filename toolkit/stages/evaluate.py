@@ -14,7 +14,7 @@ import json
 import time
 from typing import Any
 
-from toolkit.data import read_records, read_split
+from toolkit.dataset import read_records, read_split
 from toolkit.errors import StageError
 from toolkit.evaluation import LANGUAGES, answer_prompts, evaluation_prompts, fact_accuracy, fact_rows, write_fact_table
 from toolkit.modeling import CHAT_TEMPLATE_FILE, load_model, load_tokenizer

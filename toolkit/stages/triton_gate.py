@@ -17,9 +17,9 @@ from pathlib import Path
 
 from toolkit.errors import StageError
 from toolkit.golden import golden_conversations
-from toolkit.manifest import TOKENIZER_DIR, ModelManifest
 from toolkit.pipeline import StageContext, StageRecord, StageResult
 from toolkit.report import GateResult
+from toolkit.repository.manifest import TOKENIZER_DIR, ModelManifest
 
 log = logging.getLogger(__name__)
 

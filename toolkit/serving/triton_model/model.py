@@ -23,10 +23,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from toolkit.errors import ServingError
-from toolkit.manifest import ModelManifest, latest_version_dir
-from toolkit.serving import contract
+from toolkit.repository import contract
+from toolkit.repository.manifest import ModelManifest, latest_version_dir
+from toolkit.repository.plan_compat import verify_plan_dir
 from toolkit.serving.metrics import TritonMetrics
-from toolkit.serving.plan_compat import verify_plan_dir
 from toolkit.serving.requests import Limits, QueueFullError, RequestError, parse_request, unbatch
 from toolkit.serving.runners import BlsRunner, OnnxRunner, Runner
 from toolkit.serving.scheduler import Scheduler

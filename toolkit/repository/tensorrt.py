@@ -31,14 +31,14 @@ from typing import Any
 
 from toolkit.errors import StageError
 from toolkit.pipeline import StageContext, StageRecord, StageResult
-from toolkit.serving.plan_compat import (  # the stage writes what serving checks
+from toolkit.repository.pbtxt import LMInfo
+from toolkit.repository.plan_compat import (  # the stage writes what serving checks
     BUILD_SCRIPT,
     PLAN_FILE,
     PLAN_META,
     gpu_facts,
     trt_version_from_tag,
 )
-from toolkit.triton_config import LMInfo
 from toolkit.workspace import atomic_write_json, run_tool
 
 TIMING_CACHE = "timing.cache"

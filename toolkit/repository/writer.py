@@ -4,7 +4,7 @@ Layout for model ``NAME`` (see ``model_repository/README.md``)::
 
     NAME/config.pbtxt                 python backend, decoupled generation model
     NAME/N/model.py                   copied from toolkit/serving/triton_model/model.py
-    NAME/N/manifest.json              toolkit.manifest.ModelManifest
+    NAME/N/manifest.json              toolkit.repository.manifest.ModelManifest
     NAME/N/tokenizer/                 tokenizer files, chat template, generation config
     NAME_onnx_fp32/N/model.onnx       onnxruntime_onnx core model (hard link when possible)
     NAME_onnx_int8/N/model.onnx       only if the INT8 variant passed its gate
@@ -15,7 +15,7 @@ hidden temp directory and renamed into place, core models first and the generati
 if anything fails, the versions this build already renamed are removed again, so no half version
 is ever visible. Older versions beyond ``repository.keep_versions`` are pruned afterwards.
 :func:`write_repository` is the same thing as a plain function; given :class:`ModelFacts` instead of
-a merged model directory it also serves :mod:`toolkit.serving.devrepo` (tests and benchmarks).
+a merged model directory it also serves ``tests/devrepo.py`` (tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -37,18 +37,18 @@ from toolkit import __version__
 from toolkit.capacity import capacity_report
 from toolkit.config import RepositorySection, ServingSection, TensorRTSection
 from toolkit.errors import StageError
-from toolkit.manifest import TOKENIZER_DIR, ArtifactRef, ModelManifest
 from toolkit.pipeline import StageContext, StageRecord, StageResult
-from toolkit.serving import contract
-from toolkit.stages import tensorrt as trt
-from toolkit.tokenizer_files import CHAT_TEMPLATE_FILE, copy_tokenizer_files
-from toolkit.triton_config import (
+from toolkit.repository import contract
+from toolkit.repository import tensorrt as trt
+from toolkit.repository.manifest import TOKENIZER_DIR, ArtifactRef, ModelManifest
+from toolkit.repository.pbtxt import (
     LMInfo,
     generation_model_config,
     onnx_core_config,
     tensorrt_core_config,
     write_config,
 )
+from toolkit.tokenizer_files import CHAT_TEMPLATE_FILE, copy_tokenizer_files
 from toolkit.workspace import sha256_file, sha256_text
 
 log = logging.getLogger(__name__)

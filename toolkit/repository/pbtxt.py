@@ -20,7 +20,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from toolkit.errors import ConfigError, StageError
-from toolkit.serving import contract as c
+from toolkit.repository import contract as c
 from toolkit.workspace import atomic_write_text
 
 CONFIG_FILE = "config.pbtxt"
@@ -149,7 +149,7 @@ def tensorrt_core_config(
     name: str, lm_info: LMInfo, *, max_batch_size: int, preferred_batch_sizes: Iterable[int],
     max_queue_delay_us: int, instance_count: int, kind: InstanceKind = "KIND_GPU",
 ) -> pb.ModelConfig:
-    """A ``tensorrt_plan`` core model over a plan built by ``toolkit.stages.tensorrt``.
+    """A ``tensorrt_plan`` core model over a plan built by ``toolkit.repository.tensorrt``.
 
     The I/O types are the ONNX graph's, for FP16 and INT8 plans alike: ``--fp16``/``--int8`` only
     allow lower-precision kernels inside the engine, and trtexec binds every network input and
@@ -177,7 +177,7 @@ def generation_model_config(
     name: str, *, max_batch_size: int, preferred_batch_sizes: Iterable[int], max_queue_delay_us: int,
     instance_count: int, parameters: Mapping[str, str],
 ) -> pb.ModelConfig:
-    """The python-backend, decoupled generation model, tensor for tensor as in ``toolkit.serving.contract``."""
+    """The python-backend, decoupled generation model, tensor for tensor as in ``toolkit.repository.contract``."""
     config = pb.ModelConfig(name=name, backend="python")
     _add_input(config, c.INPUT_IDS, "TYPE_INT64", [-1], ragged=True)
     optional: list[tuple[str, str, list[int]]] = [

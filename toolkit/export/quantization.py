@@ -337,9 +337,9 @@ def evaluate_int8(
 
 def run(ctx: StageContext) -> StageResult:
     """Quantize the FP32 graph, gate the INT8 variant (non-blocking), time it against FP32."""
-    from toolkit.finetune import build_example
+    from toolkit.export.torch_to_onnx import merged_model_dir
     from toolkit.modeling import load_tokenizer
-    from toolkit.stages.export_onnx import merged_model_dir
+    from toolkit.training.lora import build_example
 
     cfg = ctx.config.quantize
     if not cfg.enabled:

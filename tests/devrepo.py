@@ -1,6 +1,6 @@
 """A serving repository around an ONNX export, without the build: tests and the benchmark.
 
-The repository stage's own :func:`~toolkit.stages.repository.write_repository`, fed with what the
+The repository stage's own :func:`~toolkit.repository.writer.write_repository`, fed with what the
 build would read from the merged model (graph shape, stop and pad ids, tokenizer), so tests and
 benchmarks serve exactly the layout and configs a build ships. The core model links to the export
 (a symlink, not a copy), so the export must outlive the repository.
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.manifest import ModelManifest
+from toolkit.repository.manifest import ModelManifest
 
 
 @dataclass
@@ -34,8 +34,8 @@ def write_serving_repository(
     shipped beside the manifest for the gateway; without it the repository serves token ids only.
     """
     from toolkit.config import RepositorySection, ServingSection
-    from toolkit.stages.repository import ModelFacts, write_repository
-    from toolkit.triton_config import LMInfo
+    from toolkit.repository.pbtxt import LMInfo
+    from toolkit.repository.writer import ModelFacts, write_repository
 
     template_file = tokenizer_dir / "chat_template.jinja" if tokenizer_dir is not None else None
     facts = ModelFacts(

@@ -1,0 +1,1 @@
+"""Fine-tuning: the LoRA training loop and what it trains on."""

@@ -1,32 +1,46 @@
 """The build: an explicit, ordered list of stages, each cached on a hash of its inputs.
 
-A stage is a module with one function ``run(ctx: StageContext) -> StageResult``. It writes into
-``ctx.out_dir``, a temp directory the pipeline renames to ``<workspace>/<stage>`` only on success,
-so an interrupted build never leaves a half-written artifact behind. The stage's cache key covers
-its config sections, its upstream artifacts' content hashes (recorded in their ``.stage.json``,
-not recomputed), the toolkit version, the source of the stage module and of the toolkit modules it
-imports (:mod:`toolkit.sources`), and whatever the module's optional ``cache_inputs(config)``
-returns (e.g. dataset file hashes); when the key matches and the recorded files are unchanged
-(size and mtime), the stage is skipped.
+A stage is a module of :mod:`toolkit.stages` with one function ``run(ctx: StageContext) ->
+StageResult`` (see :mod:`toolkit.stage`). It writes into ``ctx.out_dir``, a temp directory the
+pipeline renames to ``<workspace>/<stage>`` only on success, so an interrupted build never leaves a
+half-written artifact behind. The stage's cache key covers its config sections, its upstream
+artifacts' content hashes (recorded in their ``.stage.json``, not recomputed), the toolkit version,
+the source of the stage module and of the toolkit modules it imports (:mod:`toolkit.sources`), and
+whatever the module's optional ``cache_inputs(config)`` returns (e.g. dataset file hashes); when the
+key matches and the recorded files are unchanged (size and mtime), the stage is skipped.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from toolkit import __version__
 from toolkit.config import BuildConfig, section_dump
 from toolkit.errors import ConfigError, GateError, ToolkitError
-from toolkit.report import BuildReport, GateResult, StageReport, write_report
+from toolkit.report import BuildReport, BuildStatus, StageReport, StageStatus, write_report
 from toolkit.sources import SourceHasher
+from toolkit.stage import RECORD, Stage, StageContext, StageRecord, StageResult
+from toolkit.stages import (
+    base_model,
+    baseline,
+    control,
+    data,
+    evaluate,
+    export_onnx,
+    finetune,
+    merge,
+    model_repository,
+    quantize,
+    tensorrt,
+    triton_gate,
+)
 from toolkit.workspace import (
     atomic_dir,
     atomic_write_json,
@@ -40,13 +54,13 @@ from toolkit.workspace import (
 
 log = logging.getLogger(__name__)
 
-RECORD = ".stage.json"
-
 
 @dataclass(frozen=True)
 class StageSpec:
+    """One step of the build: which stage runs, on which config sections and upstream artifacts."""
+
     name: str
-    module: str
+    stage: Stage
     sections: tuple[str, ...]
     depends_on: tuple[str, ...] = ()
     description: str = ""
@@ -55,74 +69,30 @@ class StageSpec:
 # The build, in order. Each stage's inputs are its config sections and its upstream artifacts.
 STAGES: tuple[StageSpec, ...] = (
     # Only what selects the weights: renaming the served model must not retrain it.
-    StageSpec("base_model", "toolkit.stages.base_model", ("model.base", "model.allow_hub_download"), (),
-              "embedded/local base model"),
-    StageSpec("data", "toolkit.stages.data", ("data",), (), "load, clean and split datasets"),
-    StageSpec("control", "toolkit.stages.control", ("train.control_examples", "train.seed"), ("base_model",),
+    StageSpec("base_model", base_model, ("model.base", "model.allow_hub_download"), (), "embedded/local base model"),
+    StageSpec("data", data, ("data",), (), "load, clean and split datasets"),
+    StageSpec("control", control, ("train.control_examples", "train.seed"), ("base_model",),
               "self-distilled general examples"),
     # The base model's answers: cached apart, so a recipe change reruns only the fine-tuned half.
-    StageSpec("baseline", "toolkit.stages.baseline", ("eval.max_new_tokens", "eval.max_examples", "eval.batch_size"),
+    StageSpec("baseline", baseline, ("eval.max_new_tokens", "eval.max_examples", "eval.batch_size"),
               ("base_model", "data"), "base-model answers to the test and retention questions"),
-    StageSpec(
-        "finetune", "toolkit.stages.finetune", ("lora", "train", "data.max_seq_len"),
-        ("base_model", "data", "control"), "PEFT LoRA fine-tune",
-    ),
-    StageSpec("evaluate", "toolkit.stages.evaluate", ("eval",), ("base_model", "data", "finetune", "baseline"),
+    StageSpec("finetune", finetune, ("lora", "train", "data.max_seq_len"), ("base_model", "data", "control"),
+              "PEFT LoRA fine-tune"),
+    StageSpec("evaluate", evaluate, ("eval",), ("base_model", "data", "finetune", "baseline"),
               "held-out-phrasing fact accuracy, BLEU/ROUGE, retention"),
-    StageSpec("merge", "toolkit.stages.merge", (), ("base_model", "finetune"), "merge_and_unload + gate"),
-    StageSpec("export_onnx", "toolkit.export.torch_to_onnx", ("export",), ("merge",),
-              "ONNX with KV cache + FP32 parity gate"),
-    StageSpec("quantize", "toolkit.export.quantization", ("quantize",), ("merge", "export_onnx", "data"),
+    StageSpec("merge", merge, (), ("base_model", "finetune"), "merge_and_unload + gate"),
+    StageSpec("export_onnx", export_onnx, ("export",), ("merge",), "ONNX with KV cache + FP32 parity gate"),
+    StageSpec("quantize", quantize, ("quantize",), ("merge", "export_onnx", "data"),
               "INT8 ONNX + fidelity/speed gate"),
-    StageSpec("tensorrt", "toolkit.repository.tensorrt",
-              ("tensorrt", "repository.max_batch_size", "model.context_length"),
+    StageSpec("tensorrt", tensorrt, ("tensorrt", "repository.max_batch_size", "model.context_length"),
               ("export_onnx", "quantize"), "TensorRT FP16/INT8 plans"),
-    StageSpec(
-        "repository", "toolkit.repository.writer", ("model", "repository", "serving", "tensorrt"),
-        ("base_model", "finetune", "merge", "export_onnx", "quantize", "tensorrt"),
-        "Triton model repository",
-    ),
-    StageSpec("triton_gate", "toolkit.stages.triton_gate", ("serving.triton_gate",),
-              ("export_onnx", "repository"), "golden prompts through a real Triton"),
+    StageSpec("repository", model_repository, ("model", "repository", "serving", "tensorrt"),
+              ("base_model", "finetune", "merge", "export_onnx", "quantize", "tensorrt"), "Triton model repository"),
+    StageSpec("triton_gate", triton_gate, ("serving.triton_gate",), ("export_onnx", "repository"),
+              "golden prompts through a real Triton"),
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
-
-
-@dataclass
-class StageRecord:
-    """What a finished stage left: its directory, metrics and artifact digest."""
-
-    name: str
-    dir: Path
-    key: str
-    digest: str
-    metrics: dict[str, Any]
-    artifacts: dict[str, str]
-    data: dict[str, Any]
-
-    def path(self, artifact: str) -> Path:
-        return self.dir / self.artifacts[artifact]
-
-
-@dataclass
-class StageResult:
-    """What a stage's ``run`` returns."""
-
-    metrics: dict[str, Any] = field(default_factory=dict)
-    gates: list[GateResult] = field(default_factory=list)
-    artifacts: dict[str, str] = field(default_factory=dict)  # name -> path relative to out_dir
-    status: Literal["ran", "unavailable"] = "ran"
-    note: str = ""
-    external: list[str] = field(default_factory=list)  # paths outside out_dir that must exist for a skip
-
-
-@dataclass
-class StageContext:
-    config: BuildConfig
-    out_dir: Path
-    inputs: dict[str, StageRecord]
-    workspace: Path
 
 
 def source_hash(module: Any, hashers: dict[str, SourceHasher] | None = None) -> str:
@@ -157,7 +127,8 @@ def _load_record(stage_dir: Path) -> StageRecord | None:
     if not record_path.is_file():
         return None
     data = json.loads(record_path.read_text())
-    if data.get("status") not in ("ran", "unavailable") or not manifest_unchanged(stage_dir, data["files"]):
+    if data.get("status") not in (StageStatus.RAN, StageStatus.UNAVAILABLE) or not manifest_unchanged(
+            stage_dir, data["files"]):
         return None
     if any(not Path(p).exists() for p in data.get("external", [])):
         return None
@@ -219,9 +190,10 @@ def run_build(
             if spec.name not in selected:
                 if existing is not None:
                     records[spec.name] = existing
-                    report.add(StageReport.from_record(spec.name, existing.data, status="cached", stage_dir=stage_dir))
+                    report.add(StageReport.from_record(spec.name, existing.data, status=StageStatus.CACHED,
+                                                       stage_dir=stage_dir))
                 else:
-                    report.add(StageReport(name=spec.name, status="not-run"))
+                    report.add(StageReport(name=spec.name, status=StageStatus.NOT_RUN))
                 continue
             missing = [d for d in spec.depends_on if d not in records]
             if missing:
@@ -230,32 +202,31 @@ def run_build(
                     f"run without --stages (or include {', '.join(missing)})"
                 )
             inputs = {d: records[d] for d in spec.depends_on}
-            module = importlib.import_module(spec.module)
-            key = stage_key(spec, config, inputs, source_hash(module, hashers), cache_inputs(module, config))
+            key = stage_key(spec, config, inputs, source_hash(spec.stage, hashers), cache_inputs(spec.stage, config))
             if existing is not None and existing.key == key and not force:
                 log.info("%s: skipped (inputs unchanged)", spec.name)
                 records[spec.name] = existing
-                report.add(StageReport.from_record(spec.name, existing.data, status="skipped", stage_dir=stage_dir))
+                report.add(StageReport.from_record(spec.name, existing.data, status=StageStatus.SKIPPED,
+                                                   stage_dir=stage_dir))
                 write_report(report, ws)
                 continue
-            records[spec.name] = _run_stage(spec, module, config, inputs, key, report)
+            records[spec.name] = _run_stage(spec, config, inputs, key, report)
             write_report(report, ws)
     except ToolkitError as err:
-        report.finish(status="failed", error=str(err))
+        report.finish(status=BuildStatus.FAILED, error=str(err))
         write_report(report, ws)
         raise
     except KeyboardInterrupt:
-        report.finish(status="interrupted", error="interrupted by the user")
+        report.finish(status=BuildStatus.INTERRUPTED, error="interrupted by the user")
         write_report(report, ws)
         raise
-    report.finish(status="passed")
+    report.finish(status=BuildStatus.PASSED)
     write_report(report, ws)
     return report
 
 
 def _run_stage(
-    spec: StageSpec, module: Any, config: BuildConfig, inputs: dict[str, StageRecord], key: str,
-    report: BuildReport,
+    spec: StageSpec, config: BuildConfig, inputs: dict[str, StageRecord], key: str, report: BuildReport,
 ) -> StageRecord:
     ws = config.workspace
     stage_dir = ws / spec.name
@@ -264,9 +235,9 @@ def _run_stage(
     with atomic_dir(stage_dir) as tmp:
         ctx = StageContext(config=config, out_dir=tmp, inputs=inputs, workspace=ws)
         try:
-            result: StageResult = module.run(ctx)
+            result: StageResult = spec.stage.run(ctx)
         except ToolkitError as err:
-            report.add(StageReport(name=spec.name, status="failed", duration_s=time.perf_counter() - started,
+            report.add(StageReport(name=spec.name, status=StageStatus.FAILED, duration_s=time.perf_counter() - started,
                                    note=str(err)))
             raise
         duration = time.perf_counter() - started
@@ -275,7 +246,7 @@ def _run_stage(
         data: dict[str, Any] = {
             "name": spec.name,
             "key": key,
-            "status": "failed" if failed else result.status,
+            "status": StageStatus.FAILED if failed else result.status,
             "note": result.note,
             "duration_s": round(duration, 3),
             "metrics": result.metrics,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,24 @@ from pydantic import BaseModel, Field
 from toolkit import __version__
 from toolkit.config import BuildConfig
 from toolkit.workspace import atomic_write_text, sha256_json
+
+
+class StageStatus(StrEnum):
+    """What became of a stage in one build. Only RAN and UNAVAILABLE records are reused by a later build."""
+
+    RAN = "ran"
+    SKIPPED = "skipped"  # inputs unchanged: the recorded artifact is reused
+    CACHED = "cached"  # not selected (--stages, --until): the recorded artifact is reused
+    UNAVAILABLE = "unavailable"  # could not run here (no GPU, gate off); recorded, not an error
+    FAILED = "failed"
+    NOT_RUN = "not-run"  # not selected and nothing recorded
+
+
+class BuildStatus(StrEnum):
+    RUNNING = "running"
+    PASSED = "passed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
 
 
 class GateResult(BaseModel):
@@ -27,7 +46,7 @@ class GateResult(BaseModel):
 
 class StageReport(BaseModel):
     name: str
-    status: str  # ran | skipped | cached | unavailable | failed | not-run
+    status: StageStatus
     duration_s: float | None = None
     note: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -36,7 +55,7 @@ class StageReport(BaseModel):
 
     @classmethod
     def from_record(
-        cls, name: str, data: dict[str, Any], *, status: str, stage_dir: Path | None = None
+        cls, name: str, data: dict[str, Any], *, status: StageStatus, stage_dir: Path | None = None
     ) -> StageReport:
         stage_dir_files = data.get("files", {})
         return cls(
@@ -63,7 +82,7 @@ class BuildReport(BaseModel):
     started_at: str
     finished_at: str | None = None
     duration_s: float | None = None
-    status: str = "running"  # running | passed | failed | interrupted
+    status: BuildStatus = BuildStatus.RUNNING
     error: str | None = None
     stages: list[StageReport] = Field(default_factory=list)
 
@@ -75,7 +94,7 @@ class BuildReport(BaseModel):
     def add(self, stage: StageReport) -> None:
         self.stages = [s for s in self.stages if s.name != stage.name] + [stage]
 
-    def finish(self, *, status: str, error: str | None = None) -> None:
+    def finish(self, *, status: BuildStatus, error: str | None = None) -> None:
         self.status = status
         self.error = error
         self.finished_at = _now()

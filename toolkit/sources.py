@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 # Modules whose edits never change an artifact, left out so that editing them reruns nothing:
-# the pipeline and report machinery, the CLI, and the config models (a stage is keyed on its
+# the pipeline, stage and report machinery, the CLI, and the config models (a stage is keyed on its
 # config sections' resolved values, so a changed default that matters changes the key anyway).
-EXCLUDED = frozenset({"", "pipeline", "report", "cli", "config"})
+EXCLUDED = frozenset({"", "pipeline", "stage", "report", "cli", "config"})
 
 # Files a module reads or copies at run time, as globs relative to the package root. Python files
 # among them are followed like modules: the Triton model.py imports the serving code it runs.

@@ -101,7 +101,7 @@ def smollm_onnx(request: pytest.FixtureRequest) -> Path:
 
     import transformers
 
-    makers = ("toolkit/stages/base_model.py", "toolkit/export/torch_to_onnx.py", "toolkit/tokenizer_files.py")
+    makers = ("toolkit/embedded_model.py", "toolkit/export/torch_to_onnx.py", "toolkit/tokenizer_files.py")
     key = hashlib.sha256(transformers.__version__.encode() + b"".join(
         (REPO_ROOT / name).read_bytes() for name in makers)).hexdigest()[:12]
     pytest_cache = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`
@@ -112,10 +112,10 @@ def smollm_onnx(request: pytest.FixtureRequest) -> Path:
     if onnx.is_file():
         return onnx
     try:
+        from toolkit.embedded_model import embedded_gguf_path, gguf_to_hf
         from toolkit.export.torch_to_onnx import export_onnx
-        from toolkit.stages.base_model import embedded_gguf_path, gguf_to_hf
     except ImportError as err:
-        pytest.skip(f"the base-model or export stage is not available: {err}")
+        pytest.skip(f"the embedded model or the export is not available: {err}")
     try:
         hf_dir = cache / "hf"
         if not (hf_dir / "config.json").is_file():

@@ -9,7 +9,7 @@ import pytest
 from conftest import ServedRepository, export_tiny_llama
 
 from toolkit.config import BuildConfig
-from toolkit.pipeline import StageContext, StageRecord
+from toolkit.stage import StageContext, StageRecord
 from toolkit.stages import triton_gate
 
 pytestmark = pytest.mark.integration

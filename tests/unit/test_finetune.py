@@ -15,19 +15,11 @@ from toolkit.config import BuildConfig, LoraSection, TrainSection
 from toolkit.dataset import Example, write_jsonl
 from toolkit.errors import StageError
 from toolkit.modeling import load_tokenizer, render_prompt_ids
-from toolkit.pipeline import StageContext, StageRecord
+from toolkit.stage import StageContext, StageRecord
 from toolkit.stages import control as control_stage
 from toolkit.stages import finetune as finetune_stage
-from toolkit.training.lora import (
-    IGNORE_INDEX,
-    TokenizedExample,
-    batch_stream,
-    build_example,
-    collate,
-    eval_loss,
-    total_steps,
-    train_lora,
-)
+from toolkit.training.examples import IGNORE_INDEX, TokenizedExample, build_example, collate
+from toolkit.training.lora import batch_stream, eval_loss, total_steps, train_lora
 
 FAST_LORA = LoraSection(rank=4, alpha=8, dropout=0.0)
 
@@ -273,12 +265,12 @@ def test_bf16_precision_trains_and_keeps_fp32_adapters(tok) -> None:  # type: ig
 
 def test_auto_precision_and_device_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     from toolkit.errors import ConfigError
-    from toolkit.training.lora import Precision, resolve_device
+    from toolkit.training.device import Precision, resolve_device
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr("toolkit.training.lora.cpu_has_amx", lambda: False)
+    monkeypatch.setattr("toolkit.training.device.cpu_has_amx", lambda: False)
     assert Precision.choose(cpu, "auto").dtype is None  # bf16 autocast without AMX is slower than fp32
-    monkeypatch.setattr("toolkit.training.lora.cpu_has_amx", lambda: True)
+    monkeypatch.setattr("toolkit.training.device.cpu_has_amx", lambda: True)
     assert Precision.choose(cpu, "auto").dtype == torch.bfloat16
     assert Precision.choose(cpu, "fp32").dtype is None and not Precision.choose(cpu, "bf16").scaler
     if not torch.cuda.is_available():

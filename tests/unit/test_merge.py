@@ -12,7 +12,7 @@ from tiny_llm import make_tokenizer, save_tiny_model
 
 from toolkit.config import BuildConfig
 from toolkit.modeling import load_model, load_tokenizer
-from toolkit.pipeline import StageContext, StageRecord, StageResult
+from toolkit.stage import StageContext, StageRecord, StageResult
 from toolkit.stages import merge
 
 

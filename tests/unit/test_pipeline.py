@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import sys
@@ -15,9 +16,10 @@ import pytest
 import toolkit
 from toolkit.config import BuildConfig
 from toolkit.errors import GateError, StageError
-from toolkit.pipeline import STAGES, StageContext, StageResult, StageSpec, run_build
+from toolkit.pipeline import STAGES, StageSpec, run_build
 from toolkit.report import GateResult
 from toolkit.sources import SourceHasher
+from toolkit.stage import StageContext, StageResult
 
 CALLS: list[str] = []
 
@@ -25,11 +27,11 @@ CALLS: list[str] = []
 Stage = Callable[[StageContext], StageResult]
 
 
-def _module(name: str, body: Stage) -> str:
+def _module(name: str, body: Stage) -> types.ModuleType:
     mod = types.ModuleType(f"fake_stage_{name}")
     mod.run = body  # type: ignore[attr-defined]
     sys.modules[mod.__name__] = mod
-    return mod.__name__
+    return mod
 
 
 def _first(ctx: StageContext) -> StageResult:
@@ -147,9 +149,9 @@ def test_unknown_stage_is_a_config_error(tmp_path: Path) -> None:
 
 def test_cache_inputs_are_part_of_the_key(tmp_path: Path) -> None:
     declared = {"dataset": "hash-1"}
-    mod = sys.modules[_module("first", _first)]
+    mod = _module("first", _first)
     mod.cache_inputs = lambda config: dict(declared)  # type: ignore[attr-defined]
-    specs = (StageSpec("first", mod.__name__, ("lora",)),
+    specs = (StageSpec("first", mod, ("lora",)),
              StageSpec("second", _module("second", _second), ("train",), ("first",)))
     run_build(_config(tmp_path), stages=specs)
     run_build(_config(tmp_path), stages=specs)
@@ -174,7 +176,7 @@ def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     inside a function), `alone` imports only `pipeline`, which is left out of every key."""
     root = tmp_path / "src" / "fakepkg"
     stage = """
-        from toolkit.pipeline import StageResult
+        from toolkit.stage import StageResult
         from fakepkg import pipeline
         {imports}
 
@@ -198,7 +200,8 @@ def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
 
 
 def _fake_specs() -> tuple[StageSpec, ...]:
-    return (StageSpec("alone", "fakepkg.stages.alone", ()), StageSpec("uses", "fakepkg.stages.uses", ()))
+    return (StageSpec("alone", importlib.import_module("fakepkg.stages.alone"), ()),
+            StageSpec("uses", importlib.import_module("fakepkg.stages.uses"), ()))
 
 
 def test_editing_an_imported_module_reruns_only_the_stages_importing_it(tmp_path: Path, fake_package: Path) -> None:
@@ -221,7 +224,7 @@ def test_toolkit_stage_keys_follow_the_modules_they_import(tmp_path: Path) -> No
 
     def digests() -> dict[str, str]:
         hasher = SourceHasher("toolkit", root)
-        return {spec.name: hasher.digest(spec.module) for spec in STAGES}
+        return {spec.name: hasher.digest(spec.stage.__name__) for spec in STAGES}
 
     def changed_by(rel: str) -> set[str]:
         before = digests()

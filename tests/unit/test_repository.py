@@ -14,11 +14,12 @@ import pytest
 
 from toolkit.config import RepositorySection, TensorRTSection, parse_config
 from toolkit.errors import StageError
-from toolkit.pipeline import StageContext, StageRecord
 from toolkit.repository import contract as c
 from toolkit.repository import writer as r
 from toolkit.repository.manifest import ModelManifest
 from toolkit.repository.pbtxt import read_config
+from toolkit.stage import StageContext, StageRecord
+from toolkit.stages import model_repository
 from toolkit.workspace import sha256_file, sha256_text
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -219,13 +220,13 @@ def test_stage_run(tmp_path: Path, merged_dir: Path, sources: dict[str, Path], m
     ctx = StageContext(config=config, out_dir=tmp_path / "out", workspace=tmp_path, inputs={
         "base_model": _record("base_model", tmp_path, {}, {"source": "gguf:/x.gguf"}),
         "finetune": _record("finetune", tmp_path / "finetune", {"adapter": "adapter"}),
-        "merge": _record("merge", merged_dir, {}),
+        "merge": _record("merge", merged_dir, {"model": "."}),
         "export_onnx": _record("export_onnx", tmp_path, {"model": "fp32.onnx"}),
         "quantize": _record("quantize", tmp_path, {"int8": "int8.onnx"}, {"int8_shipped": False}),
         "tensorrt": _record("tensorrt", trt_dir, {"build_plan_fp16": "fp16/build_plan.sh"}),
     })
     ctx.out_dir.mkdir()
-    result = r.run(ctx)
+    result = model_repository.run(ctx)
     repo = tmp_path / "repo"
     assert result.external == [str((repo / "tiny_onnx_fp32" / "1").resolve()), str((repo / "tiny" / "1").resolve())]
     assert "onnx_int8 left out of the repository" in result.note

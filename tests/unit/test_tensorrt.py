@@ -15,10 +15,11 @@ from onnx import TensorProto, helper
 
 from toolkit.config import BuildConfig, parse_config
 from toolkit.errors import ServingError
-from toolkit.pipeline import StageContext, StageRecord
 from toolkit.repository import plan_compat
 from toolkit.repository import tensorrt as trt
 from toolkit.repository.pbtxt import LMInfo
+from toolkit.stage import StageContext, StageRecord
+from toolkit.stages import tensorrt as trt_stage
 
 LM = LMInfo(num_layers=2, num_kv_heads=3, head_dim=8, vocab_size=64)
 FAKE_TRTEXEC = """#!/usr/bin/env bash
@@ -106,7 +107,7 @@ def test_profile_rejects_bounds_outside_the_context() -> None:
 
 def test_stage_is_unavailable_without_trtexec_and_writes_scripts(tmp_path: Path) -> None:
     ctx = _ctx(tmp_path, _config(trtexec="trtexec-not-installed-here"))
-    result = trt.run(ctx)
+    result = trt_stage.run(ctx)
     assert result.status == "unavailable"
     assert "\n" not in result.note
     assert result.note.startswith("TensorRT not found (trtexec not on PATH) — plan build scripts written to ")
@@ -138,7 +139,7 @@ def _fake_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_stage_runs_trtexec_and_records_plan_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bin_dir = _fake_tools(tmp_path, monkeypatch)
     ctx = _ctx(tmp_path, _config(), qdq=True)
-    result = trt.run(ctx)
+    result = trt_stage.run(ctx)
     assert result.status == "ran"
     for precision in ("fp16", "int8"):
         meta = json.loads((ctx.out_dir / precision / "plan_meta.json").read_text())

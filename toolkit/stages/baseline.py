@@ -12,7 +12,7 @@ import time
 from toolkit.dataset import read_split
 from toolkit.evaluation import answer_prompts, evaluation_prompts
 from toolkit.modeling import load_model, load_tokenizer
-from toolkit.pipeline import StageContext, StageResult
+from toolkit.stage import StageContext, StageResult
 
 ANSWERS_FILE = "answers.jsonl"
 

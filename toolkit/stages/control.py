@@ -8,15 +8,14 @@ hyperparameter reruns the fine-tune, not this minute of generation.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from toolkit.dataset import load_control_prompts
 from toolkit.modeling import Messages, greedy_generate, load_model, load_tokenizer, render_prompt_ids, seed_everything
-from toolkit.pipeline import StageContext, StageResult
+from toolkit.stage import StageContext, StageResult
+from toolkit.training.control_examples import ControlExample, write_control
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +24,6 @@ CONTROL_FILE = "control.jsonl"
 # end-of-turn token, so it anchors general behaviour without teaching the model to stop mid-sentence.
 CONTROL_MAX_NEW_TOKENS = 64
 CONTROL_BATCH = 20
-
-
-@dataclass(frozen=True)
-class ControlExample:
-    messages: Messages
-    finished: bool
 
 
 def self_distill(model: Any, tokenizer: Any, prompts: list[str], count: int) -> list[ControlExample]:
@@ -51,12 +44,6 @@ def self_distill(model: Any, tokenizer: Any, prompts: list[str], count: int) -> 
     return out
 
 
-def read_control(path: Any) -> list[ControlExample]:
-    """The examples a control stage wrote."""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [ControlExample(r["messages"], bool(r["finished"])) for r in rows]
-
-
 def run(ctx: StageContext) -> StageResult:
     """Generate the control examples with the base model; none when train.control_examples is 0."""
     count = ctx.config.train.control_examples
@@ -67,10 +54,7 @@ def run(ctx: StageContext) -> StageResult:
         base_dir = ctx.inputs["base_model"].path("model")
         log.info("control: self-distilling %d control examples from the base model", count)
         control = self_distill(load_model(base_dir), load_tokenizer(base_dir), load_control_prompts(), count)
-    with (ctx.out_dir / CONTROL_FILE).open("w", encoding="utf-8") as fh:
-        for c in control:
-            fh.write(json.dumps({"messages": c.messages, "finished": c.finished, "source": "self-distilled"},
-                                ensure_ascii=False) + "\n")
+    write_control(ctx.out_dir / CONTROL_FILE, control)
     cut = sum(1 for c in control if not c.finished)
     return StageResult(
         metrics={"control_examples": len(control), "cut_at_cap": cut,

@@ -14,8 +14,8 @@ from typing import Any
 
 from toolkit.config import BuildConfig
 from toolkit.dataset import dataset_paths, language_of, load_examples, resolve_split_by, split_dataset, write_jsonl
-from toolkit.pipeline import StageContext, StageResult
 from toolkit.report import GateResult
+from toolkit.stage import StageContext, StageResult
 from toolkit.workspace import sha256_file
 
 log = logging.getLogger(__name__)

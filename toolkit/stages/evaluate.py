@@ -18,9 +18,9 @@ from toolkit.dataset import read_records, read_split
 from toolkit.errors import StageError
 from toolkit.evaluation import LANGUAGES, answer_prompts, evaluation_prompts, fact_accuracy, fact_rows, write_fact_table
 from toolkit.modeling import CHAT_TEMPLATE_FILE, load_model, load_tokenizer
-from toolkit.pipeline import StageContext, StageResult
 from toolkit.report import GateResult
 from toolkit.retention import score_retention
+from toolkit.stage import StageContext, StageResult
 from toolkit.textmetrics import score_answers
 
 SAMPLES_FILE = "samples.jsonl"

@@ -13,10 +13,11 @@ from typing import Any
 
 from toolkit.dataset import read_split
 from toolkit.modeling import CHAT_TEMPLATE_FILE, Messages, chat_template_of, load_model, load_tokenizer, seed_everything
-from toolkit.pipeline import StageContext, StageResult
-from toolkit.stages.control import read_control
+from toolkit.stage import StageContext, StageResult
 from toolkit.tokenizer_files import copy_tokenizer_files
-from toolkit.training.lora import TokenizedExample, build_example, train_lora
+from toolkit.training.control_examples import read_control
+from toolkit.training.examples import TokenizedExample, build_example
+from toolkit.training.lora import train_lora
 from toolkit.workspace import sha256_text
 
 log = logging.getLogger(__name__)

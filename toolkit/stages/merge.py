@@ -24,9 +24,9 @@ from toolkit.modeling import (
     render_prompt_ids,
     stop_token_ids,
 )
-from toolkit.pipeline import StageContext, StageResult
 from toolkit.portability import portability_gate
 from toolkit.report import GateResult
+from toolkit.stage import StageContext, StageResult
 from toolkit.tokenizer_files import copy_tokenizer_files, portable_model_config
 from toolkit.workspace import sha256_text
 

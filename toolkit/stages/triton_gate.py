@@ -17,9 +17,9 @@ from pathlib import Path
 
 from toolkit.errors import StageError
 from toolkit.golden import golden_conversations
-from toolkit.pipeline import StageContext, StageRecord, StageResult
-from toolkit.report import GateResult
+from toolkit.report import GateResult, StageStatus
 from toolkit.repository.manifest import TOKENIZER_DIR, ModelManifest
+from toolkit.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +39,6 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
-
-
-def onnx_path(record: StageRecord) -> Path:
-    for name in ("onnx", "model"):
-        if name in record.artifacts:
-            return record.path(name)
-    candidate = record.dir / "model.onnx"
-    if candidate.is_file():
-        return candidate
-    raise StageError(f"stage {record.name} left no ONNX graph in {record.dir}; rerun with --force --stages "
-                     f"{record.name}")
 
 
 def serve_and_compare(
@@ -98,12 +87,12 @@ def serve_and_compare(
 
 def run(ctx: StageContext) -> StageResult:
     if not ctx.config.serving.triton_gate:
-        return StageResult(status="unavailable", note="serving.triton_gate is off")
+        return StageResult(status=StageStatus.UNAVAILABLE, note="serving.triton_gate is off")
     record = ctx.inputs["repository"]
     repository = Path(str(record.metrics["repository"]))
     version = int(record.metrics["version"])
     model = ctx.config.model.name
-    onnx = onnx_path(ctx.inputs["export_onnx"])
+    onnx = ctx.inputs["export_onnx"].path("model")
     outcome = serve_and_compare(repository, model, version, onnx, log_path=ctx.out_dir / "tritonserver.log")
     (ctx.out_dir / "triton_gate.json").write_text(json.dumps(outcome, indent=2) + "\n", encoding="utf-8")
     exact, prompts = int(outcome["exact_prompts"]), int(outcome["prompts"])  # type: ignore[call-overload]

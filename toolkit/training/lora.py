@@ -1,4 +1,4 @@
-"""LoRA fine-tuning: assistant-only labels, a plain seeded torch loop, loss curve output.
+"""LoRA fine-tuning: a plain seeded torch loop over assistant-only labels, loss curve output.
 
 A plain loop rather than ``transformers.Trainer``: the whole job is ~60 small CPU steps, and the
 loop keeps every piece the build promises visible in one place (the label mask, a deterministic
@@ -18,148 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolkit.config import LoraSection, TrainSection
-from toolkit.errors import ConfigError, StageError
-from toolkit.modeling import Messages, encode_text, pad_token_id, render_text
+from toolkit.errors import StageError
+from toolkit.modeling import pad_token_id
+from toolkit.training.device import Precision, resolve_device
+from toolkit.training.examples import IGNORE_INDEX, TokenizedExample, collate
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class TokenizedExample:
-    """One tokenized conversation; labels are IGNORE_INDEX everywhere but assistant tokens."""
-
-    input_ids: list[int]
-    labels: list[int]
-
-
-def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of each assistant reply within it.
-
-    A reply's span runs from the end of the prompt rendered up to it (with the generation prompt)
-    to the end of the conversation rendered through it, so it covers the reply and the template's
-    end-of-turn token: exactly what the model must generate when served the same prompt.
-    """
-    full = render_text(tokenizer, messages, add_generation_prompt=False)
-    spans: list[tuple[int, int]] = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render_text(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        through = render_text(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not full.startswith(through) or not through.startswith(before):
-            raise StageError("the chat template does not render conversations incrementally; "
-                             "cannot locate assistant replies for the loss mask")
-        spans.append((len(before), len(through)))
-    return full, spans
-
-
-def build_example(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, max_seq_len: int, *, train_eos: bool = True
-) -> TokenizedExample | None:
-    """Tokenize a conversation with labels on assistant tokens only; None if no assistant token survives.
-
-    Tokens after the end-of-turn token inside a span (ChatML's trailing newline) are not trained on:
-    serving stops at the end-of-turn token and never generates them. `train_eos=False` also leaves
-    out the end-of-turn token itself, for replies that were cut short and must not teach stopping.
-    """
-    full, spans = assistant_char_spans(tokenizer, messages)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = list(enc["input_ids"])
-    offsets: list[tuple[int, int]] = list(enc["offset_mapping"])
-    if ids != encode_text(tokenizer, full):
-        raise StageError("tokenizer offsets disagree with its encoding; use a fast tokenizer")
-    labels = [IGNORE_INDEX] * len(ids)
-    eos = tokenizer.eos_token_id
-    for start, end in spans:
-        inside = [i for i, (a, _b) in enumerate(offsets) if start <= a < end]
-        if eos is not None and any(ids[i] == eos for i in inside):
-            last_eos = max(j for j, i in enumerate(inside) if ids[i] == eos)
-            inside = inside[: last_eos + (1 if train_eos else 0)]
-        for i in inside:
-            labels[i] = ids[i]
-    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-    if all(label == IGNORE_INDEX for label in labels):
-        return None
-    return TokenizedExample(ids, labels)
-
-
-def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch for training; padding is masked out of attention and loss."""
-    import torch
-
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, ex in enumerate(batch):
-        n = len(ex.input_ids)
-        ids[i, :n] = torch.tensor(ex.input_ids)
-        labels[i, :n] = torch.tensor(ex.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def resolve_device(setting: str) -> torch.device:
-    """``train.device``: auto picks CUDA when torch sees a GPU; asking for CUDA without one is an error."""
-    import torch
-
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device: cuda, but torch sees no CUDA GPU (torch.version.cuda="
-                              f"{torch.version.cuda}); install a CUDA torch (README: set-up) or use train.device: cpu")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def cpu_has_amx() -> bool:
-    """True when the CPU has AMX bf16 tiles (Sapphire Rapids and later), where bf16 matmuls are fast."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How a training forward runs: autocast dtype (None: fp32) and whether the loss needs a scaler."""
-
-    device: torch.device
-    dtype: torch.dtype | None
-    scaler: bool
-
-    @classmethod
-    def choose(cls, device: torch.device, precision: str) -> Precision:
-        """``train.precision``: bf16 autocast where it is fast, fp16 with a loss scaler on GPUs without bf16.
-
-        auto means bf16 on GPUs and on CPUs with AMX tiles, fp32 on other CPUs (bf16 autocast without
-        AMX is emulated and slower than fp32).
-        """
-        import torch
-
-        if precision == "auto" and device.type == "cpu":
-            precision = "bf16" if cpu_has_amx() else "fp32"
-        if precision == "fp32":
-            return cls(device, None, False)
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return cls(device, torch.float16, True)
-        return cls(device, torch.bfloat16, False)
-
-    def autocast(self) -> Any:
-        import torch
-
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype or torch.float32,
-                              enabled=self.dtype is not None)
-
-    @property
-    def label(self) -> str:
-        return "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
 
 
 def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

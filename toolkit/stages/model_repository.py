@@ -1,0 +1,68 @@
+"""Stage ``repository``: version N+1 of the Triton model repository, and the capacity it plans for.
+
+The repository itself is :func:`toolkit.repository.writer.write_repository`'s; this stage feeds it
+the build's artifacts (the merged model, the FP32 export, the INT8 variant only when it passed its
+gate, the TensorRT plans where they were built) and writes ``capacity.md`` (:mod:`toolkit.capacity`).
+"""
+
+from __future__ import annotations
+
+import json
+
+from toolkit.capacity import capacity_report
+from toolkit.repository.pbtxt import LMInfo
+from toolkit.repository.writer import TrtInputs, write_repository
+from toolkit.stage import StageContext, StageRecord, StageResult
+from toolkit.workspace import sha256_file
+
+
+def adapter_sha256(finetune: StageRecord) -> str:
+    """sha256 of the LoRA weights the fine-tune stage saved (its artifact digest if there are none)."""
+    weights = finetune.path("adapter") / "adapter_model.safetensors"
+    return sha256_file(weights) if weights.is_file() else finetune.digest
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Write the repository to ``repository.output``; report its versions, notes and capacity."""
+    cfg = ctx.config
+    onnx_fp32 = ctx.inputs["export_onnx"].path("model")
+    merged_dir = ctx.inputs["merge"].path("model")
+    quantize = ctx.inputs["quantize"]
+    int8_shipped = bool(quantize.metrics.get("int8_shipped"))
+    notes: list[str] = []
+    if not int8_shipped:
+        notes.append("onnx_int8 left out of the repository: the INT8 variant was not shipped (failed or skipped "
+                     "its fidelity gate)")
+    trt_record = ctx.inputs["tensorrt"]
+    built = {p: trt_record.dir / p for p in ("fp16", "int8") if f"plan_{p}" in trt_record.artifacts}
+    written = write_repository(
+        cfg.repository.output, model_name=cfg.model.name, merged_dir=merged_dir,
+        onnx_fp32=onnx_fp32, onnx_int8=quantize.path("int8") if int8_shipped else None,
+        context_length=cfg.model.context_length,
+        base_model=str(ctx.inputs["base_model"].metrics.get("source", cfg.model.base)),
+        adapter_sha256=adapter_sha256(ctx.inputs["finetune"]), repository=cfg.repository, serving=cfg.serving,
+        trt_inputs=TrtInputs(section=cfg.tensorrt, max_batch_size=cfg.repository.max_batch_size,
+                             context_length=cfg.model.context_length,
+                             qdq_onnx=quantize.path("qdq") if "qdq" in quantize.artifacts else None, built=built),
+    )
+    notes += written.notes
+    lm = LMInfo.from_hf_config(merged_dir)
+    capacity = capacity_report(lm, context_length=cfg.model.context_length,
+                               memory_budget_gib=cfg.serving.memory_budget_gib,
+                               weights_bytes=onnx_fp32.stat().st_size,
+                               max_batch_size=cfg.repository.max_batch_size,
+                               max_active_sequences=cfg.serving.max_active_sequences)
+    (ctx.out_dir / "capacity.md").write_text(capacity.markdown(), encoding="utf-8")
+    (ctx.out_dir / "written.json").write_text(json.dumps({
+        "root": str(written.root), "version": written.version,
+        "version_dirs": [str(p) for p in written.version_dirs],
+        "pruned": [str(p) for p in written.pruned]}, indent=2) + "\n", encoding="utf-8")
+    return StageResult(
+        metrics={"repository": str(written.root.resolve()), "version": written.version,
+                 "models": [d.name for d in written.model_dirs], "serving_core_model":
+                 written.manifest.serving_core_model, "precisions": written.manifest.precisions,
+                 "pruned": len(written.pruned), "capacity": capacity.as_dict(), "notes": notes},
+        artifacts={"capacity": "capacity.md", "written": "written.json"},
+        note=f"version {written.version} in {written.root}" + (f"; {'; '.join(notes)}" if notes else ""),
+        external=[str(p.resolve()) for p in written.version_dirs],
+    )

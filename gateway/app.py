@@ -24,6 +24,7 @@ from gateway.models import router as models_router
 from gateway.registry import ModelRegistry
 from gateway.settings import GatewaySettings
 from gateway.triton import TritonPool
+from toolkit import __version__
 
 logger = logging.getLogger("gateway")
 
@@ -73,7 +74,7 @@ def create_app(
 
     app = FastAPI(
         title="triton-chat-toolkit gateway",
-        version="0.1.0",
+        version=__version__,
         description="OpenAI-compatible chat API in front of NVIDIA Triton, with the model's own chat template.",
         lifespan=lifespan,
     )

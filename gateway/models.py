@@ -14,15 +14,17 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter
-from google.protobuf import json_format, text_format
+from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field
 from tritonclient.grpc import model_config_pb2
 
 from gateway.deps import AdminKey, ApiKey, AppState, State
 from gateway.errors import GatewayError, TritonUnavailableError
-from gateway.registry import CONFIG_FILE, ModelEntry, load_entry
+from gateway.registry import ModelEntry, load_entry
 from gateway.triton import Endpoint, map_triton_error
-from toolkit.repository import contract
+from toolkit.repository.contract import CONFIG_FILE
+from toolkit.repository.layout import bls_core_model
+from toolkit.repository.pbtxt import read_config
 
 logger = logging.getLogger("gateway")
 router = APIRouter(tags=["models"])
@@ -85,8 +87,7 @@ class LoadResponse(BaseModel):
 
 def _load_config_json(state: AppState, name: str, version: int) -> str:
     """The repository's config of `name` pinned to `version`, as the JSON override Triton's load API takes."""
-    path = state.settings.repository / name / CONFIG_FILE
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    config = read_config(state.settings.repository / name / CONFIG_FILE)
     config.version_policy.CopyFrom(
         model_config_pb2.ModelVersionPolicy(specific=model_config_pb2.ModelVersionPolicy.Specific(versions=[version]))
     )
@@ -98,9 +99,9 @@ def _load_config_json(state: AppState, name: str, version: int) -> str:
 async def _load_on(state: AppState, endpoint: Endpoint, entry: ModelEntry, pin_version: bool) -> None:
     timeout_s = state.settings.request_timeout_s
     names = [entry.name]
-    runner = _config_runner(state, entry.name)
-    if runner == "bls":  # the generation model calls the core model: it must be loaded first
-        names.insert(0, entry.manifest.serving_core_model)
+    core = bls_core_model(state.settings.repository, entry.name)
+    if core is not None:  # the generation model calls the core model: it must be loaded first
+        names.insert(0, core)
     try:
         for name in names:
             config = _load_config_json(state, name, entry.version) if pin_version else None
@@ -113,15 +114,6 @@ async def _load_on(state: AppState, endpoint: Endpoint, entry: ModelEntry, pin_v
         mapped = map_triton_error(err, endpoint.url)
         raise GatewayError(f"loading {entry.name} on {endpoint.url} failed: {mapped.message}", status_code=502) from err
     endpoint.ready_models.add(entry.name)
-
-
-def _config_runner(state: AppState, name: str) -> str | None:
-    path = state.settings.repository / name / CONFIG_FILE
-    if not path.is_file():
-        return None
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    param = config.parameters.get(contract.PARAM_RUNNER)
-    return param.string_value if param is not None else None
 
 
 @router.post("/admin/models/{name}/load", response_model=LoadResponse, tags=["admin"])

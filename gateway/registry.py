@@ -12,17 +12,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf import text_format
 from pydantic import ValidationError
-from tritonclient.grpc import model_config_pb2
 
 from gateway.errors import GatewayError, ModelNotFoundError
 from gateway.tokenization import ChatTokenizer
+from toolkit.errors import ConfigError, ServingError
 from toolkit.repository import contract
-from toolkit.repository.manifest import MANIFEST_FILE, TOKENIZER_DIR, ModelManifest, latest_version_dir
+from toolkit.repository.layout import generation_models, latest_version_dir, model_parameters
+from toolkit.repository.manifest import MANIFEST_FILE, TOKENIZER_DIR, ModelManifest
 
 logger = logging.getLogger("gateway")
-CONFIG_FILE = "config.pbtxt"
 
 
 class RepositoryError(GatewayError):
@@ -48,17 +47,6 @@ class ModelEntry:
         return self.manifest.context_length
 
 
-def _config_parameter(model_dir: Path, key: str) -> str | None:
-    config_path = model_dir / CONFIG_FILE
-    if not config_path.is_file():
-        return None
-    try:
-        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
-    except text_format.ParseError as err:
-        raise RepositoryError(f"{config_path} is not a valid Triton model config: {err}") from None
-    return config.parameters[key].string_value if key in config.parameters else None
-
-
 def load_entry(repository: Path, name: str, version: int | None = None) -> ModelEntry:
     """Read manifest, tokenizer and limits of `name` (its latest version unless `version` is given)."""
     model_dir = repository / name
@@ -75,7 +63,10 @@ def load_entry(repository: Path, name: str, version: int | None = None) -> Model
         problem = err.errors()[0]
         raise RepositoryError(f"{version_dir / MANIFEST_FILE} is not a valid manifest: {problem['msg']}") from None
     tokenizer = ChatTokenizer.from_dir(version_dir / TOKENIZER_DIR, manifest.chat_template)
-    limit_text = _config_parameter(model_dir, contract.PARAM_MAX_NEW_TOKENS)
+    try:
+        limit_text = model_parameters(repository, name).get(contract.PARAM_MAX_NEW_TOKENS)
+    except ConfigError as err:
+        raise RepositoryError(str(err)) from None
     limit = int(limit_text) if limit_text and limit_text.isdigit() else manifest.context_length
     return ModelEntry(
         name=name,
@@ -88,15 +79,11 @@ def load_entry(repository: Path, name: str, version: int | None = None) -> Model
 
 
 def chat_model_names(repository: Path) -> list[str]:
-    """Repository models that have a manifest in their latest version, sorted by name."""
-    names = []
-    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir()):
-        try:
-            if (latest_version_dir(model_dir) / MANIFEST_FILE).is_file():
-                names.append(model_dir.name)
-        except Exception:  # noqa: BLE001 - a directory without versions is simply not a chat model
-            continue
-    return names
+    """The repository's generation models (a manifest in the newest version), sorted by name; [] for none."""
+    try:
+        return generation_models(repository)
+    except ServingError:
+        return []
 
 
 class ModelRegistry:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
@@ -39,39 +38,31 @@ _OUTPUTS = (contract.OUTPUT_IDS, contract.FINISH_REASON, contract.PROMPT_TOKENS,
 
 @dataclass(frozen=True)
 class GenerationInputs:
-    """One generation request in the generation model's terms (see toolkit/serving/contract.py)."""
+    """One generation request in the generation model's terms (``toolkit.repository.contract``)."""
 
     prompt_ids: list[int]
     max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    temperature: float = contract.DEFAULT_TEMPERATURE
+    top_p: float = contract.DEFAULT_TOP_P
+    top_k: int = contract.DEFAULT_TOP_K
     seed: int | None = None
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = contract.DEFAULT_REPETITION_PENALTY
     stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
+    ignore_eos: bool = contract.DEFAULT_IGNORE_EOS
 
     def to_infer_inputs(self) -> list[InferInput]:
-        """Triton inputs, each with the leading batch dimension of 1 the model's max_batch_size implies."""
-        arrays: dict[str, np.ndarray] = {
-            contract.INPUT_IDS: np.asarray([self.prompt_ids], dtype=np.int64),
-            contract.MAX_TOKENS: np.asarray([[self.max_tokens]], dtype=np.int32),
-            contract.TEMPERATURE: np.asarray([[self.temperature]], dtype=np.float32),
-            contract.TOP_P: np.asarray([[self.top_p]], dtype=np.float32),
-            contract.TOP_K: np.asarray([[self.top_k]], dtype=np.int32),
-            contract.REPETITION_PENALTY: np.asarray([[self.repetition_penalty]], dtype=np.float32),
-        }
-        if self.seed is not None:
-            arrays[contract.SEED] = np.asarray([[self.seed]], dtype=np.int64)
-        if self.stop_token_ids:
-            arrays[contract.STOP_TOKEN_IDS] = np.asarray([list(self.stop_token_ids)], dtype=np.int64)
-        if self.ignore_eos:
-            arrays[contract.IGNORE_EOS] = np.asarray([[True]], dtype=np.bool_)
+        """Triton inputs, each with the leading batch dimension of 1 the model's max_batch_size implies.
+
+        The seed, extra stop ids and ignore_eos are sent only when set; the rest always.
+        """
+        arrays = contract.request_arrays(
+            self.prompt_ids, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, repetition_penalty=self.repetition_penalty, seed=self.seed,
+            stop_token_ids=self.stop_token_ids or None, ignore_eos=self.ignore_eos or None,
+        )
         inputs = []
         for name, array in arrays.items():
-            datatype = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
-                        np.dtype(np.bool_): "BOOL"}
-            tensor = InferInput(name, list(array.shape), datatype[array.dtype])
+            tensor = InferInput(name, list(array.shape), contract.input_spec(name).dtype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         return inputs

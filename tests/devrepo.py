@@ -34,7 +34,7 @@ def write_serving_repository(
     shipped beside the manifest for the gateway; without it the repository serves token ids only.
     """
     from toolkit.config import RepositorySection, ServingSection
-    from toolkit.repository.pbtxt import LMInfo
+    from toolkit.repository.contract import LMInfo
     from toolkit.repository.writer import ModelFacts, write_repository
 
     template_file = tokenizer_dir / "chat_template.jinja" if tokenizer_dir is not None else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from toolkit.repository.pbtxt import LMInfo
+from toolkit.repository.contract import LMInfo
 
 GIB = 1024**3
 MIB = 1024**2

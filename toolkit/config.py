@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from toolkit.errors import ConfigError
+from toolkit.repository import contract
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 Precision = Literal["fp16", "int8"]
@@ -183,8 +184,8 @@ class RepositorySection(Section):
 
 
 class ServingSection(Section):
-    max_active_sequences: int = Field(32, ge=1)
-    max_queue: int = Field(256, ge=1)
+    max_active_sequences: int = Field(contract.DEFAULT_MAX_ACTIVE_SEQUENCES, ge=1)
+    max_queue: int = Field(contract.DEFAULT_MAX_QUEUE, ge=1)
     max_new_tokens_limit: int = Field(1024, ge=1)
     memory_budget_gib: float = Field(4.0, gt=0, description="KV-cache budget the capacity report plans for.")
     triton_gate: bool = Field(True, description="End the build by serving the golden prompts through Triton.")

@@ -3,20 +3,19 @@
 Used by the fidelity gates and by the serving runner inside Triton's python backend. The graph is
 the one optimum exports for ``text-generation-with-past``: inputs ``input_ids``, ``attention_mask``,
 ``position_ids`` and ``past_key_values.N.key/value`` ([batch, kv_heads, past, head_dim]); outputs
-``logits`` and ``present.N.key/value``.
+``logits`` and ``present.N.key/value`` (names: :mod:`toolkit.repository.contract`).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-_PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
+from toolkit.repository.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_layers, past_names
 
 
 def default_providers() -> list[str]:
@@ -54,21 +53,18 @@ class OnnxCausalLM:
         self.session = ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
-        layers = sorted(int(m.group(1)) for name in inputs if (m := _PAST.match(name)))
+        layers = past_layers(inputs)
         if not layers:
             raise ValueError(f"{path}: no past_key_values inputs; export with task text-generation-with-past")
         self.num_layers = len(layers)
-        first = inputs["past_key_values.0.key"]
+        self._past_names = past_names(len(layers))
+        first = inputs[self._past_names[0]]
         self.num_kv_heads = int(first.shape[1])
         self.head_dim = int(first.shape[3])
         self.dtype = np.float16 if "float16" in first.type else np.float32
-        self.has_position_ids = "position_ids" in inputs
+        self.has_position_ids = POSITION_IDS in inputs
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
-
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of KV cache one token holds across all layers (key and value)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
@@ -83,14 +79,12 @@ class OnnxCausalLM:
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One step. Returns logits [batch, seq, vocab] and the new KV cache (2 arrays a layer)."""
         feed: dict[str, np.ndarray] = {
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
+            INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
+            ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
         }
         if self.has_position_ids:
-            feed["position_ids"] = np.ascontiguousarray(position_ids, dtype=np.int64)
-        for layer in range(self.num_layers):
-            feed[f"past_key_values.{layer}.key"] = past[2 * layer]
-            feed[f"past_key_values.{layer}.value"] = past[2 * layer + 1]
+            feed[POSITION_IDS] = np.ascontiguousarray(position_ids, dtype=np.int64)
+        feed.update(zip(self._past_names, past, strict=True))
         outputs = self.session.run(self.output_names, feed)
         return outputs[0], list(outputs[1:])
 

@@ -159,13 +159,3 @@ def score_answers(answers: Sequence[str], references: Sequence[str], facts: Sequ
         examples=len(answers),
         examples_with_facts=sum(1 for f in facts if f),
     )
-
-
-def retention_score(answers: Sequence[str]) -> float:
-    """Share of the fixed retention questions answered correctly; answers in RETENTION_SET order.
-
-    See :mod:`toolkit.retention` for the questions and the per-question detail.
-    """
-    from toolkit.retention import score_retention  # retention uses this module's tokenizer
-
-    return score_retention(answers).score

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.triton import GenerationInputs
+from toolkit.repository import contract
 
 Role = Literal["system", "developer", "user", "assistant"]
 
@@ -51,8 +52,9 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = Field(default=None, description="Up to 4 strings that end the reply (not sent).")
     ignore_eos: bool = Field(
-        default=False, description="Extension (as in vLLM): generate past the end-of-turn token until max_tokens or a "
-        "stop string; benchmark clients use it for fixed output lengths.",
+        default=contract.DEFAULT_IGNORE_EOS,
+        description="Extension (as in vLLM): generate past the end-of-turn token until max_tokens or a stop string; "
+        "benchmark clients use it for fixed output lengths.",
     )
 
     @field_validator("stop")
@@ -79,10 +81,11 @@ class SamplingFields(BaseModel):
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
             temperature=default_temperature if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
+            top_p=contract.DEFAULT_TOP_P if self.top_p is None else self.top_p,
+            top_k=contract.DEFAULT_TOP_K if self.top_k is None else self.top_k,
             seed=self.seed,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=(contract.DEFAULT_REPETITION_PENALTY if self.repetition_penalty is None
+                                else self.repetition_penalty),
             stop_token_ids=tuple(stop_token_ids),
             ignore_eos=self.ignore_eos,
         )
@@ -199,9 +202,6 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-
-    def to_sse(self) -> str:
-        return self.model_dump_json()
 
 
 class SimpleChatResponse(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from toolkit.capacity import GIB, MIB, capacity_report, kv_bytes_per_token
-from toolkit.repository.pbtxt import LMInfo
+from toolkit.repository.contract import LMInfo
 
 SMOLLM2 = LMInfo(num_layers=30, num_kv_heads=3, head_dim=64, vocab_size=49152)
 WEIGHTS = 539_285_833  # the FP32 ONNX export, bytes

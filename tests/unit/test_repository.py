@@ -297,3 +297,22 @@ def test_dev_repository_is_the_stage_layout_around_an_onnx(tmp_path: Path, merge
 
     bare = write_serving_repository(tmp_path / "bare", "dev", onnx, context_length=128)  # token ids only
     assert not (tmp_path / "bare" / "dev" / "1" / "tokenizer").exists() and bare.manifest.chat_template == ""
+
+
+def test_python_backend_reads_every_written_config_as_read_config_does(
+    tmp_path: Path, merged_dir: Path, sources: dict[str, Path]
+) -> None:
+    from toolkit.repository.pbtxt import model_parameters
+    from toolkit.repository.pbtxt_scan import scan_config
+
+    inputs = r.TrtInputs(section=TensorRTSection(max_input_len=100), max_batch_size=8, context_length=256,
+                         qdq_onnx=sources["int8"])
+    _write(tmp_path / "repo", merged_dir, sources, onnx_int8=sources["int8"], trt_inputs=inputs)
+    configs = sorted((tmp_path / "repo").glob("*/config.pbtxt"))
+    assert [p.parent.name for p in configs] == ["tiny", "tiny_onnx_fp32", "tiny_onnx_int8", "tiny_trt_fp16",
+                                                "tiny_trt_int8"]
+    for path in configs:
+        config, facts = read_config(path), scan_config(path)
+        assert (facts.name, facts.platform, facts.backend, facts.max_batch_size) == (
+            config.name, config.platform, config.backend, config.max_batch_size)
+        assert facts.parameters == model_parameters(config)

@@ -17,7 +17,7 @@ from toolkit.config import BuildConfig, parse_config
 from toolkit.errors import ServingError
 from toolkit.repository import plan_compat
 from toolkit.repository import tensorrt as trt
-from toolkit.repository.pbtxt import LMInfo
+from toolkit.repository.contract import LMInfo
 from toolkit.stage import StageContext, StageRecord
 from toolkit.stages import tensorrt as trt_stage
 

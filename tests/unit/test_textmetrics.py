@@ -12,7 +12,6 @@ from toolkit.textmetrics import (
     corpus_bleu,
     corpus_rouge_l,
     fact_exact_match,
-    retention_score,
     rouge_l,
     score_answers,
     tokenize,
@@ -116,7 +115,7 @@ def test_retention_keyword_matching() -> None:
 
 def test_retention_score_all_right_some_wrong_and_length_checked() -> None:
     right = [f"The answer is {item.accepted[0]}." for item in RETENTION_SET]
-    assert retention_score(right) == 1.0
+    assert score_retention(right).score == 1.0
     wrong = list(right)
     wrong[0] = "Bluepeak headphones have a 24 months warranty."
     result = score_retention(wrong)
@@ -124,7 +123,7 @@ def test_retention_score_all_right_some_wrong_and_length_checked() -> None:
     assert result.per_question[0]["correct"] is False
     assert result.per_question[0]["question"] == retention_questions()[0]
     with pytest.raises(ValueError, match="retention questions"):
-        retention_score(["Paris"])
+        score_retention(["Paris"])
 
 
 def test_retention_set_shape() -> None:

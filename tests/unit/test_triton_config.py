@@ -12,16 +12,18 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from toolkit.errors import ConfigError
 from toolkit.repository import contract as c
+from toolkit.repository.contract import LMInfo
 from toolkit.repository.pbtxt import (
-    LMInfo,
     config_to_text,
     data_type,
     generation_model_config,
+    model_parameters,
     onnx_core_config,
     read_config,
     tensorrt_core_config,
     write_config,
 )
+from toolkit.repository.pbtxt_scan import scan_config
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "pbtxt"
 LM = LMInfo(num_layers=2, num_kv_heads=2, head_dim=8, vocab_size=64)
@@ -122,3 +124,32 @@ def test_lm_info_from_hf_config(tmp_path: Path) -> None:
         '"vocab_size": 49152}'
     )
     assert LMInfo.from_hf_config(tmp_path) == LMInfo(num_layers=30, num_kv_heads=3, head_dim=64, vocab_size=49152)
+
+
+def _scan_equals_read(path: Path) -> None:
+    config = read_config(path)
+    facts = scan_config(path)
+    assert (facts.name, facts.platform, facts.backend, facts.max_batch_size) == (
+        config.name, config.platform, config.backend, config.max_batch_size)
+    assert facts.parameters == model_parameters(config)
+
+
+@pytest.mark.parametrize("golden", ["generation.pbtxt", "onnx_fp32.pbtxt", "trt_fp16.pbtxt"])
+def test_python_backend_reader_agrees_with_the_protobuf_reader(golden: str) -> None:
+    """The generation model reads configs without protobuf (pbtxt_scan); it must see what read_config sees."""
+    _scan_equals_read(GOLDEN / golden)
+
+
+def test_python_backend_reader_agrees_on_escapes_and_hand_written_configs(tmp_path: Path) -> None:
+    config = _generation()
+    config.parameters["odd"].string_value = 'quote " backslash \\ newline \n é 中'
+    path = write_config(tmp_path / "tiny", config)
+    _scan_equals_read(path)
+    assert scan_config(path).parameters["odd"] == 'quote " backslash \\ newline \n é 中'
+    hand = tmp_path / "hand" / "config.pbtxt"
+    hand.parent.mkdir()
+    hand.write_text('# a comment\nname: "hand"  platform: \'tensorrt_plan\'\nmax_batch_size: 16\n'
+                    'parameters [{ key: "runner" value: { string_value: "bls" } }]\n'
+                    'input [{ name: "x" data_type: TYPE_FP32 dims: [ -1, 4 ] }]\n')
+    _scan_equals_read(hand)
+    assert scan_config(hand).parameters == {"runner": "bls"} and scan_config(hand).max_batch_size == 16

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.errors import ServingError
-from toolkit.serving.serve import generation_models
+from toolkit.repository.layout import generation_models
 from toolkit.serving.triton_server import TritonServer, prepare_backend_dir, pytriton_dist
 
 
@@ -54,7 +54,7 @@ def test_serve_finds_generation_models_only(tmp_path: Path) -> None:
 
 def test_serve_also_loads_the_core_model_of_a_bls_generation_model(tmp_path: Path) -> None:
     from toolkit.repository import contract
-    from toolkit.serving.serve import models_to_load
+    from toolkit.repository.layout import models_to_load
 
     def model(name: str, runner: str | None = None, files: tuple[str, ...] = ("model.py", "manifest.json")) -> None:
         (tmp_path / name / "1").mkdir(parents=True)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from toolkit.errors import StageError
+from toolkit.repository.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names
 
 if TYPE_CHECKING:
     import onnx
@@ -57,7 +58,7 @@ CALIBRATION_WINDOW = 128  # tokens a calibration feed holds
 def weight_matmuls(model: onnx.ModelProto, exclude_lm_head: bool = True) -> list[str]:
     """Names of MatMul nodes whose second input is a weight (initializer), lm_head excluded."""
     inits = {init.name for init in model.graph.initializer}
-    logits_nodes = {node.name for node in model.graph.node if "logits" in node.output}
+    logits_nodes = {node.name for node in model.graph.node if LOGITS in node.output}
     return [
         node.name for node in model.graph.node
         if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits
@@ -93,13 +94,12 @@ class CalibrationReader:
     def _feeds(self) -> Iterator[dict[str, np.ndarray]]:
         for ids in self._samples:
             feed = {
-                "input_ids": np.asarray([ids], dtype=np.int64),
-                "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
-                "position_ids": np.arange(len(ids), dtype=np.int64)[None, :],
+                INPUT_IDS: np.asarray([ids], dtype=np.int64),
+                ATTENTION_MASK: np.ones((1, len(ids)), dtype=np.int64),
+                POSITION_IDS: np.arange(len(ids), dtype=np.int64)[None, :],
             }
-            for layer in range(self._layers):
-                feed[f"past_key_values.{layer}.key"] = np.zeros(self._shape, dtype=np.float32)
-                feed[f"past_key_values.{layer}.value"] = np.zeros(self._shape, dtype=np.float32)
+            for name in past_names(self._layers):
+                feed[name] = np.zeros(self._shape, dtype=np.float32)
             yield feed
 
     def get_next(self) -> dict[str, np.ndarray] | None:

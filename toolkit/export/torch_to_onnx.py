@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import StageError
-from toolkit.serving.runners import past_names, present_names
+from toolkit.repository.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    is_past,
+    past_layers,
+    past_names,
+    present_names,
+)
 from toolkit.tokenizer_files import copy_tokenizer_files
 
 MODEL_FILE = "model.onnx"
@@ -53,8 +62,8 @@ def export_onnx(model_dir: Path, out_dir: Path, opset: int = 18) -> Path:
     try:
         program = torch.onnx.export(
             _kv_wrapper(model, layers), args, None, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
-            input_names=["input_ids", "attention_mask", "position_ids", *past_names(layers)],
-            output_names=["logits", *present_names(layers)],
+            input_names=[INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past_names(layers)],
+            output_names=[LOGITS, *present_names(layers)],
         )
         if program is None:
             raise StageError("torch.onnx.export(dynamo=True) returned no program")
@@ -111,6 +120,6 @@ def graph_stats(onnx_path: Path) -> dict[str, Any]:
         "node_count": len(model.graph.node),
         "opset": ops.get("ai.onnx"),
         "external_data_files": sorted(external),
-        "kv_layers": sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key")),
-        "inputs": [name for name in inputs if not name.startswith("past_key_values.")],
+        "kv_layers": len(past_layers(inputs)),
+        "inputs": [name for name in inputs if not is_past(name)],
     }

@@ -58,15 +58,3 @@ class ModelManifest(BaseModel):
             return cls.model_validate(json.loads(path.read_text()))
         except FileNotFoundError:
             raise ServingError(f"no {MANIFEST_FILE} in {version_dir}: is this a toolkit-built repository?") from None
-
-
-def latest_version_dir(model_dir: Path) -> Path:
-    """The highest numeric version directory of a repository model."""
-    versions = (
-        sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-        if model_dir.is_dir()
-        else []
-    )
-    if not versions:
-        raise ServingError(f"{model_dir} has no numeric version directory")
-    return model_dir / str(versions[-1])

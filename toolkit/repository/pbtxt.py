@@ -9,77 +9,19 @@ batch size, a decoupled policy only on the python backend, unique tensor names, 
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from toolkit.errors import ConfigError, StageError
-from toolkit.repository import contract as c
+from toolkit.errors import ConfigError
+from toolkit.repository import contract
+from toolkit.repository.contract import CONFIG_FILE, LMInfo, TensorSpec
 from toolkit.workspace import atomic_write_text
 
-CONFIG_FILE = "config.pbtxt"
 InstanceKind = Literal["KIND_AUTO", "KIND_CPU", "KIND_GPU"]
-_PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
-
-
-@dataclass(frozen=True)
-class LMInfo:
-    """Shape facts of a KV-cache causal LM graph: what its core-model config must declare."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    kv_dtype: Literal["fp32", "fp16"] = "fp32"
-
-    @classmethod
-    def from_hf_config(cls, model_dir: Path) -> LMInfo:
-        """Read layers, kv heads, head dim and vocab from a Hugging Face ``config.json``."""
-        path = model_dir / "config.json"
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise StageError(f"{path} not found: need the merged model's config.json") from None
-        heads = int(cfg["num_attention_heads"])
-        return cls(
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
-            vocab_size=int(cfg["vocab_size"]),
-        )
-
-    @classmethod
-    def from_onnx(cls, path: Path) -> LMInfo:
-        """Read the same facts from an exported graph's inputs and outputs (weights are not loaded)."""
-        import onnx
-
-        graph = onnx.load(str(path), load_external_data=False).graph
-        inputs = {i.name: i for i in graph.input}
-        layers = [int(m.group(1)) for name in inputs if (m := _PAST.match(name))]
-        if not layers:
-            raise StageError(f"{path}: no past_key_values inputs; export with task text-generation-with-past")
-        first = inputs["past_key_values.0.key"].type.tensor_type
-        dims = [d.dim_value for d in first.shape.dim]
-        logits = graph.output[0].type.tensor_type.shape.dim
-        return cls(
-            num_layers=len(layers),
-            num_kv_heads=int(dims[1]),
-            head_dim=int(dims[3]),
-            vocab_size=int(logits[-1].dim_value),
-            kv_dtype="fp16" if first.elem_type == onnx.TensorProto.FLOAT16 else "fp32",
-        )
-
-    def past_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
-
-    def present_names(self) -> list[str]:
-        return [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
 
 
 def data_type(name: str) -> int:
@@ -90,26 +32,21 @@ def data_type(name: str) -> int:
         raise ConfigError(f"unknown Triton data type {name!r}; valid: {', '.join(pb.DataType.keys()[1:])}") from None
 
 
-def _tensor(
-    message: pb.ModelInput | pb.ModelOutput, name: str, dtype: str, dims: Iterable[int]
-) -> None:
-    message.name = name
-    message.data_type = data_type(dtype)
-    message.dims.extend(dims)
+def _add_tensor(message: pb.ModelInput | pb.ModelOutput, spec: TensorSpec) -> None:
+    message.name = spec.name
+    message.data_type = data_type(spec.config_type)
+    message.dims.extend(spec.shape)
+    if isinstance(message, pb.ModelInput):
+        message.optional = spec.optional
+        message.allow_ragged_batch = spec.ragged
 
 
-def _add_input(
-    config: pb.ModelConfig, name: str, dtype: str, dims: Iterable[int], *, optional: bool = False,
-    ragged: bool = False,
-) -> None:
-    tensor = config.input.add()
-    _tensor(tensor, name, dtype, dims)
-    tensor.optional = optional
-    tensor.allow_ragged_batch = ragged
-
-
-def _add_output(config: pb.ModelConfig, name: str, dtype: str, dims: Iterable[int]) -> None:
-    _tensor(config.output.add(), name, dtype, dims)
+def _add_tensors(config: pb.ModelConfig, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]) -> None:
+    # max_batch_size > 0: Triton adds the batch dim itself, so the specs' dims start after it.
+    for spec in inputs:
+        _add_tensor(config.input.add(), spec)
+    for spec in outputs:
+        _add_tensor(config.output.add(), spec)
 
 
 def _batching(
@@ -122,18 +59,6 @@ def _batching(
     group = config.instance_group.add()
     group.count = instance_count
     group.kind = pb.ModelInstanceGroup.Kind.Value(kind)
-
-
-def _lm_tensors(config: pb.ModelConfig, lm: LMInfo, *, kv_type: str, logits_type: str) -> None:
-    # max_batch_size > 0: Triton adds the batch dim itself, so dims start after it.
-    for name in ("input_ids", "attention_mask", "position_ids"):
-        _add_input(config, name, "TYPE_INT64", [-1])
-    kv_dims = [lm.num_kv_heads, -1, lm.head_dim]
-    for name in lm.past_names():
-        _add_input(config, name, kv_type, kv_dims)
-    _add_output(config, "logits", logits_type, [-1, lm.vocab_size])
-    for name in lm.present_names():
-        _add_output(config, name, kv_type, kv_dims)
 
 
 def onnx_core_config(
@@ -166,8 +91,7 @@ def _core_config(
     max_queue_delay_us: int, instance_count: int, kind: InstanceKind,
 ) -> pb.ModelConfig:
     """The KV-cache graph's tensors (in the graph's own types) and batching on a core model config."""
-    dtype = "TYPE_FP16" if lm_info.kv_dtype == "fp16" else "TYPE_FP32"
-    _lm_tensors(config, lm_info, kv_type=dtype, logits_type=dtype)
+    _add_tensors(config, contract.core_inputs(lm_info), contract.core_outputs(lm_info))
     _batching(config, max_batch_size, preferred_batch_sizes, max_queue_delay_us, instance_count, kind)
     validate_config(config)
     return config
@@ -177,26 +101,9 @@ def generation_model_config(
     name: str, *, max_batch_size: int, preferred_batch_sizes: Iterable[int], max_queue_delay_us: int,
     instance_count: int, parameters: Mapping[str, str],
 ) -> pb.ModelConfig:
-    """The python-backend, decoupled generation model, tensor for tensor as in ``toolkit.repository.contract``."""
+    """The python-backend, decoupled generation model: the tensors of ``contract.GENERATION_INPUTS/OUTPUTS``."""
     config = pb.ModelConfig(name=name, backend="python")
-    _add_input(config, c.INPUT_IDS, "TYPE_INT64", [-1], ragged=True)
-    optional: list[tuple[str, str, list[int]]] = [
-        (c.MAX_TOKENS, "TYPE_INT32", [1]),
-        (c.TEMPERATURE, "TYPE_FP32", [1]),
-        (c.TOP_P, "TYPE_FP32", [1]),
-        (c.TOP_K, "TYPE_INT32", [1]),
-        (c.SEED, "TYPE_INT64", [1]),
-        (c.REPETITION_PENALTY, "TYPE_FP32", [1]),
-        (c.STOP_TOKEN_IDS, "TYPE_INT64", [-1]),
-        (c.IGNORE_EOS, "TYPE_BOOL", [1]),
-    ]
-    assert [n for n, _, _ in optional] == list(c.OPTIONAL_INPUTS), "contract.OPTIONAL_INPUTS changed"
-    for tensor_name, dtype, dims in optional:
-        _add_input(config, tensor_name, dtype, dims, optional=True, ragged=dims == [-1])
-    _add_output(config, c.OUTPUT_IDS, "TYPE_INT64", [-1])
-    _add_output(config, c.FINISH_REASON, "TYPE_STRING", [1])  # BYTES on the wire
-    _add_output(config, c.PROMPT_TOKENS, "TYPE_INT32", [1])
-    _add_output(config, c.COMPLETION_TOKENS, "TYPE_INT32", [1])
+    _add_tensors(config, contract.GENERATION_INPUTS, contract.GENERATION_OUTPUTS)
     config.model_transaction_policy.decoupled = True
     _batching(config, max_batch_size, preferred_batch_sizes, max_queue_delay_us, instance_count, "KIND_CPU")
     for key, value in sorted(parameters.items()):
@@ -249,7 +156,12 @@ def write_config(model_dir: Path, config: pb.ModelConfig) -> Path:
 
 
 def read_config(path: Path) -> pb.ModelConfig:
-    """Parse and validate a ``config.pbtxt``; a malformed one raises ConfigError naming the file."""
+    """Parse and validate a ``config.pbtxt``; a malformed one raises ConfigError naming the file.
+
+    The one reader of repository configs (build, ``toolkit serve``, gateway). The generation model
+    inside Triton, where protobuf is not installed, uses :mod:`toolkit.repository.pbtxt_scan`,
+    which a test holds to the same answers.
+    """
     try:
         config = text_format.Parse(path.read_text(encoding="utf-8"), pb.ModelConfig())
     except FileNotFoundError:
@@ -261,3 +173,8 @@ def read_config(path: Path) -> pb.ModelConfig:
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     return config
+
+
+def model_parameters(config: pb.ModelConfig) -> dict[str, str]:
+    """A config's ``parameters`` map as plain strings (the toolkit writes string values only)."""
+    return {key: value.string_value for key, value in config.parameters.items()}

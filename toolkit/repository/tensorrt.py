@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.repository.pbtxt import LMInfo
+from toolkit.repository.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, LMInfo, past_names
 from toolkit.repository.plan_compat import BUILD_SCRIPT, PLAN_META  # the script writes what serving checks
 
 TIMING_CACHE = "timing.cache"
@@ -61,9 +61,9 @@ def kv_cache_profile(
             "max": (max_batch, heads, context_length - 1, dim)}
     shapes: dict[str, dict[str, Shape]] = {"min": {}, "opt": {}, "max": {}}
     for point in shapes:
-        shapes[point]["input_ids"] = tokens[point]
-        shapes[point]["attention_mask"] = mask[point]
-        shapes[point]["position_ids"] = tokens[point]
+        shapes[point][INPUT_IDS] = tokens[point]
+        shapes[point][ATTENTION_MASK] = mask[point]
+        shapes[point][POSITION_IDS] = tokens[point]
         for name in lm.past_names():
             shapes[point][name] = past[point]
     return ShapeProfile(min=shapes["min"], opt=shapes["opt"], max=shapes["max"])
@@ -130,13 +130,12 @@ def build_script(
     line = " \\\n  ".join(shlex.quote(a) for a in argv)
     line = line.replace("TRTEXEC_PLACEHOLDER", '"$TRTEXEC"').replace("ONNX_PLACEHOLDER", '"$ONNX"')
     line = line.replace("'--onnx=\"$ONNX\"'", '--onnx="$ONNX"')
-    any_past = next(n for n in profile.max if n.startswith("past_key_values."))
     plan_path = Path(plan)
     return _SCRIPT.format(
         precision=precision, precision_upper=precision.upper(), model=model, script=BUILD_SCRIPT,
-        default_onnx=default_onnx, max_input_len=profile.max["input_ids"][1],
-        max_past=profile.max[any_past][2], max_batch=profile.max["input_ids"][0],
-        opt_batch=profile.opt["input_ids"][0], plan=plan, plan_dir=shlex.quote(str(plan_path.parent)),
+        default_onnx=default_onnx, max_input_len=profile.max[INPUT_IDS][1],
+        max_past=profile.max[past_names(1)[0]][2], max_batch=profile.max[INPUT_IDS][0],
+        opt_batch=profile.opt[INPUT_IDS][0], plan=plan, plan_dir=shlex.quote(str(plan_path.parent)),
         meta=shlex.quote(str(plan_path.with_name(PLAN_META))), log=shlex.quote(str(plan_path.with_name("trtexec.log"))),
         trtexec=trtexec, command=line,
     )

@@ -38,9 +38,10 @@ from toolkit.config import RepositorySection, ServingSection, TensorRTSection
 from toolkit.errors import StageError
 from toolkit.repository import contract
 from toolkit.repository import tensorrt as trt
+from toolkit.repository.contract import LMInfo
+from toolkit.repository.layout import core_model_name, existing_versions, next_version
 from toolkit.repository.manifest import TOKENIZER_DIR, ArtifactRef, ModelManifest
 from toolkit.repository.pbtxt import (
-    LMInfo,
     generation_model_config,
     onnx_core_config,
     tensorrt_core_config,
@@ -110,23 +111,6 @@ class RepositoryWrite:
     manifest: ModelManifest
     notes: list[str]
     pruned: list[Path]
-
-
-def core_model_name(model_name: str, precision: str) -> str:
-    """Repository name of a core model, e.g. ``smollm2-chat_onnx_fp32``."""
-    return f"{model_name}_{precision}"
-
-
-def existing_versions(model_dir: Path) -> list[int]:
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def next_version(output: Path, model_name: str) -> int:
-    """One above the highest version of any model of this name: all models of a build share it."""
-    dirs = [p for p in output.iterdir() if p.is_dir() and (p.name == model_name or p.name.startswith(f"{model_name}_"))]
-    return max((v for d in dirs for v in existing_versions(d)), default=0) + 1
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 
 from toolkit.repository import contract
@@ -39,34 +38,16 @@ class StreamResult:
         return [b - a for a, b in itertools.pairwise(self.token_times)]
 
 
-def generation_inputs(
-    prompt_ids: Sequence[int], *, max_tokens: int | None = None, temperature: float | None = None,
-    top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-    repetition_penalty: float | None = None, stop_token_ids: Sequence[int] | None = None,
-    ignore_eos: bool | None = None,
-) -> list[grpcclient.InferInput]:
-    """The generation model's input tensors for one request (batch dimension 1); None leaves one out."""
-    def tensor(name: str, array: np.ndarray, dtype: str) -> grpcclient.InferInput:
-        item = grpcclient.InferInput(name, list(array.shape), dtype)
-        item.set_data_from_numpy(array)
-        return item
+def generation_inputs(prompt_ids: Sequence[int], **values: Any) -> list[grpcclient.InferInput]:
+    """The generation model's input tensors for one request (batch dimension 1); a value of None leaves one out.
 
-    inputs = [tensor(contract.INPUT_IDS, np.asarray([list(prompt_ids)], dtype=np.int64), "INT64")]
-    scalars: list[tuple[str, Any, Any, str]] = [
-        (contract.MAX_TOKENS, max_tokens, np.int32, "INT32"),
-        (contract.TEMPERATURE, temperature, np.float32, "FP32"),
-        (contract.TOP_P, top_p, np.float32, "FP32"),
-        (contract.TOP_K, top_k, np.int32, "INT32"),
-        (contract.SEED, seed, np.int64, "INT64"),
-        (contract.REPETITION_PENALTY, repetition_penalty, np.float32, "FP32"),
-    ]
-    for name, value, np_type, dtype in scalars:
-        if value is not None:
-            inputs.append(tensor(name, np.asarray([[value]], dtype=np_type), dtype))
-    if stop_token_ids is not None:
-        inputs.append(tensor(contract.STOP_TOKEN_IDS, np.asarray([list(stop_token_ids)], dtype=np.int64), "INT64"))
-    if ignore_eos is not None:
-        inputs.append(tensor(contract.IGNORE_EOS, np.asarray([[ignore_eos]], dtype=np.bool_), "BOOL"))
+    `values` are optional inputs by name (``max_tokens``, ``temperature``, ...: ``contract.OPTIONAL_INPUTS``).
+    """
+    inputs = []
+    for name, array in contract.request_arrays(prompt_ids, **values).items():
+        item = grpcclient.InferInput(name, list(array.shape), contract.input_spec(name).dtype)
+        item.set_data_from_numpy(array)
+        inputs.append(item)
     return inputs
 
 

@@ -39,11 +39,11 @@ class Limits:
 class SamplingParams:
     """Per-request sampling; ``temperature == 0`` means greedy."""
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    temperature: float = contract.DEFAULT_TEMPERATURE
+    top_p: float = contract.DEFAULT_TOP_P
+    top_k: int = contract.DEFAULT_TOP_K
     seed: int | None = None
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = contract.DEFAULT_REPETITION_PENALTY
 
     @property
     def greedy(self) -> bool:
@@ -136,23 +136,25 @@ def parse_request(
     else:
         max_tokens = min(remaining, limits.max_new_tokens_limit)
 
-    temperature = float(_scalar(contract.TEMPERATURE, values.get(contract.TEMPERATURE, 0.0), "float"))
+    temperature = float(_scalar(contract.TEMPERATURE, values.get(contract.TEMPERATURE, contract.DEFAULT_TEMPERATURE),
+                                "float"))
     if temperature < 0:
         raise RequestError(f"{contract.TEMPERATURE} must be >= 0 (0 is greedy), got {temperature}")
-    top_p = float(_scalar(contract.TOP_P, values.get(contract.TOP_P, 1.0), "float"))
+    top_p = float(_scalar(contract.TOP_P, values.get(contract.TOP_P, contract.DEFAULT_TOP_P), "float"))
     if not 0 < top_p <= 1:
         raise RequestError(f"{contract.TOP_P} must be in (0, 1], got {top_p}")
-    top_k = int(_scalar(contract.TOP_K, values.get(contract.TOP_K, 0), "int"))
+    top_k = int(_scalar(contract.TOP_K, values.get(contract.TOP_K, contract.DEFAULT_TOP_K), "int"))
     if top_k < 0:
         raise RequestError(f"{contract.TOP_K} must be >= 0 (0 disables it), got {top_k}")
     seed = int(_scalar(contract.SEED, values[contract.SEED], "int")) if contract.SEED in values else None
     if seed is not None and seed < 0:
         raise RequestError(f"{contract.SEED} must be >= 0, got {seed}")
-    penalty = float(_scalar(contract.REPETITION_PENALTY, values.get(contract.REPETITION_PENALTY, 1.0), "float"))
+    penalty = float(_scalar(contract.REPETITION_PENALTY,
+                            values.get(contract.REPETITION_PENALTY, contract.DEFAULT_REPETITION_PENALTY), "float"))
     if penalty <= 0:
         raise RequestError(f"{contract.REPETITION_PENALTY} must be > 0 (1 disables it), got {penalty}")
 
-    ignore_eos = False
+    ignore_eos = contract.DEFAULT_IGNORE_EOS
     if contract.IGNORE_EOS in values:
         flag = np.asarray(values[contract.IGNORE_EOS]).reshape(-1)
         if flag.dtype.kind != "b" or flag.size != 1:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from toolkit.onnx_lm import OnnxCausalLM
+from toolkit.repository.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names
 
 
 class Runner(Protocol):
@@ -32,11 +33,6 @@ class Runner(Protocol):
     ) -> tuple[np.ndarray, list[np.ndarray]]: ...
 
     def empty_past(self, batch: int) -> list[np.ndarray]: ...
-
-
-def kv_bytes_per_token(runner: Runner) -> int:
-    """Bytes of KV cache one token holds across all layers (key and value)."""
-    return 2 * runner.num_layers * runner.num_kv_heads * runner.head_dim * np.dtype(runner.dtype).itemsize
 
 
 class OnnxRunner:
@@ -58,15 +54,6 @@ class OnnxRunner:
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return self.lm.empty_past(batch)
-
-
-def past_names(num_layers: int) -> list[str]:
-    """The optimum export's KV input names, in the order the runners pass them."""
-    return [f"past_key_values.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
 
 
 class BlsRunner:
@@ -100,7 +87,7 @@ class BlsRunner:
         self.max_batch_size = max(1, max_batch_size)
         self.has_position_ids = has_position_ids
         self._past_names = past_names(num_layers)
-        self._outputs = ["logits", *present_names(num_layers)]
+        self._outputs = [LOGITS, *present_names(num_layers)]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
@@ -112,11 +99,11 @@ class BlsRunner:
         """The InferenceRequest of one chunk (public so its marshalling can be unit-tested)."""
         tensor = self.pb_utils.Tensor
         inputs = [
-            tensor("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64)),
-            tensor("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64)),
+            tensor(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64)),
+            tensor(ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64)),
         ]
         if self.has_position_ids:
-            inputs.append(tensor("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64)))
+            inputs.append(tensor(POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64)))
         inputs += [tensor(name, np.ascontiguousarray(arr, dtype=self.dtype)) for name, arr in zip(
             self._past_names, past, strict=True)]
         return self.pb_utils.InferenceRequest(

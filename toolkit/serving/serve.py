@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.errors import ServingError
-from toolkit.repository import contract
-from toolkit.repository.manifest import MANIFEST_FILE
+from toolkit.repository.layout import models_to_load
 from toolkit.serving.triton_server import TritonServer, _die_with_parent
 
 MAX_BACKOFF_S = 30.0
@@ -39,43 +38,6 @@ class ServeOptions:
     triton_only: bool = False
     log_dir: Path = Path("build/serve")
     ready_timeout_s: float = 300.0
-
-
-def generation_models(repository: Path) -> list[str]:
-    """Repository models that are toolkit generation models: a version dir with model.py and a manifest."""
-    if not repository.is_dir():
-        raise ServingError(f"model repository {repository} does not exist; run `toolkit build` first")
-    found = []
-    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir()):
-        versions = [v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()]
-        if (model_dir / "config.pbtxt").is_file() and any(
-            (v / "model.py").is_file() and (v / MANIFEST_FILE).is_file() for v in versions
-        ):
-            found.append(model_dir.name)
-    if not found:
-        raise ServingError(f"{repository} has no generation model (a <name>/<N>/ with model.py and "
-                           f"{MANIFEST_FILE}); run `toolkit build`")
-    return found
-
-
-def models_to_load(repository: Path) -> list[str]:
-    """The generation models, each followed by its core model when it runs the BLS runner.
-
-    A BLS generation model calls its core model (``tensorrt_plan`` or ``onnxruntime_onnx``) through
-    Triton, so under explicit model control that core model must be loaded too.
-    """
-    from toolkit.repository.pbtxt import read_config
-
-    out: list[str] = []
-    for name in generation_models(repository):
-        out.append(name)
-        params = {k: v.string_value for k, v in read_config(repository / name / "config.pbtxt").parameters.items()}
-        if params.get(contract.PARAM_RUNNER) == "bls":
-            core = params.get(contract.PARAM_CORE_MODEL, "")
-            if not (repository / core / "config.pbtxt").is_file():
-                raise ServingError(f"{name} runs the BLS runner over core model {core!r}, which is not in {repository}")
-            out.append(core)
-    return list(dict.fromkeys(out))
 
 
 def gateway_available() -> bool:

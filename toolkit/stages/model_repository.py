@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from toolkit.capacity import capacity_report
-from toolkit.repository.pbtxt import LMInfo
+from toolkit.repository.contract import LMInfo
 from toolkit.repository.writer import TrtInputs, write_repository
 from toolkit.stage import StageContext, StageRecord, StageResult
 from toolkit.workspace import sha256_file

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.report import StageStatus
-from toolkit.repository.pbtxt import LMInfo
+from toolkit.repository.contract import LMInfo
 from toolkit.repository.plan_compat import BUILD_SCRIPT, PLAN_FILE, PLAN_META, gpu_facts, trt_version_from_tag
 from toolkit.repository.tensorrt import (
     TIMING_CACHE,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,9 @@ import triton_python_backend_utils as pb_utils
 
 from toolkit.errors import ServingError
 from toolkit.repository import contract
-from toolkit.repository.manifest import ModelManifest, latest_version_dir
+from toolkit.repository.layout import latest_version_dir
+from toolkit.repository.manifest import ModelManifest
+from toolkit.repository.pbtxt_scan import ConfigFacts, scan_config
 from toolkit.repository.plan_compat import verify_plan_dir
 from toolkit.serving.metrics import TritonMetrics
 from toolkit.serving.requests import Limits, QueueFullError, RequestError, parse_request, unbatch
@@ -35,8 +36,12 @@ log = logging.getLogger("toolkit.serving.triton_model")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-def _tensor(name: str, value: Any, dtype: Any) -> Any:
-    return pb_utils.Tensor(name, np.asarray(value, dtype=dtype))
+_OUTPUT_DTYPES = {spec.name: spec.numpy_dtype for spec in contract.GENERATION_OUTPUTS}
+CORE_MAX_BATCH_SIZE = 8  # when neither the parameter nor the core model's config says
+
+
+def _tensor(name: str, value: Any) -> Any:
+    return pb_utils.Tensor(name, np.asarray(value, dtype=_OUTPUT_DTYPES[name]))
 
 
 class TritonStream:
@@ -48,16 +53,16 @@ class TritonStream:
 
     def on_tokens(self, ids: list[int]) -> None:
         self.sender.send(pb_utils.InferenceResponse(output_tensors=[
-            _tensor(contract.OUTPUT_IDS, [ids], np.int64),
-            _tensor(contract.FINISH_REASON, [[b""]], np.object_),
+            _tensor(contract.OUTPUT_IDS, [ids]),
+            _tensor(contract.FINISH_REASON, [[b""]]),
         ]))
 
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         response = pb_utils.InferenceResponse(output_tensors=[
-            _tensor(contract.OUTPUT_IDS, np.zeros((1, 0)), np.int64),
-            _tensor(contract.FINISH_REASON, [[reason.encode()]], np.object_),
-            _tensor(contract.PROMPT_TOKENS, [[prompt_tokens]], np.int32),
-            _tensor(contract.COMPLETION_TOKENS, [[completion_tokens]], np.int32),
+            _tensor(contract.OUTPUT_IDS, np.zeros((1, 0))),
+            _tensor(contract.FINISH_REASON, [[reason.encode()]]),
+            _tensor(contract.PROMPT_TOKENS, [[prompt_tokens]]),
+            _tensor(contract.COMPLETION_TOKENS, [[completion_tokens]]),
         ])
         self.sender.send(response, flags=FINAL)
 
@@ -72,24 +77,24 @@ def send_error(sender: Any, message: str) -> None:
     sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)), flags=FINAL)
 
 
+def _core_config(core_dir: Path) -> ConfigFacts | None:
+    """The core model's config (None when it has none: Triton reports a missing core model itself)."""
+    path = core_dir / contract.CONFIG_FILE
+    return scan_config(path) if path.is_file() else None
+
+
 def _core_max_batch_size(core_dir: Path, params: dict[str, str]) -> int:
     """The core model's max_batch_size: a `core_max_batch_size` parameter, else its config.pbtxt, else 8."""
-    if params.get("core_max_batch_size"):
-        return int(params["core_max_batch_size"])
-    try:
-        found = re.search(r"^max_batch_size:\s*(\d+)", (core_dir / "config.pbtxt").read_text(), re.MULTILINE)
-    except OSError:
-        found = None
-    return int(found.group(1)) if found and int(found.group(1)) > 0 else 8
+    if params.get(contract.PARAM_CORE_MAX_BATCH):
+        return int(params[contract.PARAM_CORE_MAX_BATCH])
+    config = _core_config(core_dir)
+    return config.max_batch_size if config is not None and config.max_batch_size > 0 else CORE_MAX_BATCH_SIZE
 
 
 def _verify_core_plan(core_dir: Path, version: str) -> None:
     """A tensorrt_plan core model must hold a plan built for this server's TensorRT and GPU."""
-    try:
-        config = (core_dir / "config.pbtxt").read_text()
-    except OSError:
-        return  # Triton reports the missing core model itself
-    if not re.search(r'^(platform|backend):\s*"(tensorrt_plan|tensorrt)"', config, re.MULTILINE):
+    config = _core_config(core_dir)
+    if config is None or not {config.platform, config.backend} & {"tensorrt_plan", "tensorrt"}:
         return
     try:
         verify_plan_dir(core_dir / version if (core_dir / version).is_dir() else latest_version_dir(core_dir))
@@ -115,16 +120,16 @@ class TritonPythonModel:
         version = args["model_version"]
         manifest = ModelManifest.load(model_dir / version)
         core_model = params.get(contract.PARAM_CORE_MODEL) or manifest.serving_core_model
-        runner_kind = params.get(contract.PARAM_RUNNER, "onnxruntime")
+        runner_kind = params.get(contract.PARAM_RUNNER, contract.RUNNER_ONNXRUNTIME)
         runner: Runner
-        if runner_kind == "bls":
+        if runner_kind == contract.RUNNER_BLS:
             _verify_core_plan(model_dir.parent / core_model, version)
             runner = BlsRunner(
                 pb_utils, core_model, vocab_size=manifest.vocab_size, num_layers=manifest.num_layers,
                 num_kv_heads=manifest.num_kv_heads, head_dim=manifest.head_dim,
                 max_batch_size=_core_max_batch_size(model_dir.parent / core_model, params),
             )
-        elif runner_kind == "onnxruntime":
+        elif runner_kind == contract.RUNNER_ONNXRUNTIME:
             onnx_path = model_dir.parent / core_model / version / "model.onnx"
             if not onnx_path.is_file():  # the core model may keep other version numbers
                 onnx_path = latest_version_dir(model_dir.parent / core_model) / "model.onnx"
@@ -141,8 +146,8 @@ class TritonPythonModel:
         )
         self.scheduler = Scheduler(
             runner,
-            max_active=int(params.get(contract.PARAM_MAX_ACTIVE) or 32),
-            max_queue=int(params.get(contract.PARAM_MAX_QUEUE) or 256),
+            max_active=int(params.get(contract.PARAM_MAX_ACTIVE) or contract.DEFAULT_MAX_ACTIVE_SEQUENCES),
+            max_queue=int(params.get(contract.PARAM_MAX_QUEUE) or contract.DEFAULT_MAX_QUEUE),
             pad_id=manifest.pad_token_id,
             metrics=TritonMetrics(pb_utils, args["model_name"], version),
         )

@@ -1,0 +1,138 @@
+"""The package structure, read from the source with ast (imports inside functions count too).
+
+Rules: no import cycles; nothing in ``toolkit`` imports the gateway; the build stages are imported by
+the pipeline only (so no stage imports another); the serving runtime and the repository format do
+not reach up into the build; the gateway imports from the toolkit only the repository contract
+(contract, manifest, config reading, layout), the errors and the version, and does not pull in more
+through them.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("toolkit", "gateway")
+GATEWAY_MAY_IMPORT = {"toolkit", "toolkit.errors", "toolkit.repository.contract", "toolkit.repository.manifest",
+                      "toolkit.repository.pbtxt", "toolkit.repository.layout"}
+# What those may import in turn: the gateway image needs no build stack (torch, the stages, the serving runtime).
+GATEWAY_CLOSURE = GATEWAY_MAY_IMPORT | {"toolkit.repository", "toolkit.workspace"}
+BUILD = ("toolkit.pipeline", "toolkit.stage", "toolkit.stages", "toolkit.training", "toolkit.export", "toolkit.cli",
+         "toolkit.gates")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imported(name: str, path: Path) -> Iterator[str]:
+    """The package modules `name` imports: ``from a import b`` is a.b when that is a module, else a."""
+    is_package = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = name.split(".")
+                base = ".".join([*parts[: len(parts) - node.level + is_package], *([base] if base else [])])
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in MODULES:  # `import a.b.c` of a module imports a.b.c
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                yield target
+
+
+GRAPH = {name: sorted(set(_imported(name, path))) for name, path in MODULES.items()}
+
+
+def _under(name: str, *prefixes: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def test_the_walk_sees_the_packages() -> None:
+    """Guards the rules below against passing on an empty graph."""
+    assert {"toolkit.pipeline", "toolkit.stages.merge", "gateway.app", "toolkit.serving.triton_model.model"} <= set(
+        GRAPH)
+    assert "toolkit.stages.merge" in GRAPH["toolkit.pipeline"]
+    assert "toolkit.repository.contract" in GRAPH["gateway.triton"]
+
+
+def test_no_import_cycles() -> None:
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in GRAPH[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in GRAPH:
+        if node not in index:
+            visit(node)
+    assert cycles == []
+
+
+def test_the_toolkit_never_imports_the_gateway() -> None:
+    bad = [(m, t) for m, targets in GRAPH.items() if _under(m, "toolkit") for t in targets if _under(t, "gateway")]
+    assert bad == []
+
+
+def test_stages_are_imported_by_the_pipeline_only() -> None:
+    bad = [(m, t) for m, targets in GRAPH.items() for t in targets
+           if _under(t, "toolkit.stages") and t != "toolkit.stages" and m != "toolkit.pipeline"]
+    assert bad == []
+
+
+@pytest.mark.parametrize(("package", "forbidden"), [
+    # The writer reads the build config's sections and a merged model's tokenizer (toolkit.modeling): that much
+    # of the build it may know; none of the stages or their libraries, nor the serving runtime.
+    ("toolkit.repository", (*BUILD, "toolkit.serving")),
+    ("toolkit.serving", (*BUILD, "toolkit.config", "toolkit.modeling")),
+])
+def test_runtime_and_format_do_not_reach_into_the_build(package: str, forbidden: tuple[str, ...]) -> None:
+    bad = [(m, t) for m, targets in GRAPH.items() if _under(m, package) for t in targets if _under(t, *forbidden)]
+    assert bad == []
+
+
+def test_the_gateway_imports_only_the_repository_contract_and_errors() -> None:
+    direct = {t for m, targets in GRAPH.items() if _under(m, "gateway") for t in targets if _under(t, "toolkit")}
+    assert direct <= GATEWAY_MAY_IMPORT, direct - GATEWAY_MAY_IMPORT
+    seen, todo = set(), list(direct)
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += GRAPH[module]
+    assert seen <= GATEWAY_CLOSURE, seen - GATEWAY_CLOSURE

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +16,7 @@ from rich.logging import RichHandler
 
 from toolkit.config import BuildConfig, load_config
 from toolkit.errors import ToolkitError
+from toolkit.report import StageStatus
 
 app = typer.Typer(
     help="Fine-tune a chat model and ship it to NVIDIA Triton.",
@@ -69,31 +72,65 @@ def build(
     keep_versions: Annotated[
         int | None, typer.Option("--keep-versions", min=1, help="Model versions kept in the repository.")
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    junit_xml: Annotated[
+        Path | None, typer.Option("--junit-xml", help="Also write every stage and gate as a JUnit test case (CI).")
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show every log line on the terminal, not only in build.log.")
+    ] = False,
 ) -> None:
-    """Fine-tune, merge, export, quantize and package a chat model into a Triton model repository."""
-    _setup_logging(verbose)
+    """Fine-tune, merge, export, quantize and package a chat model into a Triton model repository.
+
+    The terminal shows the stages and gates; ``<workspace>/build.log`` holds everything else.
+    """
+    from toolkit.buildlog import LOG_FILE, build_logging
     from toolkit.pipeline import STAGE_NAMES, run_build
 
     try:
         cfg = _override(load_config(config), workspace=workspace, output=output)
-        if keep_versions is not None:
-            cfg = cfg.model_copy(
-                update={"repository": cfg.repository.model_copy(update={"keep_versions": keep_versions})}
-            )
-        only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
-        report = run_build(cfg, force=force, only=only, until=until)
     except ToolkitError as err:
         raise _fail(err) from None
+    if keep_versions is not None:
+        cfg = cfg.model_copy(update={"repository": cfg.repository.model_copy(update={"keep_versions": keep_versions})})
+    only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    log_path = cfg.workspace / LOG_FILE
+    started_ns = time.time_ns()
+    try:
+        with build_logging(cfg.workspace, verbose=verbose):
+            report = run_build(cfg, force=force, only=only, until=until)
+    except ToolkitError as err:
+        _write_junit(cfg.workspace, junit_xml, started_ns, str(err))
+        console.print(f"full log: {log_path}", highlight=False, soft_wrap=True)
+        raise _fail(err) from None
     except KeyboardInterrupt:
+        _write_junit(cfg.workspace, junit_xml, started_ns, "interrupted by the user")
         console.print("[yellow]interrupted[/]: finished stages are kept; rerun to continue.")
         raise typer.Exit(code=130) from None
-    ran = [s.name for s in report.stages if s.status == "ran"]
-    skipped = [s.name for s in report.stages if s.status == "skipped"]
+    _write_junit(cfg.workspace, junit_xml, started_ns)
+    ran = [s.name for s in report.stages if s.status == StageStatus.RAN]
+    skipped = [s.name for s in report.stages if s.status == StageStatus.SKIPPED]
     console.print(
         f"[bold green]build passed[/] in {report.duration_s:.1f} s: ran {len(ran)}, "
-        f"skipped {len(skipped)} of {len(STAGE_NAMES)} stages; report: {cfg.workspace / 'report.md'}"
+        f"skipped {len(skipped)} of {len(STAGE_NAMES)} stages; report: {cfg.workspace / 'report.md'}; "
+        f"log: {log_path}", highlight=False, soft_wrap=True,
     )
+
+
+def _write_junit(workspace: Path, path: Path | None, started_ns: int, error: str | None = None) -> None:
+    """The JUnit XML of the report this build left in `workspace`, whatever its outcome."""
+    if path is None:
+        return
+    from toolkit.junit import write_junit
+    from toolkit.report import BuildReport, BuildStatus
+
+    saved = workspace / "report.json"
+    if saved.is_file() and saved.stat().st_mtime_ns >= started_ns:
+        report = BuildReport.model_validate_json(saved.read_text(encoding="utf-8"))
+    else:  # stopped before its first report (a bad --stages): one failed case says why
+        report = BuildReport(config_sha256="", config={}, started_at=dt.datetime.now(dt.UTC).isoformat(),
+                             status=BuildStatus.FAILED, error=error or "the build wrote no report")
+    write_junit(report, path)
+    console.print(f"JUnit XML: {path}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -239,6 +239,7 @@ def _run_stage(
         except ToolkitError as err:
             report.add(StageReport(name=spec.name, status=StageStatus.FAILED, duration_s=time.perf_counter() - started,
                                    note=str(err)))
+            log.info("%s: failed after %.1f s", spec.name, time.perf_counter() - started)
             raise
         duration = time.perf_counter() - started
         files = file_manifest(tmp)
@@ -258,6 +259,9 @@ def _run_stage(
         }
         atomic_write_json(tmp / RECORD, data)
     report.add(StageReport.from_record(spec.name, data, status=data["status"], stage_dir=stage_dir))
+    log.info("%s: %s in %.1f s%s", spec.name, data["status"], duration, f": {result.note}" if result.note else "")
+    for gate in result.gates:
+        log.info("%s: gate %s", spec.name, gate.summary())
     if failed:
         names = "; ".join(f"{g.name}: {g.detail}" for g in failed)
         raise GateError(f"stage {spec.name}: gate failed ({names}); see {ws / 'report.md'}")

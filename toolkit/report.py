@@ -43,6 +43,19 @@ class GateResult(BaseModel):
     detail: str = ""
     blocking: bool = True
 
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else ("FAIL" if self.blocking else "fail (non-blocking)")
+
+    def numbers(self) -> str:
+        """The gate's value against its threshold, e.g. ``0.9167 (threshold 0.75)``."""
+        value = _fmt(self.value) if self.value is not None else "n/a"
+        return value + (f" (threshold {_fmt(self.threshold)})" if self.threshold is not None else "")
+
+    def summary(self) -> str:
+        """One line: name, verdict, value against threshold, detail."""
+        return f"{self.name}: {self.verdict}, {self.numbers()}" + (f"; {self.detail}" if self.detail else "")
+
 
 class StageReport(BaseModel):
     name: str
@@ -143,8 +156,7 @@ def render_markdown(report: BuildReport) -> str:
         if s.gates:
             lines += ["| gate | result | value | threshold | detail |", "| --- | --- | --- | --- | --- |"]
             for g in s.gates:
-                verdict = "pass" if g.passed else ("FAIL" if g.blocking else "fail (non-blocking)")
-                cells = [g.name, verdict, _fmt(g.value), _fmt(g.threshold), g.detail]
+                cells = [g.name, g.verdict, _fmt(g.value), _fmt(g.threshold), g.detail]
                 lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
             lines.append("")
         for key, value in s.metrics.items():

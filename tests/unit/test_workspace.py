@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,15 @@ def test_manifest_detects_changes(tmp_path: Path) -> None:
     files = file_manifest(tmp_path)
     assert manifest_unchanged(tmp_path, files)
     (tmp_path / "f").write_text("bb")
+    assert not manifest_unchanged(tmp_path, files)
+
+
+def test_manifest_survives_a_cache_restore_that_rounds_mtimes(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("abc")
+    files = file_manifest(tmp_path)
+    os.utime(tmp_path / "f", ns=(0, files["f"]["mtime_ns"] // 10**9 * 10**9 - 10**9))  # seconds, and earlier
+    assert manifest_unchanged(tmp_path, files)
+    (tmp_path / "f").write_text("abd")  # same size, other bytes
     assert not manifest_unchanged(tmp_path, files)
 
 

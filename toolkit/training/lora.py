@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from toolkit.buildlog import progress as progress_bar
 from toolkit.config import LoraSection, TrainSection
 from toolkit.errors import StageError
 from toolkit.modeling import pad_token_id
@@ -198,7 +199,6 @@ def train_lora(
     ``train.device``; the returned model is back on the CPU.
     """
     import torch
-    from tqdm import tqdm
 
     if not train_examples:
         raise StageError("no training examples with assistant tokens; check the dataset and data.max_seq_len")
@@ -222,7 +222,7 @@ def train_lora(
     log_ = TrainLog(setup={"device": str(device), "precision": precision.label,
                            "gradient_checkpointing": train.gradient_checkpointing})
     started = time.perf_counter()
-    bar = tqdm(range(1, steps + 1), desc="finetune", unit="step", disable=not progress)
+    bar = progress_bar(range(1, steps + 1), total=steps, desc="finetune", unit="step", enabled=progress)
     for step in bar:
         window = [collate([train_examples[i] for i in next(stream)], pad) for _ in range(train.grad_accum)]
         window_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)

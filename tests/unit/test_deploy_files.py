@@ -23,7 +23,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from toolkit.config import ModelSection
 from toolkit.serving import triton_server
-from toolkit.serving.metrics import TritonMetrics
+from toolkit.serving.model_metrics import TritonMetrics
 from toolkit.serving.serve import ServeOptions
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import pytest
 from serving_fakes import FakeRunner, RecordingStream, reference_greedy
 
 from toolkit.serving.kvcache import BatchKV, left_pad
-from toolkit.serving.metrics import NullMetrics
+from toolkit.serving.model_metrics import NullMetrics
 from toolkit.serving.requests import GenerationRequest, QueueFullError, SamplingParams
 from toolkit.serving.scheduler import Scheduler
 

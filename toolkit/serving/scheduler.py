@@ -20,7 +20,7 @@ import numpy as np
 
 from toolkit.repository import contract
 from toolkit.serving.kvcache import BatchKV, left_pad
-from toolkit.serving.metrics import NullMetrics
+from toolkit.serving.model_metrics import NullMetrics
 from toolkit.serving.requests import GenerationRequest, QueueFullError
 from toolkit.serving.runners import Runner
 from toolkit.serving.sampling import Sampler, StopState, make_sampler

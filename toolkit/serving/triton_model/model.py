@@ -27,7 +27,7 @@ from toolkit.repository.layout import latest_version_dir
 from toolkit.repository.manifest import ModelManifest
 from toolkit.repository.pbtxt_scan import ConfigFacts, scan_config
 from toolkit.repository.plan_compat import verify_plan_dir
-from toolkit.serving.metrics import TritonMetrics
+from toolkit.serving.model_metrics import TritonMetrics
 from toolkit.serving.requests import Limits, QueueFullError, RequestError, parse_request, unbatch
 from toolkit.serving.runners import BlsRunner, OnnxRunner, Runner
 from toolkit.serving.scheduler import Scheduler

@@ -10,6 +10,8 @@ through them.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,3 +138,18 @@ def test_the_gateway_imports_only_the_repository_contract_and_errors() -> None:
             seen.add(module)
             todo += GRAPH[module]
     assert seen <= GATEWAY_CLOSURE, seen - GATEWAY_CLOSURE
+
+
+def test_the_generation_model_imports_without_the_build_stack_or_protobuf() -> None:
+    """Triton's python backend image has numpy, onnxruntime and pydantic only (Dockerfile.triton)."""
+    script = (
+        "import sys\n"
+        f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests' / 'unit')!r}]\n"
+        "for name in ('google.protobuf', 'tritonclient', 'torch', 'transformers', 'yaml', 'typer'):\n"
+        "    sys.modules[name] = None  # importing it now raises ImportError\n"
+        "import fake_pb_utils\n"
+        "sys.modules['triton_python_backend_utils'] = fake_pb_utils\n"
+        "import toolkit.serving.triton_model.model\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr

@@ -104,6 +104,23 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory for bigger models, ~30% slower.",
     )
+    probe_fractions: list[float] = Field(
+        default_factory=list, description="Points of the run (fractions of its steps, e.g. [0.5, 1.0]) where the "
+        "held-out val questions are answered and their fact accuracy logged (loss.csv, metrics).",
+    )
+    probe_examples: int = Field(56, ge=1, description="Val questions with facts answered at each probe.")
+    keep: Literal["last", "best_probe"] = Field(
+        "last", description="Which adapter to keep: the last step's, or the one with the best val fact accuracy "
+        "at the probes (ties: the later).",
+    )
+    cache_frozen_prefix: bool = Field(
+        True, description="Compute the hidden states of the layers below the adapters once per example and start "
+        "every step there (exact: those layers are frozen); off with NEFTune, or when the cache exceeds 2 GiB.",
+    )
+    neftune_alpha: float = Field(
+        0.0, ge=0, description="NEFTune: uniform noise of scale alpha/sqrt(seq_len*hidden) on the input embeddings "
+        "while training (0: off).",
+    )
 
 
 class EvalSection(Section):

@@ -146,6 +146,8 @@ def greedy_generate(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
         ids, mask = left_pad(chunk, pad)
+        device = next(model.parameters()).device  # a model still on its training GPU answers there
+        ids, mask = ids.to(device), mask.to(device)
         with torch.inference_mode():
             generated = model.generate(
                 input_ids=ids,

@@ -14,12 +14,12 @@ from tiny_llm import make_model, make_tokenizer, save_tiny_model
 from toolkit.config import BuildConfig, LoraSection, TrainSection
 from toolkit.dataset import Example, write_jsonl
 from toolkit.errors import StageError
-from toolkit.modeling import load_tokenizer, render_prompt_ids
+from toolkit.modeling import load_tokenizer, pad_token_id, render_prompt_ids
 from toolkit.stage import StageContext, StageRecord
 from toolkit.stages import control as control_stage
 from toolkit.stages import finetune as finetune_stage
 from toolkit.training.examples import IGNORE_INDEX, TokenizedExample, build_example, collate
-from toolkit.training.lora import batch_stream, eval_loss, total_steps, train_lora
+from toolkit.training.lora import batch_stream, eval_loss, summed_loss, total_steps, train_lora
 
 FAST_LORA = LoraSection(rank=4, alpha=8, dropout=0.0)
 
@@ -289,3 +289,31 @@ def test_fine_tune_on_cuda_lowers_the_loss(tok) -> None:  # type: ignore[no-unty
     first, last = log.rows[0]["train_loss"], log.rows[-1]["train_loss"]
     assert last < first * 0.8, (first, last)
     assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in _lora_state(model).values())
+
+
+def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tok) -> None:  # type: ignore[no-untyped-def]
+    from toolkit.training.frozen_prefix import FrozenPrefix
+    from toolkit.training.lora import lora_model
+
+    torch.manual_seed(0)
+    lora = LoraSection(rank=4, alpha=8, dropout=0.0, layers_fraction=0.5)  # the 2-layer model: layer 1 adapted
+    model = lora_model(make_model(len(tok)), lora)
+    model.train()
+    examples = _examples(tok, 6)
+    prefix = FrozenPrefix.build(model, [e.input_ids for e in examples], 4, torch.autocast("cpu", enabled=False))
+    assert prefix is not None and prefix.first == 1
+    batch = collate(examples[1:4], pad_token_id(tok))
+
+    def loss_and_grads(**cache: object) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss, _ = summed_loss(model, batch, **cache)  # type: ignore[arg-type]
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, plain_grads = loss_and_grads()
+    cached, cached_grads = loss_and_grads(prefix=prefix, indices=[1, 2, 3])
+    assert cached == pytest.approx(plain, rel=1e-5)
+    assert plain_grads.keys() == cached_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grad, cached_grads[name], atol=1e-5), name
+    assert len(list(model.get_base_model().get_decoder().layers)) == 2  # the layer list is restored

@@ -12,10 +12,12 @@ import logging
 import time
 from typing import Any
 
-from toolkit.dataset import load_control_prompts
+from toolkit.config import BuildConfig
+from toolkit.dataset import CONTROL_PROMPTS, load_control_prompts
 from toolkit.modeling import Messages, greedy_generate, load_model, load_tokenizer, render_prompt_ids, seed_everything
 from toolkit.stage import StageContext, StageResult
 from toolkit.training.control_examples import ControlExample, write_control
+from toolkit.workspace import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,11 @@ def self_distill(model: Any, tokenizer: Any, prompts: list[str], count: int) -> 
             finished = len(row) < CONTROL_MAX_NEW_TOKENS  # greedy_generate cuts at the stop token
             out.append(ControlExample(conv + [{"role": "assistant", "content": reply}], finished))
     return out
+
+
+def cache_inputs(config: BuildConfig) -> dict[str, Any]:
+    """The packaged control prompts' content: editing them must regenerate the control examples."""
+    return {"prompts": sha256_file(CONTROL_PROMPTS)}
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -9,11 +9,24 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from toolkit.dataset import read_split
-from toolkit.modeling import CHAT_TEMPLATE_FILE, Messages, chat_template_of, load_model, load_tokenizer, seed_everything
+from toolkit.config import EvalSection
+from toolkit.dataset import Example, read_split
+from toolkit.modeling import (
+    CHAT_TEMPLATE_FILE,
+    Messages,
+    chat_template_of,
+    decode_text,
+    greedy_generate,
+    load_model,
+    load_tokenizer,
+    render_prompt_ids,
+    seed_everything,
+)
 from toolkit.stage import StageContext, StageResult
+from toolkit.textmetrics import contains_facts
 from toolkit.tokenizer_files import copy_tokenizer_files
 from toolkit.training.control_examples import read_control
 from toolkit.training.examples import TokenizedExample, build_example
@@ -39,6 +52,20 @@ def tokenize_all(
     return examples, dropped
 
 
+def fact_probe(tokenizer: Any, rows: list[Example], cfg: EvalSection) -> Callable[[Any], float] | None:
+    """Val fact accuracy of a model in training: the share of `rows` answered with all their facts."""
+    if not rows:
+        return None
+    prompts = [render_prompt_ids(tokenizer, r.prompt) for r in rows]
+
+    def probe(model: Any) -> float:
+        ids = greedy_generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        answers = [decode_text(tokenizer, row) for row in ids]
+        return round(sum(contains_facts(a, r.facts) for a, r in zip(answers, rows, strict=True)) / len(rows), 4)
+
+    return probe
+
+
 def run(ctx: StageContext) -> StageResult:
     """Fine-tune LoRA adapters on the base model; save them with the tokenizer and chat template."""
     train_cfg, lora_cfg = ctx.config.train, ctx.config.lora
@@ -62,8 +89,11 @@ def run(ctx: StageContext) -> StageResult:
         log.warning("%d training conversations had no assistant token within data.max_seq_len=%d; skipped",
                     dropped, max_len)
 
+    probe = fact_probe(tokenizer, [r for r in read_split(ctx.inputs["data"].dir, "val") if r.facts]
+                       [: train_cfg.probe_examples], ctx.config.eval)
     started, cpu_started = time.perf_counter(), time.process_time()
-    peft_model, train_log = train_lora(model, tokenizer, train_examples, val_examples, lora_cfg, train_cfg)
+    peft_model, train_log = train_lora(model, tokenizer, train_examples, val_examples, lora_cfg, train_cfg,
+                                       probe=probe)
     train_s, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
 
     adapter = ctx.out_dir / ADAPTER_DIR
@@ -80,6 +110,7 @@ def run(ctx: StageContext) -> StageResult:
         metrics={
             "steps": len(rows),
             **train_log.setup,
+            "val_fact_accuracy": [[r["step"], r["val_fact_accuracy"]] for r in rows if "val_fact_accuracy" in r],
             "train_examples": len(train_examples),
             "control_examples": len(control),
             "val_examples": len(val_examples),

@@ -12,7 +12,7 @@ import csv
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ from toolkit.errors import StageError
 from toolkit.modeling import pad_token_id
 from toolkit.training.device import Precision, resolve_device
 from toolkit.training.examples import IGNORE_INDEX, TokenizedExample, collate
+from toolkit.training.frozen_prefix import FrozenPrefix
 
 if TYPE_CHECKING:
     import torch
@@ -31,20 +32,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def summed_loss(
+    model: Any, batch: dict[str, torch.Tensor], prefix: FrozenPrefix | None = None,
+    indices: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled tokens, and how many there were.
 
     The output head runs only at positions that predict a label: with a 49k vocabulary it is a
     large share of a small model's compute, and most positions (system/user/template) have none.
+    With a frozen-prefix cache (and the batch's example `indices` into it), the decoder starts at
+    the first adapted layer from the cached hidden states.
     """
     import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(core.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    hidden = core.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state
+    if prefix is not None and indices is not None:
+        hidden = prefix.hidden(indices, batch["attention_mask"])
+    else:
+        hidden = core.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     logits = core.get_output_embeddings()(hidden[:, :-1, :][keep]).float()
@@ -158,7 +167,8 @@ class TrainLog:
 
     def write_csv(self, path: Path) -> None:
         with path.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["step", "train_loss", "val_loss", "lr", "elapsed_s"])
+            writer = csv.DictWriter(fh, fieldnames=["step", "train_loss", "val_loss", "val_fact_accuracy", "lr",
+                                                    "elapsed_s"])
             writer.writeheader()
             for row in self.rows:
                 writer.writerow({k: row.get(k, "") for k in writer.fieldnames})
@@ -182,6 +192,24 @@ class TrainLog:
         plt.close(fig)
 
 
+def probe_steps(fractions: Sequence[float], steps: int) -> set[int]:
+    """The optimizer steps (1-based) at which the probes run."""
+    return {min(steps, max(1, round(f * steps))) for f in fractions}
+
+
+def neftune_hook(alpha: float) -> Callable[..., Any]:
+    """A forward hook on the input embeddings that adds NEFTune noise while the model trains (Jain et al. 2023)."""
+    import torch
+
+    def hook(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        scale = alpha / math.sqrt(output.shape[1] * output.shape[2])
+        return output + torch.zeros_like(output).uniform_(-scale, scale)
+
+    return hook
+
+
 def train_lora(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -191,12 +219,15 @@ def train_lora(
     train: TrainSection,
     *,
     progress: bool = True,
+    probe: Callable[[Any], float] | None = None,
 ) -> tuple[Any, TrainLog]:
     """Fine-tune `model` with LoRA; return the PEFT model and its loss log.
 
     Deterministic for a given seed on a given device: adapters are initialised and the data order
     drawn from seeded generators, and every optimizer step sees the same micro-batches. Runs on
-    ``train.device``; the returned model is back on the CPU.
+    ``train.device``; the returned model is back on the CPU. `probe(model)` (the held-out val
+    questions' fact accuracy) runs at ``train.probe_fractions``; with ``train.keep: best_probe`` the
+    adapter weights of the best probe are restored at the end.
     """
     import torch
 
@@ -211,6 +242,8 @@ def train_lora(
     peft_model = lora_model(model, lora).to(device)
     peft_model.train()
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
+    if train.neftune_alpha > 0:
+        peft_model.get_input_embeddings().register_forward_hook(neftune_hook(train.neftune_alpha))
     log.info("finetune on %s, %s autocast%s", device, precision.label,
              ", gradient checkpointing" if train.gradient_checkpointing else "")
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -219,17 +252,28 @@ def train_lora(
     scheduler = make_scheduler(optimizer, train, steps)
     pad = pad_token_id(tokenizer)
     stream = batch_stream([len(e.input_ids) for e in train_examples], train.batch_size, train.seed)
+    probes = probe_steps(train.probe_fractions, steps) if probe is not None else set()
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    prefix = None
+    if train.cache_frozen_prefix and train.neftune_alpha == 0:  # NEFTune noise must be fresh every step
+        cache_started = time.perf_counter()
+        prefix = FrozenPrefix.build(peft_model, [e.input_ids for e in train_examples], 32, precision.autocast())
+        if prefix is not None:
+            log.info("frozen prefix: layers 0-%d cached for %d examples in %.1f s", prefix.first - 1,
+                     len(train_examples), time.perf_counter() - cache_started)
     log_ = TrainLog(setup={"device": str(device), "precision": precision.label,
-                           "gradient_checkpointing": train.gradient_checkpointing})
+                           "gradient_checkpointing": train.gradient_checkpointing,
+                           "frozen_prefix_layers": prefix.first if prefix is not None else 0})
     started = time.perf_counter()
     bar = progress_bar(range(1, steps + 1), total=steps, desc="finetune", unit="step", enabled=progress)
     for step in bar:
-        window = [collate([train_examples[i] for i in next(stream)], pad) for _ in range(train.grad_accum)]
+        picks = [next(stream) for _ in range(train.grad_accum)]
+        window = [collate([train_examples[i] for i in pick], pad) for pick in picks]
         window_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
         step_loss = 0.0
-        for batch in window:
+        for pick, batch in zip(picks, window, strict=True):
             with precision.autocast():
-                loss, _ = summed_loss(peft_model, batch)
+                loss, _ = summed_loss(peft_model, batch, prefix, pick)
             scaler.scale(loss / max(window_tokens, 1)).backward()
             step_loss += float(loss.detach())
         scaler.step(optimizer)
@@ -242,10 +286,24 @@ def train_lora(
         }
         if step % train.eval_every == 0 or step == steps:
             row["val_loss"] = eval_loss(peft_model, val_examples, pad, train.batch_size)
+        if step in probes and probe is not None:
+            peft_model.eval()
+            row["val_fact_accuracy"] = accuracy = probe(peft_model)
+            peft_model.train()
+            if train.keep == "best_probe" and (best is None or accuracy >= best[0]):
+                best = (accuracy, step, {n: p.detach().clone() for n, p in peft_model.named_parameters()
+                                         if p.requires_grad})
         log_.add(**row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}",
                         **({"val": f"{row['val_loss']:.3f}"} if row.get("val_loss") is not None else {}))
     bar.close()
+    if best is not None:
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if name in best[2]:
+                    param.copy_(best[2][name])
+        log_.setup["kept_step"] = best[1]
+        log_.setup["kept_val_fact_accuracy"] = best[0]
     peft_model.eval()
     if train.gradient_checkpointing:
         model.gradient_checkpointing_disable()

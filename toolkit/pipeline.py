@@ -75,7 +75,8 @@ STAGES: tuple[StageSpec, ...] = (
               ("export_onnx", "quantize"), "TensorRT FP16/INT8 plans"),
     StageSpec(
         "repository", "toolkit.stages.repository", ("model", "repository", "serving", "tensorrt"),
-        ("base_model", "finetune", "merge", "export_onnx", "quantize", "tensorrt"),
+        # evaluate: its scores go into the manifest, beside every upstream gate
+        ("base_model", "finetune", "evaluate", "merge", "export_onnx", "quantize", "tensorrt"),
         "Triton model repository",
     ),
     StageSpec("triton_gate", "toolkit.stages.triton_gate", ("serving.triton_gate",),

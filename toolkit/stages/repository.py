@@ -37,7 +37,7 @@ from toolkit import __version__
 from toolkit.capacity import capacity_report
 from toolkit.config import RepositorySection, ServingSection, TensorRTSection
 from toolkit.errors import StageError
-from toolkit.manifest import TOKENIZER_DIR, ArtifactRef, ModelManifest
+from toolkit.manifest import BUILD_METRICS, TOKENIZER_DIR, ArtifactRef, BuildFacts, GateSummary, ModelManifest
 from toolkit.pipeline import StageContext, StageRecord, StageResult
 from toolkit.serving import contract
 from toolkit.stages import tensorrt as trt
@@ -221,6 +221,7 @@ def write_repository(
     model_py: Path | None = None,
     extra_parameters: Mapping[str, str] | None = None,
     symlink_onnx: bool = False,
+    build: BuildFacts | None = None,
 ) -> RepositoryWrite:
     """Write version N+1 of the generation model and its core models into `output`; prune old versions.
 
@@ -230,7 +231,7 @@ def write_repository(
     default to the build config's defaults. `extra_parameters` are added to the generation model's
     config parameters (e.g. EXECUTION_ENV_PATH). `symlink_onnx` links the core models to the
     exports instead of holding them (hard link or copy): for dev repositories beside a build only,
-    a shipped repository must stand alone.
+    a shipped repository must stand alone. `build` (scores and gates) goes into the manifest.
     """
     repo = repository or RepositorySection()
     srv = serving or ServingSection()
@@ -302,7 +303,7 @@ def write_repository(
                 eos_token_ids=list(facts.stop_token_ids), stop_token_ids=list(facts.stop_token_ids),
                 pad_token_id=facts.pad_token_id, chat_template=facts.chat_template,
                 chat_template_sha256=sha256_text(facts.chat_template), serving_core_model=core,
-                artifacts=artifacts, precisions=precisions,
+                artifacts=artifacts, precisions=precisions, build=build,
             )
             manifest.save(tmp)
         # Configs and plan scripts last: they apply to every version of a model (a script builds
@@ -393,6 +394,31 @@ def _adapter_sha256(record: StageRecord | None) -> str | None:
     return record.digest
 
 
+def _gate_value(value: Any) -> float | str | None:
+    if value is None or isinstance(value, float | int | str) and not isinstance(value, bool):
+        return value
+    return str(value)
+
+
+def build_facts(inputs: Mapping[str, StageRecord]) -> BuildFacts:
+    """The evaluate stage's key scores and every upstream stage's gates, as far as they were recorded.
+
+    Read with ``.get`` throughout: a record of an older or partial build may lack any of them.
+    """
+    evaluate = inputs.get("evaluate")
+    metrics = {key: float(value) for key in BUILD_METRICS
+               if evaluate is not None and isinstance(value := evaluate.metrics.get(key), float | int)
+               and not isinstance(value, bool)}
+    gates = [
+        GateSummary(stage=name, name=str(gate.get("name", "?")), passed=bool(gate.get("passed")),
+                    blocking=bool(gate.get("blocking", True)), value=_gate_value(gate.get("value")),
+                    threshold=_gate_value(gate.get("threshold")))
+        for name, record in inputs.items()
+        for gate in record.data.get("gates", []) if isinstance(gate, dict)
+    ]
+    return BuildFacts(metrics=metrics, gates=gates)
+
+
 def run(ctx: StageContext) -> StageResult:
     """Write the repository to ``repository.output``; report its versions, notes and capacity."""
     cfg = ctx.config
@@ -417,6 +443,7 @@ def run(ctx: StageContext) -> StageResult:
         serving=cfg.serving,
         trt_inputs=TrtInputs(section=cfg.tensorrt, max_batch_size=cfg.repository.max_batch_size,
                              context_length=cfg.model.context_length, qdq_onnx=qdq, built=built),
+        build=build_facts(ctx.inputs),
     )
     notes += written.notes
     lm = LMInfo.from_hf_config(_merged_dir(ctx.inputs["merge"]))

@@ -23,7 +23,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from toolkit.errors import ServingError
-from toolkit.manifest import ModelManifest, latest_version_dir
+from toolkit.manifest import MANIFEST_FILE, ModelManifest, latest_version_dir
 from toolkit.serving import contract
 from toolkit.serving.metrics import TritonMetrics
 from toolkit.serving.plan_compat import verify_plan_dir
@@ -83,6 +83,20 @@ def _core_max_batch_size(core_dir: Path, params: dict[str, str]) -> int:
     return int(found.group(1)) if found and int(found.group(1)) > 0 else 8
 
 
+def _load_manifest(version_dir: Path) -> ModelManifest:
+    """The manifest, without fields the installed toolkit does not know.
+
+    This file is copied into the repository by the build, but the toolkit it imports is whatever
+    the serving environment has installed, which may be older than the build (a manifest with
+    build facts): the generation model needs none of the newer fields.
+    """
+    path = version_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise ServingError(f"no {MANIFEST_FILE} in {version_dir}: is this a toolkit-built repository?")
+    data = json.loads(path.read_text())
+    return ModelManifest.model_validate({k: v for k, v in data.items() if k in ModelManifest.model_fields})
+
+
 def _verify_core_plan(core_dir: Path, version: str) -> None:
     """A tensorrt_plan core model must hold a plan built for this server's TensorRT and GPU."""
     try:
@@ -113,7 +127,7 @@ class TritonPythonModel:
         params = _parameters(config)
         model_dir = Path(args["model_repository"])
         version = args["model_version"]
-        manifest = ModelManifest.load(model_dir / version)
+        manifest = _load_manifest(model_dir / version)
         core_model = params.get(contract.PARAM_CORE_MODEL) or manifest.serving_core_model
         runner_kind = params.get(contract.PARAM_RUNNER, "onnxruntime")
         runner: Runner

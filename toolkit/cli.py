@@ -11,6 +11,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from toolkit.config import BuildConfig, load_config
 from toolkit.errors import ConfigError, ToolkitError
@@ -43,7 +44,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(err: ToolkitError) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=err.exit_code)
 
 
@@ -140,7 +141,8 @@ def serve(
             repository=repository, host=host, http_port=_port(http_port, "--http-port"),
             grpc_port=_port(grpc_port, "--grpc-port"), metrics_port=_port(metrics_port, "--metrics-port"),
             gateway_port=_port(gateway_port, "--port"), triton_only=triton_only, log_dir=log_dir, reuse=reuse)
-        outcome = run_serve(options, say=lambda line: console.print(line, highlight=False, soft_wrap=True))
+        outcome = run_serve(options, say=lambda line: console.print(line, highlight=False, soft_wrap=True,
+                                                                   markup=False))
     except ToolkitError as err:
         raise _fail(err) from None
     if outcome is ServeOutcome.ALREADY_RUNNING:
@@ -175,7 +177,7 @@ def chat(
     from toolkit.chat.session import ChatSession
 
     def note(text: str) -> None:
-        console.print(f"[dim]{text}[/]", highlight=False, soft_wrap=True)
+        console.print(f"[dim]{escape(text)}[/]", highlight=False, soft_wrap=True)
 
     def leave(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)  # through every `finally`, so a server started here is stopped

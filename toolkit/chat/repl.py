@@ -19,6 +19,7 @@ from typing import Any, TextIO
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.segment import Segment
 
 from toolkit.chat.client import ChatError, GatewayClient, StreamEvent
@@ -53,10 +54,10 @@ class ChatRepl:
         self.err = err
 
     def note(self, text: str) -> None:
-        self.err.print(f"[dim]{text}[/]", highlight=False)
+        self.err.print(f"[dim]{escape(text)}[/]", highlight=False)
 
     def error(self, text: str) -> None:
-        self.err.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
+        self.err.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
     def stream(self, question: str, stop_on_interrupt: bool = True) -> tuple[str, StreamEvent | None]:
         """Ask; render the answer as it streams. Returns its text and the final event (None: stopped by Ctrl-C)."""
@@ -113,7 +114,7 @@ class ChatRepl:
                                      ("not ready", not card.get("ready", True))) if on]
             self.out.print(f"  {card['id']} (version {card.get('version', '?')}, context "
                            f"{card.get('context_length', '?')})" + (f"  [{', '.join(marks)}]" if marks else ""),
-                           highlight=False)
+                           highlight=False, markup=False)
 
     def command(self, command: Command, argument: str) -> bool:
         """Apply a slash command; False when it asks to leave."""
@@ -121,7 +122,7 @@ class ChatRepl:
         if command is Command.EXIT:
             return False
         if command is Command.HELP:
-            self.out.print(HELP, highlight=False)
+            self.out.print(HELP, highlight=False, markup=False)
         elif command is Command.RESET:
             s.reset()
             self.note("conversation cleared")

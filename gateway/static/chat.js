@@ -304,7 +304,8 @@ async function loadModels() {
       card.dataset.model = model.id;
       const heading = document.createElement("h3");
       heading.textContent = `${model.id} · context ${model.context_length}${model.ready ? "" : " · not ready"}`;
-      card.append(heading, ...versions.data.map((v) => versionBlock(model.id, v)));
+      // Newest first: a build just written is at the top, beside its "Use as default".
+      card.append(heading, ...versions.data.slice().reverse().map((v) => versionBlock(model.id, v)));
       cards.push(card);
     }
     panel.replaceChildren(...cards);

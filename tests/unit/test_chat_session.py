@@ -119,3 +119,22 @@ def test_unreachable_gateway_says_what_to_do() -> None:
 
 def test_error_line_without_a_json_body() -> None:
     assert error_line(500, "") == "500: no message"
+
+
+def test_connect_prefers_url_and_refuses_a_server_without_gateway(tmp_path: Path) -> None:
+    import os
+
+    from toolkit.chat.launcher import _wait_ready, connect
+    from toolkit.serving.state import ServeState, ServeStatus, process_start_ticks, write_state
+
+    assert connect("http://elsewhere:8080", tmp_path / "repo", tmp_path).url == "http://elsewhere:8080"
+    ticks = process_start_ticks(os.getpid())
+    assert ticks is not None
+    write_state(tmp_path, ServeState(pid=os.getpid(), pid_start_ticks=ticks, repository="/r", host="127.0.0.1",
+                                     http_port=1, grpc_port=2, metrics_port=3, gateway_port=None, log_dir=str(tmp_path),
+                                     status=ServeStatus.READY))
+    with pytest.raises(ChatError, match=r"the running server has no gateway \(toolkit serve --triton-only\)"):
+        connect(None, tmp_path / "repo", tmp_path)
+    (tmp_path / "state.json").unlink()
+    with pytest.raises(ChatError, match="the server that was starting has stopped"):
+        _wait_ready(tmp_path, None, 5.0, print)

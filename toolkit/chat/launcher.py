@@ -69,6 +69,8 @@ def _wait_ready(log_dir: Path, process: subprocess.Popen[bytes] | None, timeout_
         state = read_state(log_dir)
         if state is not None and state.status == ServeStatus.READY:
             return state
+        if process is None and state is None:  # the server that was starting stopped (it removes its state)
+            raise ChatError(f"the server that was starting has stopped; see {log}")
         if process is not None and process.poll() is not None and state is None:
             lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
             reason = next((x for x in reversed(lines) if "error" in x.lower()), lines[-1] if lines else "no output")

@@ -172,7 +172,7 @@ def _close(events: Iterator[StreamEvent]) -> None:
         close()
 
 
-def one_shot(repl: ChatRepl, question: str, as_json: bool, out: TextIO = sys.stdout) -> None:
+def one_shot(repl: ChatRepl, question: str, as_json: bool, out: TextIO | None = None) -> None:
     """Answer `question` once: streamed text (Markdown on a terminal), or one JSON object with ``as_json``."""
     if not as_json:
         repl.stream(question, stop_on_interrupt=False)
@@ -185,4 +185,4 @@ def one_shot(repl: ChatRepl, question: str, as_json: bool, out: TextIO = sys.std
     assert final is not None  # the client raises when the stream ends without a finish
     result: dict[str, Any] = {"model": final.model, "content": "".join(parts),
                               "finish_reason": final.finish_reason, "usage": final.usage}
-    out.write(json.dumps(result, ensure_ascii=False) + "\n")
+    (out or sys.stdout).write(json.dumps(result, ensure_ascii=False) + "\n")

@@ -125,6 +125,30 @@ def test_chat_starts_a_server_streams_an_answer_and_stops_what_it_started(
         close(child)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_chat_leaves_no_server_behind(tiny_repository: ServedRepository, tmp_path: Path,
+                                               sig: signal.Signals) -> None:
+    """SIGTERM: the chat stops its server in order; SIGKILL: the server dies with its parent, and its children too."""
+    log_dir = tmp_path / "serve"
+    child = spawn("-r", str(tiny_repository.path), "--log-dir", str(log_dir))
+    try:
+        child.expect("you> ")
+        state = read_state(log_dir)
+        pids = [state[k] for k in ("pid", "triton_pid", "gateway_pid")]
+        child.kill(sig)
+        child.expect(pexpect.EOF, timeout=60)
+        deadline = time.monotonic() + 60
+        while any(process_alive(p) for p in pids):
+            assert time.monotonic() < deadline, f"left running after {sig.name}: " + \
+                ", ".join(str(p) for p in pids if process_alive(p))
+            time.sleep(0.2)
+        if sig == signal.SIGTERM:
+            assert "stopping the server this chat started" in plain(child.before)
+            assert not (log_dir / "state.json").exists()
+    finally:
+        close(child)
+
+
 @pytest.fixture(scope="module")
 def served(tiny_repository: ServedRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """A `toolkit serve` with auth on and a per-key rate limit, started outside the chat."""

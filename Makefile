@@ -14,7 +14,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_VARIANT ?= cpu
 TORCH_INDEX ?=
 
-.PHONY: venv build test unit lint serve bench clean
+.PHONY: venv build test unit lint serve bench clean chromium
 
 venv: $(STAMP)
 
@@ -32,6 +32,14 @@ $(PROMETHEUS): | $(STAMP)
 	dpkg -x $(VENV)/.prometheus/prometheus_*.deb $(VENV)/.prometheus/root
 	ln -sf $(abspath $(VENV))/.prometheus/root/usr/bin/prometheus $(PROMETHEUS)
 	ln -sf $(abspath $(VENV))/.prometheus/root/usr/bin/promtool $(VENV)/bin/promtool
+
+# Headless Chromium for the chat page tests: Debian's package (playwright drives it; it downloads no browser).
+# Installed once, as root (CI); elsewhere the page tests skip, saying so, until `apt-get install chromium`.
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@test -x $(CHROMIUM) || { test "$$(id -u)" = 0 || { echo "note: no $(CHROMIUM); the chat page tests will skip (apt-get install chromium)"; exit 0; }; \
+	  export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -q chromium >/dev/null; }; }
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,7 +59,7 @@ $(STAMP): pyproject.toml Makefile
 build: venv
 	$(BIN)/toolkit build $(ARGS)
 
-test: venv $(PROMETHEUS)
+test: venv $(PROMETHEUS) chromium
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 unit: venv

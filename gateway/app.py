@@ -21,9 +21,11 @@ from gateway.limits import BodySizeLimitMiddleware, InFlightLimiter, RateLimiter
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.models import model_summary
 from gateway.models import router as models_router
+from gateway.page import install_page
 from gateway.registry import ModelRegistry
 from gateway.settings import GatewaySettings
 from gateway.triton import TritonPool
+from gateway.versions import router as versions_router
 from toolkit import __version__
 
 logger = logging.getLogger("gateway")
@@ -81,7 +83,9 @@ def create_app(
     install_error_handlers(app)
     app.include_router(chat_router)
     app.include_router(models_router)
+    app.include_router(versions_router)
     app.include_router(health_router)
+    install_page(app)
     # Added last = outermost: metrics also count the 413s the body limit answers.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -165,6 +165,10 @@ class TritonPool:
                 if await endpoint.client.is_model_ready(name, client_timeout=self._probe_timeout_s):
                     models.add(name)
             endpoint.ready_models = models
+            # Strict readiness is false while any model loads or unloads, as in a version switch
+            # through the admin endpoint (the old version unloads for a second after the new one is
+            # ready): an endpoint whose watched models are ready keeps serving them meanwhile.
+            ready = ready or bool(models)
             error = None if ready else "server not ready"
         except Exception as err:  # noqa: BLE001 - any failure means "not usable now"
             ready, error = False, str(err).splitlines()[0] if str(err) else type(err).__name__

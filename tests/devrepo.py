@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.repository.manifest import ModelManifest
+from toolkit.repository.manifest import BuildFacts, ModelManifest
 
 
 @dataclass
@@ -27,11 +27,13 @@ def write_serving_repository(
     root: Path, name: str, onnx: Path, *, context_length: int, max_active: int = 32,
     max_queue: int = 64, max_new_tokens_limit: int = 512, tokenizer_dir: Path | None = None,
     stop_token_ids: Sequence[int] = (), pad_token_id: int = 0, max_batch_size: int = 8,
+    build: BuildFacts | None = None,
 ) -> ServedRepository:
     """Write the generation model ``name`` (next version; 1 in a fresh ``root``) serving ``onnx`` on onnxruntime.
 
     ``tokenizer_dir`` (tokenizer.json, tokenizer_config.json, optional chat_template.jinja) is
     shipped beside the manifest for the gateway; without it the repository serves token ids only.
+    ``build`` stands for the scores and gates a build records in the manifest.
     """
     from toolkit.config import RepositorySection, ServingSection
     from toolkit.repository.contract import LMInfo
@@ -48,6 +50,6 @@ def write_serving_repository(
         repository=RepositorySection(max_batch_size=max_batch_size, runner="onnxruntime"),
         serving=ServingSection(max_active_sequences=max_active, max_queue=max_queue,
                                max_new_tokens_limit=max_new_tokens_limit),
-        symlink_onnx=True,
+        symlink_onnx=True, build=build,
     )
     return ServedRepository(root, name, onnx, written.manifest)

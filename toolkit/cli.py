@@ -13,9 +13,10 @@ import typer
 import yaml
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from toolkit.config import BuildConfig, load_config
-from toolkit.errors import ToolkitError
+from toolkit.errors import ConfigError, ToolkitError
 from toolkit.report import StageStatus
 
 app = typer.Typer(
@@ -46,7 +47,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(err: ToolkitError) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=err.exit_code)
 
 
@@ -133,31 +134,125 @@ def _write_junit(workspace: Path, path: Path | None, started_ns: int, error: str
     console.print(f"JUnit XML: {path}", highlight=False, soft_wrap=True)
 
 
+def _port(value: str, option: str) -> int | None:
+    from toolkit.serving.ports import parse_port
+
+    try:
+        return parse_port(value, option)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 @app.command()
 def serve(
     repository: Annotated[Path, typer.Option("--repository", "-r", help="Triton model repository.")] = Path(
         "model_repository"),
     triton_only: Annotated[bool, typer.Option("--triton-only", help="Start Triton without the gateway.")] = False,
     host: Annotated[str, typer.Option("--host", help="Address every server binds to.")] = "127.0.0.1",
-    http_port: Annotated[int, typer.Option("--http-port", help="Triton HTTP port.")] = 8000,
-    grpc_port: Annotated[int, typer.Option("--grpc-port", help="Triton gRPC port.")] = 8001,
-    metrics_port: Annotated[int, typer.Option("--metrics-port", help="Triton metrics port.")] = 8002,
-    gateway_port: Annotated[int, typer.Option("--gateway-port", help="Gateway HTTP port.")] = 8080,
-    log_dir: Annotated[Path, typer.Option("--log-dir", help="Where the server logs go.")] = Path("build/serve"),
+    http_port: Annotated[str, typer.Option("--http-port", help="Triton HTTP port, or auto.", metavar="PORT|auto")] = (
+        "8000"),
+    grpc_port: Annotated[str, typer.Option("--grpc-port", help="Triton gRPC port, or auto.", metavar="PORT|auto")] = (
+        "8001"),
+    metrics_port: Annotated[
+        str, typer.Option("--metrics-port", help="Triton metrics port, or auto.", metavar="PORT|auto")] = "8002",
+    gateway_port: Annotated[
+        str, typer.Option("--port", "--gateway-port", help="Gateway HTTP port, or auto (a free one).",
+                          metavar="PORT|auto")] = "8080",
+    reuse: Annotated[bool, typer.Option(
+        "--reuse", help="If a server for this repository runs already, attach to it (Ctrl-C detaches).")] = False,
+    log_dir: Annotated[Path, typer.Option(
+        "--log-dir", help="Where the server logs and the state file (state.json) go.")] = Path("build/serve"),
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Serve a model repository: Triton (explicit model control) and the gateway; Ctrl-C stops both."""
+    """Serve a model repository: Triton (explicit model control) and the gateway; Ctrl-C stops both.
+
+    If a toolkit server for the same repository already runs (its state file is in --log-dir), this
+    says where and exits 0; a port held by anything else is an error that names the process.
+    """
     _setup_logging(verbose)
-    from toolkit.serving.serve import ServeOptions
+    from toolkit.serving.serve import ServeOptions, ServeOutcome
     from toolkit.serving.serve import serve as run_serve
 
-    options = ServeOptions(repository=repository, host=host, http_port=http_port, grpc_port=grpc_port,
-                           metrics_port=metrics_port, gateway_port=gateway_port, triton_only=triton_only,
-                           log_dir=log_dir)
     try:
-        run_serve(options, say=lambda line: console.print(line, highlight=False, soft_wrap=True))
+        options = ServeOptions(
+            repository=repository, host=host, http_port=_port(http_port, "--http-port"),
+            grpc_port=_port(grpc_port, "--grpc-port"), metrics_port=_port(metrics_port, "--metrics-port"),
+            gateway_port=_port(gateway_port, "--port"), triton_only=triton_only, log_dir=log_dir, reuse=reuse)
+        outcome = run_serve(options, say=lambda line: console.print(line, highlight=False, soft_wrap=True,
+                                                                   markup=False))
     except ToolkitError as err:
         raise _fail(err) from None
+    if outcome is ServeOutcome.ALREADY_RUNNING:
+        raise typer.Exit(code=0)
+
+
+@app.command()
+def chat(
+    message: Annotated[str | None, typer.Option(
+        "--message", "-m", help="Answer this once and exit ('-' reads the question from standard input).")] = None,
+    url: Annotated[str | None, typer.Option(
+        "--url", help="Gateway URL; default: the running toolkit serve, else one started here for the chat.")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="TOOLKIT_API_KEY", help="Bearer key, for gateways with auth on.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model to answer with (default: the gateway's).")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", min=0.0, max=2.0)] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="Most tokens in one answer.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With -m: print one JSON object (content, usage).")] = False,
+    repository: Annotated[Path, typer.Option(
+        "--repository", "-r", help="Repository to serve when nothing runs.")] = Path("model_repository"),
+    log_dir: Annotated[Path, typer.Option(
+        "--log-dir", help="Where a running server's state file is, and a started one logs.")] = Path("build/serve"),
+    ready_timeout_s: Annotated[float, typer.Option("--ready-timeout", help="Seconds to wait for a start.")] = 300.0,
+) -> None:
+    """Chat with the served model in the terminal; starts (and later stops) a server when none runs."""
+    import signal
+
+    from toolkit.chat.client import GatewayClient
+    from toolkit.chat.launcher import Backend, connect
+    from toolkit.chat.repl import ChatRepl, one_shot
+    from toolkit.chat.session import ChatSession
+
+    def note(text: str) -> None:
+        console.print(f"[dim]{escape(text)}[/]", highlight=False, soft_wrap=True)
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # through every `finally`, so a server started here is stopped
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, leave)
+    backend: Backend | None = None
+    try:
+        if as_json and message is None:
+            raise ConfigError("--json needs a question (-m QUESTION, or -m - to read it from standard input)")
+        question = sys.stdin.read().strip() if message == "-" else message
+        if question is not None and not question.strip():
+            raise ConfigError("the question is empty" + (" (standard input held nothing)" if message == "-" else ""))
+        with console.status("connecting…") as status:
+            def progress(line: str) -> None:
+                note(line)
+                status.update(line[:80])
+
+            backend = connect(url, repository, log_dir, ready_timeout_s=ready_timeout_s, say=note, progress=progress)
+        with GatewayClient(backend.url, api_key) as client:
+            repl = ChatRepl(client, ChatSession(model=model, system=system, temperature=temperature,
+                                                max_tokens=max_tokens), Console(), console)
+            if question is not None:
+                one_shot(repl, question, as_json)
+                return
+            note(f"chatting with {backend.url} (/help lists the commands; Ctrl-D leaves)")
+            try:
+                repl.list_models()
+            except ToolkitError as err:
+                repl.error(str(err))
+            repl.run()
+    except ToolkitError as err:
+        raise _fail(err) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(code=130) from None
+    finally:
+        if backend is not None:
+            backend.stop(note)
 
 
 @config_app.command("show")

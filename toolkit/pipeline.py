@@ -87,7 +87,9 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("tensorrt", tensorrt, ("tensorrt", "repository.max_batch_size", "model.context_length"),
               ("export_onnx", "quantize"), "TensorRT FP16/INT8 plans"),
     StageSpec("repository", model_repository, ("model", "repository", "serving", "tensorrt"),
-              ("base_model", "finetune", "merge", "export_onnx", "quantize", "tensorrt"), "Triton model repository"),
+              # evaluate: its scores go into the manifest, beside every upstream gate
+              ("base_model", "finetune", "evaluate", "merge", "export_onnx", "quantize", "tensorrt"),
+              "Triton model repository"),
     StageSpec("triton_gate", triton_gate, ("serving.triton_gate",), ("export_onnx", "repository"),
               "golden prompts through a real Triton"),
 )

@@ -29,6 +29,7 @@ import pytest
 from devrepo import ServedRepository, write_serving_repository
 
 from toolkit.errors import ToolkitError
+from toolkit.repository.manifest import BuildFacts
 from toolkit.serving.triton_server import TritonServer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -72,11 +73,12 @@ def export_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
 
 
 def write_generation_repository(root: Path, name: str, onnx: Path, *, context_length: int,
-                                max_new_tokens_limit: int, max_active: int = 32) -> ServedRepository:
-    """A toolkit repository serving `onnx` with SmolLM2's tokenizer and stop id."""
+                                max_new_tokens_limit: int, max_active: int = 32,
+                                build: BuildFacts | None = None) -> ServedRepository:
+    """A toolkit repository serving `onnx` with SmolLM2's tokenizer and stop id (the next version in `root`)."""
     return write_serving_repository(root, name, onnx, context_length=context_length, max_active=max_active,
                                     max_new_tokens_limit=max_new_tokens_limit, tokenizer_dir=SMOLLM_TOKENIZER,
-                                    stop_token_ids=[IM_END], pad_token_id=IM_END)
+                                    stop_token_ids=[IM_END], pad_token_id=IM_END, build=build)
 
 
 @pytest.fixture(scope="session")

@@ -344,7 +344,7 @@ def test_golden_demo_questions_are_answered_by_the_dataset(demo: list[Example]) 
 
 def test_control_prompts_do_not_overlap_retention() -> None:
     prompts = load_control_prompts()
-    assert 50 <= len(prompts) <= 80
+    assert 100 <= len(prompts) <= 200  # English and Chinese, enough to cover train.control_examples
     assert any("\u4e00" <= ch <= "\u9fff" for p in prompts for ch in p)
     questions = {normalize(item.question) for item in RETENTION_SET}
     # no control prompt mentions a retention answer (numbers aside: "four seasons" is fine)

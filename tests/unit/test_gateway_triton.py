@@ -97,3 +97,25 @@ async def test_dead_endpoint_is_out_until_a_probe_finds_it_ready_again() -> None
     await pool.probe_all()
     assert pool.pick("chat") is pool.endpoints[0]
     await pool.close()
+
+
+class ReloadingClient(SwitchableClient):
+    """A Triton in a version switch: strict server readiness is false, the model itself is ready."""
+
+    async def is_server_ready(self, client_timeout: float | None = None) -> bool:
+        return False
+
+    async def is_model_ready(self, name: str, client_timeout: float | None = None) -> bool:
+        return name == "chat"
+
+
+async def test_endpoint_serves_its_ready_models_while_another_version_unloads() -> None:
+    pool = TritonPool(DEAD[:1], probe_timeout_s=1.0, interval_s=60)
+    await pool.endpoints[0].client.close()
+    pool.endpoints[0].client = ReloadingClient()  # type: ignore[assignment]
+    pool.watched_models = {"chat", "other"}
+    await pool.probe_all()
+    assert pool.pick("chat") is pool.endpoints[0]
+    with pytest.raises(TritonUnavailableError, match="no Triton endpoint is ready"):
+        pool.pick("other")
+    await pool.close()

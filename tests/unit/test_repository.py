@@ -20,6 +20,7 @@ from toolkit.repository.manifest import ModelManifest
 from toolkit.repository.pbtxt import read_config
 from toolkit.stage import StageContext, StageRecord
 from toolkit.stages import model_repository
+from toolkit.stages.model_repository import build_facts
 from toolkit.workspace import sha256_file, sha256_text
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -220,6 +221,7 @@ def test_stage_run(tmp_path: Path, merged_dir: Path, sources: dict[str, Path], m
     ctx = StageContext(config=config, out_dir=tmp_path / "out", workspace=tmp_path, inputs={
         "base_model": _record("base_model", tmp_path, {}, {"source": "gguf:/x.gguf"}),
         "finetune": _record("finetune", tmp_path / "finetune", {"adapter": "adapter"}),
+        "evaluate": _record("evaluate", tmp_path, {}, {"retention_after": 0.75}),
         "merge": _record("merge", merged_dir, {"model": "."}),
         "export_onnx": _record("export_onnx", tmp_path, {"model": "fp32.onnx"}),
         "quantize": _record("quantize", tmp_path, {"int8": "int8.onnx"}, {"int8_shipped": False}),
@@ -232,12 +234,31 @@ def test_stage_run(tmp_path: Path, merged_dir: Path, sources: dict[str, Path], m
     assert "onnx_int8 left out of the repository" in result.note
     assert not (repo / "tiny_onnx_int8").exists()
     manifest = ModelManifest.load(repo / "tiny" / "1")
+    assert manifest.build is not None and manifest.build.metrics == {"retention_after": 0.75}
     assert manifest.adapter_sha256 == sha256_file(adapter / "adapter_model.safetensors")
     assert manifest.base_model == "gguf:/x.gguf"
     assert result.metrics["models"] == ["tiny_onnx_fp32", "tiny_trt_fp16", "tiny"]
     rows = {row["kv_dtype"]: row for row in result.metrics["capacity"]["rows"]}
     assert rows["fp32"]["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 4
     assert (ctx.out_dir / "capacity.md").read_text().startswith("Capacity at context 256")
+
+
+def test_build_facts_take_the_evaluate_scores_and_every_gate_defensively(tmp_path: Path) -> None:
+    evaluate = StageRecord(
+        name="evaluate", dir=tmp_path, key="k", digest="d", artifacts={},
+        metrics={"retention_after": 0.9167, "bleu4_after": 0.0762, "fact_accuracy_zh_after": 1,
+                 "rouge_l_after": None, "fact_accuracy_en_after": True, "generate_s": 68.0},
+        data={"gates": [{"name": "retention", "passed": True, "value": 0.9167, "threshold": 0.75}]})
+    quantize = StageRecord(name="quantize", dir=tmp_path, key="k", digest="d", artifacts={}, metrics={}, data={
+        "gates": [{"name": "int8_agreement", "passed": False, "blocking": False, "value": [1, 2]}]})
+    merge = _record("merge", tmp_path, {})  # an older record: no gates at all
+    facts = build_facts({"evaluate": evaluate, "merge": merge, "quantize": quantize})
+    # Only real numbers of the known keys: None, booleans and unlisted metrics are left out.
+    assert facts.metrics == {"retention_after": 0.9167, "bleu4_after": 0.0762, "fact_accuracy_zh_after": 1.0}
+    assert [(g.stage, g.name, g.passed, g.blocking) for g in facts.gates] == [
+        ("evaluate", "retention", True, True), ("quantize", "int8_agreement", False, False)]
+    assert facts.gates[1].value == "[1, 2]" and facts.gates_passed
+    assert build_facts({}).metrics == {} and build_facts({}).gates == []
 
 
 def test_config_refuses_preferred_batch_size_over_max() -> None:

@@ -40,7 +40,7 @@ from toolkit.repository import contract
 from toolkit.repository import tensorrt as trt
 from toolkit.repository.contract import LMInfo
 from toolkit.repository.layout import core_model_name, existing_versions, next_version
-from toolkit.repository.manifest import TOKENIZER_DIR, ArtifactRef, ModelManifest
+from toolkit.repository.manifest import TOKENIZER_DIR, ArtifactRef, BuildFacts, ModelManifest
 from toolkit.repository.pbtxt import (
     generation_model_config,
     onnx_core_config,
@@ -204,6 +204,7 @@ def write_repository(
     model_py: Path | None = None,
     extra_parameters: Mapping[str, str] | None = None,
     symlink_onnx: bool = False,
+    build: BuildFacts | None = None,
 ) -> RepositoryWrite:
     """Write version N+1 of the generation model and its core models into `output`; prune old versions.
 
@@ -213,7 +214,7 @@ def write_repository(
     default to the build config's defaults. `extra_parameters` are added to the generation model's
     config parameters (e.g. EXECUTION_ENV_PATH). `symlink_onnx` links the core models to the
     exports instead of holding them (hard link or copy): for dev repositories beside a build only,
-    a shipped repository must stand alone.
+    a shipped repository must stand alone. `build` (scores and gates) goes into the manifest.
     """
     repo = repository or RepositorySection()
     srv = serving or ServingSection()
@@ -285,7 +286,7 @@ def write_repository(
                 eos_token_ids=list(facts.stop_token_ids), stop_token_ids=list(facts.stop_token_ids),
                 pad_token_id=facts.pad_token_id, chat_template=facts.chat_template,
                 chat_template_sha256=sha256_text(facts.chat_template), serving_core_model=core,
-                artifacts=artifacts, precisions=precisions,
+                artifacts=artifacts, precisions=precisions, build=build,
             )
             manifest.save(tmp)
         # Configs and plan scripts last: they apply to every version of a model (a script builds

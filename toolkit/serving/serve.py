@@ -1,53 +1,96 @@
 """``toolkit serve``: Triton on the model repository plus the gateway, supervised.
 
-Triton runs with explicit model control (every generation model found is loaded at start; others can
-be loaded, unloaded or switched later through its repository API or the gateway's admin endpoint).
-The gateway is started as ``uvicorn gateway.app:create_app --factory`` pointed at Triton's gRPC port.
-If Triton dies it is restarted with exponential backoff, and the supervisor says so; Ctrl-C (or
-SIGTERM) stops the gateway first (a client of Triton), then Triton.
+Before starting, it looks at what already runs: a ``toolkit serve`` holding the log dir's lock
+(see :mod:`toolkit.serving.state`) is reported (or attached to, with ``reuse``), and a port held by
+anything else stops the start with one line naming the port and the process. Ports given as
+``auto`` (None here) are picked free. Triton runs with explicit model control (every generation
+model found is loaded at start; others can be loaded, unloaded or switched later through its
+repository API or the gateway's admin endpoint). The gateway is started as ``uvicorn
+gateway.app:create_app --factory`` pointed at Triton's gRPC port. Readiness is judged on the
+processes started here: each must be alive and hold its own port. If Triton dies it is restarted
+with exponential backoff; Ctrl-C (or SIGTERM, SIGHUP) stops the gateway first (a client of
+Triton), then Triton, and removes the state file.
 """
 
 from __future__ import annotations
 
+import enum
 import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from toolkit.errors import ServingError
 from toolkit.repository.layout import models_to_load
+from toolkit.serving.ports import busy_ports, free_ports, owns_port
+from toolkit.serving.state import ServeLock, ServeState, ServeStatus, read_state, remove_state, write_state
 from toolkit.serving.triton_server import TritonServer, _die_with_parent
 
 MAX_BACKOFF_S = 30.0
 STABLE_AFTER_S = 60.0  # a server that stayed up this long resets the backoff
 
 
+STATE_WAIT_S = 10.0  # how long a second `toolkit serve` waits for a starting one to write its state
+
+
 @dataclass
 class ServeOptions:
+    """What to serve and where; a port of None is picked free at start (``--port auto``)."""
+
     repository: Path
     host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    gateway_port: int = 8080
+    http_port: int | None = 8000
+    grpc_port: int | None = 8001
+    metrics_port: int | None = 8002
+    gateway_port: int | None = 8080
     triton_only: bool = False
     log_dir: Path = Path("build/serve")
     ready_timeout_s: float = 300.0
+    reuse: bool = False
+
+
+class ServeOutcome(enum.Enum):
+    STOPPED = "stopped"  # this process served, and stopped cleanly
+    ALREADY_RUNNING = "already-running"  # a toolkit server for this repository runs already
 
 
 def gateway_available() -> bool:
     return importlib.util.find_spec("gateway") is not None and importlib.util.find_spec("gateway.app") is not None
 
 
+def resolve_ports(options: ServeOptions) -> ServeOptions:
+    """The options with every ``auto`` port picked; ServingError naming each port something else holds."""
+    roles = [("http_port", "Triton HTTP"), ("grpc_port", "Triton gRPC"), ("metrics_port", "Triton metrics")]
+    if not options.triton_only:
+        roles.append(("gateway_port", "gateway"))
+    fixed = [(label, getattr(options, name)) for name, label in roles if getattr(options, name) is not None]
+    numbers = [port for _, port in fixed]
+    if len(set(numbers)) != len(numbers):
+        raise ServingError(f"two servers cannot share a port: {', '.join(f'{r} {p}' for r, p in fixed)}")
+    busy = busy_ports(options.host, fixed)
+    if busy:
+        raise ServingError("; ".join(busy) + ": stop it, or choose other ports (each port option takes 'auto')")
+    auto = [name for name, _ in roles if getattr(options, name) is None]
+    picked = [p for p in free_ports(options.host, len(auto) + len(numbers)) if p not in numbers]
+    resolved = replace(options)
+    for name, port in zip(auto, picked, strict=False):
+        setattr(resolved, name, port)
+    return resolved
+
+
 class Supervisor:
-    """Starts, watches and stops Triton and the gateway."""
+    """Starts, watches and stops Triton and the gateway, and keeps the state file current."""
 
     def __init__(self, options: ServeOptions, say: Callable[[str], None] = print):
+        if None in (options.http_port, options.grpc_port, options.metrics_port):
+            raise ValueError("resolve 'auto' ports (resolve_ports) before starting")
         self.options = options
         self.say = say
         self.models = models_to_load(options.repository)
@@ -55,26 +98,41 @@ class Supervisor:
         self.triton = self._new_triton()
         self.gateway: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        self.state = ServeState(
+            pid=os.getpid(), pid_start_ticks=_own_start_ticks(), repository=str(options.repository.resolve()),
+            host=options.host, http_port=self.triton.http_port, grpc_port=self.triton.grpc_port,
+            metrics_port=self.triton.metrics_port, gateway_port=None if options.triton_only else options.gateway_port,
+            log_dir=str(options.log_dir.resolve()), models=self.models,
+        )
 
     def _new_triton(self) -> TritonServer:
         o = self.options
+        assert o.http_port is not None and o.grpc_port is not None and o.metrics_port is not None
         return TritonServer(o.repository, models=self.models, http_port=o.http_port, grpc_port=o.grpc_port,
                             metrics_port=o.metrics_port, host=o.host, log_path=o.log_dir / "tritonserver.log")
 
+    def _save(self, **changes: object) -> None:
+        for key, value in changes.items():
+            setattr(self.state, key, value)
+        write_state(self.options.log_dir, self.state)
+
     def start(self) -> None:
+        self._save(status=ServeStatus.STARTING)
         self.say(f"starting Triton on {self.options.repository} (models: {', '.join(self.models)}); "
                  f"log: {self.options.log_dir / 'tritonserver.log'}")
         self.triton.start(self.options.ready_timeout_s)
         pid = self.triton.process.pid if self.triton.process else None
+        self._save(triton_pid=pid)
         self.say(f"Triton ready (pid {pid}): HTTP http://{self.triton.http_url}  gRPC {self.triton.grpc_url}  "
                  f"metrics {self.triton.metrics_url}")
-        if self.options.triton_only:
-            return
-        if not gateway_available():
+        if not self.options.triton_only and not gateway_available():
             self.say("note: the gateway package is not installed; serving Triton only (as --triton-only)")
             self.options.triton_only = True
-            return
-        self._start_gateway()
+            self.state.gateway_port = None
+        if not self.options.triton_only:
+            self._start_gateway()
+            self._wait_gateway_ready(self.options.ready_timeout_s)
+        self._save(status=ServeStatus.READY)
 
     def _start_gateway(self) -> None:
         o = self.options
@@ -87,8 +145,32 @@ class Supervisor:
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
         )
         log.close()
-        self.say(f"gateway (pid {self.gateway.pid}): http://{o.host}:{o.gateway_port}/v1/chat/completions  "
-                 f"docs http://{o.host}:{o.gateway_port}/docs; log: {o.log_dir / 'gateway.log'}")
+        self._save(gateway_pid=self.gateway.pid)
+
+    def _wait_gateway_ready(self, timeout_s: float) -> None:
+        """The gateway started here holds its port and answers /health/ready; fail at once if it exits."""
+        assert self.gateway is not None and self.options.gateway_port is not None
+        url = f"{self.state.gateway_url}/health/ready"
+        log = self.options.log_dir / "gateway.log"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.gateway.poll() is not None:
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                raise ServingError(f"the gateway exited with code {self.gateway.returncode} during start-up:\n{tail}")
+            if owns_port(self.gateway.pid, self.options.gateway_port) and _http_ok(url):
+                break
+            if time.monotonic() > deadline:
+                raise ServingError(f"the gateway was not ready after {timeout_s:.0f}s; see {log}")
+            time.sleep(0.25)
+        base = self.state.gateway_url
+        self.say(f"gateway ready (pid {self.gateway.pid}): {base}/ (chat page)  {base}/v1/chat/completions  "
+                 f"docs {base}/docs; log: {log}")
+
+    def _check_ports_still_ours(self, roles: list[tuple[str, int]]) -> None:
+        # A port taken by another program while ours was down: restarting would only fail again.
+        busy = busy_ports(self.options.host, roles)
+        if busy:
+            raise ServingError("; ".join(busy) + ": cannot restart; stopping")
 
     def watch(self, stop_after_s: float | None = None) -> None:
         """Keep both alive until interrupted (or ``stop_after_s``, for tests)."""
@@ -102,8 +184,11 @@ class Supervisor:
                 self.say(f"Triton exited (code {code}); restarting in {backoff:.0f}s. Last log lines:\n"
                          f"{self.triton.log_tail(10)}")
                 self.triton.stop()
+                self._save(status=ServeStatus.STARTING, triton_pid=None)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
+                self._check_ports_still_ours([("Triton HTTP", self.triton.http_port),
+                                              ("Triton gRPC", self.triton.grpc_port)])
                 self.triton = self._new_triton()
                 try:
                     self.triton.start(self.options.ready_timeout_s)
@@ -113,6 +198,7 @@ class Supervisor:
                 self.restarts += 1
                 up_since = time.monotonic()
                 pid = self.triton.process.pid if self.triton.process else None
+                self._save(status=ServeStatus.READY, triton_pid=pid)
                 self.say(f"Triton restarted (pid {pid}, restart #{self.restarts})")
             elif time.monotonic() - up_since > STABLE_AFTER_S:
                 backoff = 1.0
@@ -120,6 +206,8 @@ class Supervisor:
                 self.say(f"gateway exited (code {self.gateway.returncode}); restarting it; "
                          f"see {self.options.log_dir / 'gateway.log'}")
                 time.sleep(1.0)
+                assert self.options.gateway_port is not None
+                self._check_ports_still_ours([("gateway", self.options.gateway_port)])
                 self._start_gateway()
 
     def stop(self) -> None:
@@ -135,20 +223,73 @@ class Supervisor:
         self.triton.stop()
 
 
-def serve(options: ServeOptions, say: Callable[[str], None] = print) -> None:
-    """Run until Ctrl-C or SIGTERM; always stops both children."""
+def _own_start_ticks() -> int:
+    from toolkit.serving.state import process_start_ticks
+
+    ticks = process_start_ticks(os.getpid())
+    assert ticks is not None
+    return ticks
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _running_server(options: ServeOptions, say: Callable[[str], None]) -> ServeOutcome:
+    """Another ``toolkit serve`` holds this log dir: report it (and attach with ``reuse``), or fail."""
+    deadline = time.monotonic() + STATE_WAIT_S
+    state = read_state(options.log_dir)
+    while state is None and time.monotonic() < deadline:  # it may be starting and not have written it yet
+        time.sleep(0.2)
+        state = read_state(options.log_dir)
+    if state is None:
+        raise ServingError(f"another toolkit serve holds {options.log_dir / 'serve.lock'} but wrote no state; "
+                           "stop it or choose another --log-dir")
+    if Path(state.repository) != options.repository.resolve():
+        raise ServingError(f"a toolkit server for another repository already runs from {options.log_dir}: "
+                           f"{state.describe()}; stop it, or choose another --log-dir and ports")
+    say(f"already serving {options.repository}: {state.describe()}")
+    if not options.reuse:
+        return ServeOutcome.ALREADY_RUNNING
+    say("attached: waiting while it runs; Ctrl-C detaches and leaves it running")
+    try:
+        while state.alive():
+            time.sleep(0.5)
+        say("the attached server stopped")
+    except KeyboardInterrupt:
+        say("detached; the server keeps running")
+    return ServeOutcome.ALREADY_RUNNING
+
+
+def serve(options: ServeOptions, say: Callable[[str], None] = print) -> ServeOutcome:
+    """Serve until Ctrl-C, SIGTERM or SIGHUP (always stopping both children), unless one serves already."""
+    lock = ServeLock(options.log_dir)
+    if not lock.acquire():
+        return _running_server(options, say)
+
     def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    supervisor = Supervisor(options, say)
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    supervisor: Supervisor | None = None
     try:
+        read_state(options.log_dir)  # removes a stale file a killed server left behind
+        supervisor = Supervisor(resolve_ports(options), say)
         supervisor.start()
         say("serving; Ctrl-C stops")
         supervisor.watch()
     except KeyboardInterrupt:
         say("stopping")
     finally:
-        supervisor.stop()
-        signal.signal(signal.SIGTERM, previous)
-        say("stopped")
+        if supervisor is not None:
+            supervisor.stop()
+        remove_state(options.log_dir)
+        lock.release()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    say("stopped")
+    return ServeOutcome.STOPPED

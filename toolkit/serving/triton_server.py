@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit.errors import ServingError
+from toolkit.serving.ports import owns_port
 
 PR_SET_PDEATHSIG = 1
 _PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
@@ -145,14 +146,16 @@ class TritonServer:
         return self
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Poll readiness against a deadline; fail at once (with the log tail) if the child exits."""
+        """Poll readiness of this child against a deadline; fail at once (with the log tail) if it exits."""
         deadline = time.monotonic() + timeout_s
         paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in self.models)]
         while True:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
                 raise ServingError(f"tritonserver exited with code {code} during start-up:\n{self.log_tail()}")
-            if all(self._http_ok(p) for p in paths):
+            # Ready only when the process started here holds the port: a probe answered by another
+            # server on the same port (a second `toolkit serve`) must not count.
+            if all(self._http_ok(p) for p in paths) and owns_port(self.process.pid, self.http_port):
                 return
             if time.monotonic() > deadline:
                 raise ServingError(f"tritonserver was not ready after {timeout_s:.0f}s:\n{self.log_tail()}")

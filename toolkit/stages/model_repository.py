@@ -8,9 +8,12 @@ gate, the TensorRT plans where they were built) and writes ``capacity.md`` (:mod
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import Any
 
 from toolkit.capacity import capacity_report
 from toolkit.repository.contract import LMInfo
+from toolkit.repository.manifest import BUILD_METRICS, BuildFacts, GateSummary
 from toolkit.repository.writer import TrtInputs, write_repository
 from toolkit.stage import StageContext, StageRecord, StageResult
 from toolkit.workspace import sha256_file
@@ -20,6 +23,31 @@ def adapter_sha256(finetune: StageRecord) -> str:
     """sha256 of the LoRA weights the fine-tune stage saved (its artifact digest if there are none)."""
     weights = finetune.path("adapter") / "adapter_model.safetensors"
     return sha256_file(weights) if weights.is_file() else finetune.digest
+
+
+def _gate_value(value: Any) -> float | str | None:
+    if value is None or isinstance(value, float | int | str) and not isinstance(value, bool):
+        return value
+    return str(value)
+
+
+def build_facts(inputs: Mapping[str, StageRecord]) -> BuildFacts:
+    """The evaluate stage's key scores and every upstream stage's gates, as far as they were recorded.
+
+    Read with ``.get`` throughout: a record of an older or partial build may lack any of them.
+    """
+    evaluate = inputs.get("evaluate")
+    metrics = {key: float(value) for key in BUILD_METRICS
+               if evaluate is not None and isinstance(value := evaluate.metrics.get(key), float | int)
+               and not isinstance(value, bool)}
+    gates = [
+        GateSummary(stage=name, name=str(gate.get("name", "?")), passed=bool(gate.get("passed")),
+                    blocking=bool(gate.get("blocking", True)), value=_gate_value(gate.get("value")),
+                    threshold=_gate_value(gate.get("threshold")))
+        for name, record in inputs.items()
+        for gate in record.data.get("gates", []) if isinstance(gate, dict)
+    ]
+    return BuildFacts(metrics=metrics, gates=gates)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -44,6 +72,7 @@ def run(ctx: StageContext) -> StageResult:
         trt_inputs=TrtInputs(section=cfg.tensorrt, max_batch_size=cfg.repository.max_batch_size,
                              context_length=cfg.model.context_length,
                              qdq_onnx=quantize.path("qdq") if "qdq" in quantize.artifacts else None, built=built),
+        build=build_facts(ctx.inputs),
     )
     notes += written.notes
     lm = LMInfo.from_hf_config(merged_dir)

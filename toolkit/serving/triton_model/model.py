@@ -24,7 +24,7 @@ import triton_python_backend_utils as pb_utils
 from toolkit.errors import ServingError
 from toolkit.repository import contract
 from toolkit.repository.layout import latest_version_dir
-from toolkit.repository.manifest import ModelManifest
+from toolkit.repository.manifest import MANIFEST_FILE, ModelManifest
 from toolkit.repository.pbtxt_scan import ConfigFacts, scan_config
 from toolkit.repository.plan_compat import verify_plan_dir
 from toolkit.serving.model_metrics import TritonMetrics
@@ -91,6 +91,20 @@ def _core_max_batch_size(core_dir: Path, params: dict[str, str]) -> int:
     return config.max_batch_size if config is not None and config.max_batch_size > 0 else CORE_MAX_BATCH_SIZE
 
 
+def _load_manifest(version_dir: Path) -> ModelManifest:
+    """The manifest, without fields the installed toolkit does not know.
+
+    This file is copied into the repository by the build, but the toolkit it imports is whatever
+    the serving environment has installed, which may be older than the build (a manifest with
+    build facts): the generation model needs none of the newer fields.
+    """
+    path = version_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise ServingError(f"no {MANIFEST_FILE} in {version_dir}: is this a toolkit-built repository?")
+    data = json.loads(path.read_text())
+    return ModelManifest.model_validate({k: v for k, v in data.items() if k in ModelManifest.model_fields})
+
+
 def _verify_core_plan(core_dir: Path, version: str) -> None:
     """A tensorrt_plan core model must hold a plan built for this server's TensorRT and GPU."""
     config = _core_config(core_dir)
@@ -118,7 +132,7 @@ class TritonPythonModel:
         params = _parameters(config)
         model_dir = Path(args["model_repository"])
         version = args["model_version"]
-        manifest = ModelManifest.load(model_dir / version)
+        manifest = _load_manifest(model_dir / version)
         core_model = params.get(contract.PARAM_CORE_MODEL) or manifest.serving_core_model
         runner_kind = params.get(contract.PARAM_RUNNER, contract.RUNNER_ONNXRUNTIME)
         runner: Runner

@@ -1,0 +1,1 @@
+"""``toolkit chat``: an interactive terminal chat (and one-shot answers) against the gateway."""

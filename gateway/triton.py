@@ -5,7 +5,11 @@ created once for the app. A background task probes every endpoint; requests go r
 ready ones, and an endpoint that fails a probe or a call is taken out until a probe finds it
 ready again. A generation is one bidirectional stream: closing it early (the HTTP client went
 away, a stop string matched) cancels the gRPC call, Triton cancels the request, and the
-generation model frees its slot.
+generation model frees its slot. A stream whose request is complete (its final response, or an
+error, came) is never cancelled but closed: the gateway half-closes it and waits for Triton to end
+the call. Triton 2.51's gRPC frontend leaks a stream's state, and with it the inference request
+and the model version the request ran on, when a cancellation arrives after the final response
+while that response's write is still completing; the leaked version never unloads after a switch.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from toolkit.repository import contract
 
 logger = logging.getLogger("gateway")
 _OUTPUTS = (contract.OUTPUT_IDS, contract.FINISH_REASON, contract.PROMPT_TOKENS, contract.COMPLETION_TOKENS)
+CLOSE_TIMEOUT_S = 5.0  # for Triton to end a half-closed stream whose request is complete
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,27 @@ def _parse_result(result: Any) -> StepOutput:
         prompt_tokens=int(prompt.reshape(-1)[0]) if prompt is not None and prompt.size else None,
         completion_tokens=int(completion.reshape(-1)[0]) if completion is not None and completion.size else None,
     )
+
+
+async def _close_stream(responses: Any, url: str) -> None:
+    """End a stream whose request is complete without cancelling it: wait for Triton to finish the call.
+
+    The request iterator has ended, so the client half-closed the stream and Triton finishes the
+    call with OK once its last write completed. A cancellation instead can reach Triton 2.51 while
+    that write completes; its gRPC frontend then waits for a response callback that never comes,
+    and keeps the stream's state, the request and so the model version forever (a version
+    switched away from never unloads). Only when Triton does not end the call in time is it cancelled.
+    """
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            async for _ in responses:  # nothing is expected after the final response
+                pass
+    except (TimeoutError, grpc.RpcError, InferenceServerException) as err:
+        logger.debug("stream to Triton at %s did not end cleanly (%s); cancelling it", url, type(err).__name__)
+        responses.cancel()
+    except BaseException:  # cancelled while waiting: never leave the call open
+        responses.cancel()
+        raise
 
 
 def map_triton_error(err: Exception, url: str) -> GatewayError:
@@ -201,7 +227,8 @@ class TritonPool:
     async def generate(
         self, model: str, inputs: GenerationInputs, timeout_s: float, request_id: str = ""
     ) -> AsyncGenerator[StepOutput, None]:
-        """Stream the generation model's responses; closing this iterator cancels the Triton request.
+        """Stream the generation model's responses; closing this iterator before the final response
+        cancels the Triton request (a complete one's stream is closed, never cancelled).
 
         A failure before the first response is retried once on another ready endpoint.
         """
@@ -238,18 +265,27 @@ class TritonPool:
             await done.wait()  # keep the stream open until the final response (or cancellation)
 
         responses = endpoint.client.stream_infer(requests(), stream_timeout=timeout_s)
+        complete = False  # the request's final response (or an error, always final) came: nothing is in flight
         try:
             async for result, error in responses:
                 if error is not None:
+                    complete = True
                     raise map_triton_error(error, endpoint.url)
                 step = _parse_result(result)
+                complete = step.finish_reason is not None
                 yield step
-                if step.finish_reason is not None:
+                if complete:
                     return
+            complete = True  # Triton ended the call
             raise TritonUnavailableError(f"Triton at {endpoint.url} closed the stream before the final response")
         except (grpc.RpcError, InferenceServerException) as err:
+            complete = True  # the call failed: it is over
             raise map_triton_error(err, endpoint.url) from None
         finally:
-            done.set()
-            # Cancelling the call cancels the request in Triton: the model sees is_cancelled() and frees the slot.
-            responses.cancel()
+            done.set()  # the request iterator ends: the client half-closes the stream
+            if complete:
+                await _close_stream(responses, endpoint.url)
+            else:
+                # Abandoned early: cancelling the call cancels the request in Triton, and the model sees
+                # is_cancelled() and frees the slot.
+                responses.cancel()

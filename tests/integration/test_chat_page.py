@@ -242,3 +242,32 @@ def test_new_build_becomes_the_default_from_the_page_without_a_restart(
     while "successfully unloaded 'tiny-chat' version 1" not in (server["out"] / "tritonserver.log").read_text():
         assert time.monotonic() < deadline, "version 1 was never unloaded"
         time.sleep(0.2)
+
+
+def test_stop_copy_and_new_chat(page: Any, server: dict[str, Any]) -> None:
+    from conftest import metric_sum, scrape
+
+    metrics = f"http://127.0.0.1:{server['metrics_port']}/metrics"
+    before = scrape(metrics)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    enter_key_and_settings(page, max_tokens=900)
+    page.fill("#temperature", "1")  # random weights at temperature 1: no end-of-turn token for a long while
+    page.fill("#prompt", "Tell me a long story.")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("() => (document.querySelector('li.assistant')?.dataset.text || '').length > 40")
+    page.click("#stop")
+    answer = page.locator("li.assistant[data-done=true]")
+    answer.wait_for()
+    assert answer.locator(".meta").inner_text() == "stopped" and page.is_visible("#send")
+    deadline = time.monotonic() + 10
+    while metric_sum(after := scrape(metrics), "toolkit_active_sequences") != 0:  # the generation was cancelled
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    cancelled = [metric_sum(m, "toolkit_requests_total", finish_reason="cancelled") for m in (before, after)]
+    assert cancelled[1] - cancelled[0] == 1, cancelled
+    text = str(answer.get_attribute("data-text"))
+    answer.locator(".copy").click()
+    answer.locator(".copy:has-text('Copied')").wait_for()  # the clipboard write is asynchronous
+    assert page.evaluate("navigator.clipboard.readText()") == text
+    page.click("#new-chat")
+    assert page.locator("#messages li").count() == 0

@@ -1,11 +1,19 @@
-"""The Triton endpoint pool: round-robin over ready endpoints, dead ones out, 503 when none is left."""
+"""The Triton endpoint pool: round-robin over ready endpoints, dead ones out, 503 when none is left; a
+generation's stream is cancelled only while its request is in flight, a complete one is closed."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
 
-from gateway.errors import TritonUnavailableError
-from gateway.triton import TritonPool, _parse_result
+import pytest
+from tritonclient.utils import InferenceServerException
+
+import gateway.triton as triton_module
+from gateway.errors import GatewayError, TritonUnavailableError
+from gateway.triton import GenerationInputs, TritonPool, _parse_result
 
 DEAD = ["127.0.0.1:18190", "127.0.0.1:18191"]  # nothing listens there
 
@@ -119,3 +127,128 @@ async def test_endpoint_serves_its_ready_models_while_another_version_unloads() 
     with pytest.raises(TritonUnavailableError, match="no Triton endpoint is ready"):
         pool.pick("other")
     await pool.close()
+
+
+# -- how a generation's gRPC stream ends: cancelled only while its request is in flight ---------------------------
+
+
+def _token(token: int) -> FakeResult:
+    import numpy as np
+
+    return FakeResult({"output_ids": np.asarray([[token]]), "finish_reason": np.asarray([[b""]])})
+
+
+def _final(reason: str = "stop") -> FakeResult:
+    import numpy as np
+
+    return FakeResult({"output_ids": np.zeros((1, 0), np.int64), "finish_reason": np.asarray([[reason.encode()]]),
+                       "prompt_tokens": np.asarray([[3]]), "completion_tokens": np.asarray([[2]])})
+
+
+class FakeCall:
+    """tritonclient's stream_infer iterator: the scripted responses, then the end of the call once the
+    client half-closed (its request iterator ended), as Triton does; or never, when `hangs`."""
+
+    def __init__(self, requests: AsyncIterator[dict[str, Any]], script: list[tuple[Any, Any]], hangs: bool) -> None:
+        self.requests, self.script, self.hangs = requests, list(script), hangs
+        self.cancelled = False
+        self.half_closed = asyncio.Event()
+        self.sent: list[dict[str, Any]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def _write(self) -> None:
+        async for request in self.requests:
+            self.sent.append(request)
+        self.half_closed.set()
+
+    def __aiter__(self) -> FakeCall:
+        return self
+
+    async def __anext__(self) -> tuple[Any, Any]:
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._write())
+        if self.cancelled:
+            raise asyncio.CancelledError
+        if self.script:
+            await asyncio.sleep(0)
+            return self.script.pop(0)
+        await self.half_closed.wait()
+        if self.hangs:
+            await asyncio.sleep(3600)
+        raise StopAsyncIteration
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        if self._writer is not None:
+            self._writer.cancel()
+        return True
+
+
+class StreamingClient(SwitchableClient):
+    def __init__(self, script: list[tuple[Any, Any]], hangs: bool = False) -> None:
+        super().__init__()
+        self.script, self.hangs = script, hangs
+        self.calls: list[FakeCall] = []
+
+    def stream_infer(self, inputs_iterator: AsyncIterator[dict[str, Any]], stream_timeout: float | None = None) \
+            -> FakeCall:
+        self.calls.append(FakeCall(inputs_iterator, self.script, self.hangs))
+        return self.calls[-1]
+
+
+def _streaming_pool(client: StreamingClient) -> TritonPool:
+    pool = TritonPool(DEAD[:1], probe_timeout_s=1.0, interval_s=60)
+    pool.endpoints[0].client = client  # type: ignore[assignment]
+    return pool
+
+
+INPUTS = GenerationInputs(prompt_ids=[1, 2, 3], max_tokens=8)
+
+
+async def test_a_complete_stream_is_half_closed_and_ended_by_triton_never_cancelled() -> None:
+    client = StreamingClient([(_token(7), None), (_token(8), None), (_final(), None)])
+    pool = _streaming_pool(client)
+    steps = [step async for step in pool.generate("chat", INPUTS, timeout_s=10)]
+    assert [s.token_ids for s in steps] == [[7], [8], []] and steps[-1].finish_reason == "stop"
+    [call] = client.calls
+    assert call.half_closed.is_set() and not call.cancelled and len(call.sent) == 1
+
+
+async def test_a_consumer_that_stops_at_the_final_response_does_not_cancel() -> None:
+    client = StreamingClient([(_token(7), None), (_final(), None)])
+    pool = _streaming_pool(client)
+    stream = pool.generate("chat", INPUTS, timeout_s=10)
+    async with aclosing(stream):
+        async for step in stream:
+            if step.finish_reason is not None:
+                break
+    assert not client.calls[0].cancelled and client.calls[0].half_closed.is_set()
+
+
+async def test_an_abandoned_stream_is_cancelled() -> None:
+    client = StreamingClient([(_token(7), None), (_token(8), None), (_final(), None)])
+    pool = _streaming_pool(client)
+    stream = pool.generate("chat", INPUTS, timeout_s=10)
+    async with aclosing(stream):
+        async for _ in stream:
+            break  # e.g. a stop string matched, or the HTTP client went away
+    assert client.calls[0].cancelled
+
+
+async def test_an_error_response_ends_the_stream_without_cancelling() -> None:
+    client = StreamingClient([(None, InferenceServerException(msg="server busy: 64 requests already queued"))])
+    pool = _streaming_pool(client)
+    with pytest.raises(GatewayError) as info:
+        [step async for step in pool.generate("chat", INPUTS, timeout_s=10)]
+    assert info.value.status_code == 429
+    assert not client.calls[0].cancelled and client.calls[0].half_closed.is_set()
+
+
+async def test_a_stream_triton_does_not_end_after_the_final_response_is_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(triton_module, "CLOSE_TIMEOUT_S", 0.05)
+    client = StreamingClient([(_final("length"), None)], hangs=True)
+    pool = _streaming_pool(client)
+    steps = [step async for step in pool.generate("chat", INPUTS, timeout_s=10)]
+    assert steps[-1].finish_reason == "length" and client.calls[0].cancelled

@@ -77,7 +77,7 @@ class LoraSection(Section):
 
 
 class TrainSection(Section):
-    max_steps: int | None = Field(160, ge=1, description="Optimizer steps; None trains for `epochs`.")
+    max_steps: int | None = Field(320, ge=1, description="Optimizer steps; None trains for `epochs`.")
     epochs: float = Field(3.0, gt=0)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -89,7 +89,7 @@ class TrainSection(Section):
     eval_every: int = Field(40, ge=1, description="Eval loss on the val split every N steps.")
     val_examples: int | None = Field(32, ge=1, description="Cap on val examples per eval loss (None: all).")
     control_examples: int = Field(
-        60, ge=0, description="Self-distilled general examples mixed in so the model keeps its general answers."
+        115, ge=0, description="Self-distilled general examples mixed in so the model keeps its general answers."
     )
     threads: int | None = Field(None, ge=1, description="torch threads; None uses every core.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -105,12 +105,12 @@ class TrainSection(Section):
         False, description="Recompute activations in the backward pass: less memory for bigger models, ~30% slower.",
     )
     probe_fractions: list[float] = Field(
-        default_factory=list, description="Points of the run (fractions of its steps, e.g. [0.5, 1.0]) where the "
-        "held-out val questions are answered and their fact accuracy logged (loss.csv, metrics).",
+        default_factory=lambda: [0.75, 1.0], description="Points of the run (fractions of its steps) where the "
+        "held-out val questions are answered and their fact accuracy logged (loss.csv, metrics); [] for none.",
     )
     probe_examples: int = Field(56, ge=1, description="Val questions with facts answered at each probe.")
     keep: Literal["last", "best_probe"] = Field(
-        "last", description="Which adapter to keep: the last step's, or the one with the best val fact accuracy "
+        "best_probe", description="Which adapter to keep: the last step's, or the one with the best val fact accuracy "
         "at the probes (ties: the later).",
     )
     cache_frozen_prefix: bool = Field(

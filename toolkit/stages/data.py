@@ -69,9 +69,10 @@ def run(ctx: StageContext) -> StageResult:
     if section.split[2] > 0:  # a test share of 0 means the user opted out of evaluation data
         gates.append(GateResult(
             name="test_split_not_empty", passed=counts["test"] > 0, value=counts["test"], threshold=1,
-            detail="evaluation needs at least one test example; " + (
-                "no fact has two phrasings: add phrasings (or `group` keys), or set data.split_by: hash"
-                if split_by == "phrasing" else "add data or raise data.split's test share"),
+            detail=f"{counts['test']} test example(s), split by {split_by}" if counts["test"] else (
+                "evaluation needs at least one test example; " + (
+                    "no fact has two phrasings: add phrasings (or `group` keys), or set data.split_by: hash"
+                    if split_by == "phrasing" else "add data or raise data.split's test share")),
         ))
     note = f"{len(problems)} malformed record(s) skipped, see malformed.jsonl" if problems else ""
     return StageResult(metrics=metrics, gates=gates, artifacts=artifacts, note=note)

@@ -95,10 +95,18 @@ def trtexec_command(
     ]
 
 
+# The serving image, named once: Dockerfile.triton builds FROM it (a unit test holds the two together),
+# build_plan.sh says to build inside it, and the load-time check (plan_compat) compares a plan's
+# plan_meta.json with the TensorRT of the server it runs in (NVIDIA's images set TRT_VERSION), so a
+# plan built in this image loads in this image and is refused, with its rebuild command, anywhere else.
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:26.09-py3"
+TENSORRT_MAJOR = 10
+
 _SCRIPT = """#!/usr/bin/env bash
 # Builds the TensorRT {precision_upper} plan of {model} with trtexec (written by `toolkit build`).
-# Needs TensorRT 10 (trtexec on PATH, or TRTEXEC=/path/to/trtexec) and an NVIDIA GPU; a plan only
-# runs on the TensorRT version and GPU model it was built with, so run this on the serving machine.
+# Needs TensorRT {trt_major} (trtexec on PATH, or TRTEXEC=/path/to/trtexec) and an NVIDIA GPU; a plan only
+# runs on the TensorRT version and GPU model it was built with, so run this on the serving machine,
+# inside the serving image ({triton_image}: its trtexec is /usr/src/tensorrt/bin/trtexec).
 # Usage: {script} [ONNX]     (default ONNX: {default_onnx})
 # One optimization profile: prefill (seq 1..{max_input_len}, past 0) and decode (seq 1,
 # past 1..{max_past}), batch 1..{max_batch}, tuned at batch {opt_batch} decode.
@@ -137,7 +145,7 @@ def build_script(
         max_past=profile.max[past_names(1)[0]][2], max_batch=profile.max[INPUT_IDS][0],
         opt_batch=profile.opt[INPUT_IDS][0], plan=plan, plan_dir=shlex.quote(str(plan_path.parent)),
         meta=shlex.quote(str(plan_path.with_name(PLAN_META))), log=shlex.quote(str(plan_path.with_name("trtexec.log"))),
-        trtexec=trtexec, command=line,
+        trtexec=trtexec, command=line, trt_major=TENSORRT_MAJOR, triton_image=TRITON_IMAGE,
     )
 
 

@@ -104,15 +104,20 @@ def map_triton_error(err: Exception, url: str) -> GatewayError:
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             return TritonUnavailableError(f"Triton at {url} is unavailable: {details}", retry_after_s=1)
         return GatewayError(f"Triton at {url} failed: {details}", status_code=502)
-    message = err.message() if isinstance(err, InferenceServerException) else str(err)
+    message = (err.message() if isinstance(err, InferenceServerException) else str(err)) or type(err).__name__
     status = err.status() if isinstance(err, InferenceServerException) else None
-    if "server busy" in message:  # the generation model's queue bound (toolkit/serving/scheduler.py)
-        return TooManyRequestsError(message, retry_after_s=1)
+    if message.startswith(contract.SERVER_BUSY_PREFIX):  # the generation model's queue bound
+        return TooManyRequestsError(message, retry_after_s=1, code="overloaded")
+    if message.startswith(contract.SHUTTING_DOWN_PREFIX):
+        return TritonUnavailableError(f"Triton at {url}: {message}", retry_after_s=1)
+    if message.startswith(contract.INVALID_REQUEST_PREFIX):  # the client's fault (the gateway let it through)
+        return BadRequestError(f"the generation model rejected the request: {message}")
     if status and "UNAVAILABLE" in str(status):
         return TritonUnavailableError(f"Triton at {url} is unavailable: {message}", retry_after_s=1)
     if "is not found" in message or "unknown model" in message or "not ready" in message:
         return TritonUnavailableError(f"Triton at {url}: {message}", retry_after_s=1)
-    return BadRequestError(f"the generation model rejected the request: {message}")
+    # Anything else (a failed model run, an internal error) is the server's fault, not the request's.
+    return GatewayError(f"the generation model failed: {message}", status_code=502, code="upstream_error")
 
 
 @dataclass
@@ -249,6 +254,12 @@ class TritonPool:
             raise TritonUnavailableError(f"Triton at {endpoint.url} closed the stream before the final response")
         except (grpc.RpcError, InferenceServerException) as err:
             raise map_triton_error(err, endpoint.url) from None
+        except (GatewayError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as err:  # noqa: BLE001 - anything else from the client library is Triton's side: 502
+            logger.exception("Triton at %s: unexpected failure", endpoint.url)
+            raise GatewayError(f"Triton at {endpoint.url} failed: {type(err).__name__}", status_code=502,
+                               code="upstream_error") from err
         finally:
             done.set()
             # Cancelling the call cancels the request in Triton: the model sees is_cancelled() and frees the slot.

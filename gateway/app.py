@@ -34,7 +34,8 @@ logger = logging.getLogger("gateway")
 
 
 def _triton_pool(settings: GatewaySettings) -> TritonPool:
-    return TritonPool(settings.triton_urls, settings.triton_timeout_s, settings.health_interval_s)
+    return TritonPool(settings.triton_urls, settings.triton_timeout_s, settings.health_interval_s,
+                      settings.grpc_keepalive_s)
 
 
 def create_app(

@@ -106,6 +106,9 @@ class GatewaySettings(BaseSettings):
     rate_limit_max_keys: PositiveInt = Field(
         default=10_000, description="Callers whose rate-limit state is kept (least recently seen dropped first)."
     )
+    grpc_keepalive_s: float = Field(
+        default=30.0, ge=10.0, description="HTTP/2 keepalive ping interval on Triton channels while a call is open."
+    )
     token_idle_timeout_s: PositiveFloat = Field(
         default=60.0, description="Longest wait for Triton's next response in a generation (first one included)."
     )

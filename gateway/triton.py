@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import InferInput, InferRequestedOutput, KeepAliveOptions
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
@@ -120,6 +120,19 @@ def map_triton_error(err: Exception, url: str) -> GatewayError:
     return GatewayError(f"the generation model failed: {message}", status_code=502, code="upstream_error")
 
 
+def keepalive(interval_s: float) -> KeepAliveOptions:
+    """HTTP/2 pings every `interval_s` while a call is open; no answer in 10 s closes the channel.
+
+    A Triton that stops answering (hung, SIGSTOP, a dead host behind a live TCP path) then fails the
+    open streams with UNAVAILABLE instead of holding them for the request timeout. Triton started by
+    ``toolkit serve`` (and the deploy files) accepts a ping every 10 s; gRPC's server default is one
+    per 5 minutes without data, which only a Triton silent for a whole minute would meet, and the
+    gateway's per-token idle timeout ends such a generation first.
+    """
+    return KeepAliveOptions(keepalive_time_ms=int(interval_s * 1000), keepalive_timeout_ms=10_000,
+                            keepalive_permit_without_calls=False, http2_max_pings_without_data=0)
+
+
 @dataclass
 class Endpoint:
     """One Triton server and whether the last probe found it ready."""
@@ -134,8 +147,9 @@ class Endpoint:
 class TritonPool:
     """The Triton endpoints of the settings, with health checks and round-robin over the ready ones."""
 
-    def __init__(self, urls: list[str], probe_timeout_s: float, interval_s: float) -> None:
-        self.endpoints = [Endpoint(url, InferenceServerClient(url)) for url in urls]
+    def __init__(self, urls: list[str], probe_timeout_s: float, interval_s: float, keepalive_s: float = 30.0) -> None:
+        self.endpoints = [Endpoint(url, InferenceServerClient(url, keepalive_options=keepalive(keepalive_s)))
+                          for url in urls]
         self._probe_timeout_s = probe_timeout_s
         self._interval_s = interval_s
         self._cycle = itertools.cycle(range(len(self.endpoints)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gateway.errors import TritonUnavailableError
@@ -119,3 +121,18 @@ async def test_endpoint_serves_its_ready_models_while_another_version_unloads() 
     with pytest.raises(TritonUnavailableError, match="no Triton endpoint is ready"):
         pool.pick("other")
     await pool.close()
+
+
+def test_channels_to_triton_send_keepalive_pings() -> None:
+    from gateway.triton import keepalive
+
+    options = keepalive(30.0)
+    assert options.keepalive_time_ms == 30_000 and options.keepalive_timeout_ms == 10_000
+    assert options.keepalive_permit_without_calls is False  # a server's default refuses idle pings
+    # toolkit serve lets Triton accept a ping this often (gRPC's server default is one per 5 min).
+    from toolkit.serving.triton_server import TritonServer
+
+    flags = TritonServer(Path(".")).command(Path("."))
+    interval_ms = int(next(f for f in flags if f.startswith("--grpc-http2-min-recv-ping-interval-without-data="))
+                      .rpartition("=")[2])
+    assert interval_ms < options.keepalive_time_ms

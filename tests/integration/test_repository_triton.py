@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from toolkit.config import TensorRTSection
 from toolkit.onnx_lm import OnnxCausalLM
 from toolkit.repository.writer import TrtInputs, write_repository
+from toolkit.serving.admin_auth import ADMIN_HEADER, GRPC_ADMIN_HEADER
 from toolkit.serving.client import GenerationClient
 from toolkit.serving.triton_server import TritonServer
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from toolkit.repository.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, LMInfo, past_names
 from toolkit.repository.plan_compat import BUILD_SCRIPT, PLAN_META  # the script writes what serving checks
+from toolkit.workspace import atomic_write_text
 
 TIMING_CACHE = "timing.cache"
 Shape = tuple[int, ...]
@@ -150,7 +151,6 @@ def build_script(
 
 
 def write_build_script(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    path.chmod(0o755)
+    """Write an executable script atomically (temp file + fsync + rename, mode 0755)."""
+    atomic_write_text(path, text, mode=0o755)
     return path

@@ -106,11 +106,11 @@ def map_triton_error(err: Exception, url: str) -> GatewayError:
         return GatewayError(f"Triton at {url} failed: {details}", status_code=502)
     message = (err.message() if isinstance(err, InferenceServerException) else str(err)) or type(err).__name__
     status = err.status() if isinstance(err, InferenceServerException) else None
-    if message.startswith(contract.SERVER_BUSY_PREFIX):  # the generation model's queue bound
+    if contract.SERVER_BUSY_PREFIX in message:  # the generation model's queue bound
         return TooManyRequestsError(message, retry_after_s=1, code="overloaded")
-    if message.startswith(contract.SHUTTING_DOWN_PREFIX):
+    if contract.SHUTTING_DOWN_PREFIX in message:
         return TritonUnavailableError(f"Triton at {url}: {message}", retry_after_s=1)
-    if message.startswith(contract.INVALID_REQUEST_PREFIX):  # the client's fault (the gateway let it through)
+    if contract.INVALID_REQUEST_PREFIX in message:  # the client's fault (the gateway let it through)
         return BadRequestError(f"the generation model rejected the request: {message}")
     if status and "UNAVAILABLE" in str(status):
         return TritonUnavailableError(f"Triton at {url} is unavailable: {message}", retry_after_s=1)

@@ -91,7 +91,7 @@ def test_a_full_triton_queue_is_429_with_retry_after_end_to_end(busy: tuple[Trit
     assert set(statuses) == {200, 429} and statuses.count(200) >= 1, statuses
     for refused in (r for r in results if r["status"] == 429):
         error = json.loads(refused["body"])["error"]
-        assert error["type"] == "rate_limit_error" and error["message"].startswith("server busy: ")
+        assert error["type"] == "rate_limit_error" and "server busy: " in error["message"]
         assert "max_queue=1" in error["message"] and int(refused["retry_after"]) >= 1
     for served in (r for r in results if r["status"] == 200):
         assert served["body"].rstrip().endswith("data: [DONE]")

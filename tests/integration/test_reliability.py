@@ -88,6 +88,7 @@ def test_a_full_triton_queue_is_429_with_retry_after_end_to_end(busy: tuple[Trit
     for thread in threads:
         thread.join(180)
     statuses = sorted(r["status"] for r in results)
+    print(f"figures: 8 concurrent streams -> {statuses.count(200)} x 200, {statuses.count(429)} x 429")
     assert set(statuses) == {200, 429} and statuses.count(200) >= 1, statuses
     for refused in (r for r in results if r["status"] == 429):
         error = json.loads(refused["body"])["error"]
@@ -121,6 +122,7 @@ def test_a_stalled_triton_ends_the_stream_within_the_idle_timeout(busy: tuple[Tr
         finally:
             os.kill(pid, signal.SIGCONT)
     elapsed, last = events[-1]
+    print(f"figures: SIGSTOP -> [DONE] after {elapsed:.2f} s (idle timeout {IDLE_TIMEOUT_S:g} s)")
     assert last == "[DONE]" and elapsed <= IDLE_TIMEOUT_S + 2, events[-3:]
     error = json.loads(events[-2][1])["error"]
     assert error["type"] == "timeout_error" and "sent nothing for 3 s" in error["message"]
@@ -129,6 +131,7 @@ def test_a_stalled_triton_ends_the_stream_within_the_idle_timeout(busy: tuple[Tr
     while _in_flight(gateway) or _active_sequences(server):
         assert time.monotonic() < deadline, "slots did not return to 0"
         time.sleep(0.2)
+    print(f"figures: slots back to 0 {time.monotonic() - deadline + 20:.2f} s after [DONE]")
     reply = httpx.post(f"{gateway.url}/v1/chat", json={"message": "hi", "max_tokens": 3}, timeout=60)
     assert reply.status_code == 200 and server.process is not None and server.process.pid == pid
 
@@ -155,6 +158,7 @@ def test_a_bad_gateway_setting_stops_serve_with_one_line_and_no_restart(tiny_rep
     process = _serve(tmp_path, "--repository", str(tiny_repository.path),
                      env={"GATEWAY_API_KEYS": "change-me-0123456789abcdef"})
     output, _ = process.communicate(timeout=180)
+    print(f"figures: serve exited {process.returncode} after {time.monotonic() - started:.1f} s")
     assert process.returncode != 0 and time.monotonic() - started < 180, output
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, output
@@ -165,14 +169,19 @@ def test_a_bad_gateway_setting_stops_serve_with_one_line_and_no_restart(tiny_rep
     assert triton_pids and not any(_alive(pid) for pid in triton_pids)
 
 
+V4_MAPPED = "0000000000000000FFFF0000"  # ::ffff:a.b.c.d in /proc/net/tcp6 (gRPC binds IPv4 that way)
+
+
 def _listening(port: int) -> set[str]:
-    """Local addresses (hex, as /proc/net/tcp writes them) listening on `port`."""
+    """Local IPv4 addresses (hex, as /proc/net/tcp writes them) listening on `port`; "::" for IPv6 any."""
     found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        address, _, hex_port = local.partition(":")
-        if state == "0A" and int(hex_port, 16) == port:
-            found.add(address)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address.removeprefix(V4_MAPPED) if address.startswith(V4_MAPPED) else
+                          "::" if set(address) == {"0"} and len(address) == 32 else address)
     return found
 
 

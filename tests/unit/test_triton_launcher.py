@@ -98,3 +98,28 @@ def test_serve_binds_triton_to_loopback_whatever_host_says(tmp_path: Path) -> No
     supervisor = Supervisor(options, say=lambda _: None)
     assert supervisor.triton.host == "127.0.0.1" and supervisor.state.host == "0.0.0.0"
     assert supervisor.triton.admin_key == supervisor.admin_key
+
+
+def test_a_gateway_that_exits_with_a_configuration_error_is_not_restarted(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from toolkit.serving.serve import ServeOptions, Supervisor
+
+    (tmp_path / "chat" / "1").mkdir(parents=True)
+    (tmp_path / "chat" / "config.pbtxt").write_text('name: "chat"\nbackend: "python"\n')
+    for file in ("model.py", "manifest.json"):
+        (tmp_path / "chat" / "1" / file).write_text("")
+    supervisor = Supervisor(ServeOptions(repository=tmp_path, log_dir=tmp_path / "logs"), say=lambda _: None)
+    monkeypatch.setattr(supervisor.triton, "is_alive", lambda: True)
+    restarts: list[str] = []
+    monkeypatch.setattr(supervisor, "_start_gateway", lambda: restarts.append("restart"))
+    with (tmp_path / "logs" / "gateway.log").open("wb") as log:
+        supervisor.gateway = subprocess.Popen(
+            [sys.executable, "-c", "import sys; print('error: invalid gateway setting api_keys: too short', "
+             "file=sys.stderr); sys.exit(2)"], stderr=log)
+    supervisor.gateway.wait(30)
+    with pytest.raises(ServingError, match="^the gateway refused to start after a restart: invalid gateway setting "
+                                           "api_keys: too short$"):
+        supervisor.watch(stop_after_s=5)
+    assert restarts == []

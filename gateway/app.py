@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -17,7 +18,8 @@ from gateway.chat.router import router as chat_router
 from gateway.deps import AppState
 from gateway.errors import install_error_handlers
 from gateway.health import router as health_router
-from gateway.limits import BodySizeLimitMiddleware, InFlightLimiter, RateLimiter
+from gateway.hosts import TrustedHostMiddleware
+from gateway.limits import BodySizeLimitMiddleware, InFlightLimiter, PerKeyLimiter, RateLimiter
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.models import model_summary
 from gateway.models import router as models_router
@@ -32,7 +34,8 @@ logger = logging.getLogger("gateway")
 
 
 def _triton_pool(settings: GatewaySettings) -> TritonPool:
-    return TritonPool(settings.triton_urls, settings.triton_timeout_s, settings.health_interval_s)
+    return TritonPool(settings.triton_urls, settings.triton_timeout_s, settings.health_interval_s,
+                      settings.grpc_keepalive_s)
 
 
 def create_app(
@@ -59,7 +62,9 @@ def create_app(
             pool=pool,
             metrics=metrics,
             in_flight=InFlightLimiter(settings.max_in_flight, settings.retry_after_s),
-            rate_limiter=RateLimiter(settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute),
+            rate_limiter=RateLimiter(settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute,
+                                     max_keys=settings.rate_limit_max_keys),
+            per_key=PerKeyLimiter(settings.max_in_flight_per_key, settings.retry_after_s),
         )
         app.state.gateway = state
         await pool.start()
@@ -74,11 +79,13 @@ def create_app(
         finally:
             await pool.close()
 
+    docs: dict[str, Any] = {} if settings.enable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(
         title="triton-chat-toolkit gateway",
         version=__version__,
         description="OpenAI-compatible chat API in front of NVIDIA Triton, with the model's own chat template.",
         lifespan=lifespan,
+        **docs,
     )
     install_error_handlers(app)
     app.include_router(chat_router)
@@ -88,5 +95,8 @@ def create_app(
     install_page(app)
     # Added last = outermost: metrics also count the 413s the body limit answers.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    allowed_hosts = settings.allowed_hosts()
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed=allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

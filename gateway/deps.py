@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from gateway.errors import ForbiddenError, UnauthorizedError
-from gateway.limits import InFlightLimiter, RateLimiter
+from gateway.limits import InFlightLimiter, PerKeyLimiter, RateLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.registry import ModelRegistry
 from gateway.settings import GatewaySettings
@@ -27,6 +27,7 @@ class AppState:
     metrics: GatewayMetrics
     in_flight: InFlightLimiter
     rate_limiter: RateLimiter
+    per_key: PerKeyLimiter
     admin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -62,10 +63,10 @@ def require_api_key(request: Request, state: State) -> str:
 
 
 def require_admin_key(request: Request, state: State) -> str:
-    """An admin key; with no key configured at all, the admin endpoints stay closed."""
+    """An admin key; with no admin key configured, the admin endpoints stay closed (API keys never open them)."""
     keys = state.settings.admin_keys()
     if not keys:
-        raise ForbiddenError("admin endpoints are disabled: set GATEWAY_ADMIN_API_KEYS (or GATEWAY_API_KEYS)")
+        raise ForbiddenError("admin endpoints are disabled: set GATEWAY_ADMIN_API_KEYS (separate from the API keys)")
     token = _bearer(request)
     if token is None:
         raise UnauthorizedError("missing admin API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")

@@ -87,12 +87,19 @@ def error_body(status_code: int, message: str, error_type: str, param: str | Non
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
+def _union_tag(part: object) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
+
+
 def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | None, str | None]:
     errors = exc.errors()
-    first = errors[0] if errors else {}
+    # A union (content: str | list of parts) reports one error per member: the validator's own
+    # message (a value_error) says most, so it goes first.
+    first = min(errors, key=lambda e: e.get("type") != "value_error") if errors else {}
     if first.get("type") == "json_invalid":
         return 400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}", None, None
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # Drop "body" and the union members' tags ("function-after[...]", "list[TextPart]", "str").
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _union_tag(part)]
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
     if first.get("type") == "missing" and param:

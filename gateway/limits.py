@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -88,6 +89,39 @@ class InFlightLimiter:
         self.count = max(0, self.count - 1)
 
 
+class PerKeyLimiter:
+    """At most ``limit`` requests in flight per caller, so one key cannot take every slot.
+
+    Only callers with requests in flight are kept: the state is bounded by the global in-flight limit.
+    """
+
+    def __init__(self, limit: int | None, retry_after_s: int) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.counts: dict[str, int] = {}
+
+    def acquire(self, key: str) -> None:
+        if self.limit is None:
+            return
+        count = self.counts.get(key, 0)
+        if count >= self.limit:
+            raise TooManyRequestsError(
+                f"this API key has {count} requests in flight, its limit; retry when one finishes",
+                retry_after_s=self.retry_after_s,
+                code="too_many_concurrent_requests",
+            )
+        self.counts[key] = count + 1
+
+    def release(self, key: str) -> None:
+        if self.limit is None:
+            return
+        count = self.counts.get(key, 0) - 1
+        if count > 0:
+            self.counts[key] = count
+        else:
+            self.counts.pop(key, None)
+
+
 @dataclass
 class TokenBucket:
     """``capacity`` units refilled evenly over a minute; the balance may go negative (a debt)."""
@@ -118,30 +152,55 @@ class TokenBucket:
         self.balance -= amount
 
 
+class _Buckets:
+    """Token buckets by caller, least recently used dropped first past ``max_keys`` (bounded memory).
+
+    A dropped caller starts again with a full bucket; a caller idle for a minute has one anyway.
+    """
+
+    def __init__(self, capacity: int, max_keys: int, clock: Callable[[], float]) -> None:
+        self.capacity = capacity
+        self.max_keys = max_keys
+        self.clock = clock
+        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def get(self, key: str) -> TokenBucket:
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = TokenBucket(self.capacity, self.clock)
+            while len(self.buckets) > self.max_keys:
+                self.buckets.popitem(last=False)
+        else:
+            self.buckets.move_to_end(key)
+        return bucket
+
+
 class RateLimiter:
-    """Per API key: requests per minute and (prompt + completion) tokens per minute."""
+    """Per API key: requests per minute and (prompt + completion) tokens per minute.
+
+    Admission is in two steps so the cheap one comes first: :meth:`admit_request` before the prompt
+    is rendered and tokenized (a caller out of requests, or in token debt, costs no tokenization),
+    :meth:`admit_prompt` once its size is known.
+    """
 
     def __init__(
         self,
         requests_per_minute: int | None,
         tokens_per_minute: int | None,
         clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 10_000,
     ) -> None:
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
-        self._clock = clock
-        self._requests: dict[str, TokenBucket] = {}
-        self._tokens: dict[str, TokenBucket] = {}
+        self._requests = _Buckets(requests_per_minute or 1, max_keys, clock)
+        self._tokens = _Buckets(tokens_per_minute or 1, max_keys, clock)
 
-    def admit(self, key: str, prompt_tokens: int) -> None:
-        """Charge one request and its prompt tokens, or raise 429 with the wait."""
-        waits: list[tuple[float, str]] = []
-        if self.requests_per_minute:
-            bucket = self._requests.setdefault(key, TokenBucket(self.requests_per_minute, self._clock))
-            waits.append((bucket.wait_s(1), f"{self.requests_per_minute} requests per minute"))
-        if self.tokens_per_minute:
-            bucket = self._tokens.setdefault(key, TokenBucket(self.tokens_per_minute, self._clock))
-            waits.append((bucket.wait_s(max(prompt_tokens, 1)), f"{self.tokens_per_minute} tokens per minute"))
+    @property
+    def tracked_keys(self) -> int:
+        return max(len(self._requests.buckets), len(self._tokens.buckets))
+
+    @staticmethod
+    def _refuse(waits: list[tuple[float, str]]) -> None:
         blocked = [(wait, what) for wait, what in waits if wait > 0]
         if blocked:
             wait, what = max(blocked)
@@ -150,12 +209,32 @@ class RateLimiter:
                 retry_after_s=math.ceil(wait),
                 code="rate_limit_exceeded",
             )
+
+    def admit_request(self, key: str) -> None:
+        """Charge one request, or raise 429 if the key is out of requests or owes tokens."""
+        waits: list[tuple[float, str]] = []
         if self.requests_per_minute:
-            self._requests[key].take(1)
+            waits.append((self._requests.get(key).wait_s(1), f"{self.requests_per_minute} requests per minute"))
         if self.tokens_per_minute:
-            self._tokens[key].take(prompt_tokens)
+            waits.append((self._tokens.get(key).wait_s(1), f"{self.tokens_per_minute} tokens per minute"))
+        self._refuse(waits)
+        if self.requests_per_minute:
+            self._requests.get(key).take(1)
+
+    def admit_prompt(self, key: str, prompt_tokens: int) -> None:
+        """Charge the prompt's tokens, or raise 429 with the wait."""
+        if not self.tokens_per_minute:
+            return
+        bucket = self._tokens.get(key)
+        self._refuse([(bucket.wait_s(max(prompt_tokens, 1)), f"{self.tokens_per_minute} tokens per minute")])
+        bucket.take(prompt_tokens)
+
+    def admit(self, key: str, prompt_tokens: int) -> None:
+        """Both steps at once (a request whose prompt size is known)."""
+        self.admit_request(key)
+        self.admit_prompt(key, prompt_tokens)
 
     def charge_completion(self, key: str, completion_tokens: int) -> None:
         """Charge generated tokens after the fact; a debt delays the key's next request."""
         if self.tokens_per_minute and completion_tokens > 0:
-            self._tokens.setdefault(key, TokenBucket(self.tokens_per_minute, self._clock)).take(completion_tokens)
+            self._tokens.get(key).take(completion_tokens)

@@ -25,6 +25,7 @@ from gateway.triton import Endpoint, map_triton_error
 from toolkit.repository.contract import CONFIG_FILE
 from toolkit.repository.layout import bls_core_model
 from toolkit.repository.pbtxt import read_config
+from toolkit.serving.admin_auth import grpc_admin_headers
 
 logger = logging.getLogger("gateway")
 router = APIRouter(tags=["models"])
@@ -99,13 +100,15 @@ def _load_config_json(state: AppState, name: str, version: int) -> str:
 async def _load_on(state: AppState, endpoint: Endpoint, entry: ModelEntry, pin_version: bool) -> None:
     timeout_s = state.settings.request_timeout_s
     names = [entry.name]
+    key = state.settings.triton_admin_key
+    admin_headers = grpc_admin_headers(key.get_secret_value() if key else None)
     core = bls_core_model(state.settings.repository, entry.name)
     if core is not None:  # the generation model calls the core model: it must be loaded first
         names.insert(0, core)
     try:
         for name in names:
             config = _load_config_json(state, name, entry.version) if pin_version else None
-            await endpoint.client.load_model(name, config=config, client_timeout=timeout_s)
+            await endpoint.client.load_model(name, headers=admin_headers, config=config, client_timeout=timeout_s)
         if not await endpoint.client.is_model_ready(entry.name, client_timeout=state.settings.triton_timeout_s):
             raise TritonUnavailableError(f"Triton at {endpoint.url} loaded {entry.name} but it is not ready")
     except GatewayError:

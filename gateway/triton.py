@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import InferInput, InferRequestedOutput, KeepAliveOptions
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
@@ -130,15 +130,33 @@ def map_triton_error(err: Exception, url: str) -> GatewayError:
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             return TritonUnavailableError(f"Triton at {url} is unavailable: {details}", retry_after_s=1)
         return GatewayError(f"Triton at {url} failed: {details}", status_code=502)
-    message = err.message() if isinstance(err, InferenceServerException) else str(err)
+    message = (err.message() if isinstance(err, InferenceServerException) else str(err)) or type(err).__name__
     status = err.status() if isinstance(err, InferenceServerException) else None
-    if "server busy" in message:  # the generation model's queue bound (toolkit/serving/scheduler.py)
-        return TooManyRequestsError(message, retry_after_s=1)
+    if contract.SERVER_BUSY_PREFIX in message:  # the generation model's queue bound
+        return TooManyRequestsError(message, retry_after_s=1, code="overloaded")
+    if contract.SHUTTING_DOWN_PREFIX in message:
+        return TritonUnavailableError(f"Triton at {url}: {message}", retry_after_s=1)
+    if contract.INVALID_REQUEST_PREFIX in message:  # the client's fault (the gateway let it through)
+        return BadRequestError(f"the generation model rejected the request: {message}")
     if status and "UNAVAILABLE" in str(status):
         return TritonUnavailableError(f"Triton at {url} is unavailable: {message}", retry_after_s=1)
     if "is not found" in message or "unknown model" in message or "not ready" in message:
         return TritonUnavailableError(f"Triton at {url}: {message}", retry_after_s=1)
-    return BadRequestError(f"the generation model rejected the request: {message}")
+    # Anything else (a failed model run, an internal error) is the server's fault, not the request's.
+    return GatewayError(f"the generation model failed: {message}", status_code=502, code="upstream_error")
+
+
+def keepalive(interval_s: float) -> KeepAliveOptions:
+    """HTTP/2 pings every `interval_s` while a call is open; no answer in 10 s closes the channel.
+
+    A Triton that stops answering (hung, SIGSTOP, a dead host behind a live TCP path) then fails the
+    open streams with UNAVAILABLE instead of holding them for the request timeout. Triton started by
+    ``toolkit serve`` (and the deploy files) accepts a ping every 10 s; gRPC's server default is one
+    per 5 minutes without data, which only a Triton silent for a whole minute would meet, and the
+    gateway's per-token idle timeout ends such a generation first.
+    """
+    return KeepAliveOptions(keepalive_time_ms=int(interval_s * 1000), keepalive_timeout_ms=10_000,
+                            keepalive_permit_without_calls=False, http2_max_pings_without_data=0)
 
 
 @dataclass
@@ -155,8 +173,9 @@ class Endpoint:
 class TritonPool:
     """The Triton endpoints of the settings, with health checks and round-robin over the ready ones."""
 
-    def __init__(self, urls: list[str], probe_timeout_s: float, interval_s: float) -> None:
-        self.endpoints = [Endpoint(url, InferenceServerClient(url)) for url in urls]
+    def __init__(self, urls: list[str], probe_timeout_s: float, interval_s: float, keepalive_s: float = 30.0) -> None:
+        self.endpoints = [Endpoint(url, InferenceServerClient(url, keepalive_options=keepalive(keepalive_s)))
+                          for url in urls]
         self._probe_timeout_s = probe_timeout_s
         self._interval_s = interval_s
         self._cycle = itertools.cycle(range(len(self.endpoints)))
@@ -281,6 +300,12 @@ class TritonPool:
         except (grpc.RpcError, InferenceServerException) as err:
             complete = True  # the call failed: it is over
             raise map_triton_error(err, endpoint.url) from None
+        except (GatewayError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as err:  # noqa: BLE001 - anything else from the client library is Triton's side: 502
+            logger.exception("Triton at %s: unexpected failure", endpoint.url)
+            raise GatewayError(f"Triton at {endpoint.url} failed: {type(err).__name__}", status_code=502,
+                               code="upstream_error") from err
         finally:
             done.set()  # the request iterator ends: the client half-closes the stream
             if complete:

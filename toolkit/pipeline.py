@@ -12,6 +12,8 @@ key matches and the recorded files are unchanged (size and mtime), the stage is 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import sys
@@ -23,7 +25,7 @@ from typing import Any
 
 from toolkit import __version__
 from toolkit.config import BuildConfig, section_dump
-from toolkit.errors import ConfigError, GateError, ToolkitError
+from toolkit.errors import ConfigError, GateError, StageError, ToolkitError
 from toolkit.report import BuildReport, BuildStatus, StageReport, StageStatus, write_report
 from toolkit.sources import SourceHasher
 from toolkit.stage import RECORD, Stage, StageContext, StageRecord, StageResult
@@ -218,6 +220,12 @@ def run_build(
         report.finish(status=BuildStatus.FAILED, error=str(err))
         write_report(report, ws)
         raise
+    except OSError as err:  # outside a stage's own work (its swap into place, the report): still one line
+        line = os_error_line("build", err)
+        report.finish(status=BuildStatus.FAILED, error=line)
+        with contextlib.suppress(OSError):
+            write_report(report, ws)
+        raise StageError(line) from err
     except KeyboardInterrupt:
         report.finish(status=BuildStatus.INTERRUPTED, error="interrupted by the user")
         write_report(report, ws)
@@ -225,6 +233,14 @@ def run_build(
     report.finish(status=BuildStatus.PASSED)
     write_report(report, ws)
     return report
+
+
+def os_error_line(stage: str, err: OSError) -> str:
+    """``export_onnx: No space left on device: /ws/.export_onnx.tmp-x/model.onnx; free space and rerun``."""
+    what = err.strerror or str(err)
+    where = f": {err.filename}" if err.filename else ""
+    hint = "; free space and rerun" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "; fix it and rerun"
+    return f"{stage}: {what}{where}{hint}"
 
 
 def _run_stage(
@@ -237,7 +253,10 @@ def _run_stage(
     with atomic_dir(stage_dir) as tmp:
         ctx = StageContext(config=config, out_dir=tmp, inputs=inputs, workspace=ws)
         try:
-            result: StageResult = spec.stage.run(ctx)
+            try:
+                result: StageResult = spec.stage.run(ctx)
+            except OSError as err:  # a full disk, a permission: one line, not a traceback
+                raise StageError(os_error_line(spec.name, err)) from err
         except ToolkitError as err:
             report.add(StageReport(name=spec.name, status=StageStatus.FAILED, duration_s=time.perf_counter() - started,
                                    note=str(err)))

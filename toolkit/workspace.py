@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import glob
 import hashlib
 import json
 import logging
@@ -74,32 +77,136 @@ def manifest_unchanged(root: Path, files: dict[str, dict[str, Any]]) -> bool:
     return True
 
 
+FILE_MODE = 0o644
+EXEC_MODE = 0o755
+DIR_MODE = 0o755
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def publish_modes(root: Path) -> None:
+    """Files 0644 (0755 if executable), folders 0755, under and including `root`; symlinks untouched.
+
+    ``mkstemp``/``mkdtemp`` create 0600/0700: a repository written by one user must be readable by
+    the gateway and Triton running as another (the gateway image runs as uid 10001).
+    """
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(DIR_MODE)
+        else:
+            path.chmod(EXEC_MODE if path.stat().st_mode & 0o100 else FILE_MODE)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every regular file and folder under `root`, folders last (their entries then point at data on disk)."""
+    paths = [root, *root.rglob("*")]
+    for path in paths:
+        if path.is_file() and not path.is_symlink():
+            fsync_path(path)
+    for path in reversed(paths):
+        if path.is_dir() and not path.is_symlink():
+            fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync one file or folder (a folder's fsync makes the renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # a filesystem or kernel without it
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def recover_dir(final: Path) -> None:
+    """Undo what an interrupted :func:`atomic_dir` left: restore a swapped-out `final`, drop leftovers.
+
+    The fallback swap renames `final` aside (``.NAME.old-PID``) before moving the new one in; a crash
+    between the two renames leaves no `final`, and the old one is put back here.
+    """
+    parent = final.parent
+    if not parent.is_dir():
+        return
+    olds = sorted(parent.glob(f".{glob.escape(final.name)}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not final.exists():
+        olds.pop().rename(final)
+    for path in [*olds, *parent.glob(f".{glob.escape(final.name)}.tmp-*")]:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a fresh temp dir beside `final`; on success it replaces `final` in one rename.
+    """Yield a fresh temp dir beside `final`; on success it replaces `final` in one step.
 
-    A crash or kill leaves only a `.tmp-*` sibling, never a half-written `final`.
+    The contents get modes 0644/0755 and are fsynced before the swap. With an existing `final`, the
+    two are exchanged atomically (``renameat2``), so `final` is never missing; where the filesystem
+    cannot, `final` is renamed aside first and :func:`recover_dir` (run at the next start) puts it
+    back if a crash came between. A crash or kill leaves at most `.tmp-*`/`.old-*` siblings, which
+    the next call removes; never a half-written `final`.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        publish_modes(tmp)
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
+    if not final.exists():
+        tmp.rename(final)
+    elif rename_exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old contents
+    else:
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
         final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_path(final.parent)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, mode: int = FILE_MODE) -> None:
+    """Write `text` to a temp file beside `path`, fsync it, give it `mode`, and rename it over `path`.
+
+    A failure (a full disk) leaves `path` as it was and no temp file behind.
+    """
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
+    """:func:`atomic_write_text` for bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_path(path.parent)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

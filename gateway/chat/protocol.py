@@ -8,29 +8,50 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.triton import GenerationInputs
 from toolkit.repository import contract
 
 Role = Literal["system", "developer", "user", "assistant"]
+MAX_STOP_CHARS = 256  # stop strings are matched against every new piece of text: keep them short
+MAX_TOP_K = 1_000_000  # above any vocabulary; Triton's top_k is INT32
+MAX_REPETITION_PENALTY = 10.0
+MAX_NAME_CHARS = 256
+
+
+def _unicode_text(text: str) -> str:
+    """Refuse text that is not valid Unicode: JSON's "\\ud800" escapes decode to a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"text is not valid Unicode (a lone surrogate at character {err.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
+# No NaN or infinity (Python's JSON parser accepts the literals NaN and Infinity).
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     """One turn; content may be a string or a list of text parts (as the OpenAI API allows)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     role: Role
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = Field(default=None, max_length=MAX_NAME_CHARS)
+
+    def chars(self) -> int:
+        return len(self.content) if isinstance(self.content, str) else sum(len(p.text) for p in self.content)
 
     def to_template(self) -> dict[str, str]:
         """The message as the chat template sees it (``developer`` is the newer name of ``system``)."""
@@ -41,16 +62,25 @@ class ChatMessage(BaseModel):
 class SamplingFields(BaseModel):
     """Sampling parameters shared by both chat endpoints."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
-    model: str | None = Field(default=None, description="A model of the repository; default: the gateway's default.")
-    max_tokens: int | None = Field(default=None, ge=1, description="Default: the rest of the model's context.")
+    model: Text | None = Field(
+        default=None, max_length=MAX_NAME_CHARS, description="A repository model; default: the gateway's default."
+    )
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=2**31 - 1, description="Default: the rest of the model's context."
+    )
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 is greedy.")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0, description="Extension: 0 disables.")
-    repetition_penalty: float | None = Field(default=None, gt=0.0, description="Extension: 1 disables.")
+    top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K, description="Extension: 0 disables.")
+    repetition_penalty: float | None = Field(
+        default=None, gt=0.0, le=MAX_REPETITION_PENALTY, description="Extension: 1 disables."
+    )
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(default=None, description="Up to 4 strings that end the reply (not sent).")
+    stop: Text | list[Text] | None = Field(
+        default=None, description=f"Up to 4 strings of at most {MAX_STOP_CHARS} characters that end the reply "
+        "(not sent)."
+    )
     ignore_eos: bool = Field(
         default=contract.DEFAULT_IGNORE_EOS,
         description="Extension (as in vLLM): generate past the end-of-turn token until max_tokens or a stop string; "
@@ -65,6 +95,8 @@ class SamplingFields(BaseModel):
         stops = [value] if isinstance(value, str) else value
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings must have at most {MAX_STOP_CHARS} characters")
         return stops
 
     def stop_strings(self) -> list[str]:
@@ -92,7 +124,7 @@ class SamplingFields(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     include_usage: bool = False
 
 
@@ -100,11 +132,13 @@ class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions`` (OpenAI)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="Newer name of max_tokens.")
-    n: int = Field(default=1, ge=1, description="Only 1 is supported.")
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, le=2**31 - 1, description="Newer name of max_tokens."
+    )
+    n: int = Field(default=1, ge=1, le=128, description="Only 1 is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = Field(default=None, max_length=MAX_NAME_CHARS)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description="Only 0 is supported.")
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description="Only 0 is supported.")
     logprobs: bool | None = Field(default=None, description="Not supported.")
@@ -122,12 +156,15 @@ class ChatCompletionRequest(SamplingFields):
     def template_messages(self) -> list[dict[str, str]]:
         return [m.to_template() for m in self.messages]
 
+    def message_count_and_chars(self) -> tuple[int, int]:
+        return len(self.messages), sum(m.chars() for m in self.messages)
+
 
 class SimpleChatRequest(SamplingFields):
     """``POST /v1/chat``: a conversation, or one user message."""
 
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    message: str | None = Field(default=None, min_length=1, description="Shorthand for one user message.")
+    message: Text | None = Field(default=None, min_length=1, description="Shorthand for one user message.")
 
     @model_validator(mode="after")
     def _one_of(self) -> SimpleChatRequest:
@@ -139,6 +176,11 @@ class SimpleChatRequest(SamplingFields):
         if self.messages is not None:
             return [m.to_template() for m in self.messages]
         return [{"role": "user", "content": self.message or ""}]
+
+    def message_count_and_chars(self) -> tuple[int, int]:
+        if self.messages is not None:
+            return len(self.messages), sum(m.chars() for m in self.messages)
+        return 1, len(self.message or "")
 
 
 class Usage(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -27,6 +28,7 @@ from gateway.chat.serving import ChatService, TextEvent
 from gateway.deps import ApiKey, State
 from gateway.errors import BadRequestError, GatewayError, error_body
 
+logger = logging.getLogger("gateway")
 router = APIRouter(tags=["chat"])
 # nginx's "client closed request": logged and counted for a client that left before its answer.
 CLIENT_CLOSED_REQUEST = 499
@@ -67,8 +69,11 @@ async def chat_completions(
     """OpenAI-compatible chat completions; ``stream=true`` answers with ``chat.completion.chunk`` events."""
     _check_openai_options(request)
     service = ChatService(state)
+    service.check_size(*request.message_count_and_chars())
     request_id = completion_id()
-    prepared = service.prepare(request, request.template_messages(), request.requested_max_tokens(), caller, request_id)
+    prepared = await service.prepare(
+        request, request.template_messages(), request.requested_max_tokens(), caller, request_id
+    )
     model = prepared.entry.name
     if not request.stream:
         result = await service.complete_or_cancel(prepared, http_request.is_disconnected)
@@ -87,6 +92,7 @@ async def chat_completions(
         first = await anext(events)
     except BaseException:
         await events.aclose()
+        prepared.release()  # a generator closed before it started never ran its finally
         raise
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return EventSourceResponse(
@@ -136,6 +142,10 @@ async def _sse(
     except GatewayError as err:
         # Headers are gone: report the error in the stream, as OpenAI-compatible servers do.
         yield {"data": json.dumps(error_body(err.status_code, err.message, err.error_type, err.param, err.code))}
+    except Exception as err:  # noqa: BLE001 - a stream never ends silently: an error event, then [DONE]
+        logger.exception("%s: the stream failed", request_id, exc_info=err)
+        yield {"data": json.dumps(error_body(502, f"the generation failed: {type(err).__name__}", "upstream_error",
+                                             None, "upstream_error"))}
     finally:
         await events.aclose()  # on disconnect too: cancels the Triton request
     yield {"data": "[DONE]"}
@@ -145,7 +155,8 @@ async def _sse(
 async def chat(http_request: Request, state: State, caller: ApiKey, request: SimpleChatRequest) -> Any:
     """Simple chat: ``{"messages": [...]}`` or ``{"message": "..."}`` in, ``{"response", "usage"}`` out."""
     service = ChatService(state)
-    prepared = service.prepare(request, request.template_messages(), request.max_tokens, caller, completion_id())
+    service.check_size(*request.message_count_and_chars())
+    prepared = await service.prepare(request, request.template_messages(), request.max_tokens, caller, completion_id())
     result = await service.complete_or_cancel(prepared, http_request.is_disconnected)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)

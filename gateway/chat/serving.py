@@ -1,14 +1,19 @@
-"""The work behind both chat endpoints: prompt, limits, admission, generation, text out.
+"""The work behind both chat endpoints: admission, prompt, limits, generation, text out.
 
-:meth:`ChatService.prepare` renders the prompt and settles ``max_tokens`` (400s happen here);
-:meth:`ChatService.generate` admits the request (429s), drives Triton and yields text deltas that
-are UTF-8 safe and never contain a stop string, then one final event with the finish reason and
-usage. Closing the iterator early cancels the Triton request and releases the in-flight slot.
+:meth:`ChatService.prepare` admits the request first (429s: the in-flight bound, the per-key cap and
+the request rate cost nothing), then renders and tokenizes the prompt in a worker thread, off the
+event loop, and settles ``max_tokens`` (400s) and the token rate. The slots it takes are released
+exactly once, by :meth:`Prepared.release`, whatever happens next. :meth:`ChatService.generate`
+drives Triton and yields text deltas that are UTF-8 safe and never contain a stop string, then one
+final event with the finish reason and usage; a Triton that sends nothing for
+``token_idle_timeout_s`` ends the generation with a 504. Closing the iterator early cancels the
+Triton request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
@@ -17,28 +22,75 @@ from dataclasses import dataclass
 from gateway.chat.protocol import SamplingFields, Usage
 from gateway.deps import AppState
 from gateway.detokenize import StopMatcher
-from gateway.errors import BadRequestError, TooManyRequestsError, TritonUnavailableError
+from gateway.errors import BadRequestError, TooManyRequestsError, TritonUnavailableError, UpstreamTimeoutError
 from gateway.registry import ModelEntry
 from gateway.triton import GenerationInputs
 from toolkit.repository import contract
 
+logger = logging.getLogger("gateway")
 # OpenAI's default; requests that want greedy output send temperature 0.
 DEFAULT_TEMPERATURE = 1.0
 
 
+@dataclass
+class Admission:
+    """The slots one request holds: the gateway's in-flight bound and its caller's; released once."""
+
+    state: AppState
+    caller: str
+    released: bool = False
+
+    @classmethod
+    def take(cls, state: AppState, caller: str) -> Admission:
+        """Take both slots and charge the request rate, or raise 429 holding nothing."""
+        metrics = state.metrics
+        try:
+            state.in_flight.acquire()
+        except TooManyRequestsError:
+            metrics.rejections.labels("in_flight").inc()
+            raise
+        admission = cls(state, caller)
+        try:
+            state.per_key.acquire(caller)
+        except TooManyRequestsError:
+            admission.release()
+            metrics.rejections.labels("per_key").inc()
+            raise
+        try:
+            state.rate_limiter.admit_request(caller)
+        except TooManyRequestsError:
+            admission.release()
+            metrics.rejections.labels("rate_limit").inc()
+            raise
+        metrics.in_flight.set(state.in_flight.count)
+        return admission
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.state.in_flight.release()
+        self.state.per_key.release(self.caller)
+        self.state.metrics.in_flight.set(self.state.in_flight.count)
+
+
 @dataclass(frozen=True)
 class Prepared:
-    """A validated request, ready for admission."""
+    """An admitted, validated request: its model, Triton inputs, stop strings and the slots it holds."""
 
     entry: ModelEntry
     inputs: GenerationInputs
     stop_strings: list[str]
     caller: str
     request_id: str
+    admission: Admission
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.inputs.prompt_ids)
+
+    def release(self) -> None:
+        self.admission.release()
 
 
 @dataclass(frozen=True)
@@ -56,7 +108,20 @@ class ChatService:
     def __init__(self, state: AppState) -> None:
         self.state = state
 
-    def prepare(
+    def check_size(self, message_count: int, message_chars: int) -> None:
+        """400 for more messages or characters than the settings allow (before any work)."""
+        settings = self.state.settings
+        if message_count > settings.max_messages:
+            raise BadRequestError(
+                f"{message_count} messages; at most {settings.max_messages} are allowed", param="messages"
+            )
+        if message_chars > settings.max_message_chars:
+            raise BadRequestError(
+                f"the messages hold {message_chars} characters; at most {settings.max_message_chars} are allowed",
+                param="messages",
+            )
+
+    async def prepare(
         self,
         request: SamplingFields,
         messages: list[dict[str, str]],
@@ -64,9 +129,35 @@ class ChatService:
         caller: str,
         request_id: str,
     ) -> Prepared:
-        """Render the prompt, check it against the context, and settle max_tokens and stops (400 on misuse)."""
+        """Admit (429), render and tokenize off the event loop, settle max_tokens and stops (400).
+
+        The returned request holds its slots: the caller must end in :meth:`generate` or call
+        :meth:`Prepared.release`.
+        """
         entry = self.state.registry.get(request.model)
-        prompt_ids = entry.tokenizer.render_ids(messages)
+        stops = request.stop_strings()
+        if len(stops) > self.state.settings.max_stop_strings:
+            raise BadRequestError(
+                f"at most {self.state.settings.max_stop_strings} stop strings are allowed", param="stop"
+            )
+        admission = Admission.take(self.state, caller)
+        try:
+            prompt_ids, stop_ids = await asyncio.to_thread(_tokenize, entry, messages, stops)
+            inputs = self._inputs(request, entry, prompt_ids, max_tokens, stop_ids)
+            try:
+                self.state.rate_limiter.admit_prompt(caller, len(prompt_ids))
+            except TooManyRequestsError:
+                self.state.metrics.rejections.labels("rate_limit").inc()
+                raise
+        except BaseException:
+            admission.release()
+            raise
+        return Prepared(entry, inputs, stops, caller, request_id, admission)
+
+    def _inputs(
+        self, request: SamplingFields, entry: ModelEntry, prompt_ids: list[int], max_tokens: int | None,
+        stop_ids: list[int],
+    ) -> GenerationInputs:
         context = entry.context_length
         if len(prompt_ids) >= context:
             raise BadRequestError(
@@ -89,42 +180,34 @@ class ChatService:
             )
         elif max_tokens > limit:
             raise BadRequestError(f"max_tokens is {max_tokens}; this model allows at most {limit}", param="max_tokens")
-        stops = request.stop_strings()
-        if len(stops) > self.state.settings.max_stop_strings:
-            raise BadRequestError(
-                f"at most {self.state.settings.max_stop_strings} stop strings are allowed", param="stop"
-            )
-        # A stop string that is one special token (e.g. "<|im_end|>") never shows in decoded text: stop on its id.
-        stop_ids = [i for i in (entry.tokenizer.single_token_id(s) for s in stops) if i is not None]
-        inputs = request.to_generation_inputs(prompt_ids, max_tokens, DEFAULT_TEMPERATURE, stop_ids)
-        return Prepared(entry, inputs, stops, caller, request_id)
+        return request.to_generation_inputs(prompt_ids, max_tokens, DEFAULT_TEMPERATURE, stop_ids)
 
     async def generate(self, prepared: Prepared) -> AsyncGenerator[TextEvent, None]:
-        """Admit, then stream text events; errors before the first event leave nothing half-sent."""
+        """Stream text events of an admitted request; its slots are released when this ends."""
         state, metrics, model = self.state, self.state.metrics, prepared.entry.name
-        try:
-            state.in_flight.acquire()
-        except TooManyRequestsError:
-            metrics.rejections.labels("in_flight").inc()
-            raise
-        try:
-            state.rate_limiter.admit(prepared.caller, prepared.prompt_tokens)
-        except TooManyRequestsError:
-            state.in_flight.release()
-            metrics.rejections.labels("rate_limit").inc()
-            raise
-        metrics.in_flight.set(state.in_flight.count)
+        idle_s = state.settings.token_idle_timeout_s
         metrics.prompt_tokens.labels(model).inc(prepared.prompt_tokens)
-        detokenizer = prepared.entry.tokenizer.detokenizer(prepared.inputs.prompt_ids)
-        stopper = StopMatcher(prepared.stop_strings)
         completion_tokens = 0
-        start = last = time.perf_counter()
         try:
+            detokenizer = prepared.entry.tokenizer.detokenizer(prepared.inputs.prompt_ids)
+            stopper = StopMatcher(prepared.stop_strings)
+            start = last = time.perf_counter()
             steps = state.pool.generate(
                 model, prepared.inputs, state.settings.request_timeout_s, request_id=prepared.request_id
             )
             async with aclosing(steps):
-                async for step in steps:
+                while True:
+                    try:
+                        async with asyncio.timeout(idle_s):
+                            step = await anext(steps)
+                    except StopAsyncIteration:
+                        raise TritonUnavailableError("the generation ended without a final response") from None
+                    except TimeoutError:
+                        logger.warning("%s: Triton sent nothing for %g s; cancelling", prepared.request_id, idle_s)
+                        raise UpstreamTimeoutError(
+                            f"Triton sent nothing for {idle_s:g} s (token_idle_timeout_s); the generation was "
+                            "cancelled", retry_after_s=1,
+                        ) from None
                     now = time.perf_counter()
                     if step.token_ids:
                         if completion_tokens == 0:
@@ -153,8 +236,7 @@ class ChatService:
                     yield TextEvent(text, finish, Usage.of(prepared.prompt_tokens, completion_tokens))
                     return
         finally:
-            state.in_flight.release()
-            metrics.in_flight.set(state.in_flight.count)
+            prepared.release()
             metrics.completion_tokens.labels(model).inc(completion_tokens)
             state.rate_limiter.charge_completion(prepared.caller, completion_tokens)
 
@@ -163,6 +245,7 @@ class ChatService:
     ) -> tuple[str, str, Usage] | None:
         """:meth:`complete`, cancelled (Triton request and all) if the client goes away first; None then."""
         task = asyncio.create_task(self.complete(prepared))
+        task.add_done_callback(lambda _: prepared.release())  # also when cancelled before it ran
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=poll_s)
@@ -185,3 +268,12 @@ class ChatService:
                     assert event.usage is not None
                     return "".join(parts), event.finish_reason, event.usage
         raise TritonUnavailableError("the generation ended without a final response")
+
+
+def _tokenize(entry: ModelEntry, messages: list[dict[str, str]], stops: list[str]) -> tuple[list[int], list[int]]:
+    """Prompt ids, and the ids of stop strings that are one special token (a worker thread runs this)."""
+    tokenizer = entry.tokenizer
+    prompt_ids = tokenizer.render_ids(messages)
+    # A stop string that is one special token (e.g. "<|im_end|>") never shows in decoded text: stop on its id.
+    stop_ids = [i for i in (tokenizer.single_token_id(s) for s in stops) if i is not None]
+    return prompt_ids, stop_ids

@@ -51,6 +51,11 @@ class RunningTriton:
     model: str
     server: TritonServer
 
+    @property
+    def admin_key(self) -> str:
+        """The secret Triton's model control expects (the gateway gets it as GATEWAY_TRITON_ADMIN_KEY)."""
+        return self.server.admin_key
+
 
 def export_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     """A random 2-layer Llama with SmolLM2's vocabulary and tokenizer, exported by the toolkit (seconds)."""
@@ -73,10 +78,11 @@ def export_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
 
 
 def write_generation_repository(root: Path, name: str, onnx: Path, *, context_length: int,
-                                max_new_tokens_limit: int, max_active: int = 32,
+                                max_new_tokens_limit: int, max_active: int = 32, max_queue: int = 64,
                                 build: BuildFacts | None = None) -> ServedRepository:
     """A toolkit repository serving `onnx` with SmolLM2's tokenizer and stop id (the next version in `root`)."""
     return write_serving_repository(root, name, onnx, context_length=context_length, max_active=max_active,
+                                    max_queue=max_queue,
                                     max_new_tokens_limit=max_new_tokens_limit, tokenizer_dir=SMOLLM_TOKENIZER,
                                     stop_token_ids=[IM_END], pad_token_id=IM_END, build=build)
 
@@ -162,10 +168,9 @@ def die_with_parent() -> None:
 
 
 def start_gateway(port: int, env: dict[str, str], log: Path, timeout_s: float = 60.0) -> Gateway:
-    """`python -m uvicorn gateway.app:create_app --factory` as `toolkit serve` starts it; wait until it answers."""
-    full_env = {**os.environ, "USE_TORCH": "0", **env}
-    command = [sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory",
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    """`python -m gateway` as `toolkit serve` starts it; wait until it answers."""
+    full_env = {**os.environ, "USE_TORCH": "0", "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port), **env}
+    command = [sys.executable, "-m", "gateway"]
     with log.open("wb") as sink:
         process = subprocess.Popen(command, env=full_env, stdout=sink, stderr=subprocess.STDOUT,
                                    preexec_fn=die_with_parent)  # fmt: skip

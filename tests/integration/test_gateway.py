@@ -49,6 +49,7 @@ def gateway(triton_server: RunningTriton, tmp_path_factory: pytest.TempPathFacto
         "GATEWAY_REPOSITORY": str(triton_server.repository),
         "GATEWAY_API_KEYS": KEY,
         "GATEWAY_ADMIN_API_KEYS": ADMIN_KEY,
+        "GATEWAY_TRITON_ADMIN_KEY": triton_server.admin_key,
         "GATEWAY_MAX_IN_FLIGHT": "2",
         "GATEWAY_MAX_BODY_BYTES": "65536",
         "GATEWAY_HEALTH_INTERVAL_S": "0.5",

@@ -16,10 +16,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from toolkit.config import TensorRTSection
 from toolkit.onnx_lm import OnnxCausalLM
 from toolkit.repository.writer import TrtInputs, write_repository
+from toolkit.serving.admin_auth import ADMIN_HEADER, GRPC_ADMIN_HEADER
 from toolkit.serving.client import GenerationClient
 from toolkit.serving.triton_server import TritonServer
 
@@ -30,8 +33,9 @@ HTTP_PORT, GRPC_PORT, METRICS_PORT = 18320, 18321, 18322
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 2, 198, 1, 4093, 198]
 
 
-def _post(path: str) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://127.0.0.1:{HTTP_PORT}{path}", method="POST", data=b"{}")
+def _post(path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{HTTP_PORT}{path}", method="POST", data=b"{}",
+                                     headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.read().decode()
@@ -61,9 +65,15 @@ def test_written_repository_loads_and_serves(tiny_onnx: Path, tmp_path: Path) ->
             client.wait([result], timeout_s=60)
         assert result.error is None
         assert len(expected[0]) >= 4 and result.tokens == expected[0]
-        status, body = _post("/v2/repository/models/tiny_onnx_fp32/load")
+        # Model control is closed to callers without the run's secret (HTTP and gRPC alike).
+        status, body = _post("/v2/repository/models/tiny/unload")
+        assert status == 403 and f"expecting header '{ADMIN_HEADER}'" in body
+        with pytest.raises(InferenceServerException, match=f"expecting header '{GRPC_ADMIN_HEADER}'"):
+            grpcclient.InferenceServerClient(server.grpc_url).unload_model("tiny")
+        admin = {ADMIN_HEADER: server.admin_key}
+        status, body = _post("/v2/repository/models/tiny_onnx_fp32/load", admin)
         assert status == 400 and "unable to find backend library for backend 'onnxruntime'" in body
-        status, body = _post("/v2/repository/models/tiny_trt_fp16/load")
+        status, body = _post("/v2/repository/models/tiny_trt_fp16/load", admin)
         assert status == 400 and "at least one version must be available" in body  # no plan built here
     finally:
         server.stop()

@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from toolkit.config import ModelSection
+from toolkit.repository.tensorrt import TRITON_IMAGE
 from toolkit.serving import triton_server
 from toolkit.serving.model_metrics import TritonMetrics
 from toolkit.serving.serve import ServeOptions
@@ -93,12 +95,21 @@ def _env_var(name: str) -> str:
     return f"GATEWAY_{name}".upper()
 
 
+# What a deployment fills in from outside: compose's ${TRITON_ADMIN_KEY:?...}, k8s's secretKeyRef.
+STAND_IN_SECRET = "Zq3-stand-in-secret-Hk8vP2wXy9"
+
+
+def _resolve(value: str) -> str:
+    return re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", STAND_IN_SECRET, value)
+
+
 def _gateway_env_sets() -> dict[str, dict[str, str]]:
-    """Every place that sets gateway environment variables, as name -> value."""
+    """Every place that sets gateway environment variables, as name -> value (secrets stood in for)."""
     compose_env = _compose()["services"]["gateway"]["environment"]
     if isinstance(compose_env, list):
         compose_env = dict(item.split("=", 1) for item in compose_env)
-    k8s_env = {e["name"]: e["value"] for e in _container("gateway").get("env", [])}
+    compose_env = {k: _resolve(str(v)) for k, v in compose_env.items()}
+    k8s_env = {e["name"]: e.get("value", STAND_IN_SECRET) for e in _container("gateway").get("env", [])}
     return {
         "docker-compose.yml": {k: str(v) for k, v in compose_env.items()},
         "deploy/k8s/gateway.yaml": k8s_env,
@@ -128,7 +139,9 @@ def test_deployed_gateway_environment_validates(source: str, monkeypatch: pytest
     # Paths inside the container do not exist here: stand in for them, keep every other value as deployed.
     monkeypatch.setenv("GATEWAY_REPOSITORY", str(tmp_path))
     if "GATEWAY_API_KEYS_FILE" in env:
-        monkeypatch.setenv("GATEWAY_API_KEYS_FILE", str(DEPLOY / "api_keys.example"))
+        keys = tmp_path / "api_keys"
+        keys.write_text((DEPLOY / "api_keys.example").read_text() + "Vq7-a-real-key-Rt5mN8bXw2\n")
+        monkeypatch.setenv("GATEWAY_API_KEYS_FILE", str(keys))
     settings = GatewaySettings()
     if "GATEWAY_TRITON_URLS" in env:
         assert settings.triton_urls == ["triton:8001"]
@@ -136,10 +149,52 @@ def test_deployed_gateway_environment_validates(source: str, monkeypatch: pytest
         assert settings.port == 8080
 
 
+@pytest.mark.parametrize("example", [DEPLOY / "api_keys.example", K8S / "api_keys.example"])
+def test_shipped_key_files_hold_no_usable_key(example: Path, tmp_path: Path) -> None:
+    """A deployment started as shipped refuses to start, with the line that makes a key."""
+    with pytest.raises(ValidationError, match="holds no key; generate one with"):
+        GatewaySettings(repository=tmp_path, api_keys_file=example)
+
+
+def test_compose_publishes_only_the_gateway() -> None:
+    services = _compose()["services"]
+    assert "ports" not in services["triton"], "Triton must not be published: only the gateway talks to it"
+    published = {name: [str(p) for p in svc.get("ports", [])] for name, svc in services.items()}
+    open_to_network = {name: [p for p in ports if not p.startswith("127.0.0.1:")] for name, ports in published.items()}
+    assert {name: ports for name, ports in open_to_network.items() if ports} == {"gateway": ["8080:8080"]}
+    # Both sides of the model-control secret come from the same variable, and it is required.
+    triton_key = services["triton"]["environment"]["TRITON_ADMIN_KEY"]
+    assert triton_key.startswith("${TRITON_ADMIN_KEY:?")
+    assert services["gateway"]["environment"]["GATEWAY_TRITON_ADMIN_KEY"] == triton_key
+
+
+def test_k8s_network_policy_admits_only_the_gateway_and_prometheus_to_triton() -> None:
+    policies = [d for d in _k8s_docs() if d.get("kind") == "NetworkPolicy"]
+    default_deny = [p for p in policies if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]]
+    assert default_deny and default_deny[0]["spec"]["policyTypes"] == ["Ingress"]
+    triton = [p for p in policies if p["spec"]["podSelector"].get("matchLabels") == {"app": "triton"}]
+    assert len(triton) == 1
+    ports = {p["name"]: p["containerPort"] for p in _container("triton")["ports"]}
+    allowed = {rule["ports"][0]["port"]: rule["from"] for rule in triton[0]["spec"]["ingress"]}
+    assert set(allowed) == {ports["grpc"], ports["metrics"]}, "Triton's HTTP port must stay closed"
+    assert allowed[ports["grpc"]] == [{"podSelector": {"matchLabels": {"app": "gateway"}}}]
+    assert all("namespaceSelector" in peer and "podSelector" in peer for peer in allowed[ports["metrics"]])
+    # Both sides of the model-control secret read the same Secret.
+    refs = {name: {e["name"]: e.get("valueFrom") for e in _container(name)["env"]} for name in ("triton", "gateway")}
+    assert refs["triton"]["TRITON_ADMIN_KEY"] == refs["gateway"]["GATEWAY_TRITON_ADMIN_KEY"] is not None
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert "network-policy.yaml" in kustomization["resources"]
+
+
+def test_triton_image_is_the_one_the_plan_scripts_name() -> None:
+    arg = re.search(r"^ARG TRITON_IMAGE=(\S+)$", (ROOT / "Dockerfile.triton").read_text(), re.M)
+    assert arg and arg.group(1) == TRITON_IMAGE
+    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d\d)\.\d\d-py3", TRITON_IMAGE)
+    assert TRITON_IMAGE in (ROOT / "README.md").read_text()
+
+
 def test_gateway_points_at_tritons_grpc_port(tmp_path: Path) -> None:
     grpc_port = ServeOptions(repository=Path(".")).grpc_port
-    compose = _compose()["services"]
-    assert f"{grpc_port}:{grpc_port}" in compose["triton"]["ports"]
     service = _k8s_object("Service", "triton")
     assert {"name": "grpc", "port": grpc_port, "targetPort": "grpc"} in service["spec"]["ports"]
     container_ports = {p["name"]: p["containerPort"] for p in _container("triton")["ports"]}
@@ -157,7 +212,7 @@ def test_api_key_files_are_where_the_deployments_mount_them() -> None:
     assert (ROOT / _compose()["secrets"][key_path.name]["file"]).is_file()
 
     container = _container("gateway")
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     key_path = Path(env["GATEWAY_API_KEYS_FILE"])
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(key_path.parent))
     volumes = _k8s_object("Deployment", "gateway")["spec"]["template"]["spec"]["volumes"]
@@ -190,7 +245,7 @@ def test_triton_command_lines_match_toolkit_serve(monkeypatch: pytest.MonkeyPatc
     model_name = ModelSection().name
     assert _dockerfile_env(ROOT / "Dockerfile.triton")["MODEL_NAME"] == "${MODEL_NAME}"
     assert re.search(rf"^ARG MODEL_NAME={re.escape(model_name)}$", (ROOT / "Dockerfile.triton").read_text(), re.M)
-    k8s_env = {e["name"]: e["value"] for e in _container("triton")["env"]}
+    k8s_env = {e["name"]: e.get("value") for e in _container("triton")["env"]}
     assert k8s_env["MODEL_NAME"] == model_name
     for source, command in _triton_commands().items():
         flags = _flags(command)
@@ -201,6 +256,9 @@ def test_triton_command_lines_match_toolkit_serve(monkeypatch: pytest.MonkeyPatc
         assert flags["--load-model"] in ("${MODEL_NAME}", "$(MODEL_NAME)"), source
         assert flags["--metrics-port"] == str(options.metrics_port), source
         assert flags["--allow-metrics"] == "true", source
+        for flag in ("--grpc-restricted-protocol", "--http-restricted-api"):  # same protocols and header name
+            assert flags[flag].rpartition("=")[0] == ours[flag].rpartition("=")[0], source
+            assert flags[flag].rpartition("=")[2] in ("${TRITON_ADMIN_KEY}", "$(TRITON_ADMIN_KEY)"), source
 
 
 def test_triton_ports_and_scrape_targets_agree() -> None:

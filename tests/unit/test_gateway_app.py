@@ -37,7 +37,8 @@ def tokenizer(repository: Path) -> ChatTokenizer:
 
 def make_client(repository: Path, pool: FakePool, **overrides: Any) -> TestClient:
     settings = GatewaySettings(repository=repository, triton_urls=["fake:8001"], **overrides)
-    return TestClient(create_app(settings, pool_factory=lambda _: pool))  # type: ignore[arg-type,return-value]
+    app = create_app(settings, pool_factory=lambda _: pool)  # type: ignore[arg-type]
+    return TestClient(app, base_url="http://localhost")  # a loopback name: auth off serves only those
 
 
 @pytest.fixture
@@ -226,8 +227,30 @@ def test_api_keys(repository: Path, pool: FakePool) -> None:
         assert client.get("/health/live").status_code == 200  # open by default
         assert_openai_error(client.get("/metrics"), 401, "missing API key")
         assert client.get("/metrics", headers=ok).status_code == 200
-        # admin: no separate admin key configured, so an API key is an admin key
-        assert_openai_error(client.post("/admin/models/chat/load"), 401, "missing admin API key")
+        # admin: no admin key configured, so /admin is closed; an API key never opens it
+        assert_openai_error(client.post("/admin/models/chat/load", headers=ok), 403, "admin endpoints are disabled")
+
+
+def test_host_header_is_checked_only_while_auth_is_off(repository: Path, pool: FakePool) -> None:
+    """DNS rebinding: with no keys, a request naming another host is refused in the error shape."""
+    with make_client(repository, pool) as client:
+        assert client.get("/v1/models").status_code == 200  # Host: localhost
+        rebound = client.get("/v1/models", headers={"Host": "evil.example:8080"})
+        assert_openai_error(rebound, 400, "host 'evil.example' is not served while auth is off")
+        assert client.get("/v1/models", headers={"Host": "[::1]:8080"}).status_code == 200
+    with make_client(repository, pool, trusted_hosts=["chat.example.com"]) as client:
+        assert client.get("/v1/models", headers={"Host": "chat.example.com"}).status_code == 200
+        assert client.get("/v1/models").status_code == 400  # an explicit list replaces the loopback default
+    with make_client(repository, pool, api_keys=[KEY]) as client:
+        ok = {"Authorization": f"Bearer {KEY}", "Host": "evil.example"}
+        assert client.get("/v1/models", headers=ok).status_code == 200  # keys guard instead
+
+
+def test_docs_and_openapi_can_be_turned_off(repository: Path, pool: FakePool) -> None:
+    with make_client(repository, pool, enable_docs=False) as client:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert_openai_error(client.get(path), 404, "Not Found")
+        assert client.get("/v1/models").status_code == 200
 
 
 def test_admin_disabled_without_any_key(client: TestClient) -> None:

@@ -67,8 +67,13 @@ class FakeRpcError(grpc.RpcError):
         (FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED), 504),
         (FakeRpcError(grpc.StatusCode.INTERNAL), 502),
         (InferenceServerException("server busy: 64 requests already queued (max_queue=64); retry later"), 429),
+        (InferenceServerException("shutting down: the model is unloading; retry on another instance"), 503),
         (InferenceServerException("Request for unknown model: 'x' is not found"), 503),
-        (InferenceServerException("max_tokens is 5000; this model allows at most 1000"), 400),
+        (InferenceServerException("invalid request: max_tokens is 5000; this model allows at most 1000"), 400),
+        # the model's own faults are the server's, never the client's
+        (InferenceServerException("internal error: RuntimeError: onnxruntime failed"), 502),
+        (InferenceServerException("the decode step failed: CUDA out of memory"), 502),
+        (InferenceServerException(""), 502),
     ],
 )
 def test_triton_failures_map_to_client_errors(err: Exception, status: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -252,3 +253,18 @@ async def test_a_stream_triton_does_not_end_after_the_final_response_is_cancelle
     pool = _streaming_pool(client)
     steps = [step async for step in pool.generate("chat", INPUTS, timeout_s=10)]
     assert steps[-1].finish_reason == "length" and client.calls[0].cancelled
+
+
+def test_channels_to_triton_send_keepalive_pings() -> None:
+    from gateway.triton import keepalive
+
+    options = keepalive(30.0)
+    assert options.keepalive_time_ms == 30_000 and options.keepalive_timeout_ms == 10_000
+    assert options.keepalive_permit_without_calls is False  # a server's default refuses idle pings
+    # toolkit serve lets Triton accept a ping this often (gRPC's server default is one per 5 min).
+    from toolkit.serving.triton_server import TritonServer
+
+    flags = TritonServer(Path(".")).command(Path("."))
+    interval_ms = int(next(f for f in flags if f.startswith("--grpc-http2-min-recv-ping-interval-without-data="))
+                      .rpartition("=")[2])
+    assert interval_ms < options.keepalive_time_ms

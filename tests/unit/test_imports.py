@@ -20,9 +20,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("toolkit", "gateway")
 GATEWAY_MAY_IMPORT = {"toolkit", "toolkit.errors", "toolkit.repository.contract", "toolkit.repository.manifest",
-                      "toolkit.repository.pbtxt", "toolkit.repository.layout"}
+                      "toolkit.repository.pbtxt", "toolkit.repository.layout",
+                      "toolkit.serving.admin_auth"}  # the Triton model-control header (standard library only)
 # What those may import in turn: the gateway image needs no build stack (torch, the stages, the serving runtime).
-GATEWAY_CLOSURE = GATEWAY_MAY_IMPORT | {"toolkit.repository", "toolkit.workspace"}
+GATEWAY_CLOSURE = GATEWAY_MAY_IMPORT | {"toolkit.repository", "toolkit.workspace", "toolkit.serving"}
 BUILD = ("toolkit.pipeline", "toolkit.stage", "toolkit.stages", "toolkit.training", "toolkit.export", "toolkit.cli",
          "toolkit.gates")
 

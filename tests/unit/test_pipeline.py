@@ -121,6 +121,23 @@ def test_failed_stage_leaves_no_half_written_artifact(tmp_path: Path) -> None:
     assert CALLS == ["second"]
 
 
+def test_an_os_error_in_a_stage_is_one_line_and_a_finished_report(tmp_path: Path) -> None:
+    def disk_full(ctx: StageContext) -> StageResult:
+        (ctx.out_dir / "b.txt").write_text("half")
+        raise OSError(28, "No space left on device", str(ctx.out_dir / "model.onnx"))
+
+    with pytest.raises(StageError) as raised:
+        run_build(_config(tmp_path), stages=_specs(second=disk_full))
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("second: No space left on device: ")
+    assert message.endswith("model.onnx; free space and rerun")
+    ws = tmp_path / "ws"
+    assert not (ws / "second").exists() and not list(ws.glob(".second.*"))  # no partial artifact
+    report = json.loads((ws / "report.json").read_text())
+    assert report["status"] == "failed" and report["error"] == message and report["finished_at"]
+    assert [s["status"] for s in report["stages"]] == ["ran", "failed"]
+
+
 def test_blocking_gate_failure_fails_build_and_is_not_cached(tmp_path: Path) -> None:
     def gated(ctx: StageContext) -> StageResult:
         CALLS.append("gated")

@@ -337,3 +337,47 @@ def test_python_backend_reads_every_written_config_as_read_config_does(
         assert (facts.name, facts.platform, facts.backend, facts.max_batch_size) == (
             config.name, config.platform, config.backend, config.max_batch_size)
         assert facts.parameters == model_parameters(config)
+
+
+def test_written_repository_is_readable_by_another_user(tmp_path: Path, merged_dir: Path,
+                                                        sources: dict[str, Path]) -> None:
+    """Mode bits of every path a build writes: files 0644 (scripts 0755), folders 0755, whatever the umask."""
+    old_umask = os.umask(0o077)  # the strictest a build user could have
+    try:
+        sources["model_py"].chmod(0o600)
+        inputs = r.TrtInputs(section=TensorRTSection(max_input_len=100), max_batch_size=8, context_length=256)
+        _write(tmp_path / "repo", merged_dir, sources, trt_inputs=inputs)
+    finally:
+        os.umask(old_umask)
+    out = tmp_path / "repo"
+    for path in out.rglob("*"):
+        mode = path.stat().st_mode & 0o777
+        if path.is_dir():
+            assert mode == 0o755, path
+        elif path.name == "build_plan.sh":
+            assert mode == 0o755, path
+        else:
+            assert mode == 0o644, path
+    assert (out / "tiny" / "1" / "tokenizer" / "tokenizer.json").stat().st_mode & 0o004  # the gateway reads these
+
+
+def test_configs_and_scripts_overwritten_by_a_failed_build_are_restored(
+    tmp_path: Path, merged_dir: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "repo"
+    inputs = r.TrtInputs(section=TensorRTSection(max_input_len=100), max_batch_size=8, context_length=256)
+    _write(out, merged_dir, sources, trt_inputs=inputs)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.name in ("config.pbtxt", "build_plan.sh")}
+    real = r.trt.write_build_script
+
+    def fail_on_script(path: Path, text: str) -> Path:  # every config is rewritten by now
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(r.trt, "write_build_script", fail_on_script)
+    other = r.TrtInputs(section=TensorRTSection(max_input_len=50), max_batch_size=4, context_length=256)
+    with pytest.raises(OSError, match="No space left"):
+        _write(out, merged_dir, sources, trt_inputs=other,
+               repository=RepositorySection(max_batch_size=4, preferred_batch_sizes=[4]))
+    assert {p: p.read_bytes() for p in before} == before
+    assert _versions(out / "tiny") == ["1"] and not [p for p in out.rglob(".*") if p.name.startswith(".")]
+    monkeypatch.setattr(r.trt, "write_build_script", real)

@@ -97,6 +97,8 @@ def test_bad_request_gets_one_error_response_with_the_final_flag(
     assert len(request.sender.sent) == 1
     response, flags = request.sender.sent[0]
     assert flags == FINAL and response.has_error() and message in response.error().message()
+    # the prefix by which the gateway tells a refused request (400) from a model fault (502)
+    assert response.error().message().startswith("invalid request: ")
 
 
 def test_a_crash_inside_execute_still_ends_the_stream(model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

@@ -72,3 +72,54 @@ def test_serve_also_loads_the_core_model_of_a_bls_generation_model(tmp_path: Pat
     model("c", runner="bls")  # its core model is missing
     with pytest.raises(ServingError, match="c runs the BLS runner over core model 'c_trt_fp16', which is not in"):
         models_to_load(tmp_path)
+
+
+def test_model_control_is_restricted_to_a_fresh_secret(tmp_path: Path) -> None:
+    from toolkit.serving.admin_auth import ADMIN_HEADER, RESTRICTED_PROTOCOLS
+
+    first, second = TritonServer(tmp_path), TritonServer(tmp_path)
+    assert first.admin_key != second.admin_key and len(first.admin_key) >= 40
+    command = first.command(tmp_path / "backends")
+    expected = f"{','.join(RESTRICTED_PROTOCOLS)}:{ADMIN_HEADER}={first.admin_key}"
+    assert f"--grpc-restricted-protocol={expected}" in command
+    assert f"--http-restricted-api={expected}" in command
+    assert "model-repository" in RESTRICTED_PROTOCOLS and "inference" not in RESTRICTED_PROTOCOLS
+    assert first.admin_key not in repr(first)
+
+
+def test_serve_binds_triton_to_loopback_whatever_host_says(tmp_path: Path) -> None:
+    from toolkit.serving.serve import ServeOptions, Supervisor
+
+    (tmp_path / "chat" / "1").mkdir(parents=True)
+    (tmp_path / "chat" / "config.pbtxt").write_text('name: "chat"\nbackend: "python"\n')
+    for file in ("model.py", "manifest.json"):
+        (tmp_path / "chat" / "1" / file).write_text("")
+    options = ServeOptions(repository=tmp_path, host="0.0.0.0", log_dir=tmp_path / "logs")
+    supervisor = Supervisor(options, say=lambda _: None)
+    assert supervisor.triton.host == "127.0.0.1" and supervisor.state.host == "0.0.0.0"
+    assert supervisor.triton.admin_key == supervisor.admin_key
+
+
+def test_a_gateway_that_exits_with_a_configuration_error_is_not_restarted(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from toolkit.serving.serve import ServeOptions, Supervisor
+
+    (tmp_path / "chat" / "1").mkdir(parents=True)
+    (tmp_path / "chat" / "config.pbtxt").write_text('name: "chat"\nbackend: "python"\n')
+    for file in ("model.py", "manifest.json"):
+        (tmp_path / "chat" / "1" / file).write_text("")
+    supervisor = Supervisor(ServeOptions(repository=tmp_path, log_dir=tmp_path / "logs"), say=lambda _: None)
+    monkeypatch.setattr(supervisor.triton, "is_alive", lambda: True)
+    restarts: list[str] = []
+    monkeypatch.setattr(supervisor, "_start_gateway", lambda: restarts.append("restart"))
+    with (tmp_path / "logs" / "gateway.log").open("wb") as log:
+        supervisor.gateway = subprocess.Popen(
+            [sys.executable, "-c", "import sys; print('error: invalid gateway setting api_keys: too short', "
+             "file=sys.stderr); sys.exit(2)"], stderr=log)
+    supervisor.gateway.wait(30)
+    with pytest.raises(ServingError, match="^the gateway refused to start after a restart: invalid gateway setting "
+                                           "api_keys: too short$"):
+        supervisor.watch(stop_after_s=5)
+    assert restarts == []

@@ -67,6 +67,13 @@ REPETITION_PENALTY = "repetition_penalty"
 STOP_TOKEN_IDS = "stop_token_ids"
 IGNORE_EOS = "ignore_eos"
 
+# How the generation model's error messages start, so a client can tell whose fault an error is:
+# a request it refused (the client's), a full queue (retry), a shutdown (another instance); any other
+# error is the server's.
+INVALID_REQUEST_PREFIX = "invalid request: "
+SERVER_BUSY_PREFIX = "server busy: "
+SHUTTING_DOWN_PREFIX = "shutting down: "
+
 OUTPUT_IDS = "output_ids"
 FINISH_REASON = "finish_reason"
 PROMPT_TOKENS = "prompt_tokens"

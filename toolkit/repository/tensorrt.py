@@ -27,6 +27,7 @@ from pathlib import Path
 
 from toolkit.repository.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, LMInfo, past_names
 from toolkit.repository.plan_compat import BUILD_SCRIPT, PLAN_META  # the script writes what serving checks
+from toolkit.workspace import atomic_write_text
 
 TIMING_CACHE = "timing.cache"
 Shape = tuple[int, ...]
@@ -95,10 +96,18 @@ def trtexec_command(
     ]
 
 
+# The serving image, named once: Dockerfile.triton builds FROM it (a unit test holds the two together),
+# build_plan.sh says to build inside it, and the load-time check (plan_compat) compares a plan's
+# plan_meta.json with the TensorRT of the server it runs in (NVIDIA's images set TRT_VERSION), so a
+# plan built in this image loads in this image and is refused, with its rebuild command, anywhere else.
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:26.09-py3"
+TENSORRT_MAJOR = 10
+
 _SCRIPT = """#!/usr/bin/env bash
 # Builds the TensorRT {precision_upper} plan of {model} with trtexec (written by `toolkit build`).
-# Needs TensorRT 10 (trtexec on PATH, or TRTEXEC=/path/to/trtexec) and an NVIDIA GPU; a plan only
-# runs on the TensorRT version and GPU model it was built with, so run this on the serving machine.
+# Needs TensorRT {trt_major} (trtexec on PATH, or TRTEXEC=/path/to/trtexec) and an NVIDIA GPU; a plan only
+# runs on the TensorRT version and GPU model it was built with, so run this on the serving machine,
+# inside the serving image ({triton_image}: its trtexec is /usr/src/tensorrt/bin/trtexec).
 # Usage: {script} [ONNX]     (default ONNX: {default_onnx})
 # One optimization profile: prefill (seq 1..{max_input_len}, past 0) and decode (seq 1,
 # past 1..{max_past}), batch 1..{max_batch}, tuned at batch {opt_batch} decode.
@@ -137,12 +146,11 @@ def build_script(
         max_past=profile.max[past_names(1)[0]][2], max_batch=profile.max[INPUT_IDS][0],
         opt_batch=profile.opt[INPUT_IDS][0], plan=plan, plan_dir=shlex.quote(str(plan_path.parent)),
         meta=shlex.quote(str(plan_path.with_name(PLAN_META))), log=shlex.quote(str(plan_path.with_name("trtexec.log"))),
-        trtexec=trtexec, command=line,
+        trtexec=trtexec, command=line, trt_major=TENSORRT_MAJOR, triton_image=TRITON_IMAGE,
     )
 
 
 def write_build_script(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    path.chmod(0o755)
+    """Write an executable script atomically (temp file + fsync + rename, mode 0755)."""
+    atomic_write_text(path, text, mode=0o755)
     return path

@@ -49,7 +49,15 @@ from toolkit.repository.pbtxt import (
 )
 from toolkit.repository.plan_compat import BUILD_SCRIPT, PLAN_FILE, PLAN_META
 from toolkit.tokenizer_files import CHAT_TEMPLATE_FILE, copy_tokenizer_files
-from toolkit.workspace import sha256_file, sha256_text
+from toolkit.workspace import (
+    DIR_MODE,
+    atomic_write_bytes,
+    fsync_path,
+    fsync_tree,
+    publish_modes,
+    sha256_file,
+    sha256_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +152,17 @@ class _VersionWriter:
     def __init__(self, version: int) -> None:
         self.version = version
         self.done: list[Path] = []
+        self.replaced: list[tuple[Path, bytes | None, int]] = []  # files overwritten in place, as they were
+
+    def write_file(self, path: Path, write: Any) -> None:
+        """Run `write` (an atomic write of `path`), remembering what `path` held so rollback restores it."""
+        if path.is_file():
+            self.replaced.append((path, path.read_bytes(), path.stat().st_mode & 0o777))
+        else:
+            self.replaced.append((path, None, 0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.chmod(DIR_MODE)
+        write()
 
     @contextlib.contextmanager
     def version_dir(self, model_dir: Path) -> Iterator[Path]:
@@ -151,11 +170,15 @@ class _VersionWriter:
         if final.exists():
             raise StageError(f"{final} already exists; remove it or let the next build write a new version")
         model_dir.mkdir(parents=True, exist_ok=True)
+        model_dir.chmod(DIR_MODE)  # the servers' users list it (a umask of 077 would make it 0700)
         _clean_temps(model_dir)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.version}.tmp-", dir=model_dir))
         try:
             yield tmp
+            publish_modes(tmp)  # readable by the servers' users (mkdtemp made it 0700)
+            fsync_tree(tmp)
             tmp.rename(final)
+            fsync_path(model_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             with contextlib.suppress(OSError):
@@ -164,6 +187,13 @@ class _VersionWriter:
         self.done.append(final)
 
     def rollback(self) -> None:
+        for path, content, mode in reversed(self.replaced):
+            with contextlib.suppress(OSError):
+                if content is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    atomic_write_bytes(path, content, mode)
+        self.replaced.clear()
         for path in reversed(self.done):
             shutil.rmtree(path, ignore_errors=True)
             with contextlib.suppress(OSError):
@@ -228,7 +258,9 @@ def write_repository(
         facts = model
     else:
         raise ValueError("write_repository takes one of merged_dir and model")
-    output.mkdir(parents=True, exist_ok=True)
+    if not output.exists():
+        output.mkdir(parents=True)
+        output.chmod(DIR_MODE)
     lm = facts.lm
     version = next_version(output, model_name)
     notes: list[str] = []
@@ -292,9 +324,9 @@ def write_repository(
         # Configs and plan scripts last: they apply to every version of a model (a script builds
         # version N), so they change only once every new version directory is in place.
         for model_dir, config in configs:
-            write_config(model_dir, config)
+            writer.write_file(model_dir / contract.CONFIG_FILE, lambda d=model_dir, c=config: write_config(d, c))
         for script_path, text in scripts:
-            trt.write_build_script(script_path, text)
+            writer.write_file(script_path, lambda p=script_path, t=text: trt.write_build_script(p, t))
     except BaseException:
         writer.rollback()
         raise

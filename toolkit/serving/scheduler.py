@@ -100,12 +100,14 @@ class Scheduler:
         seq = _Sequence(request, stream, sampler, stop, enqueued_at=time.perf_counter())
         with self._cond:
             if self._stopping:
-                raise QueueFullError("the model is shutting down; retry on another instance")
+                raise QueueFullError(
+                    f"{contract.SHUTTING_DOWN_PREFIX}the model is unloading; retry on another instance"
+                )
             if len(self._queue) >= self.max_queue:
                 self.metrics.finished("rejected")
                 raise QueueFullError(
-                    f"server busy: {len(self._queue)} requests already queued (max_queue={self.max_queue}); "
-                    "retry later"
+                    f"{contract.SERVER_BUSY_PREFIX}{len(self._queue)} requests already queued "
+                    f"(max_queue={self.max_queue}); retry later"
                 )
             self._queue.append(seq)
             self.metrics.queue_depth(len(self._queue))

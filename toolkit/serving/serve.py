@@ -5,11 +5,15 @@ Before starting, it looks at what already runs: a ``toolkit serve`` holding the 
 anything else stops the start with one line naming the port and the process. Ports given as
 ``auto`` (None here) are picked free. Triton runs with explicit model control (every generation
 model found is loaded at start; others can be loaded, unloaded or switched later through its
-repository API or the gateway's admin endpoint). The gateway is started as ``uvicorn
-gateway.app:create_app --factory`` pointed at Triton's gRPC port. Readiness is judged on the
+repository API or the gateway's admin endpoint). Closed by default: Triton binds 127.0.0.1 whatever
+``--host`` says (``--host`` is the gateway's address), and its model-control API answers only the
+secret header generated for this run, which only the gateway is given
+(:mod:`toolkit.serving.admin_auth`). The gateway is started as ``python -m gateway`` pointed at
+Triton's gRPC port, so a bad setting is one line and exit code 2. Readiness is judged on the
 processes started here: each must be alive and hold its own port. If Triton dies it is restarted
-with exponential backoff; Ctrl-C (or SIGTERM, SIGHUP) stops the gateway first (a client of
-Triton), then Triton, and removes the state file.
+with exponential backoff; a gateway that exits is restarted too, unless it exited with code 2 (its
+configuration is wrong: restarting cannot help). Ctrl-C (or SIGTERM, SIGHUP) stops the gateway
+first (a client of Triton), then Triton, and removes the state file.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 
 from toolkit.errors import ServingError
 from toolkit.repository.layout import models_to_load
+from toolkit.serving.admin_auth import new_admin_key
 from toolkit.serving.ports import busy_ports, free_ports, owns_port
 from toolkit.serving.state import ServeLock, ServeState, ServeStatus, read_state, remove_state, write_state
 from toolkit.serving.triton_server import TritonServer, _die_with_parent
@@ -38,6 +43,8 @@ STABLE_AFTER_S = 60.0  # a server that stayed up this long resets the backoff
 
 
 STATE_WAIT_S = 10.0  # how long a second `toolkit serve` waits for a starting one to write its state
+TRITON_HOST = "127.0.0.1"  # Triton is reached through the gateway only
+GATEWAY_CONFIG_EXIT = 2  # `python -m gateway`: invalid settings or an unservable repository
 
 
 @dataclass
@@ -45,7 +52,7 @@ class ServeOptions:
     """What to serve and where; a port of None is picked free at start (``--port auto``)."""
 
     repository: Path
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the gateway's address; Triton always binds TRITON_HOST
     http_port: int | None = 8000
     grpc_port: int | None = 8001
     metrics_port: int | None = 8002
@@ -74,11 +81,12 @@ def resolve_ports(options: ServeOptions) -> ServeOptions:
     numbers = [port for _, port in fixed]
     if len(set(numbers)) != len(numbers):
         raise ServingError(f"two servers cannot share a port: {', '.join(f'{r} {p}' for r, p in fixed)}")
-    busy = busy_ports(options.host, fixed)
+    busy = busy_ports(TRITON_HOST, [(label, port) for label, port in fixed if label != "gateway"])
+    busy += busy_ports(options.host, [(label, port) for label, port in fixed if label == "gateway"])
     if busy:
         raise ServingError("; ".join(busy) + ": stop it, or choose other ports (each port option takes 'auto')")
     auto = [name for name, _ in roles if getattr(options, name) is None]
-    picked = [p for p in free_ports(options.host, len(auto) + len(numbers)) if p not in numbers]
+    picked = [p for p in free_ports(TRITON_HOST, len(auto) + len(numbers)) if p not in numbers]
     resolved = replace(options)
     for name, port in zip(auto, picked, strict=False):
         setattr(resolved, name, port)
@@ -94,6 +102,7 @@ class Supervisor:
         self.options = options
         self.say = say
         self.models = models_to_load(options.repository)
+        self.admin_key = new_admin_key()  # one per serve: a restarted Triton keeps the gateway's key valid
         options.log_dir.mkdir(parents=True, exist_ok=True)
         self.triton = self._new_triton()
         self.gateway: subprocess.Popen[bytes] | None = None
@@ -109,7 +118,8 @@ class Supervisor:
         o = self.options
         assert o.http_port is not None and o.grpc_port is not None and o.metrics_port is not None
         return TritonServer(o.repository, models=self.models, http_port=o.http_port, grpc_port=o.grpc_port,
-                            metrics_port=o.metrics_port, host=o.host, log_path=o.log_dir / "tritonserver.log")
+                            metrics_port=o.metrics_port, host=TRITON_HOST, log_path=o.log_dir / "tritonserver.log",
+                            admin_key=self.admin_key)
 
     def _save(self, **changes: object) -> None:
         for key, value in changes.items():
@@ -125,6 +135,9 @@ class Supervisor:
         self._save(triton_pid=pid)
         self.say(f"Triton ready (pid {pid}): HTTP http://{self.triton.http_url}  gRPC {self.triton.grpc_url}  "
                  f"metrics {self.triton.metrics_url}")
+        if self.options.triton_only and self.options.host != TRITON_HOST:
+            self.say(f"note: Triton binds {TRITON_HOST} only (--host is the gateway's address); reach it through "
+                     "the gateway, or run Triton yourself where its ports must be open")
         if not self.options.triton_only and not gateway_available():
             self.say("note: the gateway package is not installed; serving Triton only (as --triton-only)")
             self.options.triton_only = True
@@ -137,11 +150,12 @@ class Supervisor:
     def _start_gateway(self) -> None:
         o = self.options
         env = dict(os.environ, GATEWAY_TRITON_URLS=self.triton.grpc_url, GATEWAY_REPOSITORY=str(o.repository.resolve()),
-                   GATEWAY_HOST=o.host, GATEWAY_PORT=str(o.gateway_port), USE_TORCH="0")
+                   GATEWAY_HOST=o.host, GATEWAY_PORT=str(o.gateway_port), GATEWAY_TRITON_ADMIN_KEY=self.admin_key,
+                   USE_TORCH="0")
         log = open(o.log_dir / "gateway.log", "ab")  # noqa: SIM115 - the child keeps it open
+        # `python -m gateway`, not uvicorn's factory: a bad setting is one line and exit code 2, no traceback.
         self.gateway = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory", "--host", o.host,
-             "--port", str(o.gateway_port)],
+            [sys.executable, "-m", "gateway"],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
         )
         log.close()
@@ -155,8 +169,7 @@ class Supervisor:
         deadline = time.monotonic() + timeout_s
         while True:
             if self.gateway.poll() is not None:
-                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-                raise ServingError(f"the gateway exited with code {self.gateway.returncode} during start-up:\n{tail}")
+                raise ServingError(self._gateway_exit_message("during start-up"))
             if owns_port(self.gateway.pid, self.options.gateway_port) and _http_ok(url):
                 break
             if time.monotonic() > deadline:
@@ -166,9 +179,19 @@ class Supervisor:
         self.say(f"gateway ready (pid {self.gateway.pid}): {base}/ (chat page)  {base}/v1/chat/completions  "
                  f"docs {base}/docs; log: {log}")
 
-    def _check_ports_still_ours(self, roles: list[tuple[str, int]]) -> None:
+    def _gateway_exit_message(self, when: str) -> str:
+        assert self.gateway is not None
+        log = self.options.log_dir / "gateway.log"
+        lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+        if self.gateway.returncode == GATEWAY_CONFIG_EXIT:
+            errors = [line for line in lines if line.startswith("error: ")]
+            return f"the gateway refused to start {when}: {errors[-1][7:] if errors else 'see ' + str(log)}"
+        tail = "\n".join(lines[-15:])
+        return f"the gateway exited with code {self.gateway.returncode} {when}:\n{tail}"
+
+    def _check_ports_still_ours(self, host: str, roles: list[tuple[str, int]]) -> None:
         # A port taken by another program while ours was down: restarting would only fail again.
-        busy = busy_ports(self.options.host, roles)
+        busy = busy_ports(host, roles)
         if busy:
             raise ServingError("; ".join(busy) + ": cannot restart; stopping")
 
@@ -187,7 +210,7 @@ class Supervisor:
                 self._save(status=ServeStatus.STARTING, triton_pid=None)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
-                self._check_ports_still_ours([("Triton HTTP", self.triton.http_port),
+                self._check_ports_still_ours(TRITON_HOST, [("Triton HTTP", self.triton.http_port),
                                               ("Triton gRPC", self.triton.grpc_port)])
                 self.triton = self._new_triton()
                 try:
@@ -203,11 +226,13 @@ class Supervisor:
             elif time.monotonic() - up_since > STABLE_AFTER_S:
                 backoff = 1.0
             if self.gateway is not None and self.gateway.poll() is not None:
+                if self.gateway.returncode == GATEWAY_CONFIG_EXIT:  # a setting is wrong: restarting cannot help
+                    raise ServingError(self._gateway_exit_message("after a restart"))
                 self.say(f"gateway exited (code {self.gateway.returncode}); restarting it; "
                          f"see {self.options.log_dir / 'gateway.log'}")
                 time.sleep(1.0)
                 assert self.options.gateway_port is not None
-                self._check_ports_still_ours([("gateway", self.options.gateway_port)])
+                self._check_ports_still_ours(self.options.host, [("gateway", self.options.gateway_port)])
                 self._start_gateway()
 
     def stop(self) -> None:

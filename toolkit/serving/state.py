@@ -81,7 +81,7 @@ class ServeState:
 
     def describe(self) -> str:
         """One line: where it serves, its pids and models."""
-        where = self.gateway_url or f"Triton gRPC {self.host}:{self.grpc_port} (no gateway)"
+        where = self.gateway_url or f"Triton gRPC 127.0.0.1:{self.grpc_port} (no gateway)"
         pids = f"toolkit serve pid {self.pid}, Triton pid {self.triton_pid}" + (
             f", gateway pid {self.gateway_pid}" if self.gateway_pid else "")
         return (f"{where} ({self.status.value}; {pids}; models: {', '.join(self.models) or '-'}; "

@@ -5,7 +5,9 @@ their RPATHs stop resolving) into a private backend directory. The backend stub 
 isolated mode and takes its environment from the first ``python3`` on PATH, so the running
 virtualenv's ``bin`` goes first (PYTHONPATH would be ignored). The server is a child that dies
 with its parent, binds 127.0.0.1 by default, logs to a file, and is stopped with SIGINT, a timed
-wait, then SIGKILL.
+wait, then SIGKILL. Its model-control API (and the other protocols in
+:data:`toolkit.serving.admin_auth.RESTRICTED_PROTOCOLS`) answers only callers that send the
+run's ``admin_key`` (generated unless given).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit.errors import ServingError
+from toolkit.serving.admin_auth import new_admin_key, restricted_flags
 from toolkit.serving.ports import owns_port
 
 PR_SET_PDEATHSIG = 1
@@ -80,6 +83,7 @@ class TritonServer:
     exit_timeout_s: int = 3
     extra_args: Sequence[str] = ()
     verbose_log: bool = False
+    admin_key: str = field(default_factory=new_admin_key, repr=False)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
 
@@ -110,6 +114,9 @@ class TritonServer:
             "--allow-metrics=true", "--allow-gpu-metrics=false",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             "--strict-readiness=true",
+            # Pings from the gateway's keepalive (every 30 s) must never count as abuse (default: one per 5 min).
+            "--grpc-http2-min-recv-ping-interval-without-data=10000",
+            *restricted_flags(self.admin_key),
         ]
         if self.log_path is not None:
             args.append(f"--log-file={self.log_path}")

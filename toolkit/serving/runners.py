@@ -38,8 +38,9 @@ class Runner(Protocol):
 class OnnxRunner:
     """onnxruntime in the serving process (CPU, or CUDA where the provider is installed)."""
 
-    def __init__(self, path: Path | str, providers: Sequence[str] | None = None, threads: int | None = None):
-        self.lm = OnnxCausalLM(path, providers=providers, threads=threads)
+    def __init__(self, path: Path | str, providers: Sequence[str] | None = None, threads: int | None = None,
+                 spinning: bool | None = None):
+        self.lm = OnnxCausalLM(path, providers=providers, threads=threads, spinning=spinning)
         self.vocab_size = self.lm.vocab_size
         self.num_layers = self.lm.num_layers
         self.num_kv_heads = self.lm.num_kv_heads

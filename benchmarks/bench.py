@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_report  # noqa: E402
 from bench_systems import SYSTEMS, Build, OnnxLoop, System, make_system, server_answers  # noqa: E402
-from thirdparty import BENCH_DIR, ROOT, ensure_vllm, vllm_env  # noqa: E402
+from thirdparty import BENCH_DIR, ROOT, ForeignLoad, ensure_vllm, vllm_env  # noqa: E402
 
 DEMO = ROOT / "toolkit" / "datasets" / "demo_customer_service.json"
 FULL = {"concurrency": (1, 4, 16, 32), "prompts": {1: 8, 4: 16, 16: 48, 32: 64}, "answers": 24}
@@ -107,7 +107,9 @@ def measure_server(system: System, build: Build, plan: dict[str, Any], questions
                                    plan["max_tokens"], run_dir) for c in plan["concurrency"]]
         record["client_commands"] = commands
         print(f"{system.name}: vllm bench serve at concurrency {', '.join(map(str, plan['concurrency']))}", flush=True)
+        foreign = ForeignLoad()
         run_client(vllm, commands, run_dir / f"{system.name}-client.log")
+        record["foreign_cores"] = foreign.cores()
         record["levels"] = {}
         for c in plan["concurrency"]:
             raw = json.loads((run_dir / f"{system.name}-c{c}.json").read_text())
@@ -126,7 +128,9 @@ def measure_onnxruntime(build: Build, plan: dict[str, Any], questions: list[str]
                               "notes": f"`{build.onnx}`, batch 1, toolkit.serving.runners.OnnxRunner", "command": []}
     record["answers"] = loop.answers(questions, ANSWER_TOKENS)
     loop.measure(prompts[:1], 8)  # warm-up
+    foreign = ForeignLoad()
     m = loop.measure(prompts[: plan["prompts"][1]], plan["max_tokens"])
+    record["foreign_cores"] = foreign.cores()
     record["levels"] = {"1": m}
     print(f"onnxruntime loop: {m['output_throughput']:.1f} tok/s, ITL p50 {m['itl_ms']['p50']:.1f} ms", flush=True)
     return record

@@ -74,6 +74,10 @@ def markdown(data: dict[str, Any]) -> str:
             tri = [" / ".join(_ms(m[k], p) for p in ("p50", "p90", "p99")) for k in ("ttft_ms", "itl_ms", "e2el_ms")]
             lines.append(f"| {LABELS[name]} | {level} | {m['output_throughput']:.1f} | {m['request_throughput']:.2f} | "
                          f"{tri[0]} | {tri[1]} | {tri[2]} | {m['failed']} |")
+    disturbed = {name: s["foreign_cores"] for name, s in data["systems"].items() if s.get("foreign_cores", 0) > 0.1}
+    if disturbed:
+        lines += ["", "**Disturbed:** other processes used CPU while these systems were measured (average cores): "
+                  + ", ".join(f"{LABELS[n]} {c:.2f}" for n, c in disturbed.items()) + "; their numbers are low."]
     lines += ["", "## Targets (issue 14)", "", "| target | measured | met |", "|---|---:|---|"]
     for t in data["targets"]:
         measured = f"{t['ratio']:.2f}×" if t["ratio"] is not None else "not measured"
@@ -91,7 +95,9 @@ def markdown(data: dict[str, Any]) -> str:
     lines += ["", "## Systems and exact commands", ""]
     for name, system in data["systems"].items():
         lines.append(f"- **{LABELS[name]}** ({system.get('version', '')}; {system.get('notes', '')}"
-                     + (f"; ready in {system['ready_s']:.0f} s" if system.get("ready_s") else "") + ")")
+                     + (f"; ready in {system['ready_s']:.0f} s" if system.get("ready_s") else "")
+                     + (f"; other processes used {system['foreign_cores']:.2f} cores meanwhile"
+                        if "foreign_cores" in system else "") + ")")
         if system.get("command"):
             lines += ["", "  ```", "  " + " ".join(system["command"]), "  ```"]
     lines += ["", "Client, one line a concurrency level (run in one process by `benchmarks/vllm_bench_driver.py`, "

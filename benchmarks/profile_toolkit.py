@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import client_command, demo_prompts, level_metrics  # noqa: E402
 from bench_systems import Build, make_system  # noqa: E402
-from thirdparty import BENCH_DIR, ensure_vllm, vllm_env  # noqa: E402
+from thirdparty import BENCH_DIR, ForeignLoad, ensure_vllm, vllm_env  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -118,6 +118,7 @@ def main() -> int:
         time.sleep(8)  # the client's start-up (importing vLLM) and the first admissions
         procs["client"] = client.pid
         before = {name: cpu_seconds(pid) for name, pid in procs.items()}
+        foreign = ForeignLoad()
         started = time.monotonic()
         spies = []
         if not args.no_py_spy:
@@ -141,6 +142,7 @@ def main() -> int:
                   f"{elapsed:.1f} s window, {len(os.sched_getaffinity(0))} cores",
                   "CPU seconds per wall second in the window:"]
         report += [f"  {name:22s} {(after[name] - before[name]) / elapsed:5.2f}" for name in procs]
+        report.append(f"  {'other processes':22s} {foreign.cores():5.2f}  (not ours: should be 0)")
         result = out / f"toolkit-c{args.concurrency}.json"
         if result.is_file():
             m = level_metrics(json.loads(result.read_text()))

@@ -228,3 +228,52 @@ def toolkit_serve_command(repository: Path, gateway_port: int, triton_base_port:
     return [sys.executable, "-m", "toolkit.cli", "serve", "-r", str(repository), "--gateway-port", str(gateway_port),
             "--http-port", str(triton_base_port), "--grpc-port", str(triton_base_port + 1),
             "--metrics-port", str(triton_base_port + 2), "--log-dir", str(BENCH_DIR / "logs" / "serve")]
+
+
+class ForeignLoad:
+    """CPU time used by processes outside ours while we measure (a shared machine spoils every number).
+
+    ``ours`` are the pids whose process trees belong to the measurement (this process, the server,
+    the client); everything else that ran is reported, in cores, so a disturbed run is visible.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.busy, self.ours = self._busy(), self._ours()
+
+    @staticmethod
+    def _busy() -> float:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _ours() -> float:
+        """CPU seconds of this process and its descendants, live and reaped."""
+        tick = os.sysconf("SC_CLK_TCK")
+        parents: dict[int, int] = {}
+        times: dict[int, float] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid = int(stat.parent.name)
+            parents[pid] = int(fields[1])
+            # utime, stime, cutime, cstime: a process's own time plus its reaped children's
+            times[pid] = sum(int(f) for f in fields[11:15]) / tick
+        me = os.getpid()
+
+        def mine(pid: int) -> bool:
+            while pid > 1:
+                if pid == me:
+                    return True
+                pid = parents.get(pid, 0)
+            return False
+
+        return sum(t for pid, t in times.items() if mine(pid))
+
+    def cores(self) -> float:
+        """Average cores used by other processes since this object was made."""
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        return max(0.0, (self._busy() - self.busy) - (self._ours() - self.ours)) / elapsed

@@ -35,8 +35,8 @@ from bench_systems import SYSTEMS, Build, OnnxLoop, System, make_system, server_
 from thirdparty import BENCH_DIR, ROOT, ForeignLoad, ensure_vllm, vllm_env  # noqa: E402
 
 DEMO = ROOT / "toolkit" / "datasets" / "demo_customer_service.json"
-FULL = {"concurrency": (1, 4, 16, 32), "prompts": {1: 8, 4: 16, 16: 48, 32: 64}, "answers": 24}
-QUICK = {"concurrency": (1, 16), "prompts": {1: 4, 16: 32}, "answers": 6}
+FULL: dict[str, Any] = {"concurrency": (1, 4, 16, 32), "prompts": {1: 8, 4: 16, 16: 48, 32: 64}, "answers": 24}
+QUICK: dict[str, Any] = {"concurrency": (1, 16), "prompts": {1: 4, 16: 32}, "answers": 6}
 ANSWER_TOKENS = 64
 
 
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} FAILED: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
             results[name] = {"error": f"{type(err).__name__}: {err}", "levels": {}}
     manifest = build.manifest
-    client_commands = next((r["client_commands"] for r in results.values() if r.get("client_commands")), [])
+    client_commands: list[list[str]] = next(
+        (r["client_commands"] for r in results.values() if r.get("client_commands")), [])
     data: dict[str, Any] = {
         "date": stamp.isoformat(timespec="seconds"), "machine": machine,
         "command": shlex.join([Path(sys.executable).name, *map(str, sys.argv)]),

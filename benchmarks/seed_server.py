@@ -143,7 +143,7 @@ def create_app(seed: SeedModel, name: str) -> FastAPI:
             first = True
             async for token in next_ids():
                 generated.append(token)
-                text = seed.tokenizer.decode(generated, skip_special_tokens=True)
+                text = str(seed.tokenizer.decode(generated, skip_special_tokens=True))
                 if text.endswith("\ufffd"):
                     continue  # an incomplete UTF-8 character: wait for its other bytes
                 if first:

@@ -195,8 +195,9 @@ class OnnxLoop:
         return out, stamps
 
     def answers(self, questions: Sequence[str], max_tokens: int) -> list[str]:
+        # A character cut off by max_tokens is dropped, not kept broken (as the gateway does).
         return [str(self.tokenizer.decode(self.generate(self.prompt_ids(q), max_tokens, False)[0],
-                                          skip_special_tokens=True)).strip() for q in questions]
+                                          skip_special_tokens=True)).rstrip("\ufffd").strip() for q in questions]
 
     def measure(self, questions: Sequence[str], max_tokens: int) -> dict[str, Any]:
         """One stream, prompts one after another, exactly max_tokens each: the metrics of a c=1 client run."""

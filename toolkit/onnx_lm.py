@@ -42,13 +42,17 @@ def record_greedy_step(next_ids: Sequence[int], stops: set[int], generated: list
 class OnnxCausalLM:
     """One onnxruntime session over a KV-cache causal LM graph."""
 
-    def __init__(self, path: Path | str, providers: Sequence[str] | None = None, threads: int | None = None):
+    def __init__(self, path: Path | str, providers: Sequence[str] | None = None, threads: int | None = None,
+                 spinning: bool | None = None):
+        """``spinning``: whether idle intra-op threads busy-wait for work (onnxruntime's default: yes)."""
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             options.intra_op_num_threads = threads
         elif os.environ.get("OMP_NUM_THREADS"):
             options.intra_op_num_threads = int(os.environ["OMP_NUM_THREADS"])
+        if spinning is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
         inputs = {i.name: i for i in self.session.get_inputs()}

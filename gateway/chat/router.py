@@ -115,6 +115,16 @@ def _chunk(request_id: str, created: int, model: str, include_usage: bool, choic
     return json.dumps(data, ensure_ascii=False)
 
 
+_PLACEHOLDER = "\u0000content\u0000"
+
+
+def _content_chunk(request_id: str, created: int, model: str, include_usage: bool) -> tuple[str, str]:
+    """The JSON of a text-delta chunk, split where its text goes: one is sent per token, so build it once."""
+    data = _chunk(request_id, created, model, include_usage, ChunkChoice(delta=Delta(content=_PLACEHOLDER)))
+    before, _, after = data.partition(json.dumps(_PLACEHOLDER, ensure_ascii=False))
+    return before, after
+
+
 async def _sse(
     first: TextEvent, events: AsyncGenerator[TextEvent, None], request_id: str, model: str, include_usage: bool
 ) -> AsyncIterator[dict[str, str]]:
@@ -124,12 +134,12 @@ async def _sse(
             request_id, created, model, include_usage, ChunkChoice(delta=Delta(role="assistant", content=""))
         )
     }
+    before, after = _content_chunk(request_id, created, model, include_usage)
     try:
         event: TextEvent | None = first
         while event is not None:
             if event.text:
-                choice = ChunkChoice(delta=Delta(content=event.text))
-                yield {"data": _chunk(request_id, created, model, include_usage, choice)}
+                yield {"data": before + json.dumps(event.text, ensure_ascii=False) + after}
             if event.finish_reason is not None:
                 choice = ChunkChoice(delta=Delta(), finish_reason=event.finish_reason)
                 yield {"data": _chunk(request_id, created, model, include_usage, choice)}

@@ -109,6 +109,30 @@ def test_graph_has_optimums_tensor_names_in_order(exported: tuple[Path, StageRes
     assert [o.name for o in graph.output] == ["logits", *[f"present.{n}" for n in kv]]
 
 
+def test_the_cache_is_not_repeated_per_query_head(exported: tuple[Path, StageResult, StageContext]) -> None:
+    """Grouped-query attention reads each KV head as it is: no Expand copies the cache per query head (the
+    tiny model has 4 query heads over 2 KV heads), and the parity gates above still pass."""
+    _root, result, ctx = exported
+    graph = onnx.load(str(ctx.out_dir / result.artifacts["model"]), load_external_data=False).graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def downstream_ops(name: str, depth: int) -> set[str]:
+        ops: set[str] = set()
+        for node in consumers.get(name, []):
+            ops.add(node.op_type)
+            if depth and node.op_type not in ("MatMul", "FusedMatMul"):
+                for out in node.output:
+                    ops |= downstream_ops(out, depth - 1)
+        return ops
+
+    for layer in range(2):
+        for kind in ("key", "value"):
+            assert "Expand" not in downstream_ops(f"present.{layer}.{kind}", 4)
+
+
 def test_tokenizer_and_config_files_are_copied_unchanged(exported: tuple[Path, StageResult, StageContext]) -> None:
     root, _result, ctx = exported
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"):

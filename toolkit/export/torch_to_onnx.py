@@ -28,6 +28,7 @@ from toolkit.tokenizer_files import copy_tokenizer_files
 MODEL_FILE = "model.onnx"
 TASK = "text-generation-with-past"
 EXPORTER = "torch.onnx (dynamo)"
+GROUPED_ATTENTION = "toolkit_grouped"
 
 
 def export_onnx(model_dir: Path, out_dir: Path, opset: int = 18) -> Path:
@@ -43,6 +44,7 @@ def export_onnx(model_dir: Path, out_dir: Path, opset: int = 18) -> Path:
     from toolkit.modeling import load_model
 
     model = load_model(model_dir)
+    _use_grouped_attention(model)
     cfg = model.config
     layers = int(cfg.num_hidden_layers)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
@@ -75,6 +77,44 @@ def export_onnx(model_dir: Path, out_dir: Path, opset: int = 18) -> Path:
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out_dir / name)
     return path
+
+
+def grouped_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
+                      dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
+    """Attention in which each KV head serves its group of query heads through a reshape, not a copy.
+
+    Hugging Face's eager and SDPA paths first repeat every KV head for each query head of its
+    group (``repeat_kv``), and the exported graph does that on the whole cache at every decode step:
+    an Expand to ``heads/kv_heads`` times the cache, then a transpose and a scale of that copy,
+    which at batch 16 moved more memory than the weights. Here the query heads are regrouped instead
+    (``[b, heads, s, d] -> [b, kv_heads, group * s, d]``, the layout ``repeat_kv`` implies), the
+    cache is used as it is, and the scale is applied to the small score matrix. The result equals
+    SDPA's to float rounding. Dropout is ignored (export is inference only).
+    """
+    import torch
+
+    batch, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    scale = scaling if scaling is not None else dim**-0.5
+    scores = torch.matmul(query.reshape(batch, kv_heads, group * seq, dim), key.transpose(2, 3)) * scale
+    if attention_mask is not None:  # additive [b, 1, s, past + s] (the eager mask)
+        length = key.shape[-2]
+        scores = scores.reshape(batch, kv_heads, group, seq, length) + attention_mask[:, :, None, :, :length]
+        scores = scores.reshape(batch, kv_heads, group * seq, length)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, value).reshape(batch, heads, seq, dim).transpose(1, 2).contiguous()
+    return out, None
+
+
+def _use_grouped_attention(model: Any) -> None:
+    """Export with :func:`grouped_attention` (registered with transformers' attention interfaces)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+    AttentionMaskInterface.register(GROUPED_ATTENTION, eager_mask)
+    model.set_attn_implementation(GROUPED_ATTENTION)
 
 
 def _kv_wrapper(model: Any, num_layers: int) -> Any:

@@ -66,10 +66,6 @@ class Outbox:
                 call(*args)
             except Exception:  # a failing call must not stop the others
                 log.warning("outbox call %s failed", getattr(call, "__qualname__", call), exc_info=True)
-            finally:
-                # Hold nothing while idle: Triton unloads a model only once every response sender of
-                # its requests has been garbage-collected, and the last call holds its stream's.
-                del call, args
 
 
 class QueuedStream:

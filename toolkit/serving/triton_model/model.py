@@ -28,7 +28,6 @@ from toolkit.repository.manifest import MANIFEST_FILE, ModelManifest
 from toolkit.repository.pbtxt_scan import ConfigFacts, scan_config
 from toolkit.repository.plan_compat import verify_plan_dir
 from toolkit.serving.model_metrics import TritonMetrics
-from toolkit.serving.outbox import Outbox, QueuedMetrics, QueuedStream
 from toolkit.serving.requests import Limits, QueueFullError, RequestError, parse_request, unbatch
 from toolkit.serving.runners import BlsRunner, OnnxRunner, Runner
 from toolkit.serving.scheduler import Scheduler
@@ -159,14 +158,12 @@ class TritonPythonModel:
             max_new_tokens_limit=int(params.get(contract.PARAM_MAX_NEW_TOKENS) or context),
             stop_token_ids=frozenset(manifest.stop_token_ids) | frozenset(manifest.eos_token_ids),
         )
-        # Responses and metric updates are IPC round trips to Triton: sent from their own thread, in order.
-        self.outbox = Outbox().start()
         self.scheduler = Scheduler(
             runner,
             max_active=int(params.get(contract.PARAM_MAX_ACTIVE) or contract.DEFAULT_MAX_ACTIVE_SEQUENCES),
             max_queue=int(params.get(contract.PARAM_MAX_QUEUE) or contract.DEFAULT_MAX_QUEUE),
             pad_id=manifest.pad_token_id,
-            metrics=QueuedMetrics(TritonMetrics(pb_utils, args["model_name"], version), self.outbox),
+            metrics=TritonMetrics(pb_utils, args["model_name"], version),
         )
         self.scheduler.start()
         log.warning("%s v%s: runner %s on %s, context %d, max active %d", args["model_name"], version,
@@ -181,7 +178,7 @@ class TritonPythonModel:
                 raw = request.parameters()
                 parameters = json.loads(raw) if raw else {}
                 generation = parse_request(inputs, self.limits, parameters)
-                self.scheduler.submit(generation, QueuedStream(TritonStream(request, sender), self.outbox))
+                self.scheduler.submit(generation, TritonStream(request, sender))
             except RequestError as err:
                 send_error(sender, f"{contract.INVALID_REQUEST_PREFIX}{err}")
             except QueueFullError as err:  # its message starts with SERVER_BUSY_PREFIX or SHUTTING_DOWN_PREFIX
@@ -196,4 +193,3 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.scheduler.stop()
-        self.outbox.stop()  # after the scheduler: its last responses (errors for what was pending) go out

@@ -44,24 +44,22 @@ class Admission:
     def take(cls, state: AppState, caller: str) -> Admission:
         """Take both slots and charge the request rate, or raise 429 holding nothing."""
         metrics = state.metrics
-        try:
-            state.in_flight.acquire()
-        except TooManyRequestsError:
-            metrics.rejections.labels("in_flight").inc()
-            raise
+        taken: list[Callable[[], None]] = []  # what to give back if a later check refuses
+        checks: list[tuple[str, Callable[[], None], Callable[[], None]]] = [
+            ("in_flight", state.in_flight.acquire, state.in_flight.release),
+            ("per_key", lambda: state.per_key.acquire(caller), lambda: state.per_key.release(caller)),
+            ("rate_limit", lambda: state.rate_limiter.admit_request(caller), lambda: None),
+        ]
+        for reason, acquire, release in checks:
+            try:
+                acquire()
+            except TooManyRequestsError:
+                for give_back in reversed(taken):  # only the slots this request took
+                    give_back()
+                metrics.rejections.labels(reason).inc()
+                raise
+            taken.append(release)
         admission = cls(state, caller)
-        try:
-            state.per_key.acquire(caller)
-        except TooManyRequestsError:
-            admission.release()
-            metrics.rejections.labels("per_key").inc()
-            raise
-        try:
-            state.rate_limiter.admit_request(caller)
-        except TooManyRequestsError:
-            admission.release()
-            metrics.rejections.labels("rate_limit").inc()
-            raise
         metrics.in_flight.set(state.in_flight.count)
         return admission
 

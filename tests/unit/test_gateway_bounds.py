@@ -152,6 +152,16 @@ def test_one_key_cannot_take_every_slot(repository: Path) -> None:
         assert state.per_key.counts == {} and state.in_flight.count == 0
 
 
+def test_a_refused_request_gives_back_only_what_it_took(repository: Path) -> None:
+    with make_client(repository, FakePool([9906]), api_keys=[KEY], max_in_flight=4, max_in_flight_per_key=1) as client:
+        state = client.app.state.gateway  # type: ignore[attr-defined]
+        state.per_key.acquire(KEY)  # a request of KEY's is in flight
+        for _ in range(3):  # each refusal must leave that request's slot held
+            refused = client.post("/v1/chat", json={"message": "hi"}, headers={"Authorization": f"Bearer {KEY}"})
+            assert refused.status_code == 429
+            assert state.per_key.counts == {KEY: 1} and state.in_flight.count == 0
+        state.per_key.release(KEY)
+
 def test_rate_limit_state_is_bounded() -> None:
     limiter = RateLimiter(requests_per_minute=5, tokens_per_minute=100, max_keys=3)
     for i in range(1000):

@@ -43,8 +43,9 @@ class OnnxCausalLM:
     """One onnxruntime session over a KV-cache causal LM graph."""
 
     def __init__(self, path: Path | str, providers: Sequence[str] | None = None, threads: int | None = None,
-                 spinning: bool | None = None):
-        """``spinning``: whether idle intra-op threads busy-wait for work (onnxruntime's default: yes)."""
+                 spinning: bool | None = None, graph: bytes | None = None):
+        """``spinning``: whether idle intra-op threads busy-wait for work (onnxruntime's default: yes);
+        ``graph``: a serialized graph to run instead of the file at `path` (which names it)."""
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
@@ -54,7 +55,8 @@ class OnnxCausalLM:
         if spinning is not None:
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
+        self.session = ort.InferenceSession(graph if graph is not None else str(path), options,
+                                            providers=list(providers or default_providers()))
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
         layers = past_layers(inputs)

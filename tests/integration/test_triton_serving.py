@@ -82,17 +82,48 @@ class RecordingStream:
         return False
 
 
-def test_scheduler_over_real_onnx_matches_direct_greedy(tiny_onnx: Path) -> None:
+def _reference_each(onnx: Path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+    lm = OnnxCausalLM(onnx)
+    return [lm.greedy([p], n, [IM_END])[0][0] for p, n in zip(prompts, max_tokens, strict=True)]
+
+
+@pytest.mark.parametrize("split_kv", [True, False], ids=["split-kv graph", "exported graph"])
+def test_scheduler_over_real_onnx_matches_direct_greedy(tiny_onnx: Path, split_kv: bool) -> None:
+    """Rows join between steps, leave at different lengths, and (split-KV) outgrow their spare columns."""
     prompts = _prompts(6, seed=5)
-    expected = _reference(tiny_onnx, prompts, 12)
-    scheduler = Scheduler(OnnxRunner(tiny_onnx), max_active=4)
+    max_tokens = [12 + 9 * i for i in range(6)]  # up to 57 steps: the 32 spare columns run out
+    expected = _reference_each(tiny_onnx, prompts, max_tokens)
+    runner = OnnxRunner(tiny_onnx, split_kv=split_kv)
+    assert (runner.kv_spare_columns > 0) == split_kv, runner.graph_note
+    scheduler = Scheduler(runner, max_active=4)
     streams = [RecordingStream() for _ in prompts]
-    for prompt, stream in zip(prompts, streams, strict=True):
-        scheduler.submit(GenerationRequest(prompt, 12, SamplingParams(), frozenset({IM_END})), stream)
+    for prompt, stream, limit in zip(prompts, streams, max_tokens, strict=True):
+        scheduler.submit(GenerationRequest(prompt, limit, SamplingParams(), frozenset({IM_END})), stream)
         scheduler.step()
     while not all(s.done for s in streams):
         scheduler.step()
     assert [s.tokens for s in streams] == expected
+
+
+def test_split_kv_graph_logits_equal_the_exported_graph(tiny_onnx: Path) -> None:
+    """Prefill (left-padded) and a decode step over a cache with masked spare columns, against the export."""
+    from toolkit.serving.kvcache import BatchKV, left_pad
+
+    split, plain = OnnxRunner(tiny_onnx), OnnxRunner(tiny_onnx, split_kv=False)
+    ids, mask, positions = left_pad(_prompts(3, seed=9))
+    split_logits, split_new = split.forward(ids, mask, positions, split.empty_past(3))
+    plain_logits, plain_present = plain.forward(ids, mask, positions, plain.empty_past(3))
+    assert split_logits.shape[1] == 1  # the last position only
+    np.testing.assert_allclose(split_logits[:, -1], plain_logits[:, -1], atol=1e-4)
+    kv = BatchKV(spare_columns=split.kv_spare_columns)
+    kv.add(split_new, mask)
+    tokens = plain_logits[:, -1].argmax(-1)
+    step_ids, step_mask, step_pos = kv.step_inputs(tokens)
+    assert step_mask.shape[1] == mask.shape[1] + split.kv_spare_columns + 1
+    split_logits, _ = split.forward(step_ids, step_mask, step_pos, kv.past)
+    full_mask = np.concatenate([mask, np.ones((3, 1), dtype=np.int64)], axis=1)
+    plain_logits, _ = plain.forward(step_ids, full_mask, step_pos, plain_present)
+    np.testing.assert_allclose(split_logits[:, -1], plain_logits[:, -1], atol=1e-4)
 
 
 @pytest.mark.parametrize("concurrency", [1, 8])

@@ -18,8 +18,9 @@ class FakeRunner:
     head_dim = 8
     dtype = np.float32
 
-    def __init__(self, vocab_size: int = 40, max_positions: int = 256, seed: int = 0):
+    def __init__(self, vocab_size: int = 40, max_positions: int = 256, seed: int = 0, spare_columns: int = 0):
         rng = np.random.default_rng(seed)
+        self.kv_spare_columns = spare_columns  # > 0: present is the new tokens only, like the split-KV graph
         self.vocab_size = vocab_size
         self.embed = rng.normal(size=(vocab_size, self.head_dim)).astype(np.float32)
         self.pos = rng.normal(size=(max_positions, self.head_dim)).astype(np.float32)
@@ -47,7 +48,8 @@ class FakeRunner:
             weights = attention_mask[:, :upto].astype(np.float32)
             hidden = (keys[:, 0, :upto] * weights[..., None]).sum(1) / np.maximum(weights.sum(1, keepdims=True), 1)
             logits[:, s] = np.tanh(hidden) @ self.out
-        return logits, [keys, keys.copy()]
+        present = new if self.kv_spare_columns else keys
+        return logits, [present, present.copy()]
 
 
 def reference_greedy(runner: FakeRunner, prompt: list[int], max_new: int, stops: set[int]) -> list[int]:
@@ -58,7 +60,9 @@ def reference_greedy(runner: FakeRunner, prompt: list[int], max_new: int, stops:
     past = runner.empty_past(1)
     out: list[int] = []
     for _ in range(max_new):
-        logits, past = runner.forward(ids, mask, pos, past)
+        logits, present = runner.forward(ids, mask, pos, past)
+        past = [np.concatenate([p, n], axis=2) for p, n in zip(past, present, strict=True)] \
+            if runner.kv_spare_columns else present
         token = int(logits[0, -1].argmax())
         if token in stops:
             break

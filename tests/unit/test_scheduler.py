@@ -22,6 +22,10 @@ def _request(prompt: list[int], max_tokens: int = 12, stops: frozenset[int] = fr
     return GenerationRequest(prompt, max_tokens, SamplingParams(**sampling), stops)  # type: ignore[arg-type]
 
 
+# 0: the exported graph's interface; 3: the split-KV graph's, its buffers reallocated every 3 steps
+SPARE = pytest.mark.parametrize("spare", [0, 3])
+
+
 def _drain(scheduler: Scheduler, streams: list[RecordingStream], max_steps: int = 500) -> None:
     for _ in range(max_steps):
         if all(s.done for s in streams):
@@ -30,8 +34,9 @@ def _drain(scheduler: Scheduler, streams: list[RecordingStream], max_steps: int 
     raise AssertionError("streams did not finish")
 
 
-def test_batched_greedy_equals_single_sequence_greedy() -> None:
-    runner = FakeRunner()
+@SPARE
+def test_batched_greedy_equals_single_sequence_greedy(spare: int) -> None:
+    runner = FakeRunner(spare_columns=spare)
     scheduler = Scheduler(runner, max_active=8)
     streams = [RecordingStream() for _ in PROMPTS]
     for prompt, stream in zip(PROMPTS, streams, strict=True):
@@ -45,8 +50,9 @@ def test_batched_greedy_equals_single_sequence_greedy() -> None:
     assert scheduler.stats.max_batch_size == len(PROMPTS)
 
 
-def test_requests_joining_mid_flight_decode_exactly_as_alone() -> None:
-    runner = FakeRunner()
+@SPARE
+def test_requests_joining_mid_flight_decode_exactly_as_alone(spare: int) -> None:
+    runner = FakeRunner(spare_columns=spare)
     scheduler = Scheduler(runner, max_active=4)
     streams = []
     for i, prompt in enumerate(PROMPTS):
@@ -73,8 +79,9 @@ def test_stop_token_ends_the_sequence_and_is_not_streamed() -> None:
     assert stream.finish == ("stop", 3, len(stream.tokens))
 
 
-def test_cancelled_stream_is_retired_and_frees_its_slot() -> None:
-    runner = FakeRunner()
+@SPARE
+def test_cancelled_stream_is_retired_and_frees_its_slot(spare: int) -> None:
+    runner = FakeRunner(spare_columns=spare)
     scheduler = Scheduler(runner, max_active=2)
     cancelled = RecordingStream(cancel_after=2)
     others = [RecordingStream(), RecordingStream()]
@@ -177,6 +184,30 @@ def test_batch_kv_trims_padding_when_the_longest_row_leaves() -> None:
     assert kv.past[0][0, 0, :, 0].tolist() == [18.0, 19.0]
 
 
+def test_batch_kv_with_spare_columns_writes_in_place_and_grows_only_when_full() -> None:
+    kv = BatchKV(spare_columns=2)
+    _, mask, _ = left_pad([[1, 1, 1], [2]])
+    kv.add([np.arange(6, dtype=np.float32).reshape(2, 1, 3, 1)], mask)
+    assert (kv.width, kv.capacity) == (3, 5)
+    ids, step_mask, positions = kv.step_inputs(np.asarray([7, 8]))
+    assert step_mask.tolist() == [[1, 1, 1, 0, 0, 1], [0, 0, 1, 0, 0, 1]]  # spare columns masked out
+    assert positions.tolist() == [[3], [1]]
+    buffer = kv.past[0]
+    kv.advance([np.asarray([[[[10.0]]], [[[11.0]]]], dtype=np.float32)])
+    assert kv.past[0] is buffer and buffer[:, 0, 3, 0].tolist() == [10.0, 11.0]  # written in place
+    kv.advance([np.full((2, 1, 1, 1), 12, dtype=np.float32)])
+    kv.advance([np.full((2, 1, 1, 1), 13, dtype=np.float32)])  # the spare columns ran out: a new buffer
+    assert kv.past[0] is not buffer and (kv.width, kv.capacity) == (6, 7)
+    assert kv.past[0][1, 0, :6, 0].tolist() == [3.0, 4.0, 5.0, 11.0, 12.0, 13.0]
+    kv.keep([1])  # the long row leaves: its leading padding is trimmed, spare columns kept
+    assert (kv.width, kv.capacity) == (4, 6) and kv.mask.tolist() == [[1, 1, 1, 1]]
+    assert kv.past[0][0, 0, :4, 0].tolist() == [5.0, 11.0, 12.0, 13.0]
+    _, late_mask, _ = left_pad([[3, 3, 3, 3, 3, 3]])
+    kv.add([np.full((1, 1, 6, 1), 9, dtype=np.float32)], late_mask)  # a longer newcomer: the old row is padded
+    assert kv.mask.tolist() == [[0, 0, 1, 1, 1, 1], [1] * 6] and kv.capacity == 8
+    assert kv.past[0][0, 0, :6, 0].tolist() == [0.0, 0.0, 5.0, 11.0, 12.0, 13.0]
+
+
 def _wait(predicate, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -185,8 +216,9 @@ def _wait(predicate, timeout_s: float = 10.0) -> None:  # type: ignore[no-untype
         time.sleep(0.005)
 
 
-def test_prefill_is_bounded_and_chunked_by_length_without_changing_tokens() -> None:
-    runner = FakeRunner()
+@SPARE
+def test_prefill_is_bounded_and_chunked_by_length_without_changing_tokens(spare: int) -> None:
+    runner = FakeRunner(spare_columns=spare)
     scheduler = Scheduler(runner, max_active=8, max_prefill_tokens=10)
     streams = [RecordingStream() for _ in PROMPTS]
     for prompt, stream in zip(PROMPTS, streams, strict=True):

@@ -2,11 +2,13 @@
 
 Sequences have different lengths, so each row is left-padded to the longest and an attention mask
 hides the padding; positions are per row (its own real length), so a sequence decodes exactly as
-it would alone. The optimum graph concatenates the past with the new token internally, so the
-cache after a step is simply the graph's ``present`` outputs: no copy on our side in steady state.
-Rows are copied only when the membership changes: new sequences join after their prefill, finished
-ones are dropped and leading columns no live row uses are trimmed, so the padded length stays the
-longest live sequence.
+it would alone. With the exported graph (optimum's interface) the cache after a step is the graph's
+``present`` outputs (the graph concatenates past and new token, a copy of the whole cache each
+step); with the serving graph of :mod:`toolkit.serving.decode_graph` it is a buffer with spare
+columns that each step writes one column of, in place. Rows are copied only when the membership
+changes (new sequences join after their prefill, finished ones are dropped and leading columns no
+live row uses are trimmed, so the padded length stays the longest live sequence) and, with spare
+columns, when they run out.
 """
 
 from __future__ import annotations
@@ -17,15 +19,21 @@ import numpy as np
 
 
 class BatchKV:
-    """Right-aligned KV cache of the active rows, with its attention mask and real lengths."""
+    """Right-aligned KV cache of the active rows, with its attention mask and real lengths.
 
-    def __init__(self) -> None:
-        self.past: list[np.ndarray] = []
-        self.mask = np.zeros((0, 0), dtype=np.int64)
-        self.lengths = np.zeros(0, dtype=np.int64)
+    ``spare_columns=0`` (a graph whose ``present`` is the whole cache): each step's outputs become the
+    cache. ``spare_columns=n`` (:mod:`toolkit.serving.decode_graph`'s graph, whose ``present`` is the new
+    token only): the cache lives in buffers ``n`` columns wider than needed, the graph reads them whole
+    (the spare columns masked out), and each step's new column is written in place; the buffers are
+    reallocated only when the spare columns run out, once every ``n`` steps.
+    """
+
+    def __init__(self, spare_columns: int = 0) -> None:
+        self.spare_columns = max(0, spare_columns)
+        self.clear()
 
     def clear(self) -> None:
-        self.past = []
+        self.buffers: list[np.ndarray] = []  # [rows, heads, capacity, dim]; columns [0, width) hold the cache
         self.mask = np.zeros((0, 0), dtype=np.int64)
         self.lengths = np.zeros(0, dtype=np.int64)
 
@@ -37,34 +45,41 @@ class BatchKV:
     def width(self) -> int:
         return int(self.mask.shape[1])
 
+    @property
+    def capacity(self) -> int:
+        return int(self.buffers[0].shape[2]) if self.buffers else 0
+
+    @property
+    def past(self) -> list[np.ndarray]:
+        """What the graph reads: the buffers whole (their spare columns masked by :meth:`step_inputs`)."""
+        return self.buffers
+
     def nbytes(self) -> int:
-        return int(sum(p.nbytes for p in self.past))
+        return int(sum(p.nbytes for p in self.buffers))
 
     def add(self, past: Sequence[np.ndarray], mask: np.ndarray) -> None:
         """Append rows from a (left-padded) prefill: ``past`` arrays [n, heads, len, dim], ``mask`` [n, len]."""
-        n, new_width = mask.shape
-        if self.rows == 0:
-            self.past = [np.ascontiguousarray(p) for p in past]
-            self.mask = mask.astype(np.int64, copy=True)
-            self.lengths = mask.sum(axis=1).astype(np.int64)
-            self._trim()
-            return
-        width = max(self.width, new_width)
-        total = self.rows + n
+        old_rows, old_width = self.rows, self.width
+        new_rows, new_width = mask.shape
+        width = max(old_width, new_width)
+        full_mask = np.zeros((old_rows + new_rows, width), dtype=np.int64)
+        full_mask[:old_rows, width - old_width:] = self.mask
+        full_mask[old_rows:, width - new_width:] = mask
+        lengths = np.concatenate([self.lengths, mask.sum(axis=1).astype(np.int64)])
+        pad = width - int(lengths.max())  # leading columns no row uses
         merged = []
-        for old, new in zip(self.past, past, strict=True):
-            heads, dim = old.shape[1], old.shape[3]
-            out = np.zeros((total, heads, width, dim), dtype=old.dtype)
-            out[: self.rows, :, width - self.width:] = old
-            out[self.rows:, :, width - new_width:] = new
+        for index, new in enumerate(past):
+            heads, dim = new.shape[1], new.shape[3]
+            out = np.zeros((old_rows + new_rows, heads, width - pad + self.spare_columns, dim), dtype=new.dtype)
+            parts = [(slice(old_rows, None), new, new_width)]
+            if old_rows:
+                parts.append((slice(0, old_rows), self.buffers[index], old_width))
+            for rows, cache, cache_width in parts:
+                skip = max(0, pad - (width - cache_width))  # this part's own leading padding that is trimmed
+                start = width - cache_width + skip - pad
+                out[rows, :, start:width - pad] = cache[:, :, skip:cache_width]
             merged.append(out)
-        full_mask = np.zeros((total, width), dtype=np.int64)
-        full_mask[: self.rows, width - self.width:] = self.mask
-        full_mask[self.rows:, width - new_width:] = mask
-        self.past = merged
-        self.mask = full_mask
-        self.lengths = np.concatenate([self.lengths, mask.sum(axis=1).astype(np.int64)])
-        self._trim()
+        self.buffers, self.mask, self.lengths = merged, np.ascontiguousarray(full_mask[:, pad:]), lengths
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (in that order); drop the others and trim the padding nobody needs."""
@@ -74,29 +89,42 @@ class BatchKV:
             self.clear()
             return
         index = np.asarray(rows, dtype=np.int64)
-        self.mask = self.mask[index]
+        width = self.width
         self.lengths = self.lengths[index]
-        pad = self.width - int(self.lengths.max())
-        self.past = [np.ascontiguousarray(p[index, :, pad:]) for p in self.past]
-        self.mask = np.ascontiguousarray(self.mask[:, pad:])
+        pad = width - int(self.lengths.max())
+        self.mask = np.ascontiguousarray(self.mask[index, pad:])
+        self.buffers = [self._resized(b[index, :, pad:width]) for b in self.buffers]
 
-    def _trim(self) -> None:
-        pad = self.width - int(self.lengths.max())
-        if pad > 0:
-            self.past = [np.ascontiguousarray(p[:, :, pad:]) for p in self.past]
-            self.mask = np.ascontiguousarray(self.mask[:, pad:])
+    def _resized(self, cache: np.ndarray) -> np.ndarray:
+        """A buffer holding `cache` ([rows, heads, width, dim]) with this cache's spare columns."""
+        if not self.spare_columns:
+            return np.ascontiguousarray(cache)
+        rows, heads, width, dim = cache.shape
+        out = np.empty((rows, heads, width + self.spare_columns, dim), dtype=cache.dtype)
+        out[:, :, :width] = cache
+        out[:, :, width:] = 0
+        return out
 
     def step_inputs(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """input_ids [rows, 1], attention_mask [rows, width + 1] and position_ids [rows, 1] of a decode step."""
+        """input_ids [rows, 1], attention_mask [rows, capacity + 1] and position_ids [rows, 1] of a decode step."""
         ids = tokens.reshape(-1, 1).astype(np.int64)
-        mask = np.concatenate([self.mask, np.ones((self.rows, 1), dtype=np.int64)], axis=1)
+        mask = np.zeros((self.rows, self.capacity + 1), dtype=np.int64)
+        mask[:, : self.width] = self.mask
+        mask[:, -1] = 1
         positions = self.lengths.reshape(-1, 1).copy()
         return ids, mask, positions
 
-    def advance(self, present: list[np.ndarray], mask: np.ndarray) -> None:
-        """Take the step's outputs as the new cache (each row one token longer)."""
-        self.past = present
-        self.mask = mask
+    def advance(self, present: list[np.ndarray]) -> None:
+        """Take a decode step's outputs into the cache (each row one token longer)."""
+        width = self.width
+        if not self.spare_columns:  # the graph's present is the whole cache, the new column included
+            self.buffers = present
+        else:
+            if width >= self.capacity:
+                self.buffers = [self._resized(b[:, :, :width]) for b in self.buffers]
+            for buffer, new in zip(self.buffers, present, strict=True):
+                buffer[:, :, width] = new[:, :, -1]
+        self.mask = np.concatenate([self.mask, np.ones((self.rows, 1), dtype=np.int64)], axis=1)
         self.lengths = self.lengths + 1
 
 

@@ -88,7 +88,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._queue: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
-        self._kv = BatchKV()
+        self._kv = BatchKV(spare_columns=getattr(runner, "kv_spare_columns", 0))
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -249,7 +249,7 @@ class Scheduler:
         tokens = np.asarray([s.last_token for s in self._active], dtype=np.int64)
         ids, mask, positions = self._kv.step_inputs(tokens)
         logits, present = self.runner.forward(ids, mask, positions, self._kv.past)
-        self._kv.advance(present, mask)
+        self._kv.advance(present)
         batch = len(self._active)
         self.stats.steps += 1
         self.stats.max_batch_size = max(self.stats.max_batch_size, batch)

@@ -166,8 +166,9 @@ class TritonPythonModel:
             metrics=TritonMetrics(pb_utils, args["model_name"], version),
         )
         self.scheduler.start()
-        log.warning("%s v%s: runner %s on %s, context %d, max active %d", args["model_name"], version,
-                    runner_kind, core_model, context, self.scheduler.max_active)
+        log.warning("%s v%s: runner %s on %s (%s), context %d, max active %d", args["model_name"], version,
+                    runner_kind, core_model, getattr(runner, "graph_note", "core model"), context,
+                    self.scheduler.max_active)
 
     def execute(self, requests: list[Any]) -> None:
         """Validate and enqueue; responses come from the scheduler thread. Never raises."""

@@ -189,3 +189,16 @@ def test_bls_over_a_plan_built_for_another_gpu_refuses_to_load(
                              r"has TensorRT 10.3.0 on NVIDIA H100 80GB HBM3 sm_90; rebuild with .*build_plan.sh"):
         instance.initialize({"model_config": json.dumps(config), "model_repository": str(tmp_path / "m"),
                              "model_version": "1", "model_name": "m"})
+
+
+def test_gauges_cross_to_the_server_only_when_they_change() -> None:
+    import fake_pb_utils
+
+    from toolkit.serving.model_metrics import ACTIVE_SEQUENCES, KV_CACHE_BYTES, TritonMetrics
+
+    metrics = TritonMetrics(fake_pb_utils, "m", "1")
+    for n in (1, 1, 1, 2, 2, 0):
+        metrics.active_sequences(n)
+        metrics.kv_cache_bytes(4096)
+    assert fake_pb_utils.MetricFamily.families[ACTIVE_SEQUENCES].metrics[-1].values == [1.0, 2.0, 0.0]
+    assert fake_pb_utils.MetricFamily.families[KV_CACHE_BYTES].metrics[-1].values == [4096.0]

@@ -42,6 +42,23 @@ class NullMetrics:
     def finished(self, reason: str) -> None: ...
 
 
+class _Gauge:
+    """A gauge that crosses to the server only when its value changes.
+
+    Inside Triton every metric update is a round trip from the backend stub to the server process;
+    the scheduler reports its gauges every step, and at batch 1 most steps change none of them.
+    """
+
+    def __init__(self, metric: Any):
+        self.metric = metric
+        self.value: float | None = None
+
+    def set(self, value: float) -> None:
+        if value != self.value:
+            self.value = value
+            _safe(self.metric.set, value)
+
+
 def _safe(update: Any, value: float) -> None:
     # A metric update must never break generation (or leave a stream without its final response).
     try:
@@ -74,10 +91,10 @@ class TritonMetrics(NullMetrics):
         self._itl = metric(INTER_TOKEN_LATENCY, "Seconds between streamed tokens", histogram, ITL_BUCKETS_S)
         self._batch = metric(BATCH_SIZE, "Sequences in each batched decode forward", histogram,
                              [float(b) for b in BATCH_BUCKETS])
-        self._last_batch = metric(LAST_BATCH_SIZE, "Sequences in the latest decode forward", gauge)
-        self._active = metric(ACTIVE_SEQUENCES, "Sequences holding a slot (prefilled or decoding)", gauge)
-        self._queue = metric(QUEUE_DEPTH, "Requests waiting for a slot", gauge)
-        self._kv = metric(KV_CACHE_BYTES, "Bytes of KV cache held by the decode batch", gauge)
+        self._last_batch = _Gauge(metric(LAST_BATCH_SIZE, "Sequences in the latest decode forward", gauge))
+        self._active = _Gauge(metric(ACTIVE_SEQUENCES, "Sequences holding a slot (prefilled or decoding)", gauge))
+        self._queue = _Gauge(metric(QUEUE_DEPTH, "Requests waiting for a slot", gauge))
+        self._kv = _Gauge(metric(KV_CACHE_BYTES, "Bytes of KV cache held by the decode batch", gauge))
         requests = family(name=REQUESTS, description="Finished requests by finish reason", kind=counter)
         self._families.append(requests)
         self._requests = {
@@ -99,16 +116,16 @@ class TritonMetrics(NullMetrics):
 
     def batch_size(self, n: int) -> None:
         _safe(self._batch.observe, float(n))
-        _safe(self._last_batch.set, float(n))
+        self._last_batch.set(float(n))
 
     def active_sequences(self, n: int) -> None:
-        _safe(self._active.set, float(n))
+        self._active.set(float(n))
 
     def queue_depth(self, n: int) -> None:
-        _safe(self._queue.set, float(n))
+        self._queue.set(float(n))
 
     def kv_cache_bytes(self, n: int) -> None:
-        _safe(self._kv.set, float(n))
+        self._kv.set(float(n))
 
     def finished(self, reason: str) -> None:
         metric = self._requests.get(reason)

@@ -9,7 +9,7 @@ the one optimum exports for ``text-generation-with-past``: inputs ``input_ids``,
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +43,11 @@ class OnnxCausalLM:
     """One onnxruntime session over a KV-cache causal LM graph."""
 
     def __init__(self, path: Path | str, providers: Sequence[str] | None = None, threads: int | None = None,
-                 spinning: bool | None = None):
-        """``spinning``: whether idle intra-op threads busy-wait for work (onnxruntime's default: yes)."""
+                 spinning: bool | None = None, session_config: Mapping[str, str] | None = None):
+        """``spinning``: whether idle intra-op threads busy-wait for work (onnxruntime's default: yes).
+
+        ``session_config``: extra onnxruntime session config entries (``add_session_config_entry``).
+        """
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
@@ -53,6 +56,8 @@ class OnnxCausalLM:
             options.intra_op_num_threads = int(os.environ["OMP_NUM_THREADS"])
         if spinning is not None:
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
         inputs = {i.name: i for i in self.session.get_inputs()}

@@ -164,7 +164,7 @@ def test_quantize_stage_writes_int8_and_qdq_and_reports(exported: tuple[Path, St
     root, result, export_ctx = exported
     ctx = _quantize_ctx(root, export_ctx, result, "quantize")
     out = quantize.run(ctx)
-    assert set(out.artifacts) == {"int8", "qdq"}
+    assert set(out.artifacts) == {"int8", "qdq", "answers"}
     int8 = OnnxCausalLM(ctx.out_dir / out.artifacts["int8"], providers=["CPUExecutionProvider"])
     assert int8.num_layers == 2
     int8_ops = {n.op_type for n in onnx.load(str(int8.path)).graph.node}
@@ -189,7 +189,7 @@ def test_quantize_gate_failure_drops_the_variant_without_failing_the_build(
         "agreement": "teacher_forced"})})
     ctx = _quantize_ctx(root, export_ctx, result, "quantize_strict", strict)
     out = quantize.run(ctx)
-    assert set(out.artifacts) == {"int8"}
+    assert set(out.artifacts) == {"int8", "answers"}
     assert out.metrics["int8_shipped"] is False
     assert out.note.startswith("INT8 NOT shipped: failed") and "onnx_int8_perplexity_delta_pct" in out.note
     assert [g.blocking for g in out.gates] == [False] * len(out.gates)
@@ -214,6 +214,9 @@ def test_task_gate_scores_both_graphs_and_gates_the_qdq_graph(
     assert not any(g.blocking for g in out.gates)
     assert out.metrics["qdq_shipped"] is all(g.passed for g in out.gates if g.name.startswith("onnx_qdq"))
     assert out.metrics["identical_answers"].endswith(f"/{prompts}")
+    rows = [json.loads(line) for line in (ctx.out_dir / out.artifacts["answers"]).read_text().splitlines()]
+    assert len(rows) == prompts and {"question", "fp32", "int8", "qdq", "qdq_right"} <= set(rows[0])
+    assert rows[0]["fp32_right"] is None and isinstance(rows[-1]["fp32_right"], bool)  # no facts; retention
 
 
 def test_weight_only_qdq_dequantizes_per_output_channel(exported: tuple[Path, StageResult, StageContext],

@@ -42,6 +42,8 @@ class TaskScores:
     retention: tuple[int, int]  # (right, asked)
     generated: list[list[int]] = field(repr=False)  # token ids per prompt, prompt order
     generate_s: float = 0.0
+    answers: list[str] = field(default_factory=list, repr=False)  # decoded, prompt order
+    right: list[bool | None] = field(default_factory=list, repr=False)  # per prompt; None: a test row without facts
 
     def fact_points(self, language: str) -> float:
         right, asked = self.facts[language]
@@ -117,14 +119,18 @@ def score_task(test: Sequence[Example], answers: Sequence[str], generated: list[
                generate_s: float = 0.0) -> TaskScores:
     """Score answers to ``evaluation_prompts(test)`` (test questions, then retention questions)."""
     counts = {language: [0, 0] for language in LANGUAGES}
+    right: list[bool | None] = []
     for example, answer in zip(test, answers, strict=False):
+        right.append(contains_facts(answer, example.facts) if example.facts else None)
         if example.facts:
             tally = counts.setdefault(language_of(example), [0, 0])
-            tally[0] += contains_facts(answer, example.facts)
+            tally[0] += bool(right[-1])
             tally[1] += 1
     kept = score_retention(answers[len(test):])
-    facts = {language: (right, asked) for language, (right, asked) in counts.items() if asked}
-    return TaskScores(facts=facts, retention=(kept.correct, kept.total), generated=generated, generate_s=generate_s)
+    right += [bool(row["correct"]) for row in kept.per_question]
+    facts = {language: (n, asked) for language, (n, asked) in counts.items() if asked}
+    return TaskScores(facts=facts, retention=(kept.correct, kept.total), generated=generated, generate_s=generate_s,
+                      answers=list(answers), right=right)
 
 
 def answer_and_score(model: OnnxCausalLM, tokenizer: Any, test: Sequence[Example], prompt_ids: Sequence[Sequence[int]],
@@ -138,6 +144,18 @@ def answer_and_score(model: OnnxCausalLM, tokenizer: Any, test: Sequence[Example
     generate_s = time.perf_counter() - started
     answers = [decode_text(tokenizer, ids).strip() for ids in generated]
     return score_task(test, answers, generated, generate_s)
+
+
+def answer_table(questions: Sequence[str], scores: dict[str, TaskScores]) -> list[dict[str, Any]]:
+    """One row per evaluation prompt: each graph's answer and whether it was right (None: no facts to check)."""
+    rows = []
+    for i, question in enumerate(questions):
+        row: dict[str, Any] = {"question": question}
+        for name, score in scores.items():
+            row[name] = score.answers[i]
+            row[f"{name}_right"] = score.right[i]
+        rows.append(row)
+    return rows
 
 
 def token_agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]]) -> tuple[int, int, int]:

@@ -37,11 +37,13 @@ from toolkit.export.quantization import (
     quantize_int8,
     teacher_forced_agreement,
 )
-from toolkit.export.task_gate import TaskScores, answer_and_score, task_gates, token_agreement
+from toolkit.export.task_gate import TaskScores, answer_and_score, answer_table, task_gates, token_agreement
 from toolkit.gates import render_conversations
 from toolkit.golden import Messages, golden_conversations
 from toolkit.report import GateResult
 from toolkit.stage import StageContext, StageResult
+
+ANSWERS_FILE = "task_answers.jsonl"  # every evaluation prompt: FP32's, INT8's and the Q/DQ graph's answers
 
 
 def read_conversations(path: Path) -> list[Messages]:
@@ -87,6 +89,7 @@ class Candidate:
     model: Any  # OnnxCausalLM
     metrics: dict[str, Any] = field(default_factory=dict)
     gates: list[GateResult] = field(default_factory=list)
+    scores: TaskScores | None = None
 
     @property
     def passed(self) -> bool:
@@ -126,7 +129,7 @@ def evaluate_candidates(
                               "fp32_perplexity": round(fp32_ppl, 4) if scored else None,
                               "perplexity_examples": len(scored)}
     for cand in candidates:
-        scores = answer(cand.model)
+        scores = cand.scores = answer(cand.model)
         same, total, identical = token_agreement(reference.generated, scores.generated)
         hits, positions = teacher_forced_agreement(cand.model, golden, golden_ref)
         cand.metrics.update({
@@ -160,6 +163,9 @@ def evaluate_candidates(
                         "fed the same prefix") if forced else
                        f"{same}/{total} greedy tokens on the evaluation prompts match FP32's; {identical} answers "
                        "identical"))
+    questions = [conversation[-1]["content"] for conversation in evaluation_prompts(test)]
+    table = answer_table(questions, {"fp32": reference, **{c.key: c.scores for c in candidates if c.scores}})
+    shared["answers"] = table
     shared["fp32"] = fp32
     return shared
 
@@ -233,6 +239,10 @@ def run(ctx: StageContext) -> StageResult:
         candidates.append(Candidate("qdq", "Q/DQ", _open(ctx.out_dir / QDQ_FILE, threads, qdq=True)))
     shared = evaluate_candidates(fp32_path, candidates, tokenizer, task_test, scored, cfg, ctx.config.eval, threads)
     fp32 = shared.pop("fp32")
+    with (ctx.out_dir / ANSWERS_FILE).open("w", encoding="utf-8") as fh:
+        for row in shared.pop("answers"):
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    artifacts["answers"] = ANSWERS_FILE
     metrics.update(shared)
     metrics["evaluate_s"] = round(time.perf_counter() - started, 1)
     metrics.update(int8.metrics, int8_shipped=int8.passed, **_bench(fp32, int8.model, cfg, tokenizer, threads))

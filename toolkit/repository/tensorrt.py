@@ -39,14 +39,11 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from toolkit.repository.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, LMInfo, past_names
 from toolkit.repository.plan_compat import BUILD_SCRIPT, PLAN_META  # the script writes what serving checks
 from toolkit.workspace import atomic_write_text
-
-if TYPE_CHECKING:
-    from toolkit.stage import StageRecord
 
 TIMING_CACHE = "timing.cache"
 Shape = tuple[int, ...]
@@ -89,16 +86,16 @@ def kv_cache_profile(
     return ShapeProfile(min=shapes["min"], opt=shapes["opt"], max=shapes["max"])
 
 
-def int8_plan_source(quantize: StageRecord | None) -> tuple[Path | None, str]:
-    """The quantize stage's Q/DQ graph when it passed its task gate, else None and why not."""
-    if quantize is None or "qdq" not in quantize.artifacts:
+def int8_plan_source(qdq: Path | None, quantize_metrics: Mapping[str, Any]) -> tuple[Path | None, str]:
+    """The quantize stage's Q/DQ graph `qdq` when it passed its task gate, else None and why not."""
+    if qdq is None:
         return None, ("the quantize stage produced no Q/DQ ONNX (artifact 'qdq'); TensorRT builds INT8 only from "
                       "explicit Q/DQ quantization here")
-    if not quantize.metrics.get("qdq_shipped"):
-        failed = ", ".join(str(g) for g in quantize.metrics.get("qdq_failed_gates") or []) or "no gate recorded"
-        return None, (f"model_qdq.onnx ({quantize.metrics.get('qdq_method', 'static Q/DQ')}) did not pass its "
+    if not quantize_metrics.get("qdq_shipped"):
+        failed = ", ".join(str(g) for g in quantize_metrics.get("qdq_failed_gates") or []) or "no gate recorded"
+        return None, (f"model_qdq.onnx ({quantize_metrics.get('qdq_method', 'static Q/DQ')}) did not pass its "
                       f"task-quality gate ({failed}); see the quantize stage's report")
-    return quantize.path("qdq"), ""
+    return qdq, ""
 
 
 def shape_spec(shapes: Mapping[str, Shape]) -> str:

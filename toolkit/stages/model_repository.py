@@ -68,7 +68,8 @@ def run(ctx: StageContext) -> StageResult:
     if not int8_shipped:
         notes.append("onnx_int8 left out of the repository: the INT8 variant was not shipped (failed or skipped "
                      f"its quality gate{': ' + ', '.join(failed) if failed else ''})")
-    qdq_onnx, qdq_why_not = int8_plan_source(quantize)
+    qdq_onnx, qdq_why_not = int8_plan_source(quantize.path("qdq") if "qdq" in quantize.artifacts else None,
+                                              quantize.metrics)
     trt_record = ctx.inputs["tensorrt"]
     built = {p: trt_record.dir / p for p in ("fp16", "int8") if f"plan_{p}" in trt_record.artifacts}
     written = write_repository(

@@ -42,7 +42,9 @@ def plan_sources(ctx: StageContext) -> tuple[dict[str, Path], list[str]]:
             sources["fp16"] = ctx.inputs["export_onnx"].path("model")
             continue
         quantize = ctx.inputs.get("quantize")
-        source, why_not = int8_plan_source(quantize)
+        source, why_not = int8_plan_source(
+            quantize.path("qdq") if quantize is not None and "qdq" in quantize.artifacts else None,
+            quantize.metrics if quantize is not None else {})
         if source is not None:
             sources["int8"] = source
         else:

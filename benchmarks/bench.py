@@ -1,4 +1,4 @@
-"""`make bench`: the toolkit against vLLM CPU, llama.cpp, the seed pattern and the bare onnxruntime loop.
+"""`make bench`: the toolkit (FP32, INT8) against vLLM CPU, llama.cpp, the seed pattern and the bare onnxruntime loop.
 
 Each system is set up (installed or built once under ``.bench/``, see ``thirdparty.py``), started
 alone on the machine, asked the held-out questions greedily (answers compared across systems),
@@ -7,7 +7,7 @@ loaded by a third-party client, ``vllm bench serve --backend openai-chat``, at e
 ``ignore_eos``), and stopped. The bare onnxruntime loop (the toolkit's runner, batch 1, no server)
 is timed in-process as the single-stream floor. Writes ``benchmarks/results/<date>-<machine>.{md,json,png}``.
 
-    .venv/bin/python benchmarks/bench.py [--quick] [--systems toolkit,vllm,llama.cpp,seed,onnxruntime]
+    .venv/bin/python benchmarks/bench.py [--quick] [--systems toolkit,toolkit-int8,vllm,llama.cpp,seed,onnxruntime]
         [--workspace build] [--repository model_repository] [--concurrency 1,4,16,32] [--max-tokens 128]
 
 Run it on an otherwise idle machine: every number is CPU time shared with nothing else. A full run

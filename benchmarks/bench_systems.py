@@ -3,6 +3,8 @@
 Every server system is an OpenAI-compatible HTTP server that the third-party client
 (``vllm bench serve --backend openai-chat``) drives; the bare onnxruntime loop has no server and is
 timed in-process with the toolkit's own runner (``toolkit.serving.runners.OnnxRunner``).
+``toolkit-int8`` is the toolkit serving the build's INT8 graph from a repository written beside the
+run (:func:`int8_repository`): the same server, batching and prompts, only the precision differs.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from thirdparty import (  # noqa: E402
     vllm_env,
 )
 
-SERVERS = ("toolkit", "vllm", "llama.cpp", "seed")
+SERVERS = ("toolkit", "toolkit-int8", "vllm", "llama.cpp", "seed")
 SYSTEMS = (*SERVERS, "onnxruntime")
 LABELS = {
     "toolkit": "toolkit (Triton + gateway)",
+    "toolkit-int8": "toolkit INT8 (Triton + gateway, onnx_int8)",
     "vllm": "vLLM CPU",
     "llama.cpp": "llama.cpp llama-server",
     "seed": "seed (FastAPI + transformers, 1 at a time)",
@@ -106,6 +109,14 @@ def make_system(name: str, build: Build, max_concurrency: int, threads: int, log
         server = Server("toolkit serve", command, f"{url}/health/ready", logs / "toolkit-serve.log", cwd=logs)
         return System(name, server, url, __version__,
                       f"repository `{build.repository}` ({build.manifest.get('serving_core_model')})")
+    if name == "toolkit-int8":
+        from toolkit import __version__
+
+        repository, notes = int8_repository(build, logs)
+        command = toolkit_serve_command(repository, port, free_port() + 100)
+        server = Server("toolkit serve (INT8)", command, f"{url}/health/ready", logs / "toolkit-int8-serve.log",
+                        cwd=logs)
+        return System(name, server, url, __version__, notes)
     if name == "vllm":
         vllm = ensure_vllm()
         command = [str(vllm), "serve", str(build.merged.resolve()), "--dtype", "float32", "--host", "127.0.0.1",
@@ -134,6 +145,41 @@ def make_system(name: str, build: Build, max_concurrency: int, threads: int, log
         return System(name, server, url, f"transformers {transformers.__version__}",
                       f"`{build.merged}`, float32, one request at a time")
     raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+
+
+def int8_repository(build: Build, logs: Path) -> tuple[Path, str]:
+    """A repository beside the run whose generation model serves the build's INT8 graph (``serving_precision: int8``).
+
+    The INT8 graph is the repository's ``NAME_onnx_int8`` (shipped: it passed the quantize stage's gate);
+    a build whose INT8 failed its gate has none there, and the workspace's ``quantize/model_int8.onnx`` is
+    measured instead, marked as not shipped. Batching and serving settings are the build's own
+    (``report.json``), so only the precision differs from the ``toolkit`` system.
+    """
+    from toolkit.config import RepositorySection, ServingSection
+    from toolkit.repository.layout import core_model_name, latest_version_dir
+    from toolkit.repository.writer import write_repository
+
+    shipped = build.repository / core_model_name(build.model_name, "onnx_int8")
+    if shipped.is_dir():
+        int8, status = latest_version_dir(shipped) / "model.onnx", "shipped: passed the quantize gate"
+    else:
+        int8 = build.workspace / "quantize" / "model_int8.onnx"
+        status = "NOT shipped: failed the quantize gate, measured for comparison only"
+        if not int8.is_file():
+            raise SystemExit(f"no INT8 graph: {shipped} is absent and so is {int8} (quantize.enabled false?)")
+    fp32 = latest_version_dir(build.repository / core_model_name(build.model_name, "onnx_fp32")) / "model.onnx"
+    report = build.workspace / "report.json"
+    config = json.loads(report.read_text()).get("config", {}) if report.is_file() else {}
+    output = logs / "repository-int8"
+    repo = RepositorySection.model_validate({**config.get("repository", {}), "output": output,
+                                             "serving_precision": "int8"})
+    written = write_repository(
+        output, model_name=build.model_name, merged_dir=build.merged, onnx_fp32=fp32, onnx_int8=int8,
+        context_length=int(build.manifest.get("context_length", 2048)),
+        base_model=str(build.manifest.get("base_model")),
+        repository=repo, serving=ServingSection.model_validate(config.get("serving", {})), symlink_onnx=True,
+    )
+    return output, f"repository `{output}` ({written.manifest.serving_core_model}, `{int8}`, {status})"
 
 
 def server_answers(url: str, model: str, questions: Sequence[str], max_tokens: int) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from toolkit.errors import ConfigError
 from toolkit.repository import contract
@@ -145,21 +145,37 @@ class QuantizeSection(Section):
         "int8_weight_only", description="How the served INT8 variant is made (README: measured comparison)."
     )
     exclude_nodes: list[str] = Field(
-        default_factory=list, description="Weight MatMuls whose node name contains one of these stay FP32."
+        default_factory=list, description="Weight MatMuls whose node or weight name contains one of these stay FP32 "
+        "(weight names are the PyTorch parameter's, e.g. 'down_proj', 'layers_29_').",
     )
-    emit_qdq: bool = Field(True, description="Also write model_qdq.onnx (static Q/DQ), the TensorRT INT8 source.")
+    emit_qdq: bool = Field(True, description="Also write model_qdq.onnx, the TensorRT INT8 source (gated like INT8).")
+    qdq_method: Literal["weight_only", "static_qdq", "static_qdq_percentile"] = Field(
+        "weight_only", description="How model_qdq.onnx is made: INT8 weights with a per-channel DequantizeLinear "
+        "and float activations (weight_only), or static Q/DQ on weights and activations (MinMax or percentile).",
+    )
     qdq_exclude_nodes: list[str] = Field(
-        default_factory=lambda: ["down_proj"],
-        description="Weight MatMuls left FP32 in model_qdq.onnx; down_proj inputs carry outliers per-tensor "
-        "activation scales cannot hold.",
+        default_factory=list,
+        description="Weight MatMuls left FP32 in model_qdq.onnx (node or weight name, e.g. 'down_proj'; the static "
+        "recipes need down_proj excluded: its inputs carry outliers per-tensor activation scales cannot hold).",
     )
-    calibration_samples: int = Field(32, ge=1, description="Training conversations used for calibration.")
-    min_greedy_agreement: float = Field(0.85, ge=0, le=1, description="Gate: INT8 vs FP32 greedy tokens.")
+    calibration_samples: int = Field(32, ge=1, description="Training conversations used for static calibration.")
+    max_fact_accuracy_drop_points: float = Field(
+        2.0, ge=0, description="Gate: held-out-phrasing fact accuracy, per language, may fall this many percentage "
+        "points below FP32's (both graphs on onnxruntime, greedy, the evaluate stage's prompts).",
+    )
+    max_retention_drop_points: float = Field(
+        2.0, ge=0, description="Gate: retention may fall this many percentage points below FP32's; with 12 questions "
+        "one question is 8.3 points, so 2.0 means at least as many right as FP32.",
+    )
+    max_perplexity_delta_pct: float = Field(2.0, ge=0, description="Gate: test-split perplexity increase, percent.")
+    min_greedy_agreement: float | None = Field(
+        None, ge=0, le=1, description="Optional extra gate on free-running greedy token agreement with FP32 (always "
+        "reported); None gates on the task metrics alone.",
+    )
     agreement: Literal["greedy", "teacher_forced"] = Field(
-        "greedy", description="What min_greedy_agreement gates: free-running greedy tokens at batch 1 and 8, or "
-        "INT8's top-1 fed FP32's own greedy tokens (one near-tie flip does not rewrite the rest of a reply).",
+        "greedy", description="What min_greedy_agreement gates, when set: free-running greedy tokens on the evaluation "
+        "prompts, or INT8's top-1 fed FP32's own greedy tokens on the golden prompts.",
     )
-    max_perplexity_delta_pct: float = Field(5.0, ge=0, description="Gate: test-split perplexity increase.")
     gate_new_tokens: int = Field(24, ge=1)
     max_eval_examples: int = Field(64, ge=1, description="Test examples scored for perplexity.")
     bench_new_tokens: int = Field(16, ge=1, description="Fixed greedy decode length timed at batch 1 and 8.")
@@ -181,10 +197,18 @@ class RepositorySection(Section):
     preferred_batch_sizes: list[int] = Field(default_factory=lambda: [4, 8])
     max_queue_delay_us: int = Field(2000, ge=0)
     instance_count: int = Field(1, ge=1)
-    serving_precision: Literal["onnx_fp32", "onnx_int8"] = Field(
-        "onnx_fp32", description="Core model the generation model runs; falls back to fp32 if int8 failed its gate."
+    serving_precision: Literal["fp32", "int8", "auto"] = Field(
+        "fp32", description="Core model the generation model runs: fp32, int8 (the build fails if the INT8 variant "
+        "did not pass its quantize gate) or auto (int8 when it passed, else fp32). NAME_onnx_int8 is written whenever "
+        "INT8 passed, whichever is served.",
     )
     runner: Literal["onnxruntime", "bls"] = "onnxruntime"
+
+    @field_validator("serving_precision", mode="before")
+    @classmethod
+    def _old_precision_names(cls, value: Any) -> Any:
+        # Earlier configs named core models: onnx_int8 fell back to fp32 when INT8 failed, which is auto.
+        return {"onnx_fp32": "fp32", "onnx_int8": "auto"}.get(value, value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _preferred_sizes_fit(self) -> RepositorySection:

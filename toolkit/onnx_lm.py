@@ -9,7 +9,7 @@ the one optimum exports for ``text-generation-with-past``: inputs ``input_ids``,
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +43,13 @@ class OnnxCausalLM:
     """One onnxruntime session over a KV-cache causal LM graph."""
 
     def __init__(self, path: Path | str, providers: Sequence[str] | None = None, threads: int | None = None,
-                 spinning: bool | None = None, graph: bytes | None = None):
-        """``spinning``: whether idle intra-op threads busy-wait for work (onnxruntime's default: yes);
-        ``graph``: a serialized graph to run instead of the file at `path` (which names it)."""
+                 spinning: bool | None = None, session_config: Mapping[str, str] | None = None,
+                 graph: bytes | None = None):
+        """``spinning``: whether idle intra-op threads busy-wait for work (onnxruntime's default: yes).
+
+        ``session_config``: extra onnxruntime session config entries (``add_session_config_entry``);
+        ``graph``: a serialized graph to run instead of the file at `path` (which names it).
+        """
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
@@ -54,6 +58,8 @@ class OnnxCausalLM:
             options.intra_op_num_threads = int(os.environ["OMP_NUM_THREADS"])
         if spinning is not None:
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
         self.path = Path(path)
         self.session = ort.InferenceSession(graph if graph is not None else str(path), options,
                                             providers=list(providers or default_providers()))

@@ -84,8 +84,9 @@ STAGES: tuple[StageSpec, ...] = (
               "held-out-phrasing fact accuracy, BLEU/ROUGE, retention"),
     StageSpec("merge", merge, (), ("base_model", "finetune"), "merge_and_unload + gate"),
     StageSpec("export_onnx", export_onnx, ("export",), ("merge",), "ONNX with KV cache + FP32 parity gate"),
-    StageSpec("quantize", quantize, ("quantize",), ("merge", "export_onnx", "data"),
-              "INT8 ONNX + fidelity/speed gate"),
+    # eval.*: the task gate asks the evaluate stage's questions with its token budget and batch size
+    StageSpec("quantize", quantize, ("quantize", "eval.max_new_tokens", "eval.max_examples", "eval.batch_size"),
+              ("merge", "export_onnx", "data"), "INT8 ONNX + Q/DQ graph, task-quality gates, speed"),
     StageSpec("tensorrt", tensorrt, ("tensorrt", "repository.max_batch_size", "model.context_length"),
               ("export_onnx", "quantize"), "TensorRT FP16/INT8 plans"),
     StageSpec("repository", model_repository, ("model", "repository", "serving", "tensorrt"),

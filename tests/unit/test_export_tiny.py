@@ -164,16 +164,16 @@ def test_quantize_stage_writes_int8_and_qdq_and_reports(exported: tuple[Path, St
     root, result, export_ctx = exported
     ctx = _quantize_ctx(root, export_ctx, result, "quantize")
     out = quantize.run(ctx)
-    assert set(out.artifacts) == {"int8", "qdq"}
+    assert set(out.artifacts) == {"int8", "qdq", "answers"}
     int8 = OnnxCausalLM(ctx.out_dir / out.artifacts["int8"], providers=["CPUExecutionProvider"])
     assert int8.num_layers == 2
     int8_ops = {n.op_type for n in onnx.load(str(int8.path)).graph.node}
     assert "MatMulNBits" in int8_ops  # the default method: weight-only int8
     qdq_ops = {n.op_type for n in onnx.load(str(ctx.out_dir / out.artifacts["qdq"])).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= qdq_ops
+    assert "DequantizeLinear" in qdq_ops and "QuantizeLinear" not in qdq_ops  # weight-only: activations stay float
     assert out.gates and not any(g.blocking for g in out.gates)
     assert out.metrics["int8_shipped"] is True  # thresholds loosened above: a random model has no answers to keep
-    assert out.metrics["calibration_samples"] == 4
+    assert out.metrics["calibration_samples"] == 0  # weight-only recipes calibrate nothing
     for key in ("fp32_batch1_tokens_per_s", "int8_batch8_tokens_per_s", "speedup_batch1", "perplexity_delta_pct"):
         assert key in out.metrics
     assert out.note.startswith("INT8 shipped")
@@ -189,8 +189,58 @@ def test_quantize_gate_failure_drops_the_variant_without_failing_the_build(
         "agreement": "teacher_forced"})})
     ctx = _quantize_ctx(root, export_ctx, result, "quantize_strict", strict)
     out = quantize.run(ctx)
-    assert set(out.artifacts) == {"int8"}
+    assert set(out.artifacts) == {"int8", "answers"}
     assert out.metrics["int8_shipped"] is False
     assert out.note.startswith("INT8 NOT shipped: failed") and "onnx_int8_perplexity_delta_pct" in out.note
     assert [g.blocking for g in out.gates] == [False] * len(out.gates)
-    assert [g.name for g in out.gates] == ["onnx_int8_teacher_forced_agreement", "onnx_int8_perplexity_delta_pct"]
+    assert [g.name for g in out.gates] == ["onnx_int8_retention_drop_points", "onnx_int8_perplexity_delta_pct",
+                                           "onnx_int8_teacher_forced_agreement"]
+
+
+def test_task_gate_scores_both_graphs_and_gates_the_qdq_graph(
+    exported: tuple[Path, StageResult, StageContext],
+) -> None:
+    """FP32, INT8 and the weight-only Q/DQ graph answer the same evaluation prompts on onnxruntime."""
+    root, result, export_ctx = exported
+    ctx = _quantize_ctx(root, export_ctx, result, "quantize_task")
+    out = quantize.run(ctx)
+    prompts = out.metrics["task_prompts"]
+    assert prompts == 6 + 12  # the test questions, then the retention questions
+    for task in (out.metrics["fp32_task"], out.metrics["task"], out.metrics["qdq"]["task"]):
+        assert task["retention_right"].endswith("/12")
+    names = {g.name for g in out.gates}
+    assert {"onnx_int8_retention_drop_points", "onnx_qdq_retention_drop_points",
+            "onnx_qdq_perplexity_delta_pct"} <= names
+    assert not any(g.blocking for g in out.gates)
+    assert out.metrics["qdq_shipped"] is all(g.passed for g in out.gates if g.name.startswith("onnx_qdq"))
+    assert out.metrics["identical_answers"].endswith(f"/{prompts}")
+    rows = [json.loads(line) for line in (ctx.out_dir / out.artifacts["answers"]).read_text().splitlines()]
+    assert len(rows) == prompts and {"question", "fp32", "int8", "qdq", "qdq_right"} <= set(rows[0])
+    assert rows[0]["fp32_right"] is None and isinstance(rows[-1]["fp32_right"], bool)  # no facts; retention
+
+
+def test_weight_only_qdq_dequantizes_per_output_channel(exported: tuple[Path, StageResult, StageContext],
+                                                          tmp_path: Path) -> None:
+    from toolkit.export.quantization import quantize_weight_only_qdq, selected_matmuls
+
+    _root, result, export_ctx = exported
+    src = export_ctx.out_dir / result.artifacts["model"]
+    fp32 = onnx.load(str(src))
+    nodes = selected_matmuls(fp32, exclude=["down_proj"])
+    assert nodes and len(nodes) < len(selected_matmuls(fp32, exclude=[]))  # matched on the weight's name
+    out = quantize_weight_only_qdq(src, tmp_path / "woq.onnx", nodes)
+    graph = onnx.load(str(out)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    dqs = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == len(nodes)
+    for dq in dqs:
+        weights, scale = inits[dq.input[0]], inits[dq.input[1]]
+        assert weights.dtype == np.int8 and np.abs(weights).max() <= 127
+        assert scale.shape == (weights.shape[1],)  # one scale per output channel
+        assert next(a.i for a in dq.attribute if a.name == "axis") == 1
+    ids = np.asarray([[1, 5, 9, 3]], dtype=np.int64)
+    ref = OnnxCausalLM(src, providers=["CPUExecutionProvider"])
+    woq = OnnxCausalLM(out, providers=["CPUExecutionProvider"])
+    args = (ids, np.ones_like(ids), np.arange(4)[None, :])
+    a, b = ref.forward(*args, ref.empty_past(1))[0], woq.forward(*args, woq.empty_past(1))[0]
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()  # close, not equal: the weights are rounded

@@ -134,6 +134,34 @@ def test_int8_not_shipped_falls_back_to_fp32(tmp_path: Path, merged_dir: Path, s
     assert any("runs onnx_fp32" in n for n in written.notes)
 
 
+def test_serving_precision_auto_serves_int8_only_when_shipped(
+    tmp_path: Path, merged_dir: Path, sources: dict[str, Path],
+) -> None:
+    auto = RepositorySection(serving_precision="auto")
+    shipped = _write(tmp_path / "a", merged_dir, sources, onnx_int8=sources["int8"], repository=auto)
+    assert shipped.manifest.serving_core_model == "tiny_onnx_int8"
+    failed = _write(tmp_path / "b", merged_dir, sources, repository=auto)
+    assert failed.manifest.serving_core_model == "tiny_onnx_fp32" and not (tmp_path / "b" / "tiny_onnx_int8").exists()
+    fp32 = _write(tmp_path / "c", merged_dir, sources, onnx_int8=sources["int8"], repository=RepositorySection())
+    assert fp32.manifest.serving_core_model == "tiny_onnx_fp32"  # the default serves FP32...
+    assert fp32.manifest.precisions == ["onnx_fp32", "onnx_int8"]  # ...and still ships the INT8 that passed
+
+
+def test_serving_int8_that_failed_its_gate_is_an_error(tmp_path: Path, merged_dir: Path,
+                                                       sources: dict[str, Path]) -> None:
+    with pytest.raises(StageError, match="serving_precision is int8 but the INT8 variant did not pass"):
+        _write(tmp_path / "repo", merged_dir, sources, repository=RepositorySection(serving_precision="int8"))
+    assert not (tmp_path / "repo" / "tiny").exists()
+    with pytest.raises(StageError, match=r"\(failed onnx_int8_retention_drop_points\)"):
+        r.served_core_precision("int8", int8_shipped=False, why_not="failed onnx_int8_retention_drop_points")
+    assert r.served_core_precision("int8", int8_shipped=True) == "onnx_int8"
+
+
+def test_old_serving_precision_names_still_load() -> None:
+    assert RepositorySection(serving_precision="onnx_fp32").serving_precision == "fp32"
+    assert RepositorySection(serving_precision="onnx_int8").serving_precision == "auto"  # it fell back to fp32
+
+
 def test_failure_mid_write_leaves_no_half_version(
     tmp_path: Path, merged_dir: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -241,6 +269,51 @@ def test_stage_run(tmp_path: Path, merged_dir: Path, sources: dict[str, Path], m
     rows = {row["kv_dtype"]: row for row in result.metrics["capacity"]["rows"]}
     assert rows["fp32"]["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 4
     assert (ctx.out_dir / "capacity.md").read_text().startswith("Capacity at context 256")
+
+
+def _stage_ctx(tmp_path: Path, merged_dir: Path, repository: dict[str, Any], quantize: StageRecord) -> StageContext:
+    adapter = tmp_path / "finetune" / "adapter"
+    adapter.mkdir(parents=True)
+    config = parse_config({"model": {"name": "tiny", "context_length": 256}, "tensorrt": {"max_input_len": 100},
+                           "repository": {"output": str(tmp_path / "repo"), **repository}})
+    ctx = StageContext(config=config, out_dir=tmp_path / "out", workspace=tmp_path, inputs={
+        "base_model": _record("base_model", tmp_path, {}), "evaluate": _record("evaluate", tmp_path, {}),
+        "finetune": _record("finetune", tmp_path / "finetune", {"adapter": "adapter"}),
+        "merge": _record("merge", merged_dir, {"model": "."}),
+        "export_onnx": _record("export_onnx", tmp_path, {"model": "fp32.onnx"}),
+        "quantize": quantize, "tensorrt": _record("tensorrt", tmp_path / "tensorrt", {}),
+    })
+    ctx.out_dir.mkdir()
+    return ctx
+
+
+def test_stage_refuses_to_serve_int8_that_failed_its_gate(tmp_path: Path, merged_dir: Path,
+                                                           sources: dict[str, Path],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(r, "MODEL_PY_SOURCE", sources["model_py"])
+    quantize = StageRecord(name="quantize", dir=tmp_path, key="k", digest="d", artifacts={"int8": "int8.onnx"},
+                           metrics={"int8_shipped": False}, data={"gates": [
+                               {"name": "onnx_int8_fact_accuracy_en_drop_points", "passed": False},
+                               {"name": "onnx_int8_retention_drop_points", "passed": True}]})
+    ctx = _stage_ctx(tmp_path, merged_dir, {"serving_precision": "int8"}, quantize)
+    with pytest.raises(StageError, match=r"did not pass .*\(failed onnx_int8_fact_accuracy_en_drop_points\)"):
+        model_repository.run(ctx)
+    assert not (tmp_path / "repo" / "tiny").exists()
+
+
+def test_stage_writes_no_int8_plan_entry_for_a_qdq_graph_that_failed(tmp_path: Path, merged_dir: Path,
+                                                                     sources: dict[str, Path],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(r, "MODEL_PY_SOURCE", sources["model_py"])
+    quantize = _record("quantize", tmp_path, {"int8": "int8.onnx", "qdq": "qdq.onnx"}, {
+        "int8_shipped": True, "qdq_shipped": False, "qdq_method": "weight_only",
+        "qdq_failed_gates": ["onnx_qdq_perplexity_delta_pct"]})
+    (tmp_path / "int8.onnx").write_bytes(b"int8 graph stand-in")
+    result = model_repository.run(_stage_ctx(tmp_path, merged_dir, {"serving_precision": "auto"}, quantize))
+    assert not (tmp_path / "repo" / "tiny_trt_int8").exists() and (tmp_path / "repo" / "tiny_trt_fp16").is_dir()
+    assert ("tiny_trt_int8 left out: model_qdq.onnx (weight_only) did not pass its task-quality gate "
+            "(onnx_qdq_perplexity_delta_pct)") in result.note
+    assert result.metrics["serving_core_model"] == "tiny_onnx_int8"
 
 
 def test_build_facts_take_the_evaluate_scores_and_every_gate_defensively(tmp_path: Path) -> None:

@@ -52,7 +52,8 @@ def _record(name: str, root: Path, artifacts: dict[str, str], metrics: dict[str,
                        artifacts=artifacts, data={})
 
 
-def _ctx(tmp_path: Path, config: BuildConfig, qdq: bool = False) -> StageContext:
+def _ctx(tmp_path: Path, config: BuildConfig, qdq: bool = False, qdq_metrics: dict[str, Any] | None = None,
+         ) -> StageContext:
     export = tmp_path / "export_onnx"
     export.mkdir()
     tiny_kv_onnx(export / "model.onnx")
@@ -66,7 +67,8 @@ def _ctx(tmp_path: Path, config: BuildConfig, qdq: bool = False) -> StageContext
     out.mkdir()
     return StageContext(config=config, out_dir=out, workspace=tmp_path, inputs={
         "export_onnx": _record("export_onnx", export, {"model": "model.onnx"}),
-        "quantize": _record("quantize", quantize, artifacts),
+        "quantize": _record("quantize", quantize, artifacts,
+                            {"qdq_shipped": qdq} if qdq_metrics is None else qdq_metrics),
     })
 
 
@@ -111,7 +113,7 @@ def test_stage_is_unavailable_without_trtexec_and_writes_scripts(tmp_path: Path)
     assert result.status == "unavailable"
     assert "\n" not in result.note
     assert result.note.startswith("TensorRT not found (trtexec not on PATH) — plan build scripts written to ")
-    assert result.note.endswith("run them on a machine with TensorRT and a GPU")
+    assert "run them on a machine with TensorRT and a GPU; INT8 plan not written: " in result.note
     script = ctx.out_dir / "fp16" / "build_plan.sh"
     assert str(ctx.workspace / "tensorrt" / "fp16" / "build_plan.sh") in result.note  # where it lands, not the temp dir
     assert os.access(script, os.X_OK)
@@ -122,7 +124,8 @@ def test_stage_is_unavailable_without_trtexec_and_writes_scripts(tmp_path: Path)
     assert not (ctx.out_dir / "fp16" / "model.plan").exists()
     # INT8 needs the Q/DQ ONNX, which this quantize stage did not produce.
     assert not (ctx.out_dir / "int8").exists()
-    assert any("INT8 plan not buildable" in n for n in result.metrics["not_buildable"])
+    assert any("INT8 plan not written: the quantize stage produced no Q/DQ ONNX" in n
+               for n in result.metrics["not_buildable"])
     assert "--maxShapes=input_ids:6x200," in result.metrics["commands"]["fp16"]
 
 
@@ -148,7 +151,18 @@ def test_stage_runs_trtexec_and_records_plan_meta(tmp_path: Path, monkeypatch: p
         assert result.artifacts[f"plan_{precision}"] == f"{precision}/model.plan"
         assert (ctx.out_dir / precision / "reproduce.sh").is_file()
     argv = (bin_dir / "argv.txt").read_text().split()
-    assert "--int8" in argv and any(a.endswith("model.qdq.onnx") for a in argv)
+    assert "--int8" in argv and "--fp16" in argv and any(a.endswith("model.qdq.onnx") for a in argv)
+
+
+def test_a_qdq_graph_that_failed_its_gate_gets_no_int8_plan(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path, _config(trtexec="trtexec-not-installed-here"), qdq=True, qdq_metrics={
+        "qdq_shipped": False, "qdq_method": "static_qdq",
+        "qdq_failed_gates": ["onnx_qdq_fact_accuracy_en_drop_points", "onnx_qdq_perplexity_delta_pct"]})
+    result = trt_stage.run(ctx)
+    assert set(result.artifacts) == {"build_plan_fp16"}
+    assert not (ctx.out_dir / "int8").exists() and "int8" not in result.metrics["commands"]
+    assert ("INT8 plan not written: model_qdq.onnx (static_qdq) did not pass its task-quality gate "
+            "(onnx_qdq_fact_accuracy_en_drop_points, onnx_qdq_perplexity_delta_pct)") in result.note
 
 
 def test_build_script_runs_and_writes_plan_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

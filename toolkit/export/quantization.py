@@ -31,6 +31,7 @@ Per-tensor activation scales (dynamic, static Q/DQ) break on the outliers enteri
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -64,6 +65,27 @@ def weight_matmuls(model: onnx.ModelProto, exclude_lm_head: bool = True) -> list
         if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits
         and not (exclude_lm_head and node.name in logits_nodes)
     ]
+
+
+def matmul_labels(model: onnx.ModelProto) -> dict[str, str]:
+    """Node name -> "node name + PyTorch weight name" for every node, what ``exclude`` patterns match.
+
+    The dynamo exporter names the projections ``node_linear_N``; which weight a node multiplies by
+    (``p_model_model_layers_0_mlp_down_proj_weight``) is only in its ``pkg.torch.onnx.fx_node``
+    metadata, so a pattern such as ``down_proj`` is matched against both.
+    """
+    labels = {}
+    for node in model.graph.node:
+        fx = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.fx_node"), "")
+        weight = re.search(r"%(p_\w+)", fx)
+        labels[node.name] = f"{node.name} {weight.group(1)}" if weight else node.name
+    return labels
+
+
+def selected_matmuls(model: onnx.ModelProto, exclude: Sequence[str]) -> list[str]:
+    """The weight MatMuls (lm_head excluded) whose node or weight name contains none of `exclude`."""
+    labels = matmul_labels(model)
+    return [n for n in weight_matmuls(model) if not any(part in labels[n] for part in exclude)]
 
 
 def calibration_windows(samples: Sequence[Sequence[int]], window: int) -> list[list[int]]:
@@ -120,13 +142,13 @@ def quantize_int8(
 ) -> Path:
     """Write the `method` quantization of the FP32 KV-cache graph to `out_path`; return it.
 
-    `calibration` (token id lists) is needed by ``static_qdq`` only. Weight MatMuls whose name
-    contains one of `exclude` stay FP32.
+    `calibration` (token id lists) is needed by the static methods only. Weight MatMuls whose node
+    or weight name contains one of `exclude` stay FP32 (:func:`selected_matmuls`).
     """
     import onnx
 
     model = onnx.load(str(fp32_path))
-    nodes = [n for n in weight_matmuls(model) if not any(part in n for part in exclude)]
+    nodes = selected_matmuls(model, exclude)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if method in ("dynamic_per_channel", "dynamic"):
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -144,6 +166,8 @@ def quantize_int8(
         )
         quantizer.process()
         quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
+    elif method == "weight_only_qdq":
+        quantize_weight_only_qdq(fp32_path, out_path, nodes)
     elif method in ("static_qdq", "static_qdq_percentile"):
         quantize_qdq(fp32_path, out_path, calibration, nodes, "minmax" if method == "static_qdq" else "percentile")
     else:
@@ -170,6 +194,62 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: Sequence[Sequence
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.99,
                        "MatMulConstBOnly": True},
     )
+    return out_path
+
+
+def quantize_weight_only_qdq(fp32_path: Path, out_path: Path, nodes: Sequence[str]) -> Path:
+    """Weight-only INT8 Q/DQ: each listed MatMul's weight [K, N] becomes INT8 + a DequantizeLinear.
+
+    Symmetric per output channel (axis 1 of the MatMul's [K, N] weight, zero point 0, range
+    -127..127); activations stay float, so nothing is calibrated. TensorRT reads such a graph as
+    pre-quantized weights with "an IDequantizeLayer ... between the weights and the linear operator
+    that uses them" (TensorRT developer guide, Explicit Quantization, "Quantized Weights"); see
+    :mod:`toolkit.repository.tensorrt` for what its documentation does and does not promise about the
+    GEMM it builds from it. onnxruntime executes DequantizeLinear -> MatMul as written.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(fp32_path))
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    wanted = set(nodes)
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    dequantized: dict[str, str] = {}  # float weight -> DequantizeLinear output
+    dq_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.name not in wanted:
+            continue
+        weight = node.input[1]
+        if weight not in dequantized:
+            w = numpy_helper.to_array(inits[weight]).astype(np.float32)
+            scale = np.abs(w).max(axis=0) / 127.0
+            scale[scale == 0] = 1.0
+            q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+            base = weight.replace("/", "_").replace(":", "_")
+            graph.initializer.extend([
+                numpy_helper.from_array(q, f"{base}_quantized"),
+                numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale"),
+                numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{base}_zero_point"),
+            ])
+            dequantized[weight] = f"{base}_dequantized"
+            dq_nodes.append(helper.make_node(
+                "DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+                [dequantized[weight]], name=f"{base}_DequantizeLinear", axis=1))
+        node.input[1] = dequantized[weight]
+        consumers[weight] -= 1
+    for weight in dequantized:
+        if consumers[weight] == 0:
+            graph.initializer.remove(inits[weight])
+    # DequantizeLinear reads only initializers, so ahead of every node is a valid topological place.
+    nodes_after = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(dq_nodes + nodes_after)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out_path))
     return out_path
 
 

@@ -111,5 +111,5 @@ def verify_plan_dir(version_dir: Path) -> None:
     if runtime is None or gpu is None:
         missing = "TensorRT" if runtime is None else "GPU (nvidia-smi found none)"
         raise ServingError(f"{version_dir / PLAN_FILE} is a TensorRT plan but this server has no {missing}; serve "
-                           "the onnxruntime_onnx core model instead (repository.serving_precision: onnx_fp32)")
+                           "the onnx_fp32 core model instead (repository.serving_precision: fp32)")
     check_plan_compat(meta, runtime, *gpu)

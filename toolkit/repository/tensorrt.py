@@ -1,7 +1,22 @@
 """TensorRT plans of the KV-cache graph: the optimization profile, the ``trtexec`` command, ``build_plan.sh``.
 
 FP16 is built from the FP32 KV-cache ONNX with ``--fp16``; INT8 from the quantize stage's Q/DQ
-ONNX with ``--int8`` (explicit quantization: TensorRT's implicit INT8 calibrators are deprecated).
+ONNX with ``--fp16 --int8`` (explicit quantization: TensorRT's implicit INT8 calibrators are
+deprecated), and only when that graph passed the quantize stage's task-quality gate
+(:func:`int8_plan_source`).
+
+The default Q/DQ graph is weight-only: INT8 weights, a per-output-channel DequantizeLinear on each
+weight, no Q/DQ on activations, which ``--fp16`` lets TensorRT run in FP16. What TensorRT's
+documentation says about such a graph (TensorRT 10 developer guide, "Working with Quantized Types"):
+"Explicit Quantization / Quantized Weights" accepts weights stored in a low-precision type (INT8
+among them) and requires "an IDequantizeLayer ... between the weights and the linear operator that
+uses them" -- which is this graph. Its weight-only GEMM kernels (low-precision weights dequantized
+inside a high-precision GEMM, "WoQ") are documented for INT4 block quantization: the 10.x pages list
+"INT4 (signed 4-bit integer, weight-only quantization)" and say "TensorRT quantizes activations and
+weights for INT8 ... Weight-only quantization is supported for INT4". So the documentation does not
+promise an INT8 weight-only GEMM kernel: TensorRT may dequantize the INT8 weights and run an FP16
+GEMM. The recipe is chosen for what it keeps (it passes the task gate where static Q/DQ with MinMax
+activation scales does not); its speed on a GPU has not been measured here (no TensorRT).
 Every input, each ``past_key_values`` tensor included, gets ``--minShapes/--optShapes/--maxShapes``.
 The tensorrt stage and the repository writer (``<model>_trt_*/build_plan.sh``) both build from here.
 
@@ -24,6 +39,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from toolkit.repository.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, LMInfo, past_names
 from toolkit.repository.plan_compat import BUILD_SCRIPT, PLAN_META  # the script writes what serving checks
@@ -70,6 +86,18 @@ def kv_cache_profile(
     return ShapeProfile(min=shapes["min"], opt=shapes["opt"], max=shapes["max"])
 
 
+def int8_plan_source(qdq: Path | None, quantize_metrics: Mapping[str, Any]) -> tuple[Path | None, str]:
+    """The quantize stage's Q/DQ graph `qdq` when it passed its task gate, else None and why not."""
+    if qdq is None:
+        return None, ("the quantize stage produced no Q/DQ ONNX (artifact 'qdq'); TensorRT builds INT8 only from "
+                      "explicit Q/DQ quantization here")
+    if not quantize_metrics.get("qdq_shipped"):
+        failed = ", ".join(str(g) for g in quantize_metrics.get("qdq_failed_gates") or []) or "no gate recorded"
+        return None, (f"model_qdq.onnx ({quantize_metrics.get('qdq_method', 'static Q/DQ')}) did not pass its "
+                      f"task-quality gate ({failed}); see the quantize stage's report")
+    return qdq, ""
+
+
 def shape_spec(shapes: Mapping[str, Shape]) -> str:
     """trtexec's shape syntax: ``name:1x3x0x64,name2:...`` (it splits a pair on its last colon)."""
     return ",".join(f"{name}:{'x'.join(str(d) for d in dims)}" for name, dims in shapes.items())
@@ -87,7 +115,8 @@ def trtexec_command(
         f"--onnx={onnx}",
         f"--saveEngine={plan}",
         f"--timingCacheFile={timing_cache}",
-        f"--{precision}",
+        # INT8: FP16 for everything the graph's Q/DQ does not pin to INT8 (weight-only: the activations).
+        *(["--fp16", "--int8"] if precision == "int8" else ["--fp16"]),
         f"--minShapes={shape_spec(profile.min)}",
         f"--optShapes={shape_spec(profile.opt)}",
         f"--maxShapes={shape_spec(profile.max)}",

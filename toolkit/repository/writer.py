@@ -73,7 +73,8 @@ class TrtInputs:
     section: TensorRTSection
     max_batch_size: int
     context_length: int
-    qdq_onnx: Path | None = None  # source of the INT8 plan; None leaves the INT8 model out
+    qdq_onnx: Path | None = None  # source of the INT8 plan (a Q/DQ graph that passed its gate); None leaves it out
+    qdq_missing: str = "no Q/DQ ONNX to build an INT8 plan from"  # why qdq_onnx is None, for the notes
     built: Mapping[str, Path] = field(default_factory=dict)  # precision -> dir with model.plan + plan_meta.json
 
 
@@ -217,6 +218,22 @@ def _ref(root: Path, path: Path) -> ArtifactRef:
     return ArtifactRef(path=path.relative_to(root).as_posix(), sha256=sha256_file(path))
 
 
+def served_core_precision(choice: str, *, int8_shipped: bool, why_not: str = "") -> str:
+    """The core model (``onnx_fp32``/``onnx_int8``) that ``repository.serving_precision`` selects.
+
+    ``int8`` when the INT8 variant did not pass its gate is an error, not a silent fallback:
+    `why_not` (the failed gates) goes into the message.
+    """
+    if choice == "int8" and not int8_shipped:
+        raise StageError(
+            "repository.serving_precision is int8 but the INT8 variant did not pass the quantize stage's gate"
+            f"{f' ({why_not})' if why_not else ''}; serve fp32 or auto (INT8 only when it passes), or change "
+            "quantize.method / the quantize.max_* thresholds and rebuild")
+    if choice == "int8" or (choice == "auto" and int8_shipped):
+        return "onnx_int8"
+    return "onnx_fp32"
+
+
 def write_repository(
     output: Path,
     *,
@@ -269,12 +286,10 @@ def write_repository(
                                 "max_queue_delay_us": repo.max_queue_delay_us,
                                 "instance_count": repo.instance_count}
     precisions = ["onnx_fp32"] + (["onnx_int8"] if onnx_int8 is not None else [])
-    serving_precision = repo.serving_precision
-    if serving_precision not in precisions:
-        notes.append(f"serving_precision {serving_precision} not shipped (INT8 failed its gate or was not built); "
-                     "the generation model runs onnx_fp32")
-        serving_precision = "onnx_fp32"
-    core = core_model_name(model_name, serving_precision)
+    served = served_core_precision(repo.serving_precision, int8_shipped=onnx_int8 is not None)
+    if repo.serving_precision == "auto" and served == "onnx_fp32":
+        notes.append("serving_precision auto: INT8 not shipped, the generation model runs onnx_fp32")
+    core = core_model_name(model_name, served)
     writer = _VersionWriter(version)
     configs: list[tuple[Path, Any]] = []
     scripts: list[tuple[Path, str]] = []
@@ -349,7 +364,7 @@ def _write_trt_models(
         elif inputs.qdq_onnx is not None:
             source = str(inputs.qdq_onnx.absolute())
         else:
-            notes.append(f"{core_model_name(model_name, 'trt_int8')} left out: no Q/DQ ONNX to build an INT8 plan from")
+            notes.append(f"{core_model_name(model_name, 'trt_int8')} left out: {inputs.qdq_missing}")
             continue
         model_dir = output / core_model_name(model_name, f"trt_{precision}")
         script = trt.build_script(model=model_name, precision=precision, default_onnx=source,

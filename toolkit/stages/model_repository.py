@@ -2,7 +2,9 @@
 
 The repository itself is :func:`toolkit.repository.writer.write_repository`'s; this stage feeds it
 the build's artifacts (the merged model, the FP32 export, the INT8 variant only when it passed its
-gate, the TensorRT plans where they were built) and writes ``capacity.md`` (:mod:`toolkit.capacity`).
+gate, the TensorRT plans where they were built, the INT8 plan script only when its Q/DQ graph passed
+its gate); ``repository.serving_precision`` picks the core model served. It also writes
+``capacity.md`` (:mod:`toolkit.capacity`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 from toolkit.capacity import capacity_report
 from toolkit.repository.contract import LMInfo
 from toolkit.repository.manifest import BUILD_METRICS, BuildFacts, GateSummary
-from toolkit.repository.writer import TrtInputs, write_repository
+from toolkit.repository.tensorrt import int8_plan_source
+from toolkit.repository.writer import TrtInputs, served_core_precision, write_repository
 from toolkit.stage import StageContext, StageRecord, StageResult
 from toolkit.workspace import sha256_file
 
@@ -57,10 +60,16 @@ def run(ctx: StageContext) -> StageResult:
     merged_dir = ctx.inputs["merge"].path("model")
     quantize = ctx.inputs["quantize"]
     int8_shipped = bool(quantize.metrics.get("int8_shipped"))
+    failed = [str(g.get("name")) for g in quantize.data.get("gates", [])
+              if isinstance(g, dict) and not g.get("passed") and str(g.get("name", "")).startswith("onnx_int8")]
+    served_core_precision(cfg.repository.serving_precision, int8_shipped=int8_shipped,
+                          why_not=f"failed {', '.join(failed)}" if failed else "")  # int8 asked, not passed: fail here
     notes: list[str] = []
     if not int8_shipped:
         notes.append("onnx_int8 left out of the repository: the INT8 variant was not shipped (failed or skipped "
-                     "its fidelity gate)")
+                     f"its quality gate{': ' + ', '.join(failed) if failed else ''})")
+    qdq_onnx, qdq_why_not = int8_plan_source(quantize.path("qdq") if "qdq" in quantize.artifacts else None,
+                                              quantize.metrics)
     trt_record = ctx.inputs["tensorrt"]
     built = {p: trt_record.dir / p for p in ("fp16", "int8") if f"plan_{p}" in trt_record.artifacts}
     written = write_repository(
@@ -71,7 +80,7 @@ def run(ctx: StageContext) -> StageResult:
         adapter_sha256=adapter_sha256(ctx.inputs["finetune"]), repository=cfg.repository, serving=cfg.serving,
         trt_inputs=TrtInputs(section=cfg.tensorrt, max_batch_size=cfg.repository.max_batch_size,
                              context_length=cfg.model.context_length,
-                             qdq_onnx=quantize.path("qdq") if "qdq" in quantize.artifacts else None, built=built),
+                             qdq_onnx=qdq_onnx, qdq_missing=qdq_why_not, built=built),
         build=build_facts(ctx.inputs),
     )
     notes += written.notes

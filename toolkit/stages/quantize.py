@@ -1,12 +1,19 @@
-"""Stage ``quantize``: an INT8 ONNX variant of the FP32 graph, gated on fidelity and timed against FP32.
+"""Stage ``quantize``: an INT8 ONNX variant to serve and a Q/DQ graph for TensorRT, each shipped only
+when it answers as well as FP32.
 
-Calibration samples are training conversations rendered with the model's chat template; the methods
-and their measured fidelity are in :mod:`toolkit.export.quantization`.
+Both graphs are gated the same way (:mod:`toolkit.export.task_gate`): FP32 and the candidate answer
+the evaluate stage's prompts greedily on onnxruntime, and the candidate ships when its held-out-phrasing
+fact accuracy (per language) and its retention are each within ``quantize.max_*_drop_points``
+percentage points of FP32's and its test-split perplexity rises less than
+``quantize.max_perplexity_delta_pct``. Free-running greedy agreement with FP32 (on those answers) and
+teacher-forced agreement (golden prompts) are reported; ``quantize.min_greedy_agreement`` adds them as
+a gate when set.
 
-The gate is not blocking: a variant that fails it is reported with ``int8_shipped: False`` and the
-repository stage leaves it out. The stage also writes ``model_qdq.onnx`` (static Q/DQ, symmetric,
-MinMax-calibrated on the same samples, ``quantize.qdq_exclude_nodes`` left FP32): TensorRT
-builds its INT8 plan from explicit Q/DQ.
+The gates are not blocking: a variant that fails is reported with ``int8_shipped: False`` and the
+repository leaves it out; a Q/DQ graph that fails (``qdq_shipped: False``) gets no INT8 plan script
+and no ``NAME_trt_int8`` entry. ``model_qdq.onnx`` is weight-only by default (INT8 weights with a
+per-channel DequantizeLinear, float activations: :func:`toolkit.export.quantization.quantize_weight_only_qdq`);
+``quantize.qdq_method`` selects the older static Q/DQ recipes instead.
 """
 
 from __future__ import annotations
@@ -15,10 +22,12 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolkit.config import QuantizeSection
+from toolkit.config import EvalSection, QuantizeSection
+from toolkit.dataset import Example
 from toolkit.errors import StageError
 from toolkit.export.quantization import (
     INT8_FILE,
@@ -28,10 +37,13 @@ from toolkit.export.quantization import (
     quantize_int8,
     teacher_forced_agreement,
 )
-from toolkit.gates import onnx_agreement, parity_gates, render_conversations
+from toolkit.export.task_gate import TaskScores, answer_and_score, answer_table, task_gates, token_agreement
+from toolkit.gates import render_conversations
 from toolkit.golden import Messages, golden_conversations
 from toolkit.report import GateResult
 from toolkit.stage import StageContext, StageResult
+
+ANSWERS_FILE = "task_answers.jsonl"  # every evaluation prompt: FP32's, INT8's and the Q/DQ graph's answers
 
 
 def read_conversations(path: Path) -> list[Messages]:
@@ -59,78 +71,137 @@ def calibration_ids(tokenizer: Any, conversations: Sequence[Messages], count: in
     return [render_prompt_ids(tokenizer, conv, add_generation_prompt=False) for conv in chosen]
 
 
-def _gate_perplexity(fp32_ppl: float, int8_ppl: float, max_delta_pct: float) -> GateResult:
-    delta = (int8_ppl / fp32_ppl - 1.0) * 100.0
+def _gate_perplexity(prefix: str, label: str, fp32_ppl: float, ppl: float, max_delta_pct: float) -> GateResult:
+    delta = (ppl / fp32_ppl - 1.0) * 100.0
     return GateResult(
-        name="onnx_int8_perplexity_delta_pct", passed=delta <= max_delta_pct, value=round(delta, 3),
+        name=f"{prefix}_perplexity_delta_pct", passed=delta < max_delta_pct, value=round(delta, 3),
         threshold=max_delta_pct, blocking=False,
-        detail=f"test-split assistant tokens: perplexity {fp32_ppl:.3f} (FP32) -> {int8_ppl:.3f} (INT8)",
+        detail=f"test-split assistant tokens: perplexity {fp32_ppl:.3f} (FP32) -> {ppl:.3f} ({label})",
     )
 
 
-def evaluate_int8(
-    fp32_path: Path, int8_path: Path, tokenizer: Any, scored: Sequence[tuple[Sequence[int], Sequence[int]]],
-    cfg: QuantizeSection,
-) -> tuple[dict[str, Any], list[GateResult]]:
-    """Fidelity (golden greedy agreement, test perplexity) and speed of INT8 against FP32: metrics, gates."""
-    from toolkit.modeling import pad_token_id, stop_token_ids
+@dataclass
+class Candidate:
+    """One quantized graph under test: the served INT8 variant, or the Q/DQ graph handed to TensorRT."""
+
+    key: str  # "int8" or "qdq": metric prefix and artifact name
+    label: str
+    model: Any  # OnnxCausalLM
+    metrics: dict[str, Any] = field(default_factory=dict)
+    gates: list[GateResult] = field(default_factory=list)
+    scores: TaskScores | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+
+def _open(path: Path, threads: int, qdq: bool = False) -> Any:
     from toolkit.onnx_lm import OnnxCausalLM
 
-    threads = cfg.bench_threads or os.cpu_count() or 1
-    fp32 = OnnxCausalLM(fp32_path, providers=["CPUExecutionProvider"], threads=threads)
-    int8 = OnnxCausalLM(int8_path, providers=["CPUExecutionProvider"], threads=threads)
-    stops, pad = stop_token_ids(tokenizer), pad_token_id(tokenizer)
-    prompts = render_conversations(tokenizer, golden_conversations())
-    results = onnx_agreement(fp32, int8, prompts, max_new_tokens=cfg.gate_new_tokens, stop_ids=stops, pad_id=pad)
-    reference = [fp32.greedy([p], cfg.gate_new_tokens, stops, pad)[0][0] for p in prompts]
-    hits, positions = teacher_forced_agreement(int8, prompts, reference)
-    if scored:
-        fp32_ppl, int8_ppl = perplexity(fp32, scored), perplexity(int8, scored)
-        ppl_gate = _gate_perplexity(fp32_ppl, int8_ppl, cfg.max_perplexity_delta_pct)
-    else:  # nothing held out: the variant cannot be shown to keep its answers, so it is not shipped
-        fp32_ppl = int8_ppl = float("nan")
-        ppl_gate = GateResult(name="onnx_int8_perplexity_delta_pct", passed=False, blocking=False,
-                              threshold=cfg.max_perplexity_delta_pct, detail="no test or val examples to score")
+    # A Q/DQ graph: let onnxruntime fold DequantizeLinear on the constant weights once at load time
+    # (same products, FP32 speed) instead of dequantizing every weight at every step.
+    config = {"session.disable_quant_qdq": "1"} if qdq else None
+    return OnnxCausalLM(path, providers=["CPUExecutionProvider"], threads=threads, session_config=config)
 
-    metrics: dict[str, Any] = {
-        "agreement": {f"batch{r.batch_size}": r.to_metrics() for r in results},
-        "teacher_forced_agreement": round(hits / positions, 6) if positions else 1.0,
-        "teacher_forced_tokens": f"{hits}/{positions}",
-        "fp32_perplexity": round(fp32_ppl, 4) if scored else None,
-        "int8_perplexity": round(int8_ppl, 4) if scored else None,
-        "perplexity_delta_pct": round((int8_ppl / fp32_ppl - 1) * 100, 3) if scored else None,
-        "perplexity_examples": len(scored),
-        "bench_threads": threads,
-        "bench_new_tokens": cfg.bench_new_tokens,
-    }
+
+def evaluate_candidates(
+    fp32_path: Path, candidates: list[Candidate], tokenizer: Any, test: Sequence[Example],
+    scored: Sequence[tuple[Sequence[int], Sequence[int]]], cfg: QuantizeSection, eval_cfg: EvalSection, threads: int,
+) -> dict[str, Any]:
+    """Score FP32 and every candidate on the task (facts, retention), perplexity and agreement; gate each."""
+    from toolkit.evaluation import evaluation_prompts
+    from toolkit.modeling import pad_token_id, render_prompt_ids, stop_token_ids
+
+    fp32 = _open(fp32_path, threads)
+    stops, pad = stop_token_ids(tokenizer), pad_token_id(tokenizer)
+    prompt_ids = [render_prompt_ids(tokenizer, p) for p in evaluation_prompts(test)]
+
+    def answer(model: Any) -> TaskScores:
+        return answer_and_score(model, tokenizer, test, prompt_ids, max_new_tokens=eval_cfg.max_new_tokens,
+                                stop_ids=stops, pad_id=pad, batch_size=eval_cfg.batch_size)
+
+    reference = answer(fp32)
+    fp32_ppl = perplexity(fp32, scored) if scored else float("nan")
+    golden = render_conversations(tokenizer, golden_conversations())
+    golden_ref = [fp32.greedy([p], cfg.gate_new_tokens, stops, pad)[0][0] for p in golden]
+    shared: dict[str, Any] = {"task_prompts": len(prompt_ids), "fp32_task": reference.as_metrics(),
+                              "fp32_perplexity": round(fp32_ppl, 4) if scored else None,
+                              "perplexity_examples": len(scored)}
+    for cand in candidates:
+        scores = cand.scores = answer(cand.model)
+        same, total, identical = token_agreement(reference.generated, scores.generated)
+        hits, positions = teacher_forced_agreement(cand.model, golden, golden_ref)
+        cand.metrics.update({
+            "task": scores.as_metrics(),
+            "greedy_agreement": round(same / total, 6) if total else 1.0,
+            "greedy_tokens": f"{same}/{total}", "identical_answers": f"{identical}/{len(prompt_ids)}",
+            "teacher_forced_agreement": round(hits / positions, 6) if positions else 1.0,
+            "teacher_forced_tokens": f"{hits}/{positions}",
+        })
+        cand.gates = task_gates(reference, scores, prefix=f"onnx_{cand.key}", label=cand.label,
+                                max_fact_drop_points=cfg.max_fact_accuracy_drop_points,
+                                max_retention_drop_points=cfg.max_retention_drop_points)
+        if scored:
+            ppl = perplexity(cand.model, scored)
+            cand.metrics.update(perplexity=round(ppl, 4), perplexity_delta_pct=round((ppl / fp32_ppl - 1) * 100, 3))
+            cand.gates.append(_gate_perplexity(f"onnx_{cand.key}", cand.label, fp32_ppl, ppl,
+                                               cfg.max_perplexity_delta_pct))
+        else:  # nothing held out: the variant cannot be shown to keep its answers, so it is not shipped
+            cand.metrics.update(perplexity=None, perplexity_delta_pct=None)
+            cand.gates.append(GateResult(name=f"onnx_{cand.key}_perplexity_delta_pct", passed=False, blocking=False,
+                                         threshold=cfg.max_perplexity_delta_pct,
+                                         detail="no test or val examples to score"))
+        if cfg.min_greedy_agreement is not None:
+            forced = cfg.agreement == "teacher_forced"
+            value = cand.metrics["teacher_forced_agreement" if forced else "greedy_agreement"]
+            cand.gates.append(GateResult(
+                name=f"onnx_{cand.key}_{'teacher_forced' if forced else 'greedy'}_agreement",
+                passed=value >= cfg.min_greedy_agreement, value=value, threshold=cfg.min_greedy_agreement,
+                blocking=False,
+                detail=(f"{hits}/{positions} FP32 greedy tokens on the golden prompts are {cand.label}'s top-1 when "
+                        "fed the same prefix") if forced else
+                       f"{same}/{total} greedy tokens on the evaluation prompts match FP32's; {identical} answers "
+                       "identical"))
+    questions = [conversation[-1]["content"] for conversation in evaluation_prompts(test)]
+    table = answer_table(questions, {"fp32": reference, **{c.key: c.scores for c in candidates if c.scores}})
+    shared["answers"] = table
+    shared["fp32"] = fp32
+    return shared
+
+
+def _bench(fp32: Any, int8: Any, cfg: QuantizeSection, tokenizer: Any, threads: int) -> dict[str, Any]:
+    """Decode tokens/s of FP32 and INT8 at batch 1 and 8 (fixed length, golden prompts)."""
+    prompts = render_conversations(tokenizer, golden_conversations())
+    metrics: dict[str, Any] = {"bench_threads": threads, "bench_new_tokens": cfg.bench_new_tokens}
     for batch in (1, 8):
         rows = [prompts[i % len(prompts)] for i in range(batch)]
         for name, model in (("fp32", fp32), ("int8", int8)):
-            tps = decode_tokens_per_s(model, rows, cfg.bench_new_tokens)
-            metrics[f"{name}_batch{batch}_tokens_per_s"] = round(tps, 2)
+            tokens_per_s = decode_tokens_per_s(model, rows, cfg.bench_new_tokens)
+            metrics[f"{name}_batch{batch}_tokens_per_s"] = round(tokens_per_s, 2)
         metrics[f"speedup_batch{batch}"] = round(
             metrics[f"int8_batch{batch}_tokens_per_s"] / metrics[f"fp32_batch{batch}_tokens_per_s"], 3)
+    return metrics
 
-    forced = hits / positions if positions else 1.0
-    if cfg.agreement == "greedy":
-        gates = parity_gates(results, min_agreement=cfg.min_greedy_agreement, max_logit_delta=None,
-                             prefix="onnx_int8", blocking=False)
-    else:
-        gates = [GateResult(name="onnx_int8_teacher_forced_agreement", passed=forced >= cfg.min_greedy_agreement,
-                            value=round(forced, 6), threshold=cfg.min_greedy_agreement, blocking=False,
-                            detail=f"{hits}/{positions} FP32 greedy tokens are INT8's top-1 when fed the same prefix")]
-    gates.append(ppl_gate)
-    return metrics, gates
+
+def _summary(cand: Candidate, method: str) -> str:
+    task = cand.metrics["task"]
+    facts = ", ".join(f"{lang} {task[f'fact_right_{lang}']}" for lang in ("en", "zh") if f"fact_right_{lang}" in task)
+    ppl = cand.metrics["perplexity_delta_pct"]
+    return (f"{method}: facts {facts}, retention {task['retention_right']}, perplexity "
+            f"{'not scored' if ppl is None else f'{ppl:+.2f}%'}, greedy agreement {cand.metrics['greedy_tokens']}")
 
 
 def run(ctx: StageContext) -> StageResult:
-    """Quantize the FP32 graph, gate the INT8 variant (non-blocking), time it against FP32."""
+    """Quantize the FP32 graph (served INT8 variant and TensorRT's Q/DQ graph); gate both on the task; time INT8."""
+    from toolkit.dataset import read_split
     from toolkit.modeling import load_tokenizer
     from toolkit.training.examples import build_example
 
     cfg = ctx.config.quantize
     if not cfg.enabled:
-        return StageResult(metrics={"int8_shipped": False}, note="quantize.enabled is false: no INT8 variant")
+        return StageResult(metrics={"int8_shipped": False, "qdq_shipped": False},
+                           note="quantize.enabled is false: no INT8 variant")
     fp32_path = ctx.inputs["export_onnx"].path("model")
     tokenizer = load_tokenizer(ctx.inputs["merge"].path("model"))
     data = ctx.inputs["data"]
@@ -139,7 +210,9 @@ def run(ctx: StageContext) -> StageResult:
     if not test and (data.dir / data.artifacts.get("val", "val.jsonl")).is_file():
         test = read_conversations(data.dir / data.artifacts.get("val", "val.jsonl"))  # tiny datasets: no test rows
     test = test[: cfg.max_eval_examples]
-    calibration = calibration_ids(tokenizer, train, cfg.calibration_samples)
+    task_test = read_split(data.dir, "test")[: ctx.config.eval.max_examples]  # the evaluate stage's questions
+    static = {cfg.method, cfg.qdq_method if cfg.emit_qdq else ""} & {"static_qdq", "static_qdq_percentile"}
+    calibration = calibration_ids(tokenizer, train, cfg.calibration_samples) if static else []
 
     started = time.perf_counter()
     int8_path = quantize_int8(fp32_path, ctx.out_dir / INT8_FILE, cfg.method, calibration, exclude=cfg.exclude_nodes)
@@ -149,29 +222,50 @@ def run(ctx: StageContext) -> StageResult:
     artifacts = {"int8": INT8_FILE}
     if cfg.emit_qdq:
         started = time.perf_counter()
-        if not cfg.method.startswith("static_qdq"):
-            quantize_int8(fp32_path, ctx.out_dir / QDQ_FILE, "static_qdq", calibration,
-                          exclude=cfg.qdq_exclude_nodes)
-        artifacts["qdq"] = INT8_FILE if cfg.method.startswith("static_qdq") else QDQ_FILE
-        metrics["qdq_s"] = round(time.perf_counter() - started, 2)
-        metrics["qdq_bytes"] = (ctx.out_dir / artifacts["qdq"]).stat().st_size
+        qdq_method = "weight_only_qdq" if cfg.qdq_method == "weight_only" else cfg.qdq_method
+        quantize_int8(fp32_path, ctx.out_dir / QDQ_FILE, qdq_method, calibration, exclude=cfg.qdq_exclude_nodes)
+        artifacts["qdq"] = QDQ_FILE
+        metrics.update(qdq_method=cfg.qdq_method, qdq_exclude_nodes=cfg.qdq_exclude_nodes,
+                       qdq_s=round(time.perf_counter() - started, 2),
+                       qdq_bytes=(ctx.out_dir / QDQ_FILE).stat().st_size)
 
+    threads = cfg.bench_threads or os.cpu_count() or 1
     examples = [build_example(tokenizer, conv, ctx.config.data.max_seq_len) for conv in test]
     scored = [(ex.input_ids, ex.labels) for ex in examples if ex is not None]
-    measured, gates = evaluate_int8(fp32_path, int8_path, tokenizer, scored, cfg)
-    shipped = all(g.passed for g in gates)
+    started = time.perf_counter()
+    int8 = Candidate("int8", "INT8", _open(int8_path, threads))
+    candidates = [int8]
+    if cfg.emit_qdq:
+        candidates.append(Candidate("qdq", "Q/DQ", _open(ctx.out_dir / QDQ_FILE, threads, qdq=True)))
+    shared = evaluate_candidates(fp32_path, candidates, tokenizer, task_test, scored, cfg, ctx.config.eval, threads)
+    fp32 = shared.pop("fp32")
+    with (ctx.out_dir / ANSWERS_FILE).open("w", encoding="utf-8") as fh:
+        for row in shared.pop("answers"):
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    artifacts["answers"] = ANSWERS_FILE
+    metrics.update(shared)
+    metrics["evaluate_s"] = round(time.perf_counter() - started, 1)
+    metrics.update(int8.metrics, int8_shipped=int8.passed, **_bench(fp32, int8.model, cfg, tokenizer, threads))
+    if "perplexity" in int8.metrics:
+        metrics["int8_perplexity"] = metrics.pop("perplexity")
     fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
-    metrics.update(int8_shipped=shipped, **measured, fp32_bytes=fp32_bytes, int8_bytes=int8_bytes,
-                   size_ratio=round(int8_bytes / fp32_bytes, 3))
-
-    agreement = ", ".join(f"batch {r['batch_size']} {r['tokens_matched']}/{r['tokens_total']}"
-                          for r in measured["agreement"].values())
-    ppl = measured["perplexity_delta_pct"]
-    summary = (f"{cfg.method}: greedy agreement {agreement}, "
-               f"perplexity {'not scored' if ppl is None else f'{ppl:+.2f}%'}, "
-               f"{measured['speedup_batch1']:.2f}x/{measured['speedup_batch8']:.2f}x FP32 speed at batch 1/8, "
-               f"{int8_bytes / 2**20:.0f} MiB")
-    failed = ", ".join(g.name for g in gates if not g.passed)
-    note = (f"INT8 shipped ({summary})" if shipped
+    metrics.update(fp32_bytes=fp32_bytes, int8_bytes=int8_bytes, size_ratio=round(int8_bytes / fp32_bytes, 3))
+    gates = list(int8.gates)
+    summary = (f"{_summary(int8, cfg.method)}, {metrics['speedup_batch1']:.2f}x/{metrics['speedup_batch8']:.2f}x "
+               f"FP32 speed at batch 1/8, {int8_bytes / 2**20:.0f} MiB")
+    failed = ", ".join(g.name for g in int8.gates if not g.passed)
+    note = (f"INT8 shipped ({summary})" if int8.passed
             else f"INT8 NOT shipped: failed {failed} ({summary}); the repository leaves it out")
+    if cfg.emit_qdq:
+        qdq = candidates[1]
+        metrics["qdq"] = qdq.metrics
+        metrics["qdq_shipped"] = qdq.passed
+        metrics["qdq_failed_gates"] = [g.name for g in qdq.gates if not g.passed]
+        gates += qdq.gates
+        qdq_summary = _summary(qdq, f"{cfg.qdq_method} Q/DQ")
+        note += (f"; TensorRT INT8 source passed ({qdq_summary})" if qdq.passed else
+                 f"; TensorRT INT8 source NOT passed: failed {', '.join(metrics['qdq_failed_gates'])} ({qdq_summary}), "
+                 "no INT8 plan script")
+    else:
+        metrics["qdq_shipped"] = False
     return StageResult(metrics=metrics, gates=gates, artifacts=artifacts, note=note)

@@ -1,5 +1,8 @@
 """Stage ``tensorrt``: TensorRT FP16 and INT8 plans from the exported ONNX, built with ``trtexec``.
 
+INT8 is built from the quantize stage's ``model_qdq.onnx`` only when that graph passed its
+task-quality gate (``qdq_shipped``); otherwise no INT8 script is written and the report says why.
+
 The profile and the command are :mod:`toolkit.repository.tensorrt`'s. Where ``trtexec`` and a GPU
 are present the plans are built and ``plan_meta.json`` records the TensorRT version, GPU and compute
 capability, which :mod:`toolkit.repository.plan_compat` checks at load time. Elsewhere the stage is
@@ -21,6 +24,7 @@ from toolkit.repository.plan_compat import BUILD_SCRIPT, PLAN_FILE, PLAN_META, g
 from toolkit.repository.tensorrt import (
     TIMING_CACHE,
     build_script,
+    int8_plan_source,
     kv_cache_profile,
     trtexec_command,
     write_build_script,
@@ -38,11 +42,13 @@ def plan_sources(ctx: StageContext) -> tuple[dict[str, Path], list[str]]:
             sources["fp16"] = ctx.inputs["export_onnx"].path("model")
             continue
         quantize = ctx.inputs.get("quantize")
-        if quantize is not None and "qdq" in quantize.artifacts:
-            sources["int8"] = quantize.path("qdq")
+        source, why_not = int8_plan_source(
+            quantize.path("qdq") if quantize is not None and "qdq" in quantize.artifacts else None,
+            quantize.metrics if quantize is not None else {})
+        if source is not None:
+            sources["int8"] = source
         else:
-            notes.append("INT8 plan not buildable: the quantize stage produced no Q/DQ ONNX (artifact 'qdq'); "
-                         "TensorRT builds INT8 only from explicit Q/DQ quantization here")
+            notes.append(f"INT8 plan not written: {why_not}")
     return sources, notes
 
 
@@ -85,8 +91,8 @@ def run(ctx: StageContext) -> StageResult:
     if trtexec_path is None or gpu is None:
         missing = "trtexec not on PATH" if trtexec_path is None else "no GPU (nvidia-smi found none)"
         found = "TensorRT not found" if trtexec_path is None else "no GPU"
-        note = (f"{found} ({missing}) — plan build scripts written to {where}; "
-                "run them on a machine with TensorRT and a GPU")
+        note = "; ".join([f"{found} ({missing}) — plan build scripts written to {where}; "
+                          "run them on a machine with TensorRT and a GPU", *notes])
         metrics["not_buildable"] = notes
         return StageResult(status=StageStatus.UNAVAILABLE, note=note, metrics=metrics, artifacts=artifacts)
     built: dict[str, Any] = {}

@@ -92,13 +92,17 @@ def run(ctx: StageContext) -> StageResult:
     repository = Path(str(record.metrics["repository"]))
     version = int(record.metrics["version"])
     model = ctx.config.model.name
-    onnx = ctx.inputs["export_onnx"].path("model")
+    # Compare with the graph the generation model serves (onnx_int8 when repository.serving_precision picks it).
+    core = ModelManifest.load(repository / model / str(version)).serving_core_model
+    served = repository / core / str(version) / "model.onnx"
+    onnx = served if served.is_file() else ctx.inputs["export_onnx"].path("model")
+    against = f" {core}" if served.is_file() and not core.endswith("onnx_fp32") else ""
     outcome = serve_and_compare(repository, model, version, onnx, log_path=ctx.out_dir / "tritonserver.log")
     (ctx.out_dir / "triton_gate.json").write_text(json.dumps(outcome, indent=2) + "\n", encoding="utf-8")
     exact, prompts = int(outcome["exact_prompts"]), int(outcome["prompts"])  # type: ignore[call-overload]
     agreement = float(outcome["token_agreement"])  # type: ignore[arg-type]
     detail = (f"{exact}/{prompts} golden prompts identical, {outcome['agreeing_tokens']}/{outcome['tokens']} "
-              f"greedy tokens agree (Triton {model} v{version} vs ONNX)")
+              f"greedy tokens agree (Triton {model} v{version} vs ONNX{against})")
     gate = GateResult(name="triton_greedy_parity", passed=exact == prompts, value=agreement, threshold=1.0,
                       detail=detail)
     metrics = {k: v for k, v in outcome.items() if k not in ("served", "expected")}

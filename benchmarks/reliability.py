@@ -10,9 +10,11 @@ Against a running stack (``toolkit serve``; its state file gives the gateway URL
 2. malformed: a fixed list of bad bodies (wrong types, NaN, huge numbers, lone surrogates, invalid
    UTF-8, deep nesting, unknown roles). Passes when each is a 4xx in the OpenAI error shape.
 3. soak: ``--soak-clients`` clients send requests back to back for ``--soak-s`` seconds while the
-   resident memory of the gateway and of Triton is sampled every 10 s. Passes when neither grew by
-   more than 10 % from the first sample after a one-minute warm-up (or a tenth of the soak) to the
-   last, and no request got a 5xx.
+   resident memory of the gateway, of ``tritonserver`` and of its python-backend stub processes
+   (``triton_python_backend_stub``, where the generation model and its onnxruntime session live;
+   summed over the stubs) is sampled every 10 s. Passes when none grew by more than 10 % from the
+   first sample after a one-minute warm-up (or a tenth of the soak) to the last, and no request got
+   a 5xx.
 
 The figures go to ``--out`` (JSON) and a Markdown table on stdout for docs/reliability.md.
 """
@@ -53,6 +55,35 @@ def _rss_kib(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def _children(pid: int, name: str) -> list[int]:
+    """Live processes whose parent is `pid` and whose command name is `name` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1: text.rindex(")")]
+        fields = text[text.rindex(")") + 2:].split()
+        # the kernel cuts a command name to 15 characters
+        if int(fields[1]) == pid and name.startswith(comm) and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+STUB = "triton_python_backend_stub"
+
+
+def rss_samples(pids: dict[str, int]) -> dict[str, int]:
+    """Resident KiB of each named process, and of Triton's python-backend stubs summed (``triton_stubs``)."""
+    out = {name: rss for name, pid in pids.items() if (rss := _rss_kib(pid)) is not None}
+    if "triton" in pids:
+        stubs = [rss for pid in _children(pids["triton"], STUB) if (rss := _rss_kib(pid)) is not None]
+        if stubs:
+            out["triton_stubs"] = sum(stubs)
+    return out
 
 
 async def _one(client: httpx.AsyncClient, url: str, headers: dict[str, str], deadline_s: float) -> dict[str, Any]:
@@ -101,7 +132,7 @@ def malformed(url: str, headers: dict[str, str]) -> dict[str, Any]:
 
 
 async def soak(url: str, headers: dict[str, str], pids: dict[str, int], seconds: float, clients: int) -> dict[str, Any]:
-    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in pids}
+    samples: dict[str, list[tuple[float, int]]] = {}
     statuses: dict[str, int] = {}
     start = time.monotonic()
     stop = start + seconds
@@ -113,10 +144,8 @@ async def soak(url: str, headers: dict[str, str], pids: dict[str, int], seconds:
 
     async def sampler() -> None:
         while time.monotonic() < stop:
-            for name, pid in pids.items():
-                rss = _rss_kib(pid)
-                if rss is not None:
-                    samples[name].append((time.monotonic() - start, rss))
+            for name, rss in rss_samples(pids).items():
+                samples.setdefault(name, []).append((time.monotonic() - start, rss))
             await asyncio.sleep(10)
 
     async with httpx.AsyncClient(timeout=120) as client:
@@ -128,8 +157,12 @@ async def soak(url: str, headers: dict[str, str], pids: dict[str, int], seconds:
         growth[name] = {"first_kib": after[0], "last_kib": after[-1], "max_kib": max(after),
                         "growth_pct": round(100.0 * (after[-1] - after[0]) / after[0], 1)} if after else None
     no_5xx = not any(s.startswith("5") or s == "hang" or s.startswith("transport") for s in statuses)
-    passed = no_5xx and all(g is not None and g["growth_pct"] < 10 for g in growth.values())
-    return {"seconds": seconds, "clients": clients, "statuses": statuses, "rss": growth, "passed": passed}
+    # Every process asked for must have been sampled: a Triton whose stubs were not found fails.
+    wanted = {*pids, "triton_stubs"} if "triton" in pids else set(pids)
+    passed = no_5xx and wanted <= set(growth) and all(g is not None and g["growth_pct"] < 10 for g in growth.values())
+    stubs = len(_children(pids["triton"], STUB)) if "triton" in pids else 0
+    return {"seconds": seconds, "clients": clients, "statuses": statuses, "stubs": stubs, "rss": growth,
+            "passed": passed}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -145,7 +178,8 @@ def markdown(report: dict[str, Any]) -> str:
         soak_ = report["soak"]
         rss = ", ".join(f"{n} {g['first_kib'] // 1024}→{g['last_kib'] // 1024} MiB ({g['growth_pct']:+} %)"
                         for n, g in soak_["rss"].items() if g)
-        lines.append(f"| soak | {soak_['clients']} clients for {soak_['seconds']:.0f} s | {soak_['statuses']}; {rss} "
+        lines.append(f"| soak | {soak_['clients']} clients for {soak_['seconds']:.0f} s ({soak_.get('stubs', 0)} "
+                     f"python-backend stubs) | {soak_['statuses']}; {rss} "
                      f"| {'yes' if soak_['passed'] else 'NO'} |")
     return "\n".join(lines)
 

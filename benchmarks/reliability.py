@@ -18,11 +18,12 @@ Against a running stack (``toolkit serve``; its state file gives the gateway URL
    a 5xx.
 
 4. build kills (``--build-kills N``, no server needed): a full ``toolkit build`` of the tiny test model
-   (tests/tinybuild.py) is timed, then N builds are SIGKILLed at points spread over that duration
+   (tests/tinybuild.py) and a ``--force`` rebuild are timed, then N builds are SIGKILLed at points
+   spread over the shorter duration
    (one seeded draw in each of N equal slices; alternately a ``--force`` rebuild over a whole workspace
    and a first build into an empty one), each followed by a plain rerun. Passes when every rerun exits
-   0 and the workspace and repository verify file by file against the hashes the build recorded.
-   ``--no-serving`` runs this scenario alone.
+   0 and the workspace and repository verify file by file against the hashes the build recorded (a
+   build that ended before its kill point is counted, not failed). ``--no-serving`` runs this scenario alone.
 
 The figures go to ``--out`` (JSON) and a Markdown table on stdout for docs/reliability.md.
 """
@@ -185,9 +186,12 @@ def build_kills(kills: int, seed: int, root: Path) -> dict[str, Any]:
     base = tiny_base_model(root / "base")
     workspace, repository = root / "ws", root / "repo"
     config = tiny_config(root / "tiny.yaml", base, workspace, repository)
-    first, full_s = timed(run_build, config)
+    first, first_s = timed(run_build, config)
     if first.returncode != 0:
         return {"passed": False, "error": first.stdout[-2000:]}
+    # A first build pays one-off costs (cold caches): the warm rebuild is the span the kills must fall in.
+    _, rebuild_s = timed(run_build, config, "--force")
+    full_s = min(first_s, rebuild_s)
     rng = random.Random(seed)
     trials = []
     for trial in range(kills):
@@ -203,8 +207,10 @@ def build_kills(kills: int, seed: int, root: Path) -> dict[str, Any]:
         print(f"kill {trial + 1}/{kills} at {killed['delay_s']} s in {killed['stage']}: rerun exit "
               f"{rerun.returncode} in {rerun_s} s, {verified.files} files verified, {len(verified.problems)} problems",
               file=sys.stderr)
-    passed = all(t["rerun_exit"] == 0 and not t["problems"] and not t["finished_first"] for t in trials)
-    return {"full_build_s": full_s, "seed": seed, "trials": trials, "passed": passed}
+    # A build that ended before its kill point proves nothing, but is no failure either: it is counted.
+    passed = all(t["rerun_exit"] == 0 and not t["problems"] for t in trials)
+    return {"full_build_s": full_s, "ended_before_kill": sum(t["finished_first"] for t in trials), "seed": seed,
+            "trials": trials, "passed": passed}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -231,7 +237,8 @@ def markdown(report: dict[str, Any]) -> str:
         trials = kills["trials"]
         stages: dict[str, int] = {}
         for t in trials:
-            stages[str(t["stage"])] = stages.get(str(t["stage"]), 0) + 1
+            where = "ended first" if t["finished_first"] else str(t["stage"] or "start-up")
+            stages[where] = stages.get(where, 0) + 1
         reruns = sorted(t["rerun_s"] for t in trials)
         lines.append(
             f"| build kills | SIGKILL at {len(trials)} points over a {kills['full_build_s']:.1f} s tiny build (in "

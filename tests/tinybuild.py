@@ -91,7 +91,11 @@ def running_stage(workspace: Path) -> str | None:
 
 
 def kill_build_at(config: Path, workspace: Path, delay_s: float, *args: str) -> dict[str, Any]:
-    """Start a build, SIGKILL its process group `delay_s` seconds later; say which stage it was in."""
+    """Start a build, SIGKILL its process group `delay_s` seconds later; say which stage it was in.
+
+    The stage is None when the build had not started its first one (interpreter start-up, imports).
+    """
+    (workspace / "build.log").unlink(missing_ok=True)  # so an earlier build's lines are not read as this one's
     process = start_build(config, *args)
     try:
         process.wait(timeout=delay_s)

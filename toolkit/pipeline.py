@@ -47,6 +47,7 @@ from toolkit.workspace import (
     atomic_dir,
     atomic_write_json,
     clean_stale_temps,
+    external_manifest,
     file_manifest,
     manifest_digest,
     manifest_unchanged,
@@ -136,6 +137,11 @@ def _load_record(stage_dir: Path) -> StageRecord | None:
             stage_dir, data["files"]):
         return None
     if any(not Path(p).exists() for p in data.get("external", [])):
+        return None
+    # Files outside the workspace (the repository's versions, configs, scripts) as they were recorded:
+    # a kill between a rewrite there and this record, or a hand edit, reruns the stage.
+    if not manifest_unchanged(stage_dir, data.get("external_files", {})):
+        log.info("%s: its files outside the workspace changed since it ran", data["name"])
         return None
     return StageRecord(
         name=data["name"], dir=stage_dir, key=data["key"], digest=data["digest"],
@@ -276,6 +282,7 @@ def _run_stage(
             "gates": [g.model_dump() for g in result.gates],
             "artifacts": result.artifacts,
             "external": result.external,
+            "external_files": external_manifest(result.external),
             "files": files,
             "digest": manifest_digest(files),
         }

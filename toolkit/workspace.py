@@ -53,6 +53,18 @@ def file_manifest(root: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def external_manifest(paths: list[str]) -> dict[str, dict[str, Any]]:
+    """Absolute path -> {sha256, size, mtime_ns} for every file at or under `paths` (files or folders)."""
+    out: dict[str, dict[str, Any]] = {}
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            out.update({str(entry / rel): meta for rel, meta in file_manifest(entry).items()})
+        elif entry.is_file():
+            stat = entry.stat()
+            out[str(entry)] = {"sha256": sha256_file(entry), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return out
+
+
 def manifest_digest(files: dict[str, dict[str, Any]]) -> str:
     return sha256_json({name: meta["sha256"] for name, meta in files.items()})
 
@@ -65,7 +77,7 @@ def manifest_unchanged(root: Path, files: dict[str, dict[str, Any]]) -> bool:
     seconds), and must still count as unchanged.
     """
     for name, meta in files.items():
-        path = root / name
+        path = root / name  # an absolute `name` (an external file) stays itself
         try:
             stat = path.stat()
         except FileNotFoundError:

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -85,6 +86,13 @@ class Prometheus:
         body = response.json()
         assert response.status_code == 200 and body["status"] == "success", f"{expr}: {response.text}"
         return sum(float(sample["value"][1]) for sample in body["data"]["result"])
+
+    def series(self, expr: str) -> list[dict[str, Any]]:
+        """The instant vector's samples as Prometheus returns them (``metric`` labels and ``value``)."""
+        response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=5)
+        assert response.status_code == 200, f"{expr}: {response.text}"
+        result: list[dict[str, Any]] = response.json()["data"]["result"]
+        return result
 
     def target_health(self) -> dict[str, str]:
         response = httpx.get(f"{self.url}/api/v1/targets", params={"state": "active"}, timeout=5)
@@ -229,6 +237,51 @@ def test_prometheus_scrapes_triton_and_gateway(
     # The gateway is this module's alone: its counters are exactly these requests.
     assert values["gateway_completion_tokens_total"] == completion_tokens
     assert values[chat_200] == sent
+
+
+def _long_stream(gateway: Gateway, errors: list[str]) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 960, "ignore_eos": True, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=TIMEOUT_S) as response:
+        text = response.read().decode()
+        if response.status_code != 200 or not text.rstrip().endswith("data: [DONE]"):
+            errors.append(f"{response.status_code}: {text[-300:]}")
+
+
+@needs_prometheus
+def test_prometheus_scrapes_the_autoscaling_metrics_as_they_move(
+    prometheus: Prometheus, gateway: Gateway, triton_server: RunningTriton
+) -> None:
+    """The HPA scales on Triton's toolkit_queue_depth and toolkit_active_sequences (deploy/k8s): both reach
+    Prometheus, and active sequences rise under concurrent streams and fall back to 0 after them."""
+    model = triton_server.model
+    streams = 8
+    errors: list[str] = []
+    deadline = time.monotonic() + SCRAPE_DEADLINE_S
+    while not prometheus.series(f'toolkit_active_sequences{{model="{model}"}}'):  # scraped once: the load shows
+        assert time.monotonic() < deadline, prometheus.log.read_text()[-3000:]
+        time.sleep(0.2)
+    threads = [threading.Thread(target=_long_stream, args=(gateway, errors)) for _ in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT_S)
+    assert not errors, errors
+    peak_expr = f'max_over_time(toolkit_active_sequences{{model="{model}"}}[5m])'
+    deadline = time.monotonic() + SCRAPE_DEADLINE_S
+    while True:
+        queue = prometheus.series(f'toolkit_queue_depth{{model="{model}"}}')
+        active = prometheus.series(f'toolkit_active_sequences{{model="{model}"}}')
+        peak = prometheus.query(peak_expr)
+        now = sum(float(s["value"][1]) for s in active)
+        if (queue and active and peak >= 1 and now == 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    print(f"figures: Prometheus saw toolkit_active_sequences peak at {peak:g} under {streams} streams, then {now:g}; "
+          f"toolkit_queue_depth {[s['value'][1] for s in queue]}")
+    assert queue and {s["metric"]["job"] for s in queue} == {"triton"}, queue
+    assert all(float(s["value"][1]) == 0 for s in queue)  # 32 slots: 8 streams never queue
+    assert active and peak >= 1, (active, peak)  # moved under load, as Prometheus recorded it
+    assert now == 0, active  # and back to 0 once the streams ended
 
 
 def _rule_files() -> list[Path]:

@@ -136,6 +136,56 @@ def test_a_stalled_triton_ends_the_stream_within_the_idle_timeout(busy: tuple[Tr
     assert reply.status_code == 200 and server.process is not None and server.process.pid == pid
 
 
+def _queue_depth(server: TritonServer) -> float:
+    return metric_sum(scrape(server.metrics_url), "toolkit_queue_depth")
+
+
+def _stream_until_cut(url: str, out: dict[str, Any]) -> None:
+    try:
+        _stream(url, out)
+    except httpx.HTTPError as err:  # the gateway is killed under it
+        out["error"] = type(err).__name__
+
+
+def test_a_gateway_killed_while_triton_streams_frees_tritons_slots(busy: tuple[TritonServer, Gateway],
+                                                                   tmp_path: Path) -> None:
+    """SIGKILL gives the gateway no chance to cancel: Triton must see its gRPC streams break by itself."""
+    server, gateway = busy
+    assert server.process is not None
+    pid = server.process.pid
+    doomed = start_gateway(GATEWAY_PORT + 1, {
+        "GATEWAY_TRITON_URLS": server.grpc_url, "GATEWAY_REPOSITORY": str(server.repository),
+        "GATEWAY_HEALTH_INTERVAL_S": "0.5", "GATEWAY_TRITON_ADMIN_KEY": server.admin_key}, tmp_path / "doomed.log")
+    try:
+        wait_ready(doomed)
+        results: list[dict[str, Any]] = [{} for _ in range(2)]  # one decoding (max_active=1), one queued
+        threads = [threading.Thread(target=_stream_until_cut, args=(doomed.url, out), daemon=True)
+                   for out in results]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while not (_active_sequences(server) == 1 and _queue_depth(server) == 1):
+            assert time.monotonic() < deadline, "Triton never held one decoding and one queued sequence"
+            time.sleep(0.1)
+        doomed.process.kill()
+        killed_at = time.monotonic()
+        doomed.process.wait()
+    finally:
+        if doomed.process.poll() is None:
+            doomed.process.kill()
+    while _active_sequences(server) or _queue_depth(server):
+        assert time.monotonic() < killed_at + 10, "Triton kept the killed gateway's sequences for 10 s"
+        time.sleep(0.05)
+    freed_s = time.monotonic() - killed_at
+    print(f"figures: gateway SIGKILLed with 1 decoding + 1 queued stream: Triton's active sequences and queue "
+          f"at 0 after {freed_s:.2f} s")
+    cancelled = metric_sum(scrape(server.metrics_url), "toolkit_requests_total", finish_reason="cancelled")
+    assert cancelled >= 2
+    reply = httpx.post(f"{gateway.url}/v1/chat", json={"message": "hi", "max_tokens": 3}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert server.process is not None and server.process.pid == pid  # served without a restart
+
+
 def _serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.Popen(

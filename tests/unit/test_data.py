@@ -385,8 +385,14 @@ def test_stage_skip_mode_counts_malformed(tmp_path: Path) -> None:
     assert m["examples"] == 31
     assert "malformed record(s) skipped" in report.stages[0].note
     rows = (tmp_path / "ws" / "data" / "malformed.jsonl").read_text().splitlines()
-    assert json.loads(rows[0]) == {"source": f"{path}:2", "problem": json.loads(rows[0])["problem"]}
-    assert len(rows) == len(MALFORMED) - 1
+    assert json.loads(rows[0]) == {
+        "source": f"{path}:2",
+        "problem": "not valid JSON: Expecting property name enclosed in double quotes (column 32)"}
+    # every bad line, in order, with its own problem (line 1 is the good record)
+    expected = [(f"{path}:{line}", fragment) for line, (_, fragment) in enumerate(MALFORMED, start=1) if fragment]
+    found = [(row["source"], row["problem"]) for row in map(json.loads, rows)]
+    assert [source for source, _ in found] == [source for source, _ in expected]
+    assert all(fragment in problem for (_, problem), (_, fragment) in zip(found, expected, strict=True)), found
 
 
 def test_stage_fail_mode_stops_the_build(tmp_path: Path) -> None:

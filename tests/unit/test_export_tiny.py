@@ -173,10 +173,32 @@ def test_quantize_stage_writes_int8_and_qdq_and_reports(exported: tuple[Path, St
     assert "DequantizeLinear" in qdq_ops and "QuantizeLinear" not in qdq_ops  # weight-only: activations stay float
     assert out.gates and not any(g.blocking for g in out.gates)
     assert out.metrics["int8_shipped"] is True  # thresholds loosened above: a random model has no answers to keep
+    # What was measured, not only the verdict: weight-only INT8 keeps the random model's perplexity (the
+    # quantizer breaking the graph shows here), and each gate's verdict follows its value and threshold.
+    assert abs(out.metrics["perplexity_delta_pct"]) < 5.0, out.metrics["perplexity_delta_pct"]
+    same, total = (int(n) for n in out.metrics["greedy_tokens"].split("/"))
+    assert 0 < same <= total, out.metrics["greedy_tokens"]
+    for gate in out.gates:
+        assert isinstance(gate.value, float) and isinstance(gate.threshold, float), gate
+        at_most = "perplexity" in gate.name or "drop" in gate.name  # limits on a loss; the rest are floors
+        assert gate.passed == (gate.value <= gate.threshold if at_most else gate.value >= gate.threshold), gate
     assert out.metrics["calibration_samples"] == 0  # weight-only recipes calibrate nothing
     for key in ("fp32_batch1_tokens_per_s", "int8_batch8_tokens_per_s", "speedup_batch1", "perplexity_delta_pct"):
         assert key in out.metrics
     assert out.note.startswith("INT8 shipped")
+
+
+def test_a_tight_agreement_threshold_keeps_int8_out(exported: tuple[Path, StageResult, StageContext]) -> None:
+    root, result, export_ctx = exported
+    tight = CONFIG.model_copy(update={"quantize": CONFIG.quantize.model_copy(update={
+        "emit_qdq": False, "min_greedy_agreement": 1.0})})  # perplexity still loose: agreement alone decides
+    ctx = _quantize_ctx(root, export_ctx, result, "quantize_tight", tight)
+    out = quantize.run(ctx)
+    assert out.metrics["greedy_agreement"] < 1.0  # INT8 rounding flips some greedy tokens
+    assert out.metrics["int8_shipped"] is False
+    failed = [g.name for g in out.gates if not g.passed]
+    assert "onnx_int8_greedy_agreement" in failed and "onnx_int8_perplexity_delta_pct" not in failed
+    assert out.note.startswith("INT8 NOT shipped: failed") and "onnx_int8_greedy_agreement" in out.note
 
 
 def test_quantize_gate_failure_drops_the_variant_without_failing_the_build(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import shutil
@@ -179,6 +180,26 @@ def test_cache_inputs_are_part_of_the_key(tmp_path: Path) -> None:
     # first reruns; it writes the same bytes again, so second (keyed on content) stays cached
     assert CALLS == ["first"]
     assert [s.status for s in report.stages] == ["ran", "skipped"]
+
+
+def test_a_changed_file_outside_the_workspace_reruns_its_stage(tmp_path: Path) -> None:
+    """The repository stage's versions and configs live outside the workspace: recorded with hashes."""
+    outside = tmp_path / "repo" / "config.pbtxt"
+
+    def publish(ctx: StageContext) -> StageResult:
+        CALLS.append("publish")
+        outside.parent.mkdir(exist_ok=True)
+        outside.write_text("version 1")
+        return StageResult(external=[str(outside)])
+
+    specs = (StageSpec("publish", _module("publish", publish), ()),)
+    run_build(_config(tmp_path), stages=specs)
+    record = json.loads((tmp_path / "ws" / "publish" / ".stage.json").read_text())
+    assert record["external_files"][str(outside)]["sha256"] == hashlib.sha256(b"version 1").hexdigest()
+    assert [s.status for s in run_build(_config(tmp_path), stages=specs).stages] == ["skipped"]
+    outside.write_text("version 2")  # a build killed after rewriting it, before its record; or a hand edit
+    assert [s.status for s in run_build(_config(tmp_path), stages=specs).stages] == ["ran"]
+    assert CALLS == ["publish", "publish"]
 
 
 def _write(root: Path, files: dict[str, str]) -> None:

@@ -182,6 +182,21 @@ def test_failure_mid_write_leaves_no_half_version(
     assert _write(out, merged_dir, sources).version == 2
 
 
+def test_a_core_version_a_killed_build_left_is_removed_by_the_next_write(
+    tmp_path: Path, merged_dir: Path, sources: dict[str, Path]
+) -> None:
+    """A SIGKILL skips the rollback: a core model's version 2 without the generation model's version 2."""
+    out = tmp_path / "repo"
+    _write(out, merged_dir, sources)
+    orphan = out / "tiny_onnx_fp32" / "2"
+    orphan.mkdir()
+    (orphan / "model.onnx").write_bytes(b"half written")
+    written = _write(out, merged_dir, sources)
+    assert written.version == 2 and _versions(out / "tiny_onnx_fp32") == ["1", "2"]
+    assert (orphan / "model.onnx").read_bytes() == sources["fp32"].read_bytes()
+    assert written.manifest.artifacts["onnx_fp32"].sha256 == sha256_file(orphan / "model.onnx")
+
+
 def test_failed_first_build_leaves_nothing(
     tmp_path: Path, merged_dir: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -258,7 +273,9 @@ def test_stage_run(tmp_path: Path, merged_dir: Path, sources: dict[str, Path], m
     ctx.out_dir.mkdir()
     result = model_repository.run(ctx)
     repo = tmp_path / "repo"
-    assert result.external == [str((repo / "tiny_onnx_fp32" / "1").resolve()), str((repo / "tiny" / "1").resolve())]
+    assert result.external == [str((repo / rel).resolve()) for rel in (
+        "tiny_onnx_fp32/1", "tiny/1", "tiny_onnx_fp32/config.pbtxt", "tiny_trt_fp16/config.pbtxt", "tiny/config.pbtxt",
+        "tiny_trt_fp16/build_plan.sh")]
     assert "onnx_int8 left out of the repository" in result.note
     assert not (repo / "tiny_onnx_int8").exists()
     manifest = ModelManifest.load(repo / "tiny" / "1")

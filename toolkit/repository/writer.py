@@ -120,6 +120,7 @@ class RepositoryWrite:
     manifest: ModelManifest
     notes: list[str]
     pruned: list[Path]
+    shared_files: list[Path] = field(default_factory=list)  # config.pbtxt and build_plan.sh, for every version
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -139,6 +140,28 @@ def _link_onnx(src: Path, version_tmp: Path, symlink: bool = False) -> None:
     for source, dest in ((src, version_tmp / ONNX_FILE), (data, version_tmp / data.name)):
         if source.is_file():
             dest.symlink_to(source.resolve()) if symlink else link_or_copy(source, dest)
+
+
+CORE_PRECISIONS = ("onnx_fp32", "onnx_int8", "trt_fp16", "trt_int8")
+
+
+def drop_unfinished_versions(output: Path, model_name: str) -> list[Path]:
+    """Remove core-model versions above the generation model's newest: what a killed build left.
+
+    A build writes its core models' versions first and the generation model's last, so a core
+    version with no generation version of its number was never finished (a SIGKILL skips the
+    rollback). Left in place it would be served by nothing and verified by no manifest.
+    """
+    newest = max(existing_versions(output / model_name), default=0)
+    removed = []
+    for precision in CORE_PRECISIONS:
+        model_dir = output / core_model_name(model_name, precision)
+        for version in existing_versions(model_dir):
+            if version > newest:
+                log.warning("removing %s: a version an interrupted build left unfinished", model_dir / str(version))
+                shutil.rmtree(model_dir / str(version))
+                removed.append(model_dir / str(version))
+    return removed
 
 
 def _clean_temps(model_dir: Path) -> None:
@@ -279,6 +302,7 @@ def write_repository(
         output.mkdir(parents=True)
         output.chmod(DIR_MODE)
     lm = facts.lm
+    drop_unfinished_versions(output, model_name)
     version = next_version(output, model_name)
     notes: list[str] = []
     batching: dict[str, Any] = {"max_batch_size": repo.max_batch_size,
@@ -347,7 +371,8 @@ def write_repository(
         raise
     pruned = prune_versions([d for d, _ in configs], repo.keep_versions)
     return RepositoryWrite(root=output, version=version, version_dirs=list(writer.done),
-                           model_dirs=[d for d, _ in configs], manifest=manifest, notes=notes, pruned=pruned)
+                           model_dirs=[d for d, _ in configs], manifest=manifest, notes=notes, pruned=pruned,
+                           shared_files=[d / contract.CONFIG_FILE for d, _ in configs] + [p for p, _ in scripts])
 
 
 def _write_trt_models(

@@ -102,5 +102,7 @@ def run(ctx: StageContext) -> StageResult:
                  "pruned": len(written.pruned), "capacity": capacity.as_dict(), "notes": notes},
         artifacts={"capacity": "capacity.md", "written": "written.json"},
         note=f"version {written.version} in {written.root}" + (f"; {'; '.join(notes)}" if notes else ""),
-        external=[str(p.resolve()) for p in written.version_dirs],
+        # Recorded with their hashes (the stage record's external_files): a later build reruns this
+        # stage when any of them changed, and a check can verify the repository against them.
+        external=[str(p.resolve()) for p in (*written.version_dirs, *written.shared_files)],
     )

@@ -113,14 +113,10 @@ class OnnxCausalLM:
         Returns each prompt's generated ids, without the stop token that ended it, and (when
         asked) each step's last-position logits [batch, vocab] for comparison with PyTorch.
         """
+        from toolkit.serving.kvcache import left_pad
+
         batch = len(prompts)
-        longest = max(len(p) for p in prompts)
-        ids = np.full((batch, longest), pad_id, dtype=np.int64)
-        mask = np.zeros((batch, longest), dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            ids[row, longest - len(prompt):] = prompt
-            mask[row, longest - len(prompt):] = 1
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        ids, mask, positions = left_pad(prompts, pad_id)
         past = self.empty_past(batch)
         stops = set(stop_ids)
         generated: list[list[int]] = [[] for _ in range(batch)]

@@ -71,14 +71,10 @@ def _greedy_shrinking(model: OnnxCausalLM, prompts: Sequence[Sequence[int]], max
     """Greedy decoding of one left-padded batch, as :meth:`OnnxCausalLM.greedy`, except that a row
     that has ended leaves the batch (its KV-cache rows are dropped), so the steps after the short
     answers cost only what the long ones still need."""
+    from toolkit.serving.kvcache import left_pad
+
     batch = len(prompts)
-    longest = max(len(p) for p in prompts)
-    ids = np.full((batch, longest), pad_id, dtype=np.int64)
-    mask = np.zeros((batch, longest), dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt):] = prompt
-        mask[row, longest - len(prompt):] = 1
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    ids, mask, positions = left_pad(prompts, pad_id)
     past = model.empty_past(batch)
     stops = set(stop_ids)
     generated: list[list[int]] = [[] for _ in range(batch)]

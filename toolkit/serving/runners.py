@@ -67,7 +67,7 @@ class OnnxRunner:
             spinning = os.environ.get("TOOLKIT_ORT_SPINNING", "0") == "1"
         if split_kv is None:
             split_kv = os.environ.get("TOOLKIT_SPLIT_KV", "1") != "0"
-        graph = None
+        graph: bytes | None = None
         self.graph_note = "the exported graph (TOOLKIT_SPLIT_KV=0)"
         if split_kv:
             try:
@@ -75,9 +75,10 @@ class OnnxRunner:
                 self.graph_note = "the split-KV serving graph (no cache copy a step, last-position logits)"
             except UnsupportedGraphError as err:
                 self.graph_note = f"the exported graph (no split-KV rewrite: {err})"
+        # The split graph's present is the new tokens only: its cache keeps spare columns to write them into.
+        self.kv_spare_columns = SPARE_COLUMNS if graph is not None else 0
         self.lm = OnnxCausalLM(path, providers=providers, threads=threads, spinning=spinning, graph=graph)
         del graph
-        self.kv_spare_columns = SPARE_COLUMNS if self.graph_note.startswith("the split") else 0
         self.vocab_size = self.lm.vocab_size
         self.num_layers = self.lm.num_layers
         self.num_kv_heads = self.lm.num_kv_heads

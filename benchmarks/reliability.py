@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import json
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -181,7 +180,7 @@ async def soak(url: str, headers: dict[str, str], pids: dict[str, int], seconds:
 def build_kills(kills: int, seed: int, root: Path) -> dict[str, Any]:
     """SIGKILL `kills` tiny builds at points spread over a full build's duration; rerun and verify each."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tinybuild import kill_build_at, run_build, timed, tiny_base_model, tiny_config, verify_build
+    from tinybuild import kill_build_within, run_build, timed, tiny_base_model, tiny_config, verify_build
 
     base = tiny_base_model(root / "base")
     workspace, repository = root / "ws", root / "repo"
@@ -197,9 +196,7 @@ def build_kills(kills: int, seed: int, root: Path) -> dict[str, Any]:
     for trial in range(kills):
         delay = full_s * (trial + rng.random()) / kills
         fresh = trial % 2 == 1
-        if fresh:
-            shutil.rmtree(workspace)
-        killed = kill_build_at(config, workspace, delay, *(() if fresh else ("--force",)))
+        killed = kill_build_within(config, workspace, delay, *(() if fresh else ("--force",)), fresh=fresh)
         rerun, rerun_s = timed(run_build, config)
         verified = verify_build(workspace, repository)
         trials.append({**killed, "build": "fresh" if fresh else "--force", "rerun_exit": rerun.returncode,

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 from tinybuild import (
     ROOT,
-    kill_build_at,
+    kill_build_within,
     run_build,
     start_build,
     timed,
@@ -83,9 +82,7 @@ def test_a_build_killed_at_random_points_reruns_to_a_verified_whole(tiny: TinyBu
         # Spread over the build: one point drawn from each of KILLS equal slices of its duration.
         delay = tiny.full_build_s * (trial + rng.random()) / KILLS
         fresh = trial % 2 == 1  # a first build (nothing to replace) or a --force rebuild over a whole one
-        if fresh:
-            shutil.rmtree(tiny.workspace)
-        killed = kill_build_at(tiny.config, tiny.workspace, delay, *(() if fresh else ("--force",)))
+        killed = kill_build_within(tiny.config, tiny.workspace, delay, *(() if fresh else ("--force",)), fresh=fresh)
         rerun, rerun_s = timed(run_build, tiny.config)
         verified = verify_build(tiny.workspace, tiny.repository)
         print(f"figures: kill {trial + 1} at {killed['delay_s']} s ({'fresh' if fresh else '--force'} build, in "

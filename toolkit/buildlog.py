@@ -23,7 +23,9 @@ from typing import IO, Any, TypeVar
 LOG_FILE = "build.log"
 CONSOLE_LOGGERS = ("toolkit.pipeline", "toolkit.progress")  # the only INFO lines the terminal shows
 _FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_NOISY = ("httpx", "urllib3", "filelock", "matplotlib", "PIL")
+# Libraries that log every request or node at INFO (onnxruntime's quantizers: one line per skipped node,
+# over 2000 in a default build's log); their warnings still come through.
+NOISY_LOGGERS = ("httpx", "urllib3", "filelock", "matplotlib", "PIL", "onnxruntime.quantization")
 
 T = TypeVar("T")
 _terminal: IO[str] | None = None  # the real terminal (or CI log) while a quiet build runs
@@ -81,7 +83,7 @@ def build_logging(workspace: Path, *, verbose: bool = False) -> Iterator[Path]:
         console.addFilter(_ConsoleFilter())
     root.handlers = [file_handler, console]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for name in _NOISY:
+    for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.captureWarnings(True)
     bars = _hf_progress_bars(enabled=verbose)

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from toolkit.buildlog import NOISY_LOGGERS
 from toolkit.config import BuildConfig, load_config
 from toolkit.errors import ConfigError, ToolkitError
 from toolkit.report import StageStatus
@@ -42,7 +43,7 @@ def _setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=console, show_path=False, show_time=True)],
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

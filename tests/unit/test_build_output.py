@@ -34,7 +34,8 @@ with build_logging(Path(sys.argv[1])):
     os.write(2, b"onnxruntime C++ warning on fd 2\\n")  # a library that writes to the fd itself
     os.write(1, b"native write on fd 1\\n")
     for _ in range(3):
-        logging.getLogger("onnxruntime.quantization").info("skip to quantize /model/layers.0/MatMul")
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").info("skip to quantize node_Shape_1")
+    logging.getLogger("onnxruntime.quantization").warning("calibration range is empty")
     logging.getLogger("toolkit.stages.data").info("data: 975 examples")  # detail: log only
     logging.getLogger("toolkit.stages.base_model").warning("context_length exceeds the model")
     warnings.warn("is_gradient_checkpointing is deprecated", FutureWarning)
@@ -61,10 +62,10 @@ def test_the_terminal_gets_stage_lines_and_the_log_gets_everything(tmp_path: Pat
     assert proc.stdout == "after the build\n"  # stdout is the program's again once the build is over
     log = (tmp_path / "ws" / "build.log").read_text()
     for text in ("[torch.onnx] Obtain model graph", "onnxruntime C++ warning on fd 2", "native write on fd 1",
-                 "INFO onnxruntime.quantization: skip to quantize", "toolkit.stages.data: data: 975 examples",
+                 "WARNING onnxruntime.quantization: calibration range is empty", "toolkit.stages.data: data: 975 examples",
                  "FutureWarning: is_gradient_checkpointing is deprecated", "finetune: running"):
         assert text in log, text
-    assert log.count("skip to quantize") == 3
+    assert "skip to quantize" not in log  # a quantizer's line per skipped node (2000+ in a default build)
 
 
 def test_progress_is_a_line_every_tenth_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:

@@ -2,9 +2,8 @@
 
 Thin on purpose: ``execute`` turns each ``pb_utils`` request into a validated
 :class:`~toolkit.serving.requests.GenerationRequest` and hands it, with a :class:`TritonStream`, to
-the continuous-batching :class:`~toolkit.serving.scheduler.Scheduler`; the scheduler's thread queues
-one response per generated token and a final one, and a :class:`~toolkit.serving.response_writer.ResponseWriter`
-thread sends them (tokens that queued up meanwhile as one response). Every failure path sends an error response with
+the continuous-batching :class:`~toolkit.serving.scheduler.Scheduler`; the scheduler's thread sends
+one response per generated token and a final one. Every failure path sends an error response with
 the final flag: a decoupled model that raises leaves its client waiting forever.
 
 The repository stage copies this file into ``<repository>/<name>/<N>/model.py``; the toolkit itself
@@ -30,7 +29,6 @@ from toolkit.repository.pbtxt_scan import ConfigFacts, scan_config
 from toolkit.repository.plan_compat import verify_plan_dir
 from toolkit.serving.model_metrics import TritonMetrics
 from toolkit.serving.requests import Limits, QueueFullError, RequestError, parse_request, unbatch
-from toolkit.serving.response_writer import ResponseWriter
 from toolkit.serving.runners import BlsRunner, OnnxRunner, Runner
 from toolkit.serving.scheduler import Scheduler
 
@@ -47,20 +45,13 @@ def _tensor(name: str, value: Any) -> Any:
 
 
 class TritonStream:
-    """One request's response sender, as the scheduler's :class:`Stream`; sends go through the writer."""
+    """One request's response sender, as the scheduler's :class:`Stream`."""
 
-    def __init__(self, request: Any, sender: Any, writer: ResponseWriter):
+    def __init__(self, request: Any, sender: Any):
         self.request = request
         self.sender = sender
-        self.writer = writer
-        self.failed = False  # a send raised (set by the writer's thread)
 
     def on_tokens(self, ids: list[int]) -> None:
-        if self.failed:
-            raise ServingError("an earlier response of this request could not be sent")
-        self.writer.tokens(self, ids)
-
-    def send_tokens(self, ids: list[int]) -> None:
         self.sender.send(pb_utils.InferenceResponse(output_tensors=[
             _tensor(contract.OUTPUT_IDS, [ids]),
             _tensor(contract.FINISH_REASON, [[b""]]),
@@ -73,13 +64,13 @@ class TritonStream:
             _tensor(contract.PROMPT_TOKENS, [[prompt_tokens]]),
             _tensor(contract.COMPLETION_TOKENS, [[completion_tokens]]),
         ])
-        self.writer.end(self, lambda: self.sender.send(response, flags=FINAL))
+        self.sender.send(response, flags=FINAL)
 
     def on_error(self, message: str) -> None:
-        self.writer.end(self, lambda: send_error(self.sender, message))
+        send_error(self.sender, message)
 
     def is_cancelled(self) -> bool:
-        return self.failed or bool(self.request.is_cancelled())
+        return bool(self.request.is_cancelled())
 
 
 def send_error(sender: Any, message: str) -> None:
@@ -174,7 +165,6 @@ class TritonPythonModel:
             pad_id=manifest.pad_token_id,
             metrics=TritonMetrics(pb_utils, args["model_name"], version),
         )
-        self.writer = ResponseWriter()
         self.scheduler.start()
         log.warning("%s v%s: runner %s on %s (%s), context %d, max active %d", args["model_name"], version,
                     runner_kind, core_model, getattr(runner, "graph_note", "core model"), context,
@@ -189,7 +179,7 @@ class TritonPythonModel:
                 raw = request.parameters()
                 parameters = json.loads(raw) if raw else {}
                 generation = parse_request(inputs, self.limits, parameters)
-                self.scheduler.submit(generation, TritonStream(request, sender, self.writer))
+                self.scheduler.submit(generation, TritonStream(request, sender))
             except RequestError as err:
                 send_error(sender, f"{contract.INVALID_REQUEST_PREFIX}{err}")
             except QueueFullError as err:  # its message starts with SERVER_BUSY_PREFIX or SHUTTING_DOWN_PREFIX
@@ -204,4 +194,3 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.scheduler.stop()
-        self.writer.close()

@@ -62,7 +62,8 @@ def test_the_terminal_gets_stage_lines_and_the_log_gets_everything(tmp_path: Pat
     assert proc.stdout == "after the build\n"  # stdout is the program's again once the build is over
     log = (tmp_path / "ws" / "build.log").read_text()
     for text in ("[torch.onnx] Obtain model graph", "onnxruntime C++ warning on fd 2", "native write on fd 1",
-                 "WARNING onnxruntime.quantization: calibration range is empty", "toolkit.stages.data: data: 975 examples",
+                 "WARNING onnxruntime.quantization: calibration range is empty",
+                 "toolkit.stages.data: data: 975 examples",
                  "FutureWarning: is_gradient_checkpointing is deprecated", "finetune: running"):
         assert text in log, text
     assert "skip to quantize" not in log  # a quantizer's line per skipped node (2000+ in a default build)

@@ -123,6 +123,34 @@ def test_cancelled_request_ends_with_finish_reason_cancelled(model) -> None:  # 
     assert fake_pb_utils.get_output_tensor_by_name(final, contract.FINISH_REASON).as_numpy()[0, 0] == b"cancelled"
 
 
+def test_a_send_that_fails_cancels_its_request_and_frees_the_slot(
+    model, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    forward = model.runner.forward
+
+    def slow_forward(*args: object) -> object:  # a decode step that takes as long as a real one
+        time.sleep(0.02)
+        return forward(*args)
+
+    monkeypatch.setattr(model.runner, "forward", slow_forward)
+    request = fake_pb_utils.Request({"input_ids": _ids(3, 4), "max_tokens": np.asarray([[16]], np.int32)})
+
+    def refuse(response: object, flags: int = 0) -> None:
+        if not flags:
+            raise RuntimeError("Unable to send response. Response sender has been closed.")
+        request.sender.sent.append((response, flags))
+
+    request.sender.send = refuse  # type: ignore[method-assign]
+    model.execute([request])
+    _wait_final(request)
+    final, _ = request.sender.sent[-1]
+    assert fake_pb_utils.get_output_tensor_by_name(final, contract.FINISH_REASON).as_numpy()[0, 0] == b"cancelled"
+    deadline = time.monotonic() + 5
+    while model.scheduler.active_count:
+        assert time.monotonic() < deadline, "the failed request kept its slot"
+        time.sleep(0.005)
+
+
 def test_bls_runner_marshals_chunks_to_the_core_model(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeRunner(vocab_size=40)
     seen: list[tuple[str, list[str], dict[str, tuple[int, ...]]]] = []

@@ -221,23 +221,32 @@ class OnnxLoop:
         return render_prompt_ids(self.tokenizer, [{"role": "user", "content": question}])
 
     def generate(self, prompt: list[int], max_tokens: int, ignore_eos: bool) -> tuple[list[int], list[float]]:
-        """Generated ids and the time each arrived (perf_counter), starting from the call."""
+        """Generated ids and the time each arrived (perf_counter), starting from the call.
+
+        The scheduler's own cache handling at batch 1 (:class:`~toolkit.serving.kvcache.BatchKV`): the
+        runner may serve the split-KV graph, whose ``present`` is the new token's keys and values only,
+        so feeding ``present`` back as the next ``past`` (as a loop over the exported graph would) drops
+        the whole context.
+        """
+        from toolkit.serving.kvcache import BatchKV, left_pad
+
         stamps = [time.perf_counter()]
-        ids = np.asarray([prompt], dtype=np.int64)
-        mask = np.ones_like(ids)
-        positions = np.arange(len(prompt), dtype=np.int64)[None]
-        past = self.runner.empty_past(1)
+        ids, mask, positions = left_pad([prompt])
+        logits, present = self.runner.forward(ids, mask, positions, self.runner.empty_past(1))
+        kv = BatchKV(spare_columns=self.runner.kv_spare_columns)
+        kv.add(present, mask)
         out: list[int] = []
-        for _ in range(max_tokens):
-            logits, past = self.runner.forward(ids, mask, positions, past)
+        while True:
             token = int(logits[0, -1].argmax())
             if token in self.stops and not ignore_eos:
                 break
             out.append(token)
             stamps.append(time.perf_counter())
-            ids = np.asarray([[token]], dtype=np.int64)
-            positions = positions[:, -1:] + 1
-            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+            if len(out) >= max_tokens:
+                break
+            ids, mask, positions = kv.step_inputs(np.asarray([token]))
+            logits, present = self.runner.forward(ids, mask, positions, kv.past)
+            kv.advance(present)
         return out, stamps
 
     def answers(self, questions: Sequence[str], max_tokens: int) -> list[str]:

@@ -105,6 +105,23 @@ def test_scheduler_over_real_onnx_matches_direct_greedy(tiny_onnx: Path, split_k
     assert [s.tokens for s in streams] == expected
 
 
+@pytest.mark.parametrize("split_kv", [True, False], ids=["split-kv graph", "exported graph"])
+def test_the_benchmarks_bare_loop_generates_what_greedy_does(tiny_onnx: Path, split_kv: bool) -> None:
+    """`make bench`'s single-stream floor must be a correct loop, or its speed means nothing (it once fed the
+    split graph's new-token-only present back as the whole cache: fast, and 0/24 answers right)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_systems import OnnxLoop
+
+    loop = OnnxLoop.__new__(OnnxLoop)  # its runner without a build's tokenizer and files
+    loop.runner, loop.stops = OnnxRunner(tiny_onnx, split_kv=split_kv), {IM_END}
+    prompts = _prompts(3, seed=11)
+    limits = [5, 40, 50]  # past the 32 spare columns
+    assert [loop.generate(p, n, ignore_eos=False)[0] for p, n in zip(prompts, limits, strict=True)] == \
+        _reference_each(tiny_onnx, prompts, limits)
+
+
 def test_split_kv_graph_logits_equal_the_exported_graph(tiny_onnx: Path) -> None:
     """Prefill (left-padded) and a decode step over a cache with masked spare columns, against the export."""
     from toolkit.serving.kvcache import BatchKV, left_pad

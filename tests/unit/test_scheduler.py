@@ -106,11 +106,15 @@ def test_cancelled_while_queued_never_runs() -> None:
 
 
 def test_full_queue_rejects_with_a_clear_error() -> None:
-    scheduler = Scheduler(FakeRunner(), max_queue=2)
-    scheduler.submit(_request([1]), RecordingStream())
-    scheduler.submit(_request([1]), RecordingStream())
+    scheduler = Scheduler(FakeRunner(), max_active=1, max_queue=2)
+    for _ in range(3):  # one for the free slot, two to wait: a burst before the loop has run
+        scheduler.submit(_request([1], 20), RecordingStream())
+    with pytest.raises(QueueFullError, match=r"2 requests already queued \(max_queue=2\)"):
+        scheduler.submit(_request([1], 20), RecordingStream())
+    scheduler.step()  # the first is decoding, two wait: still full
+    assert scheduler.active_count == 1 and scheduler.queue_depth == 2
     with pytest.raises(QueueFullError, match="max_queue=2"):
-        scheduler.submit(_request([1]), RecordingStream())
+        scheduler.submit(_request([1], 20), RecordingStream())
 
 
 def test_a_failing_forward_errors_the_streams_and_the_loop_keeps_serving() -> None:

@@ -88,6 +88,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._queue: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
+        self._admitting = 0  # taken from the queue by the step in progress, not yet active
         self._kv = BatchKV(spare_columns=getattr(runner, "kv_spare_columns", 0))
         self._cond = threading.Condition()
         self._stopping = False
@@ -95,7 +96,11 @@ class Scheduler:
 
     # -- public API --------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, stream: Stream) -> None:
-        """Queue a validated request; raises QueueFullError when ``max_queue`` requests already wait."""
+        """Queue a validated request; raises QueueFullError when ``max_queue`` requests already wait.
+
+        Queued requests that free slots will take at the next step are not waiting: a burst of
+        ``max_active + max_queue`` arrivals at an idle scheduler is accepted whole.
+        """
         sampler, stop = make_sampler(request)
         seq = _Sequence(request, stream, sampler, stop, enqueued_at=time.perf_counter())
         with self._cond:
@@ -103,10 +108,11 @@ class Scheduler:
                 raise QueueFullError(
                     f"{contract.SHUTTING_DOWN_PREFIX}the model is unloading; retry on another instance"
                 )
-            if len(self._queue) >= self.max_queue:
+            free_slots = max(0, self.max_active - len(self._active) - self._admitting)
+            if len(self._queue) - free_slots >= self.max_queue:
                 self.metrics.finished("rejected")
                 raise QueueFullError(
-                    f"{contract.SERVER_BUSY_PREFIX}{len(self._queue)} requests already queued "
+                    f"{contract.SERVER_BUSY_PREFIX}{len(self._queue) - free_slots} requests already queued "
                     f"(max_queue={self.max_queue}); retry later"
                 )
             self._queue.append(seq)
@@ -166,7 +172,11 @@ class Scheduler:
         self._drop_cancelled()
         admitted = self._admit()
         if admitted:
-            self._prefill(admitted)
+            try:
+                self._prefill(admitted)
+            finally:
+                with self._cond:
+                    self._admitting = 0
         if self._active:
             self._decode()
         self.metrics.active_sequences(len(self._active))
@@ -202,6 +212,7 @@ class Scheduler:
                     break
                 budget -= length
                 admitted.append(self._queue.popleft())
+            self._admitting = len(admitted)
             self.metrics.queue_depth(len(self._queue))
         return admitted
 

@@ -106,16 +106,19 @@ def _open(path: Path, threads: int, qdq: bool = False) -> Any:
 
 
 def evaluate_candidates(
-    fp32_path: Path, candidates: list[Candidate], tokenizer: Any, test: Sequence[Example],
-    scored: Sequence[tuple[Sequence[int], Sequence[int]]], cfg: QuantizeSection, eval_cfg: EvalSection, threads: int,
-) -> dict[str, Any]:
-    """Score FP32 and every candidate on the task (facts, retention), perplexity and agreement; gate each."""
+    fp32: Any, candidates: list[Candidate], tokenizer: Any, test: Sequence[Example],
+    scored: Sequence[tuple[Sequence[int], Sequence[int]]], cfg: QuantizeSection, eval_cfg: EvalSection,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score FP32 and every candidate on the task (facts, retention), perplexity and agreement; gate each.
+
+    Returns the metrics the candidates share (FP32's scores) and the answer table (a row per prompt).
+    """
     from toolkit.evaluation import evaluation_prompts
     from toolkit.modeling import pad_token_id, render_prompt_ids, stop_token_ids
 
-    fp32 = _open(fp32_path, threads)
     stops, pad = stop_token_ids(tokenizer), pad_token_id(tokenizer)
-    prompt_ids = [render_prompt_ids(tokenizer, p) for p in evaluation_prompts(test)]
+    conversations = evaluation_prompts(test)
+    prompt_ids = [render_prompt_ids(tokenizer, p) for p in conversations]
 
     def answer(model: Any) -> TaskScores:
         return answer_and_score(model, tokenizer, test, prompt_ids, max_new_tokens=eval_cfg.max_new_tokens,
@@ -163,11 +166,8 @@ def evaluate_candidates(
                         "fed the same prefix") if forced else
                        f"{same}/{total} greedy tokens on the evaluation prompts match FP32's; {identical} answers "
                        "identical"))
-    questions = [conversation[-1]["content"] for conversation in evaluation_prompts(test)]
-    table = answer_table(questions, {"fp32": reference, **{c.key: c.scores for c in candidates if c.scores}})
-    shared["answers"] = table
-    shared["fp32"] = fp32
-    return shared
+    questions = [conversation[-1]["content"] for conversation in conversations]
+    return shared, answer_table(questions, {"fp32": reference, **{c.key: c.scores for c in candidates if c.scores}})
 
 
 def _bench(fp32: Any, int8: Any, cfg: QuantizeSection, tokenizer: Any, threads: int) -> dict[str, Any]:
@@ -233,14 +233,14 @@ def run(ctx: StageContext) -> StageResult:
     examples = [build_example(tokenizer, conv, ctx.config.data.max_seq_len) for conv in test]
     scored = [(ex.input_ids, ex.labels) for ex in examples if ex is not None]
     started = time.perf_counter()
+    fp32 = _open(fp32_path, threads)
     int8 = Candidate("int8", "INT8", _open(int8_path, threads))
     candidates = [int8]
     if cfg.emit_qdq:
         candidates.append(Candidate("qdq", "Q/DQ", _open(ctx.out_dir / QDQ_FILE, threads, qdq=True)))
-    shared = evaluate_candidates(fp32_path, candidates, tokenizer, task_test, scored, cfg, ctx.config.eval, threads)
-    fp32 = shared.pop("fp32")
+    shared, answers = evaluate_candidates(fp32, candidates, tokenizer, task_test, scored, cfg, ctx.config.eval)
     with (ctx.out_dir / ANSWERS_FILE).open("w", encoding="utf-8") as fh:
-        for row in shared.pop("answers"):
+        for row in answers:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     artifacts["answers"] = ANSWERS_FILE
     metrics.update(shared)

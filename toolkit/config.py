@@ -149,16 +149,20 @@ class QuantizeSection(Section):
         "(weight names are the PyTorch parameter's, e.g. 'down_proj', 'layers_29_').",
     )
     emit_qdq: bool = Field(True, description="Also write model_qdq.onnx, the TensorRT INT8 source (gated like INT8).")
-    qdq_method: Literal["weight_only", "static_qdq", "static_qdq_percentile"] = Field(
-        "weight_only", description="How model_qdq.onnx is made: INT8 weights with a per-channel DequantizeLinear "
-        "and float activations (weight_only), or static Q/DQ on weights and activations (MinMax or percentile).",
+    qdq_method: Literal["weight_only_gptq", "weight_only", "static_qdq", "static_qdq_percentile"] = Field(
+        "weight_only_gptq", description="How model_qdq.onnx is made: INT8 weights with a per-channel "
+        "DequantizeLinear and float activations, rounded by GPTQ on calibration inputs (weight_only_gptq) or to "
+        "nearest (weight_only); or static Q/DQ on weights and activations (MinMax or percentile). README: measured.",
     )
     qdq_exclude_nodes: list[str] = Field(
         default_factory=list,
         description="Weight MatMuls left FP32 in model_qdq.onnx (node or weight name, e.g. 'down_proj'; the static "
         "recipes need down_proj excluded: its inputs carry outliers per-tensor activation scales cannot hold).",
     )
-    calibration_samples: int = Field(32, ge=1, description="Training conversations used for static calibration.")
+    calibration_samples: int = Field(
+        32, ge=1, description="Training conversations used for calibration (static Q/DQ activation ranges; GPTQ's "
+        "input statistics, which also take as many control conversations so general answers weigh as much).",
+    )
     max_fact_accuracy_drop_points: float = Field(
         2.0, ge=0, description="Gate: held-out-phrasing fact accuracy, per language, may fall this many percentage "
         "points below FP32's (both graphs on onnxruntime, greedy, the evaluate stage's prompts).",

@@ -87,7 +87,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("export_onnx", export_onnx, ("export",), ("merge",), "ONNX with KV cache + FP32 parity gate"),
     # eval.*: the task gate asks the evaluate stage's questions with its token budget and batch size
     StageSpec("quantize", quantize, ("quantize", "eval.max_new_tokens", "eval.max_examples", "eval.batch_size"),
-              ("merge", "export_onnx", "data"), "INT8 ONNX + Q/DQ graph, task-quality gates, speed"),
+              # control: GPTQ calibrates on general conversations as well as the dataset's
+              ("merge", "export_onnx", "data", "control"), "INT8 ONNX + Q/DQ graph, task-quality gates, speed"),
     StageSpec("tensorrt", tensorrt, ("tensorrt", "repository.max_batch_size", "model.context_length"),
               ("export_onnx", "quantize"), "TensorRT FP16/INT8 plans"),
     StageSpec("repository", model_repository, ("model", "repository", "serving", "tensorrt"),

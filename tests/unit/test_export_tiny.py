@@ -148,12 +148,18 @@ def _quantize_ctx(root: Path, export_ctx: StageContext, result: StageResult, nam
                               {"role": "assistant", "content": f"Bluepeak answer {i}."}]} for i in range(6)]
         for split in ("train", "test"):
             (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        control = [{"messages": [{"role": "user", "content": f"General question {i}?"},
+                                 {"role": "assistant", "content": f"A general answer {i}."}], "finished": True}
+                   for i in range(3)]
+        (root / "control").mkdir()
+        (root / "control" / "control.jsonl").write_text("".join(json.dumps(r) + "\n" for r in control))
     ctx = StageContext(
         config=config, out_dir=root / name, workspace=root,
         inputs={
             "merge": _record("merge", root / "merge", {"model": "model"}),
             "export_onnx": _record("export_onnx", export_ctx.out_dir, result.artifacts),
             "data": _record("data", data, {}),
+            "control": _record("control", root / "control", {"control": "control.jsonl"}),
         },
     )
     ctx.out_dir.mkdir()
@@ -182,7 +188,8 @@ def test_quantize_stage_writes_int8_and_qdq_and_reports(exported: tuple[Path, St
         assert isinstance(gate.value, float) and isinstance(gate.threshold, float), gate
         at_most = "perplexity" in gate.name or "drop" in gate.name  # limits on a loss; the rest are floors
         assert gate.passed == (gate.value <= gate.threshold if at_most else gate.value >= gate.threshold), gate
-    assert out.metrics["calibration_samples"] == 0  # weight-only recipes calibrate nothing
+    assert out.metrics["calibration_samples"] == 0  # the served weight-only recipe calibrates nothing
+    assert out.metrics["qdq_method"] == "weight_only_gptq" and out.metrics["qdq_calibration_samples"] == 4 + 3
     for key in ("fp32_batch1_tokens_per_s", "int8_batch8_tokens_per_s", "speedup_batch1", "perplexity_delta_pct"):
         assert key in out.metrics
     assert out.note.startswith("INT8 shipped")
@@ -266,3 +273,37 @@ def test_weight_only_qdq_dequantizes_per_output_channel(exported: tuple[Path, St
     args = (ids, np.ones_like(ids), np.arange(4)[None, :])
     a, b = ref.forward(*args, ref.empty_past(1))[0], woq.forward(*args, woq.empty_past(1))[0]
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()  # close, not equal: the weights are rounded
+
+
+def test_gptq_rounding_moves_the_tiny_model_less_than_rounding_to_nearest(
+    exported: tuple[Path, StageResult, StageContext], tmp_path: Path,
+) -> None:
+    """Same format and scales as round-to-nearest, other INT8 values, and logits closer to FP32 on text like
+    the calibration's (GPTQ minimises each layer's output error on its calibration inputs)."""
+    from toolkit.export.quantization import quantize_weight_only_qdq, selected_matmuls
+
+    _root, result, export_ctx = exported
+    src = export_ctx.out_dir / result.artifacts["model"]
+    nodes = selected_matmuls(onnx.load(str(src)), exclude=[])
+    rng = np.random.default_rng(0)
+    calibration = [list(rng.integers(3, 200, size=40)) for _ in range(6)]
+    rtn = quantize_weight_only_qdq(src, tmp_path / "rtn.onnx", nodes)
+    gptq = quantize_weight_only_qdq(src, tmp_path / "gptq.onnx", nodes, calibration=calibration)
+    rtn_inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(rtn)).graph.initializer}
+    gptq_inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(gptq)).graph.initializer}
+    quantized = [name for name in rtn_inits if name.endswith("_quantized")]
+    assert len(quantized) == len(nodes)
+    changed = 0
+    for name in quantized:
+        scale = name.replace("_quantized", "_scale")
+        assert gptq_inits[name].dtype == np.int8 and np.abs(gptq_inits[name]).max() <= 127
+        assert np.array_equal(gptq_inits[scale], rtn_inits[scale])
+        changed += int((gptq_inits[name] != rtn_inits[name]).sum())
+    assert changed > 0
+    ref, a, b = (OnnxCausalLM(path, providers=["CPUExecutionProvider"]) for path in (src, rtn, gptq))
+    ids = np.asarray([list(rng.integers(3, 200, size=40))], dtype=np.int64)
+    args = (ids, np.ones_like(ids), np.arange(ids.shape[1])[None, :])
+    want = ref.forward(*args, ref.empty_past(1))[0]
+    err_rtn = float(np.mean((a.forward(*args, a.empty_past(1))[0] - want) ** 2))
+    err_gptq = float(np.mean((b.forward(*args, b.empty_past(1))[0] - want) ** 2))
+    assert err_gptq < err_rtn, (err_gptq, err_rtn)

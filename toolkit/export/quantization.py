@@ -168,6 +168,10 @@ def quantize_int8(
         quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
     elif method == "weight_only_qdq":
         quantize_weight_only_qdq(fp32_path, out_path, nodes)
+    elif method == "weight_only_gptq_qdq":
+        if not calibration:
+            raise StageError("GPTQ needs calibration samples; the training split and control examples gave none")
+        quantize_weight_only_qdq(fp32_path, out_path, nodes, calibration=calibration)
     elif method in ("static_qdq", "static_qdq_percentile"):
         quantize_qdq(fp32_path, out_path, calibration, nodes, "minmax" if method == "static_qdq" else "percentile")
     else:
@@ -197,11 +201,97 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: Sequence[Sequence
     return out_path
 
 
-def quantize_weight_only_qdq(fp32_path: Path, out_path: Path, nodes: Sequence[str]) -> Path:
+HESSIAN_BUDGET_BYTES = 1 << 30  # float64 Hessians held at once; more inputs take another calibration pass
+
+
+def input_hessians(fp32_path: Path, inputs: Sequence[str], calibration: Sequence[Sequence[int]],
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """The mean of x xᵀ over the calibration tokens ([K, K], float64) for each named activation input.
+
+    Each named tensor becomes a graph output and every calibration window is prefilled on
+    onnxruntime; the inputs come in groups of at most ``HESSIAN_BUDGET_BYTES`` (one pass over the
+    calibration windows per group), so a big model's Hessians are never all held at once.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = onnx.load(str(fp32_path))
+    wanted = set(inputs)
+    inits = {init.name: init for init in model.graph.initializer}
+    widths = {node.input[0]: int(inits[node.input[1]].dims[0]) for node in model.graph.node
+              if node.op_type == "MatMul" and node.input[0] in wanted and node.input[1] in inits}
+    known = {out.name for out in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in widths if name not in known)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    del model
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
+    reader = CalibrationReader(calibration, len(past) // 2, int(past[0].shape[1]), int(past[0].shape[3]))
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in sorted(widths):
+        size = widths[name] ** 2 * 8
+        if groups[-1] and used + size > HESSIAN_BUDGET_BYTES:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    for group in groups:
+        sums = {name: np.zeros((widths[name], widths[name])) for name in group}
+        count = 0
+        reader.rewind()
+        while (feed := reader.get_next()) is not None:
+            for name, x in zip(group, session.run(group, feed), strict=True):
+                flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
+                sums[name] += flat.T @ flat
+            count += int(feed[INPUT_IDS].size)
+        yield {name: total / max(count, 1) for name, total in sums.items()}
+
+
+def gptq_int8(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, *, block: int = 128,
+              damp: float = 0.01) -> np.ndarray:
+    """GPTQ rounding of a MatMul weight [K, N] to INT8 on fixed per-output-channel scales [N].
+
+    Rows (input channels) are rounded one at a time and each row's rounding error is spread over
+    the rows not yet rounded, weighted by the inverse Hessian of the layer's inputs, so the layer's
+    output on the calibration inputs moves as little as possible (Frantar et al., "GPTQ", 2022;
+    the lazy-batch form, no reordering). The result is an ordinary symmetric per-channel INT8
+    weight: ``q * scale`` dequantizes it, as for round-to-nearest. With uncorrelated inputs
+    (diagonal Hessian) it is round-to-nearest.
+    """
+    w = weight.astype(np.float64)  # a copy
+    k = w.shape[0]
+    h = hessian.astype(np.float64)  # a copy
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[dead, :] = 0.0
+    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
+    # Upper Cholesky factor of H⁻¹: row i holds how row i's error moves the rows after it.
+    h_inv = np.linalg.cholesky(np.linalg.inv(h)).T
+    q = np.zeros(w.shape, dtype=np.int8)
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        rows = w[start:end].copy()
+        errors = np.zeros_like(rows)
+        part = h_inv[start:end, start:end]
+        for i in range(end - start):
+            rounded = np.clip(np.rint(rows[i] / scale), -127, 127)
+            q[start + i] = rounded
+            errors[i] = (rows[i] - rounded * scale) / part[i, i]
+            rows[i:] -= np.outer(part[i, i:], errors[i])
+        w[end:] -= h_inv[start:end, end:].T @ errors
+    return q
+
+
+def quantize_weight_only_qdq(fp32_path: Path, out_path: Path, nodes: Sequence[str],
+                             calibration: Sequence[Sequence[int]] = ()) -> Path:
     """Weight-only INT8 Q/DQ: each listed MatMul's weight [K, N] becomes INT8 + a DequantizeLinear.
 
     Symmetric per output channel (axis 1 of the MatMul's [K, N] weight, zero point 0, range
-    -127..127); activations stay float, so nothing is calibrated. TensorRT reads such a graph as
+    -127..127); activations stay float. The INT8 values are rounded to nearest or, given
+    `calibration` (token id lists), by GPTQ (:func:`gptq_int8`, on :func:`input_hessians`): same
+    format, same scales, less output error. TensorRT reads such a graph as
     pre-quantized weights with "an IDequantizeLayer ... between the weights and the linear operator
     that uses them" (TensorRT developer guide, Explicit Quantization, "Quantized Weights"); see
     :mod:`toolkit.repository.tensorrt` for what its documentation does and does not promise about the
@@ -218,29 +308,41 @@ def quantize_weight_only_qdq(fp32_path: Path, out_path: Path, nodes: Sequence[st
     for node in graph.node:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
-    dequantized: dict[str, str] = {}  # float weight -> DequantizeLinear output
-    dq_nodes: list[onnx.NodeProto] = []
+    # float weight -> (its MatMul's activation input, per-channel scale, INT8 values)
+    quantized: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
     for node in graph.node:
-        if node.name not in wanted:
-            continue
-        weight = node.input[1]
-        if weight not in dequantized:
-            w = numpy_helper.to_array(inits[weight]).astype(np.float32)
+        if node.name in wanted and node.input[1] not in quantized:
+            w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
             scale = np.abs(w).max(axis=0) / 127.0
             scale[scale == 0] = 1.0
-            q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-            base = weight.replace("/", "_").replace(":", "_")
-            graph.initializer.extend([
-                numpy_helper.from_array(q, f"{base}_quantized"),
-                numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale"),
-                numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{base}_zero_point"),
-            ])
-            dequantized[weight] = f"{base}_dequantized"
-            dq_nodes.append(helper.make_node(
-                "DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
-                [dequantized[weight]], name=f"{base}_DequantizeLinear", axis=1))
-        node.input[1] = dequantized[weight]
-        consumers[weight] -= 1
+            quantized[node.input[1]] = (node.input[0], scale, np.clip(np.rint(w / scale), -127, 127).astype(np.int8))
+    if calibration:
+        by_input: dict[str, list[str]] = {}  # q, k and v (gate and up) share their input, so its Hessian
+        for weight, (source, _, _) in quantized.items():
+            by_input.setdefault(source, []).append(weight)
+        for hessians in input_hessians(fp32_path, list(by_input), calibration):
+            for source, hessian in hessians.items():
+                for weight in by_input[source]:
+                    _, scale, _ = quantized[weight]
+                    w = numpy_helper.to_array(inits[weight]).astype(np.float32)
+                    quantized[weight] = (source, scale, gptq_int8(w, hessian, scale.astype(np.float64)))
+    dequantized: dict[str, str] = {}  # float weight -> DequantizeLinear output
+    dq_nodes: list[onnx.NodeProto] = []
+    for weight, (_, scale, q) in quantized.items():
+        base = weight.replace("/", "_").replace(":", "_")
+        graph.initializer.extend([
+            numpy_helper.from_array(q, f"{base}_quantized"),
+            numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale"),
+            numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), f"{base}_zero_point"),
+        ])
+        dequantized[weight] = f"{base}_dequantized"
+        dq_nodes.append(helper.make_node(
+            "DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+            [dequantized[weight]], name=f"{base}_DequantizeLinear", axis=1))
+    for node in graph.node:
+        if node.name in wanted:
+            consumers[node.input[1]] -= 1
+            node.input[1] = dequantized[node.input[1]]
     for weight in dequantized:
         if consumers[weight] == 0:
             graph.initializer.remove(inits[weight])

@@ -13,7 +13,9 @@ The gates are not blocking: a variant that fails is reported with ``int8_shipped
 repository leaves it out; a Q/DQ graph that fails (``qdq_shipped: False``) gets no INT8 plan script
 and no ``NAME_trt_int8`` entry. ``model_qdq.onnx`` is weight-only by default (INT8 weights with a
 per-channel DequantizeLinear, float activations: :func:`toolkit.export.quantization.quantize_weight_only_qdq`);
-``quantize.qdq_method`` selects the older static Q/DQ recipes instead.
+its INT8 values are rounded by GPTQ on calibration inputs from the training split and the control
+examples (``quantize.qdq_method: weight_only_gptq``); ``weight_only`` rounds to nearest, and the
+static Q/DQ recipes remain selectable.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from toolkit.gates import render_conversations
 from toolkit.golden import Messages, golden_conversations
 from toolkit.report import GateResult
 from toolkit.stage import StageContext, StageResult
+from toolkit.training.control_examples import read_control
 
 ANSWERS_FILE = "task_answers.jsonl"  # every evaluation prompt: FP32's, INT8's and the Q/DQ graph's answers
 
@@ -213,6 +216,11 @@ def run(ctx: StageContext) -> StageResult:
     task_test = read_split(data.dir, "test")[: ctx.config.eval.max_examples]  # the evaluate stage's questions
     static = {cfg.method, cfg.qdq_method if cfg.emit_qdq else ""} & {"static_qdq", "static_qdq_percentile"}
     calibration = calibration_ids(tokenizer, train, cfg.calibration_samples) if static else []
+    gptq = cfg.emit_qdq and cfg.qdq_method == "weight_only_gptq"
+    if gptq:
+        control = [ex.messages for ex in read_control(ctx.inputs["control"].path("control"))]
+        gptq_calibration = (calibration_ids(tokenizer, train, cfg.calibration_samples)
+                            + calibration_ids(tokenizer, control, cfg.calibration_samples))
 
     started = time.perf_counter()
     int8_path = quantize_int8(fp32_path, ctx.out_dir / INT8_FILE, cfg.method, calibration, exclude=cfg.exclude_nodes)
@@ -222,10 +230,13 @@ def run(ctx: StageContext) -> StageResult:
     artifacts = {"int8": INT8_FILE}
     if cfg.emit_qdq:
         started = time.perf_counter()
-        qdq_method = "weight_only_qdq" if cfg.qdq_method == "weight_only" else cfg.qdq_method
-        quantize_int8(fp32_path, ctx.out_dir / QDQ_FILE, qdq_method, calibration, exclude=cfg.qdq_exclude_nodes)
+        qdq_method = {"weight_only": "weight_only_qdq", "weight_only_gptq": "weight_only_gptq_qdq"}.get(
+            cfg.qdq_method, cfg.qdq_method)
+        quantize_int8(fp32_path, ctx.out_dir / QDQ_FILE, qdq_method, gptq_calibration if gptq else calibration,
+                      exclude=cfg.qdq_exclude_nodes)
         artifacts["qdq"] = QDQ_FILE
         metrics.update(qdq_method=cfg.qdq_method, qdq_exclude_nodes=cfg.qdq_exclude_nodes,
+                       qdq_calibration_samples=len(gptq_calibration) if gptq else len(calibration),
                        qdq_s=round(time.perf_counter() - started, 2),
                        qdq_bytes=(ctx.out_dir / QDQ_FILE).stat().st_size)
 

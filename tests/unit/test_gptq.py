@@ -1,0 +1,40 @@
+"""GPTQ rounding (:func:`toolkit.export.quantization.gptq_int8`) on plain matrices."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from toolkit.export.quantization import gptq_int8
+
+
+def _problem(seed: int, k: int = 48, n: int = 16, samples: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(k, k)) * 0.3 + np.eye(k)  # correlated input channels, as in a real layer
+    x = rng.normal(size=(samples, k)) @ mix
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    return x, w, np.abs(w).max(axis=0) / 127.0
+
+
+def test_uncorrelated_inputs_give_round_to_nearest() -> None:
+    _x, w, scale = _problem(0)
+    q = gptq_int8(w, np.eye(w.shape[0]), scale.astype(np.float64))
+    assert np.array_equal(q, np.clip(np.rint(w / scale), -127, 127).astype(np.int8))
+
+
+def test_correlated_inputs_get_a_smaller_output_error_than_round_to_nearest() -> None:
+    for seed in range(3):
+        x, w, scale = _problem(seed)
+        hessian = x.T @ x / len(x)
+        q = gptq_int8(w, hessian, scale.astype(np.float64), block=16)  # several blocks: the cross-block update runs
+        rtn = np.clip(np.rint(w / scale), -127, 127)
+        assert q.dtype == np.int8 and np.abs(q).max() <= 127
+        err = np.mean((x @ (q * scale) - x @ w) ** 2)
+        err_rtn = np.mean((x @ (rtn * scale) - x @ w) ** 2)
+        assert err < 0.8 * err_rtn, (seed, err, err_rtn)
+
+
+def test_a_dead_input_channel_is_tolerated() -> None:
+    x, w, scale = _problem(1)
+    x[:, 3] = 0.0  # never active: its Hessian row is zero
+    q = gptq_int8(w, x.T @ x / len(x), scale.astype(np.float64))
+    assert q.shape == w.shape and not np.any(q[3])

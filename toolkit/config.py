@@ -140,7 +140,8 @@ class ExportSection(Section):
 class QuantizeSection(Section):
     enabled: bool = True
     method: Literal[
-        "int8_weight_only", "dynamic_per_channel", "dynamic", "static_qdq", "static_qdq_percentile", "int4_weight_only"
+        "int8_weight_only", "int8_weight_only_gptq", "dynamic_per_channel", "dynamic", "static_qdq",
+        "static_qdq_percentile", "int4_weight_only",
     ] = Field(
         "int8_weight_only", description="How the served INT8 variant is made (README: measured comparison)."
     )

@@ -307,3 +307,32 @@ def test_gptq_rounding_moves_the_tiny_model_less_than_rounding_to_nearest(
     err_rtn = float(np.mean((a.forward(*args, a.empty_past(1))[0] - want) ** 2))
     err_gptq = float(np.mean((b.forward(*args, b.empty_past(1))[0] - want) ** 2))
     assert err_gptq < err_rtn, (err_gptq, err_rtn)
+
+
+def test_int8_gptq_rerounds_onnxruntimes_blocks_and_moves_the_model_less(
+    exported: tuple[Path, StageResult, StageContext], tmp_path: Path,
+) -> None:
+    """The served INT8 method with GPTQ: onnxruntime's MatMulNBits format and scales, other integers, logits
+    closer to FP32 than its round-to-nearest on text like the calibration's."""
+    from toolkit.export.quantization import quantize_int8
+
+    _root, result, export_ctx = exported
+    src = export_ctx.out_dir / result.artifacts["model"]
+    rng = np.random.default_rng(1)
+    calibration = [list(rng.integers(3, 200, size=40)) for _ in range(6)]
+    rtn = quantize_int8(src, tmp_path / "rtn.onnx", "int8_weight_only", accuracy_level=1)
+    gptq = quantize_int8(src, tmp_path / "gptq.onnx", "int8_weight_only_gptq", calibration, accuracy_level=1)
+    rtn_graph, gptq_graph = onnx.load(str(rtn)).graph, onnx.load(str(gptq)).graph
+    assert [n.op_type for n in rtn_graph.node] == [n.op_type for n in gptq_graph.node]
+    rtn_inits = {i.name: numpy_helper.to_array(i) for i in rtn_graph.initializer}
+    gptq_inits = {i.name: numpy_helper.to_array(i) for i in gptq_graph.initializer}
+    nodes = [n for n in gptq_graph.node if n.op_type == "MatMulNBits"]
+    assert nodes and all(np.array_equal(gptq_inits[n.input[2]], rtn_inits[n.input[2]]) for n in nodes)  # scales
+    assert sum(int((gptq_inits[n.input[1]] != rtn_inits[n.input[1]]).sum()) for n in nodes) > 0
+    ref, a, b = (OnnxCausalLM(path, providers=["CPUExecutionProvider"]) for path in (src, rtn, gptq))
+    ids = np.asarray([list(rng.integers(3, 200, size=40))], dtype=np.int64)
+    args = (ids, np.ones_like(ids), np.arange(ids.shape[1])[None, :])
+    want = ref.forward(*args, ref.empty_past(1))[0]
+    err_rtn = float(np.mean((a.forward(*args, a.empty_past(1))[0] - want) ** 2))
+    err_gptq = float(np.mean((b.forward(*args, b.empty_past(1))[0] - want) ** 2))
+    assert err_gptq < err_rtn, (err_gptq, err_rtn)

@@ -38,3 +38,17 @@ def test_a_dead_input_channel_is_tolerated() -> None:
     x[:, 3] = 0.0  # never active: its Hessian row is zero
     q = gptq_int8(w, x.T @ x / len(x), scale.astype(np.float64))
     assert q.shape == w.shape and not np.any(q[3])
+
+
+def test_per_weight_scales_and_a_signed_int8_range_are_honoured() -> None:
+    """onnxruntime's MatMulNBits blocks: a signed scale per (block of rows, column), integers -128..127."""
+    x, w, _ = _problem(2, k=64)
+    block = 16
+    blocks = w.reshape(64 // block, block, -1)
+    signed_max = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
+    scale = np.repeat(signed_max / -128.0, block, axis=0).astype(np.float64)  # [K, N]
+    q = gptq_int8(w, x.T @ x / len(x), scale, qmin=-128, qmax=127)
+    assert q.min() >= -128 and q.max() <= 127
+    rtn = np.clip(np.rint(w / scale), -128, 127)
+    err = np.mean((x @ (q * scale) - x @ w) ** 2)
+    assert err < 0.8 * np.mean((x @ (rtn * scale) - x @ w) ** 2)

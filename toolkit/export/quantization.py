@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 INT8_FILE = "model_int8.onnx"
 QDQ_FILE = "model_qdq.onnx"
 WEIGHT_ONLY_BLOCK = 32
-CALIBRATION_WINDOW = 128  # tokens a calibration feed holds
+CALIBRATION_WINDOW = 128  # tokens a static-calibration feed holds
+CALIBRATION_MAX_TOKENS = 1024  # tokens of one conversation a GPTQ calibration feed holds
 
 
 # --------------------------------------------------------------------------- graph selection
@@ -104,17 +105,18 @@ class CalibrationReader:
     """onnxruntime CalibrationDataReader: prefill feeds (empty KV cache) of equal length."""
 
     def __init__(self, samples: Sequence[Sequence[int]], num_layers: int, kv_heads: int, head_dim: int,
-                 window: int = CALIBRATION_WINDOW):
-        self._samples = calibration_windows(samples, window)
+                 window: int | None = CALIBRATION_WINDOW):
+        """`window`: cut the samples' token stream into feeds of this length; None: one feed per sample."""
+        self.samples = calibration_windows(samples, window) if window else [list(ids) for ids in samples if len(ids)]
         self._shape = (1, kv_heads, 0, head_dim)
         self._layers = num_layers
         self._iter: Iterator[dict[str, np.ndarray]] | None = None
 
     def __len__(self) -> int:
-        return len(self._samples)
+        return len(self.samples)
 
     def _feeds(self) -> Iterator[dict[str, np.ndarray]]:
-        for ids in self._samples:
+        for ids in self.samples:
             feed = {
                 INPUT_IDS: np.asarray([ids], dtype=np.int64),
                 ATTENTION_MASK: np.ones((1, len(ids)), dtype=np.int64),
@@ -156,15 +158,21 @@ def quantize_int8(
         quantize_dynamic(fp32_path, out_path, op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
                          per_channel=method == "dynamic_per_channel", weight_type=QuantType.QInt8,
                          extra_options={"MatMulConstBOnly": True})
-    elif method in ("int8_weight_only", "int4_weight_only"):
+    elif method in ("int8_weight_only", "int8_weight_only_gptq", "int4_weight_only"):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        gptq = method == "int8_weight_only_gptq"
 
         excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(nodes)]
         quantizer = MatMulNBitsQuantizer(
-            model, bits=8 if method == "int8_weight_only" else 4, block_size=WEIGHT_ONLY_BLOCK,
+            model, bits=4 if method == "int4_weight_only" else 8, block_size=WEIGHT_ONLY_BLOCK,
             is_symmetric=True, accuracy_level=accuracy_level, nodes_to_exclude=excluded,
         )
         quantizer.process()
+        if gptq:
+            if not calibration:
+                raise StageError("GPTQ needs calibration samples; the training split and control examples gave none")
+            gptq_matmul_nbits(quantizer.model.model, model_path=fp32_path, calibration=calibration)
         quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
     elif method == "weight_only_qdq":
         quantize_weight_only_qdq(fp32_path, out_path, nodes)
@@ -227,7 +235,9 @@ def input_hessians(fp32_path: Path, inputs: Sequence[str], calibration: Sequence
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     del model
     past = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
-    reader = CalibrationReader(calibration, len(past) // 2, int(past[0].shape[1]), int(past[0].shape[3]))
+    # one feed per conversation (no windows across conversations), at most CALIBRATION_MAX_TOKENS long
+    reader = CalibrationReader([ids[:CALIBRATION_MAX_TOKENS] for ids in calibration], len(past) // 2,
+                               int(past[0].shape[1]), int(past[0].shape[3]), window=None)
     groups: list[list[str]] = [[]]
     used = 0
     for name in sorted(widths):
@@ -250,15 +260,16 @@ def input_hessians(fp32_path: Path, inputs: Sequence[str], calibration: Sequence
 
 
 def gptq_int8(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, *, block: int = 128,
-              damp: float = 0.01) -> np.ndarray:
-    """GPTQ rounding of a MatMul weight [K, N] to INT8 on fixed per-output-channel scales [N].
+              damp: float = 0.01, qmin: int = -127, qmax: int = 127) -> np.ndarray:
+    """GPTQ rounding of a MatMul weight [K, N] to INT8 on fixed scales: one per output channel ([N]) or
+    one per weight ([K, N], e.g. a block scale repeated over its rows).
 
     Rows (input channels) are rounded one at a time and each row's rounding error is spread over
     the rows not yet rounded, weighted by the inverse Hessian of the layer's inputs, so the layer's
     output on the calibration inputs moves as little as possible (Frantar et al., "GPTQ", 2022;
-    the lazy-batch form, no reordering). The result is an ordinary symmetric per-channel INT8
-    weight: ``q * scale`` dequantizes it, as for round-to-nearest. With uncorrelated inputs
-    (diagonal Hessian) it is round-to-nearest.
+    the lazy-batch form, no reordering). The result is an ordinary symmetric INT8 weight that
+    ``q * scale`` dequantizes, as for round-to-nearest; with uncorrelated inputs (diagonal Hessian)
+    it is round-to-nearest.
     """
     w = weight.astype(np.float64)  # a copy
     k = w.shape[0]
@@ -276,12 +287,52 @@ def gptq_int8(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, *, blo
         errors = np.zeros_like(rows)
         part = h_inv[start:end, start:end]
         for i in range(end - start):
-            rounded = np.clip(np.rint(rows[i] / scale), -127, 127)
+            row_scale = scale if scale.ndim == 1 else scale[start + i]
+            rounded = np.clip(np.rint(rows[i] / row_scale), qmin, qmax)
             q[start + i] = rounded
-            errors[i] = (rows[i] - rounded * scale) / part[i, i]
+            errors[i] = (rows[i] - rounded * row_scale) / part[i, i]
             rows[i:] -= np.outer(part[i, i:], errors[i])
         w[end:] -= h_inv[start:end, end:].T @ errors
     return q
+
+
+def gptq_matmul_nbits(model: onnx.ModelProto, *, model_path: Path, calibration: Sequence[Sequence[int]]) -> int:
+    """Re-round the 8-bit MatMulNBits weights of `model` (onnxruntime's symmetric block quantization of
+    the FP32 graph at `model_path`) by GPTQ on onnxruntime's own block scales; return how many.
+
+    onnxruntime stores B as [N, blocks, block] uint8 with the implicit zero point 128 and a signed
+    scale per (N, block); the FP32 weight is the initializer B was made from (its name without
+    ``_Q8``). Only the integers change: format, scales and kernels stay onnxruntime's.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    fp32 = onnx.load(str(model_path))
+    float_weights = {init.name: init for init in fp32.graph.initializer}
+    inits = {init.name: init for init in model.graph.initializer}
+    todo: dict[str, list[onnx.NodeProto]] = {}  # activation input -> its MatMulNBits nodes
+    for node in model.graph.node:
+        bits = next((a.i for a in node.attribute if a.name == "bits"), 0)
+        if node.op_type == "MatMulNBits" and bits == 8 and len(node.input) == 3 \
+                and node.input[1].endswith("_Q8") and node.input[1][: -len("_Q8")] in float_weights:
+            todo.setdefault(node.input[0], []).append(node)
+    done = 0
+    for hessians in input_hessians(model_path, list(todo), calibration):
+        for source, hessian in hessians.items():
+            for node in todo[source]:
+                packed = numpy_helper.to_array(inits[node.input[1]])  # [N, blocks, block]
+                n, blocks, size = packed.shape
+                w = numpy_helper.to_array(float_weights[node.input[1][: -len("_Q8")]]).astype(np.float32)
+                k = w.shape[0]
+                scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks)
+                row_scale = np.repeat(scales.T.astype(np.float64), size, axis=0)[:k]  # [K, N]
+                q = gptq_int8(w, hessian, row_scale, qmin=-128, qmax=127).astype(np.int16) + 128
+                padded = np.full((blocks * size, n), 128, dtype=np.int16)
+                padded[:k] = q
+                packed = padded.reshape(blocks, size, n).transpose(2, 0, 1).astype(np.uint8)
+                inits[node.input[1]].CopyFrom(numpy_helper.from_array(packed, node.input[1]))
+                done += 1
+    return done
 
 
 def quantize_weight_only_qdq(fp32_path: Path, out_path: Path, nodes: Sequence[str],

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
-from toolkit.export.quantization import gptq_int8
+import numpy as np
+import pytest
+
+from toolkit.errors import StageError
+from toolkit.export.quantization import gptq_int8, quantize_int8
 
 
 def _problem(seed: int, k: int = 48, n: int = 16, samples: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -52,3 +56,11 @@ def test_per_weight_scales_and_a_signed_int8_range_are_honoured() -> None:
     rtn = np.clip(np.rint(w / scale), -128, 127)
     err = np.mean((x @ (q * scale) - x @ w) ** 2)
     assert err < 0.8 * np.mean((x @ (rtn * scale) - x @ w) ** 2)
+
+
+def test_gptq_without_calibration_is_a_clear_error(tmp_path: Path) -> None:
+    """A dataset with no training conversations and no control examples: the stage says why, before any work."""
+    for method in ("weight_only_gptq_qdq", "int8_weight_only_gptq"):
+        with pytest.raises(StageError, match="GPTQ needs calibration samples"):
+            quantize_int8(tmp_path / "missing.onnx", tmp_path / "out.onnx", method, [])
+    assert not (tmp_path / "out.onnx").exists()

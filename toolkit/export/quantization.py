@@ -52,6 +52,7 @@ QDQ_FILE = "model_qdq.onnx"
 WEIGHT_ONLY_BLOCK = 32
 CALIBRATION_WINDOW = 128  # tokens a static-calibration feed holds
 CALIBRATION_MAX_TOKENS = 1024  # tokens of one conversation a GPTQ calibration feed holds
+GPTQ_METHODS = ("int8_weight_only_gptq", "weight_only_gptq_qdq")
 
 
 # --------------------------------------------------------------------------- graph selection
@@ -149,6 +150,8 @@ def quantize_int8(
     """
     import onnx
 
+    if method in GPTQ_METHODS and not calibration:
+        raise StageError("GPTQ needs calibration samples; the training split and control examples gave none")
     model = onnx.load(str(fp32_path))
     nodes = selected_matmuls(model, exclude)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,24 +164,18 @@ def quantize_int8(
     elif method in ("int8_weight_only", "int8_weight_only_gptq", "int4_weight_only"):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        gptq = method == "int8_weight_only_gptq"
-
         excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(nodes)]
         quantizer = MatMulNBitsQuantizer(
             model, bits=4 if method == "int4_weight_only" else 8, block_size=WEIGHT_ONLY_BLOCK,
             is_symmetric=True, accuracy_level=accuracy_level, nodes_to_exclude=excluded,
         )
         quantizer.process()
-        if gptq:
-            if not calibration:
-                raise StageError("GPTQ needs calibration samples; the training split and control examples gave none")
+        if method == "int8_weight_only_gptq":
             gptq_matmul_nbits(quantizer.model.model, model_path=fp32_path, calibration=calibration)
         quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
     elif method == "weight_only_qdq":
         quantize_weight_only_qdq(fp32_path, out_path, nodes)
     elif method == "weight_only_gptq_qdq":
-        if not calibration:
-            raise StageError("GPTQ needs calibration samples; the training split and control examples gave none")
         quantize_weight_only_qdq(fp32_path, out_path, nodes, calibration=calibration)
     elif method in ("static_qdq", "static_qdq_percentile"):
         quantize_qdq(fp32_path, out_path, calibration, nodes, "minmax" if method == "static_qdq" else "percentile")
@@ -216,9 +213,9 @@ def input_hessians(fp32_path: Path, inputs: Sequence[str], calibration: Sequence
                    ) -> Iterator[dict[str, np.ndarray]]:
     """The mean of x xᵀ over the calibration tokens ([K, K], float64) for each named activation input.
 
-    Each named tensor becomes a graph output and every calibration window is prefilled on
-    onnxruntime; the inputs come in groups of at most ``HESSIAN_BUDGET_BYTES`` (one pass over the
-    calibration windows per group), so a big model's Hessians are never all held at once.
+    Each named tensor becomes a graph output and every calibration conversation is prefilled on
+    onnxruntime as one feed; the inputs come in groups of at most ``HESSIAN_BUDGET_BYTES`` (one pass
+    over the conversations per group), so a big model's Hessians are never all held at once.
     """
     import onnx
     import onnxruntime as ort

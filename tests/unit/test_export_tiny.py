@@ -331,7 +331,7 @@ def test_int8_gptq_rerounds_onnxruntimes_blocks_and_lowers_each_layers_error(
     nodes = [n for n in gptq_graph.node if n.op_type == "MatMulNBits"]
     assert nodes and all(np.array_equal(gptq_inits[n.input[2]], rtn_inits[n.input[2]]) for n in nodes)  # scales
     hessians: dict[str, np.ndarray] = {}
-    for group in input_hessians(src, [n.input[0] for n in nodes], calibration):
+    for group in input_hessians(onnx.load(str(src)), [n.input[0] for n in nodes], calibration):
         hessians.update(group)
 
     def dequantized(inits: dict[str, np.ndarray], node: onnx.NodeProto) -> np.ndarray:

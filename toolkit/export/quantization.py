@@ -108,16 +108,16 @@ class CalibrationReader:
     def __init__(self, samples: Sequence[Sequence[int]], num_layers: int, kv_heads: int, head_dim: int,
                  window: int | None = CALIBRATION_WINDOW):
         """`window`: cut the samples' token stream into feeds of this length; None: one feed per sample."""
-        self.samples = calibration_windows(samples, window) if window else [list(ids) for ids in samples if len(ids)]
+        self._samples = calibration_windows(samples, window) if window else [list(ids) for ids in samples if ids]
         self._shape = (1, kv_heads, 0, head_dim)
         self._layers = num_layers
         self._iter: Iterator[dict[str, np.ndarray]] | None = None
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._samples)
 
     def _feeds(self) -> Iterator[dict[str, np.ndarray]]:
-        for ids in self.samples:
+        for ids in self._samples:
             feed = {
                 INPUT_IDS: np.asarray([ids], dtype=np.int64),
                 ATTENTION_MASK: np.ones((1, len(ids)), dtype=np.int64),
@@ -209,9 +209,10 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: Sequence[Sequence
 HESSIAN_BUDGET_BYTES = 1 << 30  # float64 Hessians held at once; more inputs take another calibration pass
 
 
-def input_hessians(fp32_path: Path, inputs: Sequence[str], calibration: Sequence[Sequence[int]],
+def input_hessians(model: onnx.ModelProto, inputs: Sequence[str], calibration: Sequence[Sequence[int]],
                    ) -> Iterator[dict[str, np.ndarray]]:
-    """The mean of x xᵀ over the calibration tokens ([K, K], float64) for each named activation input.
+    """The mean of x xᵀ over the calibration tokens ([K, K], float64) for each named activation input
+    of `model` (the FP32 graph, already loaded by the caller; it is left as it was).
 
     Each named tensor becomes a graph output and every calibration conversation is prefilled on
     onnxruntime as one feed; the inputs come in groups of at most ``HESSIAN_BUDGET_BYTES`` (one pass
@@ -221,16 +222,17 @@ def input_hessians(fp32_path: Path, inputs: Sequence[str], calibration: Sequence
     import onnxruntime as ort
     from onnx import helper
 
-    model = onnx.load(str(fp32_path))
     wanted = set(inputs)
     inits = {init.name: init for init in model.graph.initializer}
     widths = {node.input[0]: int(inits[node.input[1]].dims[0]) for node in model.graph.node
               if node.op_type == "MatMul" and node.input[0] in wanted and node.input[1] in inits}
     known = {out.name for out in model.graph.output}
-    model.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                              for name in widths if name not in known)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    del model
+    added = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in widths if name not in known]
+    model.graph.output.extend(added)
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    finally:
+        del model.graph.output[len(model.graph.output) - len(added):]
     past = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
     # one feed per conversation (no windows across conversations), at most CALIBRATION_MAX_TOKENS long
     reader = CalibrationReader([ids[:CALIBRATION_MAX_TOKENS] for ids in calibration], len(past) // 2,
@@ -293,9 +295,9 @@ def gptq_int8(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, *, blo
     return q
 
 
-def gptq_matmul_nbits(model: onnx.ModelProto, *, model_path: Path, calibration: Sequence[Sequence[int]]) -> int:
+def gptq_matmul_nbits(model: onnx.ModelProto, *, model_path: Path, calibration: Sequence[Sequence[int]]) -> None:
     """Re-round the 8-bit MatMulNBits weights of `model` (onnxruntime's symmetric block quantization of
-    the FP32 graph at `model_path`) by GPTQ on onnxruntime's own block scales; return how many.
+    the FP32 graph at `model_path`) by GPTQ on onnxruntime's own block scales.
 
     onnxruntime stores B as [N, blocks, block] uint8 with the implicit zero point 128 and a signed
     scale per (N, block); the FP32 weight is the initializer B was made from (its name without
@@ -313,8 +315,7 @@ def gptq_matmul_nbits(model: onnx.ModelProto, *, model_path: Path, calibration: 
         if node.op_type == "MatMulNBits" and bits == 8 and len(node.input) == 3 \
                 and node.input[1].endswith("_Q8") and node.input[1][: -len("_Q8")] in float_weights:
             todo.setdefault(node.input[0], []).append(node)
-    done = 0
-    for hessians in input_hessians(model_path, list(todo), calibration):
+    for hessians in input_hessians(fp32, list(todo), calibration):
         for source, hessian in hessians.items():
             for node in todo[source]:
                 packed = numpy_helper.to_array(inits[node.input[1]])  # [N, blocks, block]
@@ -328,8 +329,6 @@ def gptq_matmul_nbits(model: onnx.ModelProto, *, model_path: Path, calibration: 
                 padded[:k] = q
                 packed = padded.reshape(blocks, size, n).transpose(2, 0, 1).astype(np.uint8)
                 inits[node.input[1]].CopyFrom(numpy_helper.from_array(packed, node.input[1]))
-                done += 1
-    return done
 
 
 def quantize_weight_only_qdq(fp32_path: Path, out_path: Path, nodes: Sequence[str],
@@ -368,7 +367,7 @@ def quantize_weight_only_qdq(fp32_path: Path, out_path: Path, nodes: Sequence[st
         by_input: dict[str, list[str]] = {}  # q, k and v (gate and up) share their input, so its Hessian
         for weight, (source, _, _) in quantized.items():
             by_input.setdefault(source, []).append(weight)
-        for hessians in input_hessians(fp32_path, list(by_input), calibration):
+        for hessians in input_hessians(model, list(by_input), calibration):  # the graph is not yet rewritten
             for source, hessian in hessians.items():
                 for weight in by_input[source]:
                     _, scale, _ = quantized[weight]

@@ -32,6 +32,7 @@ from toolkit.config import EvalSection, QuantizeSection
 from toolkit.dataset import Example
 from toolkit.errors import StageError
 from toolkit.export.quantization import (
+    GPTQ_METHODS,
     INT8_FILE,
     QDQ_FILE,
     decode_tokens_per_s,
@@ -214,33 +215,35 @@ def run(ctx: StageContext) -> StageResult:
         test = read_conversations(data.dir / data.artifacts.get("val", "val.jsonl"))  # tiny datasets: no test rows
     test = test[: cfg.max_eval_examples]
     task_test = read_split(data.dir, "test")[: ctx.config.eval.max_examples]  # the evaluate stage's questions
-    static = {cfg.method, cfg.qdq_method if cfg.emit_qdq else ""} & {"static_qdq", "static_qdq_percentile"}
-    calibration = calibration_ids(tokenizer, train, cfg.calibration_samples) if static else []
-    qdq_gptq = cfg.emit_qdq and cfg.qdq_method == "weight_only_gptq"
-    int8_gptq = cfg.method == "int8_weight_only_gptq"
+    qdq_method = {"weight_only": "weight_only_qdq", "weight_only_gptq": "weight_only_gptq_qdq"}.get(
+        cfg.qdq_method, cfg.qdq_method)  # quantize_int8's name for the recipe
+    methods = {cfg.method, qdq_method if cfg.emit_qdq else ""}
+    static = ("static_qdq", "static_qdq_percentile")
+    train_calibration = (calibration_ids(tokenizer, train, cfg.calibration_samples)
+                         if methods & {*static, *GPTQ_METHODS} else [])
     gptq_calibration: list[list[int]] = []
-    if qdq_gptq or int8_gptq:  # GPTQ: the dataset's conversations and as many general ones
+    if methods & set(GPTQ_METHODS):  # GPTQ weighs the dataset's conversations and as many general ones
         control = [ex.messages for ex in read_control(ctx.inputs["control"].path("control"))]
-        gptq_calibration = (calibration_ids(tokenizer, train, cfg.calibration_samples)
-                            + calibration_ids(tokenizer, control, cfg.calibration_samples))
+        gptq_calibration = train_calibration + calibration_ids(tokenizer, control, cfg.calibration_samples)
+
+    def calibration(method: str) -> list[list[int]]:
+        """What `method` calibrates on: nothing for the round-to-nearest recipes."""
+        return gptq_calibration if method in GPTQ_METHODS else train_calibration if method in static else []
 
     started = time.perf_counter()
-    int8_calibration = gptq_calibration if int8_gptq else calibration
-    int8_path = quantize_int8(fp32_path, ctx.out_dir / INT8_FILE, cfg.method, int8_calibration,
+    int8_path = quantize_int8(fp32_path, ctx.out_dir / INT8_FILE, cfg.method, calibration(cfg.method),
                               exclude=cfg.exclude_nodes)
     metrics: dict[str, Any] = {"method": cfg.method, "exclude_nodes": cfg.exclude_nodes,
                                "quantize_s": round(time.perf_counter() - started, 2),
-                               "calibration_samples": len(int8_calibration)}
+                               "calibration_samples": len(calibration(cfg.method))}
     artifacts = {"int8": INT8_FILE}
     if cfg.emit_qdq:
         started = time.perf_counter()
-        qdq_method = {"weight_only": "weight_only_qdq", "weight_only_gptq": "weight_only_gptq_qdq"}.get(
-            cfg.qdq_method, cfg.qdq_method)
-        quantize_int8(fp32_path, ctx.out_dir / QDQ_FILE, qdq_method, gptq_calibration if qdq_gptq else calibration,
+        quantize_int8(fp32_path, ctx.out_dir / QDQ_FILE, qdq_method, calibration(qdq_method),
                       exclude=cfg.qdq_exclude_nodes)
         artifacts["qdq"] = QDQ_FILE
         metrics.update(qdq_method=cfg.qdq_method, qdq_exclude_nodes=cfg.qdq_exclude_nodes,
-                       qdq_calibration_samples=len(gptq_calibration) if qdq_gptq else len(calibration),
+                       qdq_calibration_samples=len(calibration(qdq_method)),
                        qdq_s=round(time.perf_counter() - started, 2),
                        qdq_bytes=(ctx.out_dir / QDQ_FILE).stat().st_size)
 

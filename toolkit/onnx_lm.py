@@ -48,7 +48,8 @@ class OnnxCausalLM:
         """``spinning``: whether idle intra-op threads busy-wait for work (onnxruntime's default: yes).
 
         ``session_config``: extra onnxruntime session config entries (``add_session_config_entry``);
-        ``graph``: a serialized graph to run instead of the file at `path` (which names it).
+        ``graph``: a serialized graph to run instead of the file at `path` (which names it); its external
+        data, if any, is read from `path`'s folder.
         """
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -58,6 +59,9 @@ class OnnxCausalLM:
             options.intra_op_num_threads = int(os.environ["OMP_NUM_THREADS"])
         if spinning is not None:
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if graph is not None:  # a graph from memory has no folder of its own for its external data
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(Path(path).parent))
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, value)
         self.path = Path(path)

@@ -44,6 +44,8 @@ _SPM_DECODER_STEPS = {"ByteFallback", "Fuse", "Metaspace", "Strip"}
 # Texts every reader must tokenize alike: plain, Chinese, emoji, whitespace runs, digits, special tokens.
 PROBE_TEXTS = [
     "Hello world, how are you?",
+    " Hello,  world: a leading space, then two",  # SentencePiece readers differ on leading spaces
+    "  \n  indented after a newline",
     "蓝峰电子的退货期限是多少天？请在30天内申请。",
     "Happy birthday 🎉🎂! 👋🏽 — ça va?",
     "two  spaces,   three, \ttab\n\nblank line\n\n\n  indented\r\nCRLF",
@@ -182,10 +184,11 @@ def _load_quietly(model_dir: Path) -> tuple[Any, list[str]]:
     return tokenizer, records
 
 
-def token_problems(model_dir: Path, tokenizer: Any, texts: Sequence[str]) -> list[str]:
-    """The raw tokenizers library (tokenizer.json alone) must give the toolkit's ids and text.
+def token_problems(model_dir: Path, tokenizer: Any, texts: Sequence[str], who: str = "toolkit") -> list[str]:
+    """The raw tokenizers library (tokenizer.json alone) must give `tokenizer`'s ids and text.
 
     A byte-level BPE must also give back every text exactly (SentencePiece tokenizers may not).
+    `who` names `tokenizer` in the problems.
     """
     from tokenizers import Tokenizer
 
@@ -198,18 +201,48 @@ def token_problems(model_dir: Path, tokenizer: Any, texts: Sequence[str]) -> lis
         if ours != theirs:
             first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
                          min(len(ours), len(theirs)))
-            problems.append(f"ids differ for {text[:40]!r} at token {first}: toolkit {ours[first:first + 4]} vs "
+            problems.append(f"ids differ for {text[:40]!r} at token {first}: {who} {ours[first:first + 4]} vs "
                             f"tokenizers {theirs[first:first + 4]}")
             continue
         for skip in (True, False):
             a = tokenizer.decode(ours, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
             b = raw.decode(theirs, skip_special_tokens=skip)
             if a != b:
-                problems.append(f"decoded text differs for {text[:40]!r} (skip_special_tokens={skip}): {a[:40]!r} vs "
-                                f"{b[:40]!r}")
+                problems.append(f"{who}'s decoded text differs for {text[:40]!r} (skip_special_tokens={skip}): "
+                                f"{a[:40]!r} vs {b[:40]!r}")
         if round_trip and tokenizer.decode(ours, skip_special_tokens=False, clean_up_tokenization_spaces=False) != text:
             problems.append(f"{text[:40]!r} does not survive encode/decode")
     return problems
+
+
+def tokenizer_only_problems(model_dir: Path, texts: Sequence[str]) -> list[str]:
+    """The tokenizer files alone must encode like tokenizer.json.
+
+    The repository ships them without config.json (``tokenizer/``), and vLLM's ``--tokenizer`` or a
+    user's ``AutoTokenizer`` may read them so. transformers 5 picks the tokenizer class from config.json's
+    model type when there is one and from tokenizer_config.json's ``tokenizer_class`` when there is not,
+    and some classes re-derive the tokenizer from the vocabulary instead of reading tokenizer.json.
+    """
+    import tempfile
+
+    from toolkit.tokenizer_files import copy_tokenizer_files
+
+    with tempfile.TemporaryDirectory(prefix="tokenizer-only-") as tmp:
+        copy_tokenizer_files(model_dir, Path(tmp))
+        tokenizer, _ = _load_quietly(Path(tmp))
+        who = f"the tokenizer files alone ({type(tokenizer).__name__})"
+        return token_problems(model_dir, tokenizer, texts, who=who)
+
+
+def probe_texts(model_dir: Path) -> list[str]:
+    """The probe texts plus the probe conversations rendered by the directory's chat template (with special tokens)."""
+    tokenizer, _ = _load_quietly(model_dir)
+    template_path = model_dir / CHAT_TEMPLATE_FILE
+    template = template_path.read_text("utf-8") if template_path.is_file() else tokenizer.chat_template
+    texts = list(PROBE_TEXTS)
+    if isinstance(template, str):
+        texts += [jinja_render(template, conv, True, special_token_vars(tokenizer)) for conv in PROBE_CONVERSATIONS]
+    return texts
 
 
 def special_token_vars(tokenizer: Any) -> dict[str, str]:
@@ -246,12 +279,14 @@ def portability_gate(model_dir: Path, stop_ids: Sequence[int], *, name: str = "p
     else:
         problems.append("no chat template")
     problems += token_problems(model_dir, tokenizer, texts)
+    problems += tokenizer_only_problems(model_dir, texts)
     if (model_dir / "generation_config.json").is_file() or (model_dir / "config.json").is_file():
         problems += config_problems(model_dir, stop_ids)
     return GateResult(
         name=name, passed=not problems, value=len(problems), threshold=0,
         detail="; ".join(problems) or (
-            f"raw tokenizers = toolkit ids and text on {len(PROBE_TEXTS) + len(PROBE_CONVERSATIONS)} texts; "
+            f"raw tokenizers = toolkit ids and text (and = the tokenizer files alone) on "
+            f"{len(PROBE_TEXTS) + len(PROBE_CONVERSATIONS)} texts; "
             f"plain jinja2 = toolkit template on {len(PROBE_CONVERSATIONS)} conversations; labels, stops, config ok"
         ),
     )

@@ -229,12 +229,21 @@ def portable_model_config(model_dir: Path) -> list[str]:
     """Add the pre-5.x spelling of the RoPE settings to ``config.json`` so transformers 4.x reads the same model.
 
     transformers 5 writes ``rope_parameters``; 4.x ignores that key and would fall back to its
-    default ``rope_theta`` (10000), silently changing every position. Returns the keys added.
+    default ``rope_theta`` (10000), silently changing every position. Models whose layer types
+    rotate differently (Gemma 3: ``{"full_attention": {...}, "sliding_attention": {...}}``) were
+    spelt in 4.x as the full-attention settings plus ``rope_local_base_freq`` for the sliding
+    layers. Returns the keys added.
     """
     path = model_dir / "config.json"
     config = read_json(path)
     rope = config.get("rope_parameters")
     added: list[str] = []
+    if isinstance(rope, dict) and all(isinstance(v, dict) for v in rope.values()) and "full_attention" in rope:
+        local = rope.get("sliding_attention", {}).get("rope_theta")
+        if local is not None and "rope_local_base_freq" not in config:
+            config["rope_local_base_freq"] = local
+            added.append("rope_local_base_freq")
+        rope = rope["full_attention"]
     if isinstance(rope, dict) and "rope_theta" in rope:
         if "rope_theta" not in config:
             config["rope_theta"] = rope["rope_theta"]

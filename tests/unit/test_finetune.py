@@ -18,7 +18,7 @@ from toolkit.modeling import load_tokenizer, pad_token_id, render_prompt_ids
 from toolkit.stage import StageContext, StageRecord
 from toolkit.stages import control as control_stage
 from toolkit.stages import finetune as finetune_stage
-from toolkit.training.examples import IGNORE_INDEX, TokenizedExample, build_example, collate
+from toolkit.training.examples import IGNORE_INDEX, TokenizedExample, build_examples, collate
 from toolkit.training.lora import batch_stream, eval_loss, summed_loss, total_steps, train_lora
 
 FAST_LORA = LoraSection(rank=4, alpha=8, dropout=0.0)
@@ -50,8 +50,7 @@ def _qa(question: str, answer: str) -> list[dict[str, str]]:
 
 def test_only_assistant_reply_and_end_of_turn_are_labelled(tok) -> None:  # type: ignore[no-untyped-def]
     messages = [{"role": "system", "content": "Be brief."}] + _qa("Hours?", "Open 9am to 6pm.")
-    example = build_example(tok, messages, max_seq_len=512)
-    assert example is not None
+    (example,) = build_examples(tok, messages, max_seq_len=512)
     assert _labelled_text(tok, example) == ["Open 9am to 6pm.<|im_end|>"]
     # The unlabelled prefix is exactly the prompt serving renders, so training and serving agree.
     prompt = render_prompt_ids(tok, messages[:-1])
@@ -61,22 +60,40 @@ def test_only_assistant_reply_and_end_of_turn_are_labelled(tok) -> None:  # type
 
 def test_every_assistant_turn_is_labelled_in_a_multi_turn_chat(tok) -> None:  # type: ignore[no-untyped-def]
     messages = _qa("Hi", "Hello! How can I help?") + _qa("退货期限?", "三十天。")
-    example = build_example(tok, messages, max_seq_len=512)
-    assert example is not None
+    (example,) = build_examples(tok, messages, max_seq_len=512)
     assert _labelled_text(tok, example) == ["Hello! How can I help?<|im_end|>", "三十天。<|im_end|>"]
 
 
+# Gemma 4's shape: the generation prompt opens an empty thought channel that a reply in the history does not show.
+THOUGHT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think></think>' }}{% endif %}"
+)
+
+
+def test_a_template_that_renders_replies_apart_from_their_prompt_trains_each_reply_after_the_served_prompt(
+        tok) -> None:  # type: ignore[no-untyped-def]
+    tok.chat_template = THOUGHT_TEMPLATE
+    messages = _qa("Hi", "Hello!") + _qa("Hours?", "9 to 6.")
+    first, second = build_examples(tok, messages, max_seq_len=512)
+    for example, upto, reply in ((first, 1, "Hello!"), (second, 3, "9 to 6.")):
+        prompt = render_prompt_ids(tok, messages[:upto])  # what serving renders: with the open thought channel
+        assert tok.decode(prompt).endswith("assistant\n<think></think>")
+        assert example.input_ids[: len(prompt)] == prompt
+        assert all(label == IGNORE_INDEX for label in example.labels[: len(prompt)])
+        assert _labelled_text(tok, example) == [f"{reply}<|im_end|>"]
+
+
 def test_cut_short_reply_does_not_teach_stopping(tok) -> None:  # type: ignore[no-untyped-def]
-    example = build_example(tok, _qa("Tips?", "First, sleep"), max_seq_len=512, train_eos=False)
-    assert example is not None
+    (example,) = build_examples(tok, _qa("Tips?", "First, sleep"), max_seq_len=512, train_eos=False)
     assert _labelled_text(tok, example) == ["First, sleep"]
 
 
 def test_truncation_that_removes_every_reply_token_drops_the_example(tok) -> None:  # type: ignore[no-untyped-def]
     messages = _qa("A long question " * 20, "Short answer.")
-    assert build_example(tok, messages, max_seq_len=16) is None
-    kept = build_example(tok, messages, max_seq_len=4096)
-    assert kept is not None and len(kept.input_ids) > 16
+    assert build_examples(tok, messages, max_seq_len=16) == []
+    (kept,) = build_examples(tok, messages, max_seq_len=4096)
+    assert len(kept.input_ids) > 16
 
 
 def test_batches_cover_each_epoch_once_in_a_seeded_length_grouped_order() -> None:
@@ -103,8 +120,7 @@ def _examples(tok, n: int = 16) -> list[TokenizedExample]:  # type: ignore[no-un
     facts = ["two-year warranty", "open 9am to 6pm", "Paris", "三十天"]
     out = []
     for i in range(n):
-        ex = build_example(tok, _qa(f"Question {i}?", f"Answer: {facts[i % len(facts)]}."), 256)
-        assert ex is not None
+        (ex,) = build_examples(tok, _qa(f"Question {i}?", f"Answer: {facts[i % len(facts)]}."), 256)
         out.append(ex)
     return out
 

@@ -50,10 +50,24 @@ def merged_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _graph(path: Path, name: str, external: bool = False) -> Path:
+    """A valid ONNX file named `name` inside (so two stand-ins differ); its weight as external data if asked."""
+    import numpy as np
+    from onnx import helper, numpy_helper, save
+
+    weight = numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(64, 64), "weight")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "weight"], ["y"])], name,
+                              [helper.make_tensor_value_info("x", 1, [1, 64])],
+                              [helper.make_tensor_value_info("y", 1, [1, 64])], [weight])
+    save(helper.make_model(graph), str(path), save_as_external_data=external, location=f"{path.name}.data",
+         size_threshold=0)
+    return path
+
+
 @pytest.fixture
 def sources(tmp_path: Path) -> dict[str, Path]:
-    (tmp_path / "fp32.onnx").write_bytes(b"fp32 graph stand-in")
-    (tmp_path / "int8.onnx").write_bytes(b"int8 graph stand-in")
+    _graph(tmp_path / "fp32.onnx", "fp32 graph stand-in")
+    _graph(tmp_path / "int8.onnx", "int8 graph stand-in")
     (tmp_path / "model.py").write_text("# generation model stand-in\n")
     return {"fp32": tmp_path / "fp32.onnx", "int8": tmp_path / "int8.onnx", "model_py": tmp_path / "model.py"}
 
@@ -116,11 +130,39 @@ def test_new_build_writes_next_version_and_prunes(tmp_path: Path, merged_dir: Pa
     assert [p.name for p in written.pruned] == ["1", "1"]
 
 
+def test_a_graph_with_external_data_takes_its_data_file_into_the_version(tmp_path: Path, merged_dir: Path,
+                                                                       sources: dict[str, Path]) -> None:
+    """torch.onnx writes a graph over 2 GiB as model.onnx + model.onnx.data; the version must hold both."""
+    import onnxruntime as ort
+
+    (tmp_path / "export").mkdir()
+    big = _graph(tmp_path / "export" / "model.onnx", "external", external=True)
+    assert (tmp_path / "export" / "model.onnx.data").is_file()
+    out = tmp_path / "repo"
+    written = _write(out, merged_dir, {**sources, "fp32": big})
+    version = out / "tiny_onnx_fp32" / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert written.manifest.artifacts["onnx_fp32/model.onnx.data"].sha256 == sha256_file(version / "model.onnx.data")
+    session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": [[1.0] + [0.0] * 63]})
+    assert y[0][:3].tolist() == [0.0, 1.0, 2.0]  # the weight's first row, read from the linked data file
+
+
+def test_a_graph_whose_external_data_is_missing_is_named(tmp_path: Path, merged_dir: Path,
+                                                          sources: dict[str, Path]) -> None:
+    (tmp_path / "export").mkdir()
+    big = _graph(tmp_path / "export" / "model.onnx", "external", external=True)
+    (tmp_path / "export" / "model.onnx.data").unlink()
+    with pytest.raises(StageError, match=r"external data .*model\.onnx\.data that does not exist"):
+        _write(tmp_path / "repo", merged_dir, {**sources, "fp32": big})
+    assert not (tmp_path / "repo" / "tiny_onnx_fp32" / "1").exists()
+
+
 def test_int8_shipped_and_chosen(tmp_path: Path, merged_dir: Path, sources: dict[str, Path]) -> None:
     out = tmp_path / "repo"
     written = _write(out, merged_dir, sources, onnx_int8=sources["int8"],
                      repository=RepositorySection(serving_precision="onnx_int8"))
-    assert (out / "tiny_onnx_int8" / "1" / "model.onnx").read_bytes() == b"int8 graph stand-in"
+    assert (out / "tiny_onnx_int8" / "1" / "model.onnx").read_bytes() == sources["int8"].read_bytes()
     assert written.manifest.serving_core_model == "tiny_onnx_int8"
     assert written.manifest.precisions == ["onnx_fp32", "onnx_int8"]
     assert read_config(out / "tiny" / "config.pbtxt").parameters[c.PARAM_CORE_MODEL].string_value == "tiny_onnx_int8"
@@ -325,7 +367,7 @@ def test_stage_writes_no_int8_plan_entry_for_a_qdq_graph_that_failed(tmp_path: P
     quantize = _record("quantize", tmp_path, {"int8": "int8.onnx", "qdq": "qdq.onnx"}, {
         "int8_shipped": True, "qdq_shipped": False, "qdq_method": "weight_only",
         "qdq_failed_gates": ["onnx_qdq_perplexity_delta_pct"]})
-    (tmp_path / "int8.onnx").write_bytes(b"int8 graph stand-in")
+    _graph(tmp_path / "int8.onnx", "int8 graph stand-in")
     result = model_repository.run(_stage_ctx(tmp_path, merged_dir, {"serving_precision": "auto"}, quantize))
     assert not (tmp_path / "repo" / "tiny_trt_int8").exists() and (tmp_path / "repo" / "tiny_trt_fp16").is_dir()
     assert ("tiny_trt_int8 left out: model_qdq.onnx (weight_only) did not pass its task-quality gate "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import StageError
+from toolkit.onnx_files import external_data_names
 from toolkit.repository.contract import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -144,13 +145,7 @@ def graph_stats(onnx_path: Path) -> dict[str, Any]:
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    external = {
-        entry.value
-        for init in model.graph.initializer
-        if init.data_location == onnx.TensorProto.EXTERNAL
-        for entry in init.external_data
-        if entry.key == "location"
-    }
+    external = external_data_names(model)
     size = onnx_path.stat().st_size + sum((onnx_path.parent / name).stat().st_size for name in external)
     inputs = [i.name for i in model.graph.input]
     ops = {op.domain or "ai.onnx": op.version for op in model.opset_import}
@@ -159,7 +154,7 @@ def graph_stats(onnx_path: Path) -> dict[str, Any]:
         "graph_mib": round(size / 2**20, 1),
         "node_count": len(model.graph.node),
         "opset": ops.get("ai.onnx"),
-        "external_data_files": sorted(external),
+        "external_data_files": external,
         "kv_layers": len(past_layers(inputs)),
         "inputs": [name for name in inputs if not is_past(name)],
     }

@@ -36,6 +36,7 @@ from typing import Any
 from toolkit import __version__
 from toolkit.config import RepositorySection, ServingSection, TensorRTSection
 from toolkit.errors import StageError
+from toolkit.onnx_files import onnx_files
 from toolkit.repository import contract
 from toolkit.repository import tensorrt as trt
 from toolkit.repository.contract import LMInfo
@@ -132,14 +133,19 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _link_onnx(src: Path, version_tmp: Path, symlink: bool = False) -> None:
+def _link_onnx(src: Path, version_tmp: Path, symlink: bool = False) -> list[str]:
+    """Link the graph as ``model.onnx`` and its external data files under their own names; return those names."""
     if not src.is_file():
         raise StageError(f"ONNX model {src} not found; rerun the export stage (toolkit build --force --stages "
                          "export_onnx)")
-    data = src.with_name(src.name + "_data")  # optimum's external-data file for graphs over 2 GB
-    for source, dest in ((src, version_tmp / ONNX_FILE), (data, version_tmp / data.name)):
-        if source.is_file():
-            dest.symlink_to(source.resolve()) if symlink else link_or_copy(source, dest)
+    graph, *data = onnx_files(src)  # a graph over 2 GiB keeps its weights beside it, named in the graph
+    missing = [path for path in data if not path.is_file()]
+    if missing:
+        raise StageError(f"{src} refers to external data {missing[0]} that does not exist; rerun the stage that "
+                         "made it")
+    for source, dest in ((graph, version_tmp / ONNX_FILE), *((path, version_tmp / path.name) for path in data)):
+        dest.symlink_to(source.resolve()) if symlink else link_or_copy(source, dest)
+    return [path.name for path in data]
 
 
 CORE_PRECISIONS = ("onnx_fp32", "onnx_int8", "trt_fp16", "trt_int8")
@@ -324,8 +330,10 @@ def write_repository(
                 continue
             model_dir = output / core_model_name(model_name, precision)
             with writer.version_dir(model_dir) as tmp:
-                _link_onnx(src, tmp, symlink_onnx)
+                data_files = _link_onnx(src, tmp, symlink_onnx)
             artifacts[precision] = _ref(output, model_dir / str(version) / ONNX_FILE)
+            for name in data_files:
+                artifacts[f"{precision}/{name}"] = _ref(output, model_dir / str(version) / name)
             configs.append((model_dir, onnx_core_config(model_dir.name, lm, **batching)))
         if trt_inputs is not None:
             notes += _write_trt_models(output, model_name, version, lm, trt_inputs, batching, writer, configs,

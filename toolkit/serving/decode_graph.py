@@ -18,9 +18,11 @@ spare columns (:class:`toolkit.serving.kvcache.BatchKV` with ``spare_columns``) 
 step's new column in place; spare columns are masked out by the attention mask.
 
 The rewrite matches the pattern this project's exporter writes (``toolkit.export.torch_to_onnx``:
-Concat -> Transpose -> MatMul for keys, Concat -> MatMul for values). Anything else, no ``onnx``
-package (NVIDIA's image installs it, the slim serving install may not), or a graph over protobuf's
-2 GiB: the caller serves the graph as exported, and says why.
+Concat -> Transpose -> MatMul for keys, Concat -> MatMul for values). Anything else, or no ``onnx``
+package (NVIDIA's image installs it, the slim serving install may not): the caller serves the graph as
+exported, and says why. A graph whose weights are external data (over protobuf's 2 GiB) is rewritten
+without loading them: the rewritten graph still names its data files, and onnxruntime reads them from
+the original graph's folder (``session.model_external_initializers_file_folder_path``).
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from toolkit.onnx_files import MAX_PROTO_BYTES
 from toolkit.repository.contract import LOGITS
 
 _MAX_INT64 = 2**63 - 1
 _PREFIX = "toolkit_split_kv"
-_MAX_PROTO_BYTES = 2**31 - 1
 
 
 class UnsupportedGraphError(ValueError):
@@ -42,15 +44,16 @@ class UnsupportedGraphError(ValueError):
 def split_kv_graph(path: Path) -> bytes:
     """The rewritten graph of the ONNX file at `path`, serialized (weights included).
 
-    Raises UnsupportedGraphError (pattern not found, no ``onnx``, too large to serialize in one message).
+    External data stays where it is (see the module doc). Raises UnsupportedGraphError (pattern not
+    found, no ``onnx``, weights inline and over 2 GiB).
     """
     try:
         import onnx
     except ImportError as err:
         raise UnsupportedGraphError("the onnx package is not installed") from err
-    if path.stat().st_size > _MAX_PROTO_BYTES:
+    if path.stat().st_size > MAX_PROTO_BYTES:
         raise UnsupportedGraphError(f"{path.name} is over 2 GiB")
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     rewrite(model)
     data: bytes = model.SerializeToString()
     return data

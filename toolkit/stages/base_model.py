@@ -16,20 +16,32 @@ import re
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from toolkit.config import EMBEDDED_MODEL
+from toolkit.config import EMBEDDED_MODEL, BuildConfig
 from toolkit.embedded_model import embedded_gguf_path, gguf_to_hf
-from toolkit.errors import ConfigError, StageError
-from toolkit.modeling import chat_template_of, load_tokenizer
-from toolkit.portability import jinja_render, special_token_vars
+from toolkit.errors import ConfigError, StageError, ToolkitError
+from toolkit.families import check_architecture
+from toolkit.modeling import chat_template_of, load_tokenizer, stop_token_ids
+from toolkit.portability import (
+    V5_ONLY_CLASSES,
+    jinja_render,
+    portability_gate,
+    probe_texts,
+    special_token_vars,
+    tokenizer_only_problems,
+)
 from toolkit.stage import StageContext, StageResult
 from toolkit.tokenizer_files import (
     CHAT_TEMPLATE_FILE,
+    TOKENIZER_CONFIG,
     fix_tokenizer_files,
     portable_model_config,
+    read_json,
+    write_json,
 )
-from toolkit.workspace import sha256_text
+from toolkit.workspace import sha256_file, sha256_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -37,6 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
+# The class every transformers version (4.x, 5.x, so vLLM too) reads as tokenizer.json says, without re-deriving it.
+GENERIC_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -99,27 +113,70 @@ def _update_json(path: Path, updates: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def normalise_tokenizer_class(model_dir: Path) -> list[str]:
+    """Name a tokenizer class that every reader loads as ``tokenizer.json`` says; return the fix, if any.
+
+    Two kinds of label break that: ``TokenizersBackend``, which transformers 5 writes when it saves any
+    generic fast tokenizer (a user's own SFT checkpoint) and which transformers 4.x cannot load; and a
+    family class that transformers 5 re-derives from the vocabulary instead of reading tokenizer.json
+    (Phi-3's ``LlamaTokenizer`` with ``legacy: false``: the tokenizer files alone then encode the text
+    after a special token differently from the same files next to a config.json). Both become
+    ``PreTrainedTokenizerFast``, which reads tokenizer.json verbatim in 4.x and 5.x.
+    """
+    path = model_dir / TOKENIZER_CONFIG
+    config = read_json(path)
+    named = config.get("tokenizer_class")
+    if named == GENERIC_TOKENIZER_CLASS:
+        return []
+    if named in V5_ONLY_CLASSES:
+        reason = "transformers 4.x cannot load it"
+    else:
+        problems = tokenizer_only_problems(model_dir, probe_texts(model_dir))
+        if not problems:
+            return []
+        reason = f"read from its files alone it disagrees with tokenizer.json: {problems[0]}"
+    write_json(path, {**config, "tokenizer_class": GENERIC_TOKENIZER_CLASS})
+    return [f"tokenizer_class {named} -> {GENERIC_TOKENIZER_CLASS} ({reason})"]
+
+
+def stop_ids_after_fix(old: Any, old_eos: int | None, new_eos: int | None, template_starts: str,
+                       tokenizer: PreTrainedTokenizerBase) -> int | list[int] | None:
+    """The eos id(s) for config.json and generation_config.json after the eos fix.
+
+    Every end id the model already had stays (Llama 3's <|end_of_text|>, <|eom_id|> and <|eot_id|>; Phi-3's
+    <|endoftext|> beside <|end|>), the tokenizer's eos comes first; an old eos that the chat template writes at
+    the start of a turn (the GGUF conversion's <|im_start|>) is dropped: it never ends a reply.
+    """
+    ids = [int(i) for i in (old if isinstance(old, list) else [old]) if i is not None]
+    if old_eos is not None and old_eos != new_eos and str(tokenizer.convert_ids_to_tokens(old_eos)) in template_starts:
+        ids = [i for i in ids if i != old_eos]
+    merged = ([new_eos] if new_eos is not None else []) + [i for i in ids if i != new_eos]
+    return None if not merged else merged[0] if len(merged) == 1 else merged
+
+
 def normalise_model_dir(model_dir: Path) -> dict[str, Any]:
     """Normalise tokenizer, config and generation config of `model_dir` in place; return facts for metrics.
 
     Fixes, each an edit of the JSON keys concerned (the tokenizer files are otherwise the
-    source's own): eos becomes the template's end-of-turn token; a tokenizer that adds a bos the
-    template already writes stops adding it; a missing pad becomes eos; the tokenizer's maximum
-    length is capped at the model's positions; the chat template is written to both places
-    readers look for it; config.json gets the pre-5.x RoPE keys.
+    source's own): a tokenizer class every reader loads alike; eos becomes the template's
+    end-of-turn token; a tokenizer that adds a bos the template already writes stops adding it;
+    a missing pad becomes eos; the tokenizer's maximum length is capped at the model's positions;
+    the chat template is written to both places readers look for it; config.json gets the pre-5.x
+    RoPE keys; every end id the model had stays a stop.
     """
+    fixes = normalise_tokenizer_class(model_dir)
     tokenizer = load_tokenizer(model_dir)
     template = chat_template_of(tokenizer)
     specials = special_token_vars(tokenizer)
-    fixes: list[str] = []
+    old_eos_id = tokenizer.eos_token_id
     eos = eot = end_of_turn_token(tokenizer, template)
     if eot is None or tokenizer.eos_token == eot:
         eos = None
     else:
         fixes.append(f"eos_token {tokenizer.eos_token!r} -> {eot!r}")
     bos = tokenizer.bos_token
-    starts_with_bos = bos is not None and jinja_render(
-        template, [{"role": "user", "content": "ping"}], True, specials).startswith(bos)
+    prompt = jinja_render(template, [{"role": "user", "content": "ping"}], True, specials)
+    starts_with_bos = bos is not None and prompt.startswith(bos)
     adds_bos = bos is not None and tokenizer("ping")["input_ids"][:1] == [tokenizer.bos_token_id]
     # The template already writes the bos token; adding another would shift every prompt.
     drop_bos = starts_with_bos and (adds_bos or bool(getattr(tokenizer, "add_bos_token", False)))
@@ -136,12 +193,14 @@ def normalise_model_dir(model_dir: Path) -> dict[str, Any]:
                         chat_template=template)
     added = portable_model_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    ids = {
-        "eos_token_id": tokenizer.eos_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
     for name in ("config.json", "generation_config.json"):  # copies (never links): safe to rewrite
+        current = read_json(model_dir / name)
+        ids = {
+            "eos_token_id": stop_ids_after_fix(current.get("eos_token_id"), old_eos_id, tokenizer.eos_token_id,
+                                               prompt, tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
         _update_json(model_dir / name, {k: v for k, v in ids.items() if v is not None})
     return {
         "fixes": fixes,
@@ -172,7 +231,10 @@ def count_parameters(model_dir: Path) -> int:
 
 
 def materialise_base(base: str, allow_hub_download: bool, out: Path) -> str:
-    """Write the configured base into `out` as a Hugging Face directory; return what it came from."""
+    """Write the configured base into `out` as a Hugging Face directory; return what it came from.
+
+    A local directory's architecture is checked before anything is linked or converted.
+    """
     if base == EMBEDDED_MODEL:
         gguf = embedded_gguf_path()
         log.info("converting the embedded GGUF %s (about 20 s, once)", gguf.name)
@@ -182,6 +244,8 @@ def materialise_base(base: str, allow_hub_download: bool, out: Path) -> str:
         raise ConfigError(f"model.base: unknown embedded model {base!r}; the embedded one is {EMBEDDED_MODEL!r}")
     local = Path(base).expanduser()
     if local.exists():
+        if (local / "config.json").is_file():
+            check_architecture(local / "config.json")
         link_hf_dir(local, out)
         drop_gguf_vocab_copy(out)
         return f"dir:{local.resolve()}"
@@ -196,23 +260,56 @@ def materialise_base(base: str, allow_hub_download: bool, out: Path) -> str:
     return f"hub:{base}"
 
 
+def base_files(config: BuildConfig) -> dict[str, Path]:
+    """The files the base model is made of, by name: the embedded GGUF, or a local directory's files."""
+    base = config.model.base
+    if base == EMBEDDED_MODEL:
+        gguf = embedded_gguf_path()
+        return {gguf.name: gguf}
+    local = Path(base).expanduser()
+    if local.is_dir():
+        return {p.name: p for p in sorted(local.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    return {}
+
+
+def cache_inputs(config: BuildConfig) -> dict[str, Any]:
+    """The base model's files by content (weights, config, tokenizer, template), so an in-place edit reruns it.
+
+    A checkpoint directory rewritten in place (``model.base: ./checkpoints/latest``) keeps its name and
+    may keep its sizes and times; only the contents tell. A hub id is keyed on its name: the hub's
+    revision is not known before the download.
+    """
+    try:
+        return {"files": {name: sha256_file(path) for name, path in base_files(config).items()}}
+    except ToolkitError:
+        return {}  # no embedded model installed: the stage itself says so, in one line
+
+
 def run(ctx: StageContext) -> StageResult:
-    """Materialise and normalise the base model into ``<stage>/model``."""
+    """Materialise, check and normalise the base model into ``<stage>/model``; gate its files' portability."""
     out = ctx.out_dir / MODEL_DIR
     started = time.perf_counter()
     source = materialise_base(ctx.config.model.base, ctx.config.model.allow_hub_download, out)
     conversion_s = time.perf_counter() - started
+    architecture = check_architecture(out / "config.json")
     facts = normalise_model_dir(out)
     if facts["context"] and ctx.config.model.context_length > facts["context"]:
         log.warning("model.context_length %d exceeds the model's %d positions",
                     ctx.config.model.context_length, facts["context"])
+    tokenizer = load_tokenizer(out)
+    generation = read_json(out / "generation_config.json")
+    # Every check that needs no fine-tuned weights runs here, minutes before the merge would find the problem.
+    gate = portability_gate(out, stop_token_ids(tokenizer, SimpleNamespace(**generation)),
+                            name="portable_base_model_files")
     return StageResult(
         metrics={
             "source": source,
+            "architecture": architecture.name,
             "params": count_parameters(out),
             "conversion_s": round(conversion_s, 2),
             **facts,
         },
+        gates=[gate],
         artifacts={"model": MODEL_DIR, "chat_template": f"{MODEL_DIR}/{CHAT_TEMPLATE_FILE}"},
         note="; ".join(facts["fixes"]) or "no tokenizer fixes needed",
     )

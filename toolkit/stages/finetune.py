@@ -29,7 +29,7 @@ from toolkit.stage import StageContext, StageResult
 from toolkit.textmetrics import contains_facts
 from toolkit.tokenizer_files import copy_tokenizer_files
 from toolkit.training.control_examples import read_control
-from toolkit.training.examples import TokenizedExample, build_example
+from toolkit.training.examples import TokenizedExample, build_examples
 from toolkit.training.lora import train_lora
 from toolkit.workspace import sha256_text
 
@@ -44,11 +44,9 @@ def tokenize_all(
     """Examples with assistant labels, and how many conversations had no assistant token left."""
     examples, dropped = [], 0
     for i, messages in enumerate(conversations):
-        example = build_example(tokenizer, messages, max_seq_len, train_eos=train_eos[i] if train_eos else True)
-        if example is None:
-            dropped += 1
-        else:
-            examples.append(example)
+        made = build_examples(tokenizer, messages, max_seq_len, train_eos=train_eos[i] if train_eos else True)
+        dropped += not made
+        examples += made
     return examples, dropped
 
 

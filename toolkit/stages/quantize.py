@@ -200,7 +200,7 @@ def run(ctx: StageContext) -> StageResult:
     """Quantize the FP32 graph (served INT8 variant and TensorRT's Q/DQ graph); gate both on the task; time INT8."""
     from toolkit.dataset import read_split
     from toolkit.modeling import load_tokenizer
-    from toolkit.training.examples import build_example
+    from toolkit.training.examples import build_examples
 
     cfg = ctx.config.quantize
     if not cfg.enabled:
@@ -248,8 +248,8 @@ def run(ctx: StageContext) -> StageResult:
                        qdq_bytes=(ctx.out_dir / QDQ_FILE).stat().st_size)
 
     threads = cfg.bench_threads or os.cpu_count() or 1
-    examples = [build_example(tokenizer, conv, ctx.config.data.max_seq_len) for conv in test]
-    scored = [(ex.input_ids, ex.labels) for ex in examples if ex is not None]
+    scored = [(ex.input_ids, ex.labels) for conv in test
+              for ex in build_examples(tokenizer, conv, ctx.config.data.max_seq_len)]
     started = time.perf_counter()
     fp32 = _open(fp32_path, threads)
     int8 = Candidate("int8", "INT8", _open(int8_path, threads))

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
+Span = tuple[int, int]  # characters [start, end) of a rendered text
 
 
 @dataclass(frozen=True)
@@ -28,37 +29,68 @@ class TokenizedExample:
     labels: list[int]
 
 
-def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of each assistant reply within it.
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[tuple[str, list[Span]]]:
+    """Texts to train on and the character span of each assistant reply within them.
 
     A reply's span runs from the end of the prompt rendered up to it (with the generation prompt)
     to the end of the conversation rendered through it, so it covers the reply and the template's
-    end-of-turn token: exactly what the model must generate when served the same prompt.
+    end-of-turn token: exactly what the model must generate when served the same prompt. Most
+    templates render a conversation incrementally (each prefix of the conversation renders to a
+    prefix of the whole), and the whole conversation is one text. Some do not: Gemma 4's
+    generation prompt opens an empty thought channel that a finished reply in the history does not
+    show, Qwen3's hides the reasoning of earlier turns. Then each reply is its own text: the prompt
+    exactly as served (with the generation prompt), then the reply and what the template writes
+    after it.
     """
     full = render_text(tokenizer, messages, add_generation_prompt=False)
-    spans: list[tuple[int, int]] = []
+    turns: list[tuple[str, str, str]] = []  # (prompt with generation prompt, conversation through it, reply)
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render_text(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        through = render_text(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not full.startswith(through) or not through.startswith(before):
-            raise StageError("the chat template does not render conversations incrementally; "
+        if message["role"] == "assistant":
+            before = render_text(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+            turns.append((before, render_text(tokenizer, messages[: i + 1], add_generation_prompt=False),
+                          str(message["content"])))
+    if all(full.startswith(through) and through.startswith(before) for before, through, _ in turns):
+        return [(full, [(len(before), len(through)) for before, through, _ in turns])]
+    texts: list[tuple[str, list[Span]]] = []
+    for before, through, reply in turns:
+        tail = through[_common_prefix(before, through):]
+        if reply.strip() and reply.strip() not in tail:
+            raise StageError("the chat template does not render an assistant reply after its generation prompt; "
                              "cannot locate assistant replies for the loss mask")
-        spans.append((len(before), len(through)))
-    return full, spans
+        text = before + tail[tail.index(reply.strip()):] if reply.strip() else before + tail
+        texts.append((text, [(len(before), len(text))]))
+    return texts
 
 
-def build_example(
+def build_examples(
     tokenizer: PreTrainedTokenizerBase, messages: Messages, max_seq_len: int, *, train_eos: bool = True
-) -> TokenizedExample | None:
-    """Tokenize a conversation with labels on assistant tokens only; None if no assistant token survives.
+) -> list[TokenizedExample]:
+    """Tokenize a conversation with labels on assistant tokens only; none if no assistant token survives.
 
-    Tokens after the end-of-turn token inside a span (ChatML's trailing newline) are not trained on:
-    serving stops at the end-of-turn token and never generates them. `train_eos=False` also leaves
-    out the end-of-turn token itself, for replies that were cut short and must not teach stopping.
+    One example per text of :func:`assistant_char_spans` (one for most templates). Tokens after the
+    end-of-turn token inside a span (ChatML's trailing newline) are not trained on: serving stops
+    at the end-of-turn token and never generates them. `train_eos=False` also leaves out the
+    end-of-turn token itself, for replies that were cut short and must not teach stopping.
     """
-    full, spans = assistant_char_spans(tokenizer, messages)
+    examples = []
+    for text, spans in assistant_char_spans(tokenizer, messages):
+        example = _tokenize(tokenizer, text, spans, max_seq_len, train_eos)
+        if example is not None:
+            examples.append(example)
+    return examples
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, full: str, spans: list[Span], max_seq_len: int,
+              train_eos: bool) -> TokenizedExample | None:
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     offsets: list[tuple[int, int]] = list(enc["offset_mapping"])

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import __version__
-from toolkit.config import BuildConfig, section_dump
+from toolkit.config import EMBEDDED_MODEL, BuildConfig, section_dump
 from toolkit.errors import ConfigError, GateError, StageError, ToolkitError
+from toolkit.memory import MIB, ModelSize, check_stage, peak_rss_bytes, reset_peak
 from toolkit.report import BuildReport, BuildStatus, StageReport, StageStatus, write_report
 from toolkit.sources import SourceHasher
 from toolkit.stage import RECORD, Stage, StageContext, StageRecord, StageResult
@@ -56,6 +57,9 @@ from toolkit.workspace import (
 )
 
 log = logging.getLogger(__name__)
+trace_log = logging.getLogger("toolkit-traceback")  # build.log only: the terminal gets the one-line error
+# SmolLM2-135M-Instruct, the embedded base: its size before its GGUF is converted
+EMBEDDED_SIZE = ModelSize(params=134_515_008, vocab=49_152)
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,21 @@ def stage_key(
     })
 
 
+def planned_size(config: BuildConfig, base_record: StageRecord | None) -> ModelSize | None:
+    """The model's size before anything is loaded: the converted base if cached, else its source files."""
+    try:
+        if base_record is not None:
+            return ModelSize.of_dir(base_record.path("model"))
+        if config.model.base == EMBEDDED_MODEL:
+            return EMBEDDED_SIZE
+        local = Path(config.model.base).expanduser()
+        if (local / "config.json").is_file():
+            return ModelSize.of_dir(local)
+    except (OSError, ValueError, ToolkitError):
+        return None  # unreadable: the base_model stage says why, in one line
+    return None  # a hub id: known once downloaded
+
+
 def select_stages(only: list[str] | None, names: tuple[str, ...] = STAGE_NAMES) -> set[str]:
     if not only:
         return set(names)
@@ -195,7 +214,12 @@ def run_build(
     report = BuildReport.start(config)
     records: dict[str, StageRecord] = {}
     hashers: dict[str, SourceHasher] = {}
+    size = planned_size(config, _load_record(ws / "base_model") if "base_model" in names else None)
     try:
+        if size is not None:  # before any work: a stage that cannot fit fails the build now, not halfway
+            for spec in stages:
+                if spec.name in selected and (force or _load_record(ws / spec.name) is None):
+                    check_stage(spec.name, size)
         for spec in stages:
             stage_dir = ws / spec.name
             existing = _load_record(stage_dir)
@@ -222,7 +246,11 @@ def run_build(
                                                    stage_dir=stage_dir))
                 write_report(report, ws)
                 continue
+            if size is not None:
+                check_stage(spec.name, size)
             records[spec.name] = _run_stage(spec, config, inputs, key, report)
+            if spec.name == "base_model":
+                size = planned_size(config, records[spec.name])
             write_report(report, ws)
     except ToolkitError as err:
         report.finish(status=BuildStatus.FAILED, error=str(err))
@@ -258,6 +286,7 @@ def _run_stage(
     stage_dir = ws / spec.name
     log.info("%s: running (%s)", spec.name, spec.description)
     started = time.perf_counter()
+    measured = reset_peak()
     with atomic_dir(stage_dir) as tmp:
         ctx = StageContext(config=config, out_dir=tmp, inputs=inputs, workspace=ws)
         try:
@@ -265,6 +294,13 @@ def _run_stage(
                 result: StageResult = spec.stage.run(ctx)
             except OSError as err:  # a full disk, a permission: one line, not a traceback
                 raise StageError(os_error_line(spec.name, err)) from err
+            except (ToolkitError, KeyboardInterrupt):
+                raise
+            except Exception as err:  # a bug or a library's surprise: one line here, the traceback in build.log
+                trace_log.exception("%s: unexpected error", spec.name)
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise StageError(f"{spec.name}: unexpected {type(err).__name__}{f': {first}' if first else ''} "
+                                 f"(traceback in {ws / 'build.log'})") from err
         except ToolkitError as err:
             report.add(StageReport(name=spec.name, status=StageStatus.FAILED, duration_s=time.perf_counter() - started,
                                    note=str(err)))
@@ -279,6 +315,7 @@ def _run_stage(
             "status": StageStatus.FAILED if failed else result.status,
             "note": result.note,
             "duration_s": round(duration, 3),
+            "peak_rss_mib": round(peak_rss_bytes() / MIB) if measured else None,
             "metrics": result.metrics,
             "gates": [g.model_dump() for g in result.gates],
             "artifacts": result.artifacts,

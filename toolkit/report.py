@@ -61,6 +61,7 @@ class StageReport(BaseModel):
     name: str
     status: StageStatus
     duration_s: float | None = None
+    peak_rss_mib: int | None = None  # the build process's high-water mark while the stage ran
     note: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
     gates: list[GateResult] = Field(default_factory=list)
@@ -75,6 +76,7 @@ class StageReport(BaseModel):
             name=name,
             status=status,
             duration_s=data.get("duration_s"),
+            peak_rss_mib=data.get("peak_rss_mib"),
             note=data.get("note", ""),
             metrics=data.get("metrics", {}),
             gates=[GateResult.model_validate(g) for g in data.get("gates", [])],
@@ -143,12 +145,13 @@ def render_markdown(report: BuildReport) -> str:
         f"- toolkit {report.toolkit_version}, config sha256 `{report.config_sha256[:12]}`",
         f"- started {report.started_at}, took {report.duration_s if report.duration_s is not None else '…'} s",
         "",
-        "| stage | status | seconds | note |",
-        "| --- | --- | ---: | --- |",
+        "| stage | status | seconds | peak MiB | note |",
+        "| --- | --- | ---: | ---: | --- |",
     ]
     for s in report.stages:
         secs = f"{s.duration_s:.1f}" if s.duration_s is not None else ""
-        lines.append(f"| {_cell(s.name)} | {_cell(s.status)} | {secs} | {_cell(s.note)} |")
+        peak = str(s.peak_rss_mib) if s.peak_rss_mib is not None else ""
+        lines.append(f"| {_cell(s.name)} | {_cell(s.status)} | {secs} | {peak} | {_cell(s.note)} |")
     for s in report.stages:
         if not s.metrics and not s.gates:
             continue

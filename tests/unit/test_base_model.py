@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,70 @@ def test_gguf_copy_of_vocab_is_dropped(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x0bsentencepiece")
     base_model.drop_gguf_vocab_copy(tmp_path)
     assert (tmp_path / "tokenizer.model").exists()  # a real sentencepiece model is kept
+
+
+def test_an_unsupported_architecture_is_refused_in_one_line_before_any_work(tmp_path: Path) -> None:
+    model = save_tiny_model(tmp_path / "falcon")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["FalconForCausalLM"]}))
+    with pytest.raises(ConfigError) as raised:
+        _run_stage(tmp_path, str(model))
+    message = str(raised.value)
+    assert message.startswith("model.base: architecture FalconForCausalLM is not supported; supported: ")
+    assert "Qwen2ForCausalLM" in message and "\n" not in message
+    assert not (tmp_path / "out" / "model").exists()  # nothing linked or converted
+
+
+def test_a_transformers_5_tokenizer_class_is_renamed_at_base_model(tmp_path: Path) -> None:
+    """transformers 5 writes TokenizersBackend when it saves a generic fast tokenizer; 4.x cannot load it."""
+    model = save_tiny_model(tmp_path / "saved-by-v5")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "TokenizersBackend"}))
+    model_dir, metrics = _run_stage(tmp_path, str(model))
+    assert json.loads((model_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert metrics["fixes"][0].startswith("tokenizer_class TokenizersBackend -> PreTrainedTokenizerFast")
+    from toolkit.portability import label_problems
+
+    assert label_problems(model_dir) == []
+
+
+def test_the_base_model_gate_fails_before_the_fine_tune_on_a_tokenizer_other_readers_see_differently(
+        tmp_path: Path) -> None:
+    model = save_tiny_model(tmp_path / "mislabelled", mislabelled=True)
+    config = BuildConfig.model_validate({"workspace": str(tmp_path), "model": {"base": str(model)}})
+    out = tmp_path / "out"
+    out.mkdir()
+    result = base_model.run(StageContext(config=config, out_dir=out, inputs={}, workspace=tmp_path))
+    (gate,) = result.gates
+    assert gate.name == "portable_base_model_files" and not gate.passed and gate.blocking
+    assert "SentencePiece" in gate.detail
+
+
+def test_every_end_id_of_the_model_stays_a_stop_and_a_turn_start_does_not(tmp_path: Path) -> None:
+    model = save_tiny_model(tmp_path / "ends")
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2], "bos_token_id": 1}))
+    model_dir, _ = _run_stage(tmp_path, str(model))
+    assert json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"] == [2, 0]
+    defective = save_tiny_model(tmp_path / "defective", defects=True)  # eos <|im_start|> (1), which starts turns
+    (defective / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 0]}))
+    (tmp_path / "second").mkdir()
+    model_dir, _ = _run_stage(tmp_path / "second", str(defective))
+    assert json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"] == [2, 0]
+
+
+def test_an_in_place_edit_of_the_base_directory_reruns_base_model(tmp_path: Path) -> None:
+    from toolkit.pipeline import run_build
+
+    model = save_tiny_model(tmp_path / "checkpoints" / "latest")
+    config = BuildConfig.model_validate({"workspace": str(tmp_path / "ws"), "model": {"base": str(model)}})
+    first = run_build(config, until="base_model")
+    assert first.stage("base_model").status == "ran"  # type: ignore[union-attr]
+    assert run_build(config, until="base_model").stage("base_model").status == "skipped"  # type: ignore[union-attr]
+    path = model / "tokenizer_config.json"
+    stat = path.stat()
+    edited = path.read_text().replace('"model_max_length": 4096', '"model_max_length": 4095')
+    assert edited != path.read_text() and len(edited) == len(path.read_text())
+    path.write_text(edited)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime: only the content differs
+    again = run_build(config, until="base_model")
+    assert again.stage("base_model").status == "ran"  # type: ignore[union-attr]

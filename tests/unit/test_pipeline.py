@@ -278,3 +278,59 @@ def test_toolkit_stage_keys_follow_the_modules_they_import(tmp_path: Path) -> No
     assert changed_by("serving/scheduler.py") == {"repository"}  # imported by the copied model.py
     assert changed_by("pipeline.py") == set()
     assert changed_by("config.py") == set()  # keyed through the config sections' values instead
+
+
+def test_an_unexpected_exception_in_a_stage_is_one_line_with_the_traceback_in_the_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def buggy(ctx: StageContext) -> StageResult:
+        return {"no": "such key"}["model"]  # type: ignore[return-value]
+
+    with pytest.raises(StageError) as raised:
+        run_build(_config(tmp_path), stages=_specs(second=buggy))
+    message = str(raised.value)
+    assert raised.value.exit_code == 3
+    assert "\n" not in message and message.startswith("second: unexpected KeyError: 'model' (traceback in ")
+    assert message.endswith("build.log)")
+    traced = [r for r in caplog.records if r.name == "toolkit-traceback"]
+    assert traced and traced[0].exc_info is not None and "buggy" in caplog.text  # the traceback is kept
+    ws = tmp_path / "ws"
+    report = json.loads((ws / "report.json").read_text())
+    assert report["status"] == "failed" and report["error"] == message
+    assert not (ws / "second").exists()
+
+
+def test_each_stage_records_its_own_peak_memory(tmp_path: Path) -> None:
+    import numpy as np
+
+    def big(ctx: StageContext) -> StageResult:
+        block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+        (ctx.out_dir / "a.txt").write_text(str(block.sum()))
+        return StageResult(artifacts={"a": "a.txt"})
+
+    def small(ctx: StageContext) -> StageResult:
+        (ctx.out_dir / "b.txt").write_text("b")
+        return StageResult(artifacts={"b": "b.txt"})
+
+    specs = (StageSpec("first", _module("big", big), ("lora",)),
+             StageSpec("second", _module("small", small), ("train",), ("first",)))
+    report = run_build(_config(tmp_path), stages=specs)
+    first, second = (s.peak_rss_mib for s in report.stages)
+    assert first is not None and second is not None
+    assert first >= second + 250  # the second stage's mark was reset: it does not inherit the first's peak
+    assert "| peak MiB |" in (tmp_path / "ws" / "report.md").read_text()
+
+
+def test_a_stage_that_cannot_fit_in_memory_stops_the_build_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import toolkit.pipeline as pipeline
+    from toolkit.memory import GIB, ModelSize
+
+    monkeypatch.setattr(pipeline, "planned_size", lambda config, record: ModelSize(params=8 * 10**9, vocab=10))
+    monkeypatch.setattr("toolkit.memory.available_bytes", lambda: 24 * GIB)
+    specs = (StageSpec("first", _module("first", _first), ("lora",)),
+             StageSpec("export_onnx", _module("second", _second), ("train",), ("first",)))
+    with pytest.raises(StageError) as raised:
+        run_build(_config(tmp_path), stages=specs)
+    assert CALLS == []  # refused up front, not after the first stage
+    assert str(raised.value).startswith("export_onnx needs about ")
+    assert "x its 29.8 GiB of FP32 weights" in str(raised.value) and "24.0 GiB is available" in str(raised.value)

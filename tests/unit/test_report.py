@@ -46,8 +46,8 @@ def test_pipes_in_table_cells_survive_rendering() -> None:
     markdown = render_markdown(_report())
     assert "</im_end/>" not in markdown
     stages, gates = _rendered_tables(markdown)
-    assert stages[0] == ["stage", "status", "seconds", "note"]
-    assert stages[1] == ["data", "ran", "1.2", "stop at <|im_end|> | 300 records"]
+    assert stages[0] == ["stage", "status", "seconds", "peak MiB", "note"]
+    assert stages[1] == ["data", "ran", "1.2", "", "stop at <|im_end|> | 300 records"]
     assert all(len(row) == 5 for row in gates)
     assert gates[1] == ["greedy_parity", "FAIL", "0.5", "1", "prompt 3 diverged after <|im_start|>assistant at token 7"]
     assert gates[2] == ["stop_ids", "pass", "<|im_end|>", "a|b", ""]

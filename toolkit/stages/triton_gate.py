@@ -17,6 +17,7 @@ from pathlib import Path
 
 from toolkit.errors import StageError
 from toolkit.golden import golden_conversations
+from toolkit.memory import MIB, tree_peak_rss_bytes
 from toolkit.report import GateResult, StageStatus
 from toolkit.repository.manifest import TOKENIZER_DIR, ModelManifest
 from toolkit.stage import StageContext, StageResult
@@ -70,6 +71,7 @@ def serve_and_compare(
         with GenerationClient(server.grpc_url, model) as client:
             results = [client.submit(p, max_tokens=max_new_tokens, temperature=0.0) for p in prompts]
             client.wait(results, STREAM_TIMEOUT_S)
+        server_peak = tree_peak_rss_bytes(server.process.pid) if server.process is not None else 0
     errors = [r.error for r in results if r.error]
     if errors:
         raise StageError(f"Triton answered a golden prompt with an error: {errors[0]}")
@@ -82,6 +84,7 @@ def serve_and_compare(
         "token_agreement": agree / total if total else 1.0, "ready_s": round(ready_s, 2),
         "served": served, "expected": expected,
         "finish_reasons": [r.finish_reason for r in results],
+        "triton_peak_rss_mib": round(server_peak / MIB),  # tritonserver and its python-backend stubs
     }
 
 

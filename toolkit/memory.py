@@ -1,0 +1,177 @@
+"""Memory: what a stage needs for a model of a given size, what the machine has, and what a stage used.
+
+The build refuses a stage it cannot finish before loading anything (one line: needed, available, why),
+instead of being killed by the kernel halfway through a 1.5B model's export. Each stage's need is its
+measured peak on real builds, written as a number of FP32 weight copies plus a fixed part (the Python
+process with torch, transformers and onnxruntime loaded); ``STAGE_NEEDS`` gives both and the
+measurements they come from. Each stage's own peak is recorded in its report (``peak_rss_mib``: the
+process's high-water mark, reset before the stage), so a new model family can be checked against them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolkit.errors import StageError
+
+GIB = 2**30
+MIB = 2**20
+
+
+class InsufficientMemoryError(StageError):
+    """A stage would need more memory than the machine has available."""
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What a stage's memory depends on: parameters (all FP32 in the build) and the vocabulary."""
+
+    params: int
+    vocab: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return 4 * self.params
+
+    @classmethod
+    def of_dir(cls, model_dir: Path) -> ModelSize:
+        """From a Hugging Face directory: safetensors headers (no weights loaded) and config.json."""
+        from safetensors import safe_open
+
+        params = 0
+        for path in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(str(path), framework="numpy") as fh:
+                for name in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    count = 1
+                    for dim in fh.get_slice(name).get_shape():
+                        count *= int(dim)
+                    params += count
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        text = config.get("text_config") or config
+        return cls(params=params, vocab=int(text.get("vocab_size") or 0))
+
+
+@dataclass(frozen=True)
+class Need:
+    """A stage's peak: `weight_copies` times the FP32 weights plus `fixed_gib`."""
+
+    weight_copies: float
+    fixed_gib: float
+
+    def bytes(self, size: ModelSize) -> int:
+        return int(self.weight_copies * size.weight_bytes + self.fixed_gib * GIB)
+
+
+# Measured peaks (peak_rss_mib in each stage's report) on a Qwen2.5-0.5B-shaped build (1.98 GB of FP32 weights),
+# rounded up; benchmarks/size_build.py reproduces them. Stages that load no model need only the fixed part.
+STAGE_NEEDS: dict[str, Need] = {
+    "base_model": Need(0.1, 1.0),
+    "data": Need(0.0, 0.5),
+    "control": Need(1.3, 1.5),
+    "baseline": Need(1.3, 1.5),
+    "finetune": Need(2.0, 2.0),
+    "evaluate": Need(2.3, 1.5),
+    "merge": Need(3.2, 1.5),
+    "export_onnx": Need(5.0, 1.5),
+    "quantize": Need(4.0, 2.0),
+    "tensorrt": Need(0.0, 0.5),
+    "repository": Need(0.1, 0.5),
+    "triton_gate": Need(2.5, 2.0),
+}
+
+
+def available_bytes() -> int:
+    """Memory the build can still take: the kernel's MemAvailable, or less under a cgroup limit."""
+    available = _meminfo("MemAvailable")
+    limit, usage = _cgroup_limit()
+    if limit is not None and usage is not None:
+        available = min(available, max(0, limit - usage))
+    return available
+
+
+def check_stage(stage: str, size: ModelSize, available: int | None = None) -> int:
+    """The stage's need for a model of `size`; raise InsufficientMemoryError in one line if the machine lacks it."""
+    need = STAGE_NEEDS.get(stage)
+    if need is None:
+        return 0
+    needed = need.bytes(size)
+    free = available_bytes() if available is None else available
+    if needed > free:
+        raise InsufficientMemoryError(
+            f"{stage} needs about {needed / GIB:.1f} GiB for this model ({need.weight_copies:g} x its "
+            f"{size.weight_bytes / GIB:.1f} GiB of FP32 weights + {need.fixed_gib:g} GiB), and "
+            f"{free / GIB:.1f} GiB is available; free memory or build on a machine with at least "
+            f"{needed / GIB + 1:.0f} GiB")
+    return needed
+
+
+def largest_need(size: ModelSize, stages: list[str] | None = None) -> tuple[str, int]:
+    """The stage with the largest need among `stages` (all by default), and that need in bytes."""
+    names = stages if stages is not None else list(STAGE_NEEDS)
+    stage = max((s for s in names if s in STAGE_NEEDS), key=lambda s: STAGE_NEEDS[s].bytes(size))
+    return stage, STAGE_NEEDS[stage].bytes(size)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def reset_peak() -> bool:
+    """Reset this process's resident-memory high-water mark (Linux: clear_refs 5); False where that is refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """A process's resident-memory high-water mark (VmHWM), 0 where it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_peak_rss_bytes(pid: int) -> int:
+    """The sum of the high-water marks of `pid` and its descendants (a server and the stubs it started)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        total += peak_rss_bytes(current)
+        todo += children.get(current, [])
+    return total
+
+
+def _meminfo(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _cgroup_limit() -> tuple[int | None, int | None]:
+    """cgroup v2's memory.max and memory.current for this process, where a limit is set."""
+    try:
+        relative = Path("/proc/self/cgroup").read_text().strip().split("::", 1)[1]
+        folder = Path("/sys/fs/cgroup") / relative.lstrip("/")
+        limit = (folder / "memory.max").read_text().strip()
+        usage = (folder / "memory.current").read_text().strip()
+    except (OSError, IndexError):
+        return None, None
+    return (None if limit == "max" else int(limit)), int(usage)

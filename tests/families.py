@@ -137,6 +137,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                         "max_position_embeddings": 32768, "sliding_window": 512, "query_pre_attn_scalar": 16,
                         "bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0},
         eos_ids=(1, 106), bos_post_processor=True, published="google/gemma-3-1b-it (tokenizer: Gemma 4's)"),
+    Family(
+        # Gemma 2's architecture: attention and final-logit soft-capping, alternating sliding layers.
+        "gemma2", "gemma-4", "google-gemma-4-31B-it.jinja", "gemma",
+        {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
+         "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False, "model_max_length": 8192,
+         "clean_up_tokenization_spaces": False, "spaces_between_special_tokens": False},
+        "gemma2", {"tie_word_embeddings": True, "head_dim": 16, "rope_theta": 10000.0,
+                   "max_position_embeddings": 8192, "sliding_window": 512, "query_pre_attn_scalar": 16,
+                   "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                   "bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0},
+        eos_ids=(1, 106), bos_post_processor=True, published="google/gemma-2-2b-it (tokenizer: Gemma 4's)"),
 )}
 
 

@@ -42,6 +42,29 @@ def external_data_names(model: Any) -> list[str]:
     return sorted(names)
 
 
+def load_graph(onnx_path: Path, inline_below_bytes: int = 1 << 20) -> Any:
+    """The ModelProto at `onnx_path` with its large external tensors left on disk.
+
+    External tensors smaller than `inline_below_bytes` (shape constants, axes, norms) are read in:
+    onnxruntime, given a graph from memory, resolves large weights from the folder
+    (``session.model_external_initializers_file_folder_path``) but needs the constants its shape
+    inference reads ("Cannot parse data from external tensors").
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        if int(info.get("length", inline_below_bytes)) < inline_below_bytes:
+            load_external_data_for_tensor(tensor, str(onnx_path.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return model
+
+
 def onnx_files(onnx_path: Path) -> list[Path]:
     """The graph file and every external data file beside it that it needs, graph first."""
     import onnx
@@ -53,3 +76,27 @@ def onnx_files(onnx_path: Path) -> list[Path]:
 def onnx_bytes(onnx_path: Path) -> int:
     """Bytes on disk of the graph and its external data."""
     return sum(path.stat().st_size for path in onnx_files(onnx_path))
+
+
+def inline_bytes(model: Any) -> int:
+    """Bytes of tensor data an onnx ModelProto holds in itself (what a save without external data writes)."""
+    return sum(len(tensor.raw_data) + 4 * len(tensor.float_data) + 8 * len(tensor.int64_data)
+               + 4 * len(tensor.int32_data) for tensor in _tensors(model.graph))
+
+
+def needs_external_data(model: Any) -> bool:
+    """Whether `model` is too big to save as one protobuf message (with room for the graph itself)."""
+    return inline_bytes(model) > MAX_PROTO_BYTES - (64 << 20)
+
+
+def save_onnx(model: Any, path: Path) -> Path:
+    """Save `model`, its tensors in ``<name>.data`` beside it when it is too big for one message."""
+    import onnx
+
+    if needs_external_data(model):
+        (path.parent / f"{path.name}.data").unlink(missing_ok=True)  # save_model appends to an existing file
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    return path

@@ -331,7 +331,7 @@ def test_int8_gptq_rerounds_onnxruntimes_blocks_and_lowers_each_layers_error(
     nodes = [n for n in gptq_graph.node if n.op_type == "MatMulNBits"]
     assert nodes and all(np.array_equal(gptq_inits[n.input[2]], rtn_inits[n.input[2]]) for n in nodes)  # scales
     hessians: dict[str, np.ndarray] = {}
-    for group in input_hessians(onnx.load(str(src)), [n.input[0] for n in nodes], calibration):
+    for group in input_hessians(src, [n.input[0] for n in nodes], calibration):
         hessians.update(group)
 
     def dequantized(inits: dict[str, np.ndarray], node: onnx.NodeProto) -> np.ndarray:
@@ -347,3 +347,67 @@ def test_int8_gptq_rerounds_onnxruntimes_blocks_and_lowers_each_layers_error(
             delta = dequantized(inits, node)[: weight.shape[0]] - weight
             errors.append(float(np.trace(delta.T @ h @ delta)))
         assert errors[1] < errors[0], (node.name, errors)
+
+
+def test_a_graph_over_the_protobuf_limit_quantizes_calibrates_and_serves_from_external_data(
+    exported: tuple[Path, StageResult, StageContext], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a model over 2 GiB meets, with the limit lowered to 64 KiB: the FP32 graph's weights in
+    model.onnx.data, GPTQ calibrating on it without serializing it whole, the INT8 and Q/DQ graphs written
+    with their own data files, and the split-KV serving graph reading the original data file."""
+    import toolkit.export.quantization as quantization
+    import toolkit.onnx_files as onnx_files
+    from toolkit.export.quantization import quantize_int8
+    from toolkit.serving.runners import OnnxRunner
+
+    _root, result, ctx = exported
+    inline = ctx.out_dir / result.artifacts["model"]
+    (tmp_path / "big").mkdir()
+    big = tmp_path / "big" / "model.onnx"
+    onnx.save_model(onnx.load(str(inline)), str(big), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=0)
+    assert big.stat().st_size < (tmp_path / "big" / "model.onnx.data").stat().st_size
+    calibration = [[int(t) for t in np.random.default_rng(2).integers(3, 200, size=30)] for _ in range(3)]
+    prompt = np.array([[5, 9, 14, 3, 27]], dtype=np.int64)
+    methods = (("int8_weight_only", "int8.onnx"), ("weight_only_gptq_qdq", "qdq.onnx"))
+
+    def logits(path: Path) -> np.ndarray:
+        lm = OnnxCausalLM(path, providers=["CPUExecutionProvider"])
+        out, _ = lm.forward(prompt, np.ones_like(prompt), np.arange(5)[None, :], lm.empty_past(1))
+        return out[0, -1]
+
+    expected = {name: logits(quantize_int8(inline, tmp_path / "out-inline" / name, method, calibration))
+                for method, name in methods}
+    assert not list((tmp_path / "out-inline").glob("*.data"))
+    limit = 64 << 10
+    monkeypatch.setattr(onnx_files, "MAX_PROTO_BYTES", limit + (64 << 20))  # the 64 MiB margin of needs_external_data
+    monkeypatch.setattr(quantization, "MAX_PROTO_BYTES", limit)
+    for method, name in methods:
+        from_big = quantize_int8(big, tmp_path / "out-big" / name, method, calibration)
+        assert (from_big.parent / f"{name}.data").is_file()
+        np.testing.assert_array_equal(logits(from_big), expected[name])  # same integers, same graph
+    runner = OnnxRunner(big, providers=["CPUExecutionProvider"], threads=1)
+    assert runner.graph_note.startswith("the split-KV serving graph")
+    out, _ = runner.forward(prompt, np.ones_like(prompt), np.arange(5)[None, :], runner.empty_past(1))
+    np.testing.assert_allclose(out[0, -1], logits(inline), atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 1.0])
+def test_grouped_attention_equals_the_eager_attention_with_and_without_soft_capping(softcap: float | None) -> None:
+    """The export's attention against transformers' own eager Gemma 2 attention (repeat_kv, softcap, mask)."""
+    import torch
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from toolkit.export.torch_to_onnx import grouped_attention
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, seq, past, dim = 2, 4, 2, 3, 5, 8
+    query = torch.randn(batch, heads, seq, dim) * 4  # large scores, so capping at 1.0 changes them
+    key, value = torch.randn(batch, kv_heads, past + seq, dim) * 4, torch.randn(batch, kv_heads, past + seq, dim)
+    mask = torch.zeros(batch, 1, seq, past + seq)
+    mask[0, :, :, :2] = torch.finfo(torch.float32).min  # a left-padded row
+    module = torch.nn.Module()
+    module.head_dim, module.num_key_value_groups, module.training = dim, heads // kv_heads, False  # type: ignore[assignment]
+    ours, _ = grouped_attention(module, query, key, value, mask, scaling=0.25, softcap=softcap)
+    theirs, _ = eager_attention_forward(module, query, key, value, mask, scaling=0.25, softcap=softcap)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

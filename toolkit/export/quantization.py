@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from toolkit.errors import StageError
+from toolkit.onnx_files import MAX_PROTO_BYTES, load_graph, needs_external_data, onnx_bytes, save_onnx
 from toolkit.repository.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names
 
 if TYPE_CHECKING:
@@ -152,40 +153,45 @@ def quantize_int8(
 
     if method in GPTQ_METHODS and not calibration:
         raise StageError("GPTQ needs calibration samples; the training split and control examples gave none")
-    model = onnx.load(str(fp32_path))
-    nodes = selected_matmuls(model, exclude)
+    graph_only = onnx.load(str(fp32_path), load_external_data=False)
+    nodes = selected_matmuls(graph_only, exclude)
+    big = onnx_bytes(fp32_path) > MAX_PROTO_BYTES  # onnxruntime's quantizers then write external data too
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if method in ("dynamic_per_channel", "dynamic"):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(fp32_path, out_path, op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
                          per_channel=method == "dynamic_per_channel", weight_type=QuantType.QInt8,
-                         extra_options={"MatMulConstBOnly": True})
+                         use_external_data_format=big, extra_options={"MatMulConstBOnly": True})
     elif method in ("int8_weight_only", "int8_weight_only_gptq", "int4_weight_only"):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+        model = onnx.load(str(fp32_path))
         excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(nodes)]
         quantizer = MatMulNBitsQuantizer(
             model, bits=4 if method == "int4_weight_only" else 8, block_size=WEIGHT_ONLY_BLOCK,
             is_symmetric=True, accuracy_level=accuracy_level, nodes_to_exclude=excluded,
         )
         quantizer.process()
+        del model  # the quantizer works on its own copy
         if method == "int8_weight_only_gptq":
             gptq_matmul_nbits(quantizer.model.model, model_path=fp32_path, calibration=calibration)
-        quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
+        quantizer.model.save_model_to_file(str(out_path),
+                                           use_external_data_format=needs_external_data(quantizer.model.model))
     elif method == "weight_only_qdq":
         quantize_weight_only_qdq(fp32_path, out_path, nodes)
     elif method == "weight_only_gptq_qdq":
         quantize_weight_only_qdq(fp32_path, out_path, nodes, calibration=calibration)
     elif method in ("static_qdq", "static_qdq_percentile"):
-        quantize_qdq(fp32_path, out_path, calibration, nodes, "minmax" if method == "static_qdq" else "percentile")
+        quantize_qdq(fp32_path, out_path, calibration, nodes, "minmax" if method == "static_qdq" else "percentile",
+                     big=big)
     else:
         raise StageError(f"quantize.method: unknown method {method!r}")
     return out_path
 
 
 def quantize_qdq(fp32_path: Path, out_path: Path, calibration: Sequence[Sequence[int]], nodes: list[str],
-                 calibrate: str = "minmax") -> Path:
+                 calibrate: str = "minmax", big: bool = False) -> Path:
     """Static Q/DQ: symmetric int8 per-channel weights, symmetric activations (what TensorRT expects)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -199,6 +205,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: Sequence[Sequence
     quantize_static(
         fp32_path, out_path, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
         nodes_to_quantize=nodes, per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        use_external_data_format=big,
         calibrate_method=CalibrationMethod.MinMax if calibrate == "minmax" else CalibrationMethod.Percentile,
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.99,
                        "MatMulConstBOnly": True},
@@ -209,30 +216,33 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: Sequence[Sequence
 HESSIAN_BUDGET_BYTES = 1 << 30  # float64 Hessians held at once; more inputs take another calibration pass
 
 
-def input_hessians(model: onnx.ModelProto, inputs: Sequence[str], calibration: Sequence[Sequence[int]],
+def input_hessians(model_path: Path, inputs: Sequence[str], calibration: Sequence[Sequence[int]],
                    ) -> Iterator[dict[str, np.ndarray]]:
     """The mean of x xᵀ over the calibration tokens ([K, K], float64) for each named activation input
-    of `model` (the FP32 graph, already loaded by the caller; it is left as it was).
+    of the FP32 graph at `model_path`.
 
     Each named tensor becomes a graph output and every calibration conversation is prefilled on
     onnxruntime as one feed; the inputs come in groups of at most ``HESSIAN_BUDGET_BYTES`` (one pass
-    over the conversations per group), so a big model's Hessians are never all held at once.
+    over the conversations per group), so a big model's Hessians are never all held at once. The graph
+    is read without its external data (onnxruntime reads that from the graph's folder): a model over
+    2 GiB is never serialized whole, and the caller's own copy of the weights is not doubled here.
     """
     import onnx
     import onnxruntime as ort
     from onnx import helper
 
+    model = load_graph(model_path)
     wanted = set(inputs)
     inits = {init.name: init for init in model.graph.initializer}
     widths = {node.input[0]: int(inits[node.input[1]].dims[0]) for node in model.graph.node
               if node.op_type == "MatMul" and node.input[0] in wanted and node.input[1] in inits}
     known = {out.name for out in model.graph.output}
-    added = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in widths if name not in known]
-    model.graph.output.extend(added)
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    finally:
-        del model.graph.output[len(model.graph.output) - len(added):]
+    model.graph.output.extend(
+        helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in widths if name not in known)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del model
     past = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
     # one feed per conversation (no windows across conversations), at most CALIBRATION_MAX_TOKENS long
     reader = CalibrationReader([ids[:CALIBRATION_MAX_TOKENS] for ids in calibration], len(past) // 2,
@@ -315,7 +325,7 @@ def gptq_matmul_nbits(model: onnx.ModelProto, *, model_path: Path, calibration: 
         if node.op_type == "MatMulNBits" and bits == 8 and len(node.input) == 3 \
                 and node.input[1].endswith("_Q8") and node.input[1][: -len("_Q8")] in float_weights:
             todo.setdefault(node.input[0], []).append(node)
-    for hessians in input_hessians(fp32, list(todo), calibration):
+    for hessians in input_hessians(model_path, list(todo), calibration):
         for source, hessian in hessians.items():
             for node in todo[source]:
                 packed = numpy_helper.to_array(inits[node.input[1]])  # [N, blocks, block]
@@ -367,7 +377,7 @@ def quantize_weight_only_qdq(fp32_path: Path, out_path: Path, nodes: Sequence[st
         by_input: dict[str, list[str]] = {}  # q, k and v (gate and up) share their input, so its Hessian
         for weight, (source, _, _) in quantized.items():
             by_input.setdefault(source, []).append(weight)
-        for hessians in input_hessians(model, list(by_input), calibration):  # the graph is not yet rewritten
+        for hessians in input_hessians(fp32_path, list(by_input), calibration):
             for source, hessian in hessians.items():
                 for weight in by_input[source]:
                     _, scale, _ = quantized[weight]
@@ -398,8 +408,7 @@ def quantize_weight_only_qdq(fp32_path: Path, out_path: Path, nodes: Sequence[st
     del graph.node[:]
     graph.node.extend(dq_nodes + nodes_after)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(out_path))
-    return out_path
+    return save_onnx(model, out_path)
 
 
 # --------------------------------------------------------------------------- measurements

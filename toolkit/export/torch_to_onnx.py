@@ -81,7 +81,7 @@ def export_onnx(model_dir: Path, out_dir: Path, opset: int = 18) -> Path:
 
 
 def grouped_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
-                      dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
+                      dropout: float = 0.0, softcap: float | None = None, **kwargs: Any) -> tuple[Any, None]:
     """Attention in which each KV head serves its group of query heads through a reshape, not a copy.
 
     Hugging Face's eager and SDPA paths first repeat every KV head for each query head of its
@@ -90,7 +90,9 @@ def grouped_attention(module: Any, query: Any, key: Any, value: Any, attention_m
     which at batch 16 moved more memory than the weights. Here the query heads are regrouped instead
     (``[b, heads, s, d] -> [b, kv_heads, group * s, d]``, the layout ``repeat_kv`` implies), the
     cache is used as it is, and the scale is applied to the small score matrix. The result equals
-    SDPA's to float rounding. Dropout is ignored (export is inference only).
+    SDPA's to float rounding. ``softcap`` (Gemma 2) caps the scores as the eager attention does,
+    ``tanh(s / cap) * cap``, before the mask. Sliding windows arrive in the mask. Dropout is ignored
+    (export is inference only).
     """
     import torch
 
@@ -99,6 +101,8 @@ def grouped_attention(module: Any, query: Any, key: Any, value: Any, attention_m
     group = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
     scores = torch.matmul(query.reshape(batch, kv_heads, group * seq, dim), key.transpose(2, 3)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:  # additive [b, 1, s, past + s] (the eager mask)
         length = key.shape[-2]
         scores = scores.reshape(batch, kv_heads, group, seq, length) + attention_mask[:, :, None, :, :length]

@@ -30,7 +30,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from toolkit.onnx_files import MAX_PROTO_BYTES
+from toolkit.onnx_files import MAX_PROTO_BYTES, load_graph
 from toolkit.repository.contract import LOGITS
 
 _MAX_INT64 = 2**63 - 1
@@ -48,12 +48,12 @@ def split_kv_graph(path: Path) -> bytes:
     found, no ``onnx``, weights inline and over 2 GiB).
     """
     try:
-        import onnx
+        import onnx  # noqa: F401 - load_graph needs it
     except ImportError as err:
         raise UnsupportedGraphError("the onnx package is not installed") from err
     if path.stat().st_size > MAX_PROTO_BYTES:
         raise UnsupportedGraphError(f"{path.name} is over 2 GiB")
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_graph(path)
     rewrite(model)
     data: bytes = model.SerializeToString()
     return data

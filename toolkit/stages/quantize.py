@@ -43,6 +43,7 @@ from toolkit.export.quantization import (
 from toolkit.export.task_gate import TaskScores, answer_and_score, answer_table, task_gates, token_agreement
 from toolkit.gates import render_conversations
 from toolkit.golden import Messages, golden_conversations
+from toolkit.onnx_files import onnx_bytes
 from toolkit.report import GateResult
 from toolkit.stage import StageContext, StageResult
 from toolkit.training.control_examples import read_control
@@ -90,7 +91,8 @@ class Candidate:
 
     key: str  # "int8" or "qdq": metric prefix and artifact name
     label: str
-    model: Any  # OnnxCausalLM
+    path: Path
+    qdq: bool = False  # a Q/DQ graph: its DequantizeLinears are folded at load
     metrics: dict[str, Any] = field(default_factory=dict)
     gates: list[GateResult] = field(default_factory=list)
     scores: TaskScores | None = None
@@ -112,10 +114,13 @@ def _open(path: Path, threads: int, qdq: bool = False) -> Any:
 def evaluate_candidates(
     fp32: Any, candidates: list[Candidate], tokenizer: Any, test: Sequence[Example],
     scored: Sequence[tuple[Sequence[int], Sequence[int]]], cfg: QuantizeSection, eval_cfg: EvalSection,
+    threads: int,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score FP32 and every candidate on the task (facts, retention), perplexity and agreement; gate each.
 
-    Returns the metrics the candidates share (FP32's scores) and the answer table (a row per prompt).
+    Candidates are opened one at a time beside FP32 (a Q/DQ graph folds back to FP32-sized weights), so the
+    stage holds at most two copies of the weights. Returns the metrics the candidates share (FP32's scores)
+    and the answer table (a row per prompt).
     """
     from toolkit.evaluation import evaluation_prompts
     from toolkit.modeling import pad_token_id, render_prompt_ids, stop_token_ids
@@ -136,9 +141,10 @@ def evaluate_candidates(
                               "fp32_perplexity": round(fp32_ppl, 4) if scored else None,
                               "perplexity_examples": len(scored)}
     for cand in candidates:
-        scores = cand.scores = answer(cand.model)
+        model = _open(cand.path, threads, qdq=cand.qdq)
+        scores = cand.scores = answer(model)
         same, total, identical = token_agreement(reference.generated, scores.generated)
-        hits, positions = teacher_forced_agreement(cand.model, golden, golden_ref)
+        hits, positions = teacher_forced_agreement(model, golden, golden_ref)
         cand.metrics.update({
             "task": scores.as_metrics(),
             "greedy_agreement": round(same / total, 6) if total else 1.0,
@@ -150,7 +156,7 @@ def evaluate_candidates(
                                 max_fact_drop_points=cfg.max_fact_accuracy_drop_points,
                                 max_retention_drop_points=cfg.max_retention_drop_points)
         if scored:
-            ppl = perplexity(cand.model, scored)
+            ppl = perplexity(model, scored)
             cand.metrics.update(perplexity=round(ppl, 4), perplexity_delta_pct=round((ppl / fp32_ppl - 1) * 100, 3))
             cand.gates.append(_gate_perplexity(f"onnx_{cand.key}", cand.label, fp32_ppl, ppl,
                                                cfg.max_perplexity_delta_pct))
@@ -170,6 +176,7 @@ def evaluate_candidates(
                         "fed the same prefix") if forced else
                        f"{same}/{total} greedy tokens on the evaluation prompts match FP32's; {identical} answers "
                        "identical"))
+        del model
     questions = [conversation[-1]["content"] for conversation in conversations]
     return shared, answer_table(questions, {"fp32": reference, **{c.key: c.scores for c in candidates if c.scores}})
 
@@ -245,28 +252,30 @@ def run(ctx: StageContext) -> StageResult:
         metrics.update(qdq_method=cfg.qdq_method, qdq_exclude_nodes=cfg.qdq_exclude_nodes,
                        qdq_calibration_samples=len(calibration(qdq_method)),
                        qdq_s=round(time.perf_counter() - started, 2),
-                       qdq_bytes=(ctx.out_dir / QDQ_FILE).stat().st_size)
+                       qdq_bytes=onnx_bytes(ctx.out_dir / QDQ_FILE))
 
     threads = cfg.bench_threads or os.cpu_count() or 1
     scored = [(ex.input_ids, ex.labels) for conv in test
               for ex in build_examples(tokenizer, conv, ctx.config.data.max_seq_len)]
     started = time.perf_counter()
     fp32 = _open(fp32_path, threads)
-    int8 = Candidate("int8", "INT8", _open(int8_path, threads))
+    int8 = Candidate("int8", "INT8", int8_path)
     candidates = [int8]
     if cfg.emit_qdq:
-        candidates.append(Candidate("qdq", "Q/DQ", _open(ctx.out_dir / QDQ_FILE, threads, qdq=True)))
-    shared, answers = evaluate_candidates(fp32, candidates, tokenizer, task_test, scored, cfg, ctx.config.eval)
+        candidates.append(Candidate("qdq", "Q/DQ", ctx.out_dir / QDQ_FILE, qdq=True))
+    shared, answers = evaluate_candidates(fp32, candidates, tokenizer, task_test, scored, cfg, ctx.config.eval,
+                                          threads)
     with (ctx.out_dir / ANSWERS_FILE).open("w", encoding="utf-8") as fh:
         for row in answers:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     artifacts["answers"] = ANSWERS_FILE
     metrics.update(shared)
     metrics["evaluate_s"] = round(time.perf_counter() - started, 1)
-    metrics.update(int8.metrics, int8_shipped=int8.passed, **_bench(fp32, int8.model, cfg, tokenizer, threads))
+    metrics.update(int8.metrics, int8_shipped=int8.passed,
+                   **_bench(fp32, _open(int8_path, threads), cfg, tokenizer, threads))
     if "perplexity" in int8.metrics:
         metrics["int8_perplexity"] = metrics.pop("perplexity")
-    fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
+    fp32_bytes, int8_bytes = onnx_bytes(fp32_path), onnx_bytes(int8_path)
     metrics.update(fp32_bytes=fp32_bytes, int8_bytes=int8_bytes, size_ratio=round(int8_bytes / fp32_bytes, 3))
     gates = list(int8.gates)
     summary = (f"{_summary(int8, cfg.method)}, {metrics['speedup_batch1']:.2f}x/{metrics['speedup_batch8']:.2f}x "

@@ -255,7 +255,11 @@ def train_lora(
     probes = probe_steps(train.probe_fractions, steps) if probe is not None else set()
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     prefix = None
-    if train.cache_frozen_prefix and train.neftune_alpha == 0:  # NEFTune noise must be fresh every step
+    visits = steps * train.batch_size * train.grad_accum
+    if train.cache_frozen_prefix and visits <= len(train_examples):
+        # each example is seen at most once: computing the frozen layers for all of them first only adds work
+        log.info("frozen-prefix cache skipped: %d steps visit %d examples of %d", steps, visits, len(train_examples))
+    elif train.cache_frozen_prefix and train.neftune_alpha == 0:  # NEFTune noise must be fresh every step
         cache_started = time.perf_counter()
         prefix = FrozenPrefix.build(peft_model, [e.input_ids for e in train_examples], 32, precision.autocast())
         if prefix is not None:

@@ -17,6 +17,15 @@ run installs vLLM (about 3.5 GB, see benchmarks/thirdparty.py) and vLLM takes ab
 here.
 
     .venv/bin/python benchmarks/interop_vllm.py [--build build] [--repository model_repository]
+
+``--families qwen2.5,llama3.2,...`` (or ``all``) does the same for every model family of
+``tests/families.py`` instead of the default build: each family's tiny random-weight model (its real
+tokenizer and chat template, head size 64 as vLLM's CPU attention wants) is built like the family tests
+build it into one repository; then for each, vLLM serving its merged model and the gateway answer the same
+conversations greedily, past the end of turn (``ignore_eos``), and must give the same text; and the
+repository's tokenizer files must give llama.cpp's token test vectors under vLLM's transformers and 4.57.
+Writes ``benchmarks/results/interop-families-<date>.{json,md}``. ``--model-dir DIR --repository R --model
+NAME`` compares one merged model directory with its repository the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -70,6 +80,22 @@ for path in sys.argv[2:]:
         text = tok.decode(ids, skip_special_tokens=True)
     results.append({"path": path, "class": type(tok).__name__, "ids": list(ids), "decoded": text,
                     "warnings": seen + [str(w.message).splitlines()[0] for w in caught]})
+print(json.dumps({"transformers": transformers.__version__, "results": results}))
+"""
+
+
+# Run inside another environment: each directory's tokenizer on its (text, ids) test vectors.
+_VECTOR_CHECK = r"""
+import json, sys
+import transformers
+from transformers import AutoTokenizer
+cases = json.load(open(sys.argv[1]))
+results = []
+for path, vectors in cases.items():
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    wrong = [text for text, ids in vectors if tok(text, add_special_tokens=False)["input_ids"] != ids]
+    results.append({"path": path, "class": type(tok).__name__, "vectors": len(vectors), "wrong": wrong[:5],
+                    "ok": not wrong})
 print(json.dumps({"transformers": transformers.__version__, "results": results}))
 """
 
@@ -175,14 +201,127 @@ def write_results(data: dict[str, Any]) -> Path:
     return stem.with_suffix(".md")
 
 
+def chat_ignoring_eos(url: str, model: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+    response.raise_for_status()
+    data = response.json()
+    return {"text": data["choices"][0]["message"]["content"], "tokens": data["usage"]["completion_tokens"],
+            "prompt_tokens": data["usage"]["prompt_tokens"]}
+
+
+def compare_model(vllm: Path, merged: Path, model: str, gateway_url: str, conversations: list[Any],
+                  max_tokens: int = 16) -> dict[str, Any]:
+    """vLLM serving the merged model directory against the gateway, same conversations, greedy past the end."""
+    port = free_port()
+    server = Server(f"vLLM {model}", [str(vllm), "serve", str(merged.resolve()), "--dtype", "float32", "--host",
+                                      "127.0.0.1", "--port", str(port), "--served-model-name", model,
+                                      "--max-model-len", "1024", "--seed", "0"],
+                    f"http://127.0.0.1:{port}/v1/models", BENCH_DIR / "logs" / f"vllm-{model}.log", env=vllm_env())
+    rows = []
+    ready_s = server.start()
+    try:
+        for messages in conversations:
+            ours = chat_ignoring_eos(gateway_url, model, messages, max_tokens)
+            theirs = chat_ignoring_eos(f"http://127.0.0.1:{port}", model, messages, max_tokens)
+            rows.append({"prompt": messages[-1]["content"], "gateway": ours, "vllm": theirs, "same": ours == theirs})
+            print(f"  {model}: {'same' if ours == theirs else 'DIFFERENT'}: {messages[-1]['content'][:40]!r}",
+                  flush=True)
+    finally:
+        server.stop()
+    return {"model": model, "merged": str(merged), "vllm_ready_s": round(ready_s, 1), "answers": rows,
+            "same": sum(r["same"] for r in rows), "total": len(rows)}
+
+
+def check_vectors(python: Path, cases: dict[str, list[tuple[str, list[int]]]]) -> dict[str, Any]:
+    spec = BENCH_DIR / "vector-cases.json"
+    spec.write_text(json.dumps(cases, ensure_ascii=False))
+    out = subprocess.run([str(python), "-c", _VECTOR_CHECK, str(spec)], check=True, capture_output=True, text=True,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report["ok"] = all(item["ok"] for item in report["results"])
+    return report
+
+
+def run_families(names: list[str], old_transformers: str) -> int:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import families
+    from tinybuild import CONVERSATIONS, build_families, served_name
+
+    vllm = ensure_vllm()
+    root = BENCH_DIR / "families"
+    started = time.monotonic()
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    # head size 64: vLLM's CPU attention takes 32 to 256
+    workspaces = build_families(names, root, timeout_s=3600, hidden_size=128, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=64)
+    merged = {name: ws / "merge" / "model" for name, ws in workspaces.items()}
+    repository = root / "repository"
+    cases = {}
+    for name in names:
+        vectors = families.vocab_vectors(families.FAMILIES[name])
+        cases[str(repository / served_name(name) / "1" / "tokenizer")] = vectors
+        cases[str(merged[name])] = vectors
+    tokenizers = [check_vectors(vllm.parent / "python", cases),
+                  check_vectors(ensure_transformers(old_transformers), cases)]
+    gateway_port, triton_port = free_port(), free_port() + 100
+    models = []
+    with Server("toolkit serve", toolkit_serve_command(repository, gateway_port, triton_port),
+                f"http://127.0.0.1:{gateway_port}/health/ready", BENCH_DIR / "logs" / "toolkit-serve-families.log"):
+        for name in names:
+            models.append({"family": name, **compare_model(vllm, merged[name], served_name(name),
+                                                            f"http://127.0.0.1:{gateway_port}", CONVERSATIONS)})
+    version = subprocess.run([str(vllm.parent / "python"), "-c", "import vllm; print(vllm.__version__)"],
+                             capture_output=True, text=True, env=vllm_env()).stdout.strip()
+    data = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_description(),
+            "vllm_version": version, "total_s": round(time.monotonic() - started), "tokenizers": tokenizers,
+            "models": models}
+    stem = ROOT / "benchmarks" / "results" / f"interop-families-{datetime.now(UTC):%Y%m%d}"
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    lines = [f"# Model families against vLLM {version} ({data['date']})", "", f"Machine: {data['machine']}", "",
+             "| family | vLLM = gateway (greedy, 16 tokens past the end of turn) | vLLM ready |", "|---|---:|---:|"]
+    lines += [f"| {m['family']} | {m['same']}/{m['total']} | {m['vllm_ready_s']} s |" for m in models]
+    lines += ["", "| transformers | directory | class | llama.cpp vectors |", "|---|---|---|---|"]
+    for env in tokenizers:
+        for item in env["results"]:
+            rel = Path(item["path"]).relative_to(BENCH_DIR) if BENCH_DIR in Path(item["path"]).parents else item["path"]
+            lines.append(f"| {env['transformers']} | `{rel}` | {item['class']} | "
+                         f"{item['vectors'] - len(item['wrong'])}/{item['vectors']} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    ok = all(m["same"] == m["total"] for m in models) and all(t["ok"] for t in tokenizers)
+    return 0 if ok else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", type=Path, default=ROOT / "build")
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--model", default="smollm2-chat", help="served model name (the repository's)")
+    parser.add_argument("--model-dir", type=Path, help="compare this merged model directory with --repository's "
+                        "--model (greedy answers only)")
+    parser.add_argument("--families", help="comma-separated families of tests/families.py, or 'all'")
     parser.add_argument("--bench-prompts", type=int, default=16)
     parser.add_argument("--old-transformers", default="4.57.6")
     args = parser.parse_args()
+    if args.families:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import families
+
+        names = list(families.FAMILIES) if args.families == "all" else args.families.split(",")
+        return run_families(names, args.old_transformers)
+    if args.model_dir:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tinybuild import CONVERSATIONS
+
+        gateway_port, triton_port = free_port(), free_port() + 100
+        with Server("toolkit serve", toolkit_serve_command(args.repository, gateway_port, triton_port),
+                    f"http://127.0.0.1:{gateway_port}/health/ready", BENCH_DIR / "logs" / "toolkit-serve.log"):
+            result = compare_model(ensure_vllm(), args.model_dir, args.model, f"http://127.0.0.1:{gateway_port}",
+                                   CONVERSATIONS)
+        print(json.dumps({k: v for k, v in result.items() if k != "answers"}))
+        return 0 if result["same"] == result["total"] else 1
     merged = args.build / "merge" / "model"
     if not (merged / "config.json").is_file():
         print(f"no merged model in {merged}: run `make build` first", file=sys.stderr)

@@ -255,10 +255,17 @@ def _gemma(family: Family, fields: dict[str, Any]) -> Any:
     return tokenizer
 
 
-def write_tokenizer(family: Family, out: Path) -> dict[str, Any]:
-    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja of `family`."""
+_TOKENIZER_JSON: dict[tuple[Any, ...], tuple[str, list[tuple[int, str, bool]], int]] = {}  # Gemma 2 and 3 share
+
+
+def _tokenizer_json(family: Family) -> tuple[str, list[tuple[int, str, bool]], int]:
+    """The family's tokenizer.json text, its added tokens (id, text, special) and the GGUF's vocabulary size."""
     from tokenizers import AddedToken, processors
 
+    key = (family.vocab, family.tokenizer_kind, family.regex, family.nfc, family.ignore_merges,
+           family.bos_post_processor, family.tokenizer_config.get("bos_token"), family.added)
+    if key in _TOKENIZER_JSON:
+        return _TOKENIZER_JSON[key]
     fields = _gguf_fields(vocab_path(family))
     tokens = list(fields["tokenizer.ggml.tokens"])
     types = list(fields["tokenizer.ggml.token_type"])
@@ -282,11 +289,17 @@ def write_tokenizer(family: Family, out: Path) -> dict[str, Any]:
         (tokenizer.add_special_tokens if special else tokenizer.add_tokens)([token])
     if family.bos_post_processor:
         bos = family.tokenizer_config["bos_token"]
-        bos_id = tokens.index(bos)
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))])
+    _TOKENIZER_JSON[key] = (tokenizer.to_str(), added, len(tokens))
+    return _TOKENIZER_JSON[key]
+
+
+def write_tokenizer(family: Family, out: Path) -> dict[str, Any]:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja of `family`."""
+    text, added, vocab = _tokenizer_json(family)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer.json").write_text(text, encoding="utf-8")
     template = template_text(family)
     config: dict[str, Any] = {
         **family.tokenizer_config,
@@ -301,17 +314,23 @@ def write_tokenizer(family: Family, out: Path) -> dict[str, Any]:
     named = {k: v for k, v in family.tokenizer_config.items() if k.endswith("_token") and v is not None}
     (out / "special_tokens_map.json").write_text(json.dumps(named, indent=2, ensure_ascii=False), encoding="utf-8")
     (out / "chat_template.jinja").write_text(template, encoding="utf-8")
-    return {"vocab": len(tokens), "added": len(added)}
+    return {"vocab": vocab, "added": len(added)}
 
 
 # --------------------------------------------------------------------------- the model
 
 
 def model_config(family: Family, vocab_size: int, **overrides: Any) -> Any:
-    """The transformers config of the family's tiny model (TINY sizes unless `overrides` say otherwise)."""
+    """The transformers config of the family's tiny model (TINY sizes unless `overrides` say otherwise).
+
+    Gemma scales its queries by ``query_pre_attn_scalar``, which its published models set to the head size:
+    a `head_dim` override moves it along.
+    """
     from transformers import AutoConfig
 
     values = {**TINY, **family.config, "vocab_size": vocab_size, **overrides}
+    if "query_pre_attn_scalar" in family.config and "head_dim" in overrides:
+        values["query_pre_attn_scalar"] = overrides["head_dim"]
     if family.model_type == "qwen2":
         values.setdefault("use_sliding_window", False)
     return AutoConfig.for_model(family.model_type, **values)

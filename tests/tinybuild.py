@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,61 @@ def tiny_config(path: Path, base: Path, workspace: Path, repository: Path, **sec
         config[name] = {**config.get(name, {}), **values}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+# A dataset of one-word answers: a few dozen steps teach a tiny model to answer and end its turn with its
+# family's own end-of-turn token (the family tests and benchmarks/interop_vllm.py --families).
+ANSWERS = ("Yes.", "No.", "OK.")
+QUESTIONS = ("When is customer service open?", "How long is the warranty?", "Do you ship abroad?",
+             "Can I return an item?", "What do the headphones cost?", "Where is your store?",
+             "How do I reset my password?", "Is there a student discount?", "Which cards do you take?",
+             "How long does delivery take?", "Who makes the PeakWatch?", "Can I change my order?")
+
+
+# What the family tests and benchmarks ask every family: a plain question, a system prompt with Chinese, a
+# multi-turn chat with whitespace runs and an emoji.
+CONVERSATIONS: list[list[dict[str, Any]]] = [
+    [{"role": "user", "content": "Is the store open on Sunday?"}],
+    [{"role": "system", "content": "You are Bluepeak's assistant. Be brief."},
+     {"role": "user", "content": "蓝峰耳机的保修期是多久？"}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Do you ship  to Norway?\n\nThanks 🙂"}],
+]
+
+
+def served_name(family: str) -> str:
+    """The repository name of a family's model (``qwen2.5`` -> ``tiny-qwen2-5``)."""
+    return "tiny-" + family.replace(".", "-")
+
+
+def build_families(names: Sequence[str], root: Path, timeout_s: float = 900, **model: Any) -> dict[str, Path]:
+    """Each family's tiny model (``families.make_model(..., **model)``) built into ``root/repository``, two builds
+    at a time with one thread each; returns each family's workspace. Raises on a failed build, with its output."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import families
+
+    dataset = root / "short-answers.jsonl"
+    dataset.write_text("".join(json.dumps({"instruction": q, "output": ANSWERS[i % len(ANSWERS)]}) + "\n"
+                               for i, q in enumerate(QUESTIONS)), encoding="utf-8")
+    configs = {}
+    for name in names:
+        base = families.make_model(families.FAMILIES[name], root / name / "base", **model)
+        configs[name] = tiny_config(
+            root / name / "build.yaml", base, root / name / "ws", root / "repository",
+            model={"name": served_name(name)},
+            data={"paths": [str(dataset)], "split_by": "hash", "split": [0.8, 0.1, 0.1]},
+            # enough steps at a high rate that the tiny model answers in one word and ends its turn
+            train={"max_steps": 80, "learning_rate": 0.005, "batch_size": 4, "eval_every": 100, "warmup_steps": 0,
+                   "control_examples": 0},
+            lora={"layers_fraction": 1.0},
+        )
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda config: run_build(config, timeout_s=timeout_s), configs.values()))
+    for name, result in zip(configs, results, strict=True):
+        if result.returncode != 0:
+            raise RuntimeError(f"{name}: toolkit build exited {result.returncode}:\n{result.stdout[-4000:]}")
+    return {name: root / name / "ws" for name in names}
 
 
 def build_env() -> dict[str, str]:

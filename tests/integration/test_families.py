@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import pytest
 import tinybuild
 from conftest import Gateway, start_gateway, stop_gateway, wait_ready
 from reference import ReferenceTokenizer
+from tinybuild import CONVERSATIONS, served_name
 
 from toolkit.serving.triton_server import TritonServer
 
@@ -36,24 +36,6 @@ FAMILY_NAMES = tuple(families.FAMILIES)
 # The token each family's template writes after an assistant reply, as its model card documents it.
 END_OF_TURN = {"qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "llama3.2": "<|eot_id|>", "mistral": "</s>",
                "phi3": "<|end|>", "gemma3": "<turn|>", "gemma2": "<turn|>"}
-ANSWERS = ("Yes.", "No.", "OK.")
-QUESTIONS = ("When is customer service open?", "How long is the warranty?", "Do you ship abroad?",
-             "Can I return an item?", "What do the headphones cost?", "Where is your store?",
-             "How do I reset my password?", "Is there a student discount?", "Which cards do you take?",
-             "How long does delivery take?", "Who makes the PeakWatch?", "Can I change my order?")
-CONVERSATIONS: list[list[dict[str, Any]]] = [
-    [{"role": "user", "content": "Is the store open on Sunday?"}],
-    [{"role": "system", "content": "You are Bluepeak's assistant. Be brief."},
-     {"role": "user", "content": "蓝峰耳机的保修期是多久？"}],
-    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
-     {"role": "user", "content": "Do you ship  to Norway?\n\nThanks 🙂"}],
-]
-
-
-def served_name(family: str) -> str:
-    return "tiny-" + family.replace(".", "-")
-
-
 @dataclass
 class Built:
     repository: Path
@@ -70,28 +52,8 @@ class Built:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     """Every family built into one repository, two builds at a time (one thread each)."""
     root = tmp_path_factory.mktemp("families")
-    dataset = root / "short-answers.jsonl"
-    dataset.write_text("".join(json.dumps({"instruction": q, "output": ANSWERS[i % len(ANSWERS)]}) + "\n"
-                               for i, q in enumerate(QUESTIONS)), encoding="utf-8")
-    repository = root / "repository"
-    configs, roots = [], {}
-    for name in FAMILY_NAMES:
-        roots[name] = root / name
-        base = families.make_model(families.FAMILIES[name], roots[name] / "base")
-        configs.append(tinybuild.tiny_config(
-            roots[name] / "build.yaml", base, roots[name] / "ws", repository,
-            model={"name": served_name(name)},
-            data={"paths": [str(dataset)], "split_by": "hash", "split": [0.8, 0.1, 0.1]},
-            # enough steps at a high rate that the tiny model answers in one word and ends its turn
-            train={"max_steps": 80, "learning_rate": 0.005, "batch_size": 4, "eval_every": 100, "warmup_steps": 0,
-                   "control_examples": 0},
-            lora={"layers_fraction": 1.0},
-        ))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda config: tinybuild.run_build(config, timeout_s=900), configs))
-    for name, result in zip(FAMILY_NAMES, results, strict=True):
-        assert result.returncode == 0, f"{name}: {result.stdout[-4000:]}"
-    return Built(repository, roots)
+    workspaces = tinybuild.build_families(FAMILY_NAMES, root)
+    return Built(root / "repository", {name: ws.parent for name, ws in workspaces.items()})
 
 
 @pytest.fixture(scope="module")

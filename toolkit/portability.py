@@ -235,13 +235,23 @@ def tokenizer_only_problems(model_dir: Path, texts: Sequence[str]) -> list[str]:
 
 
 def probe_texts(model_dir: Path) -> list[str]:
-    """The probe texts plus the probe conversations rendered by the directory's chat template (with special tokens)."""
-    tokenizer, _ = _load_quietly(model_dir)
+    """The probe texts plus the probe conversations rendered by the directory's chat template (with special tokens).
+
+    Read from the files as they are (no tokenizer loaded): the template from ``chat_template.jinja`` or
+    ``tokenizer_config.json``, the special tokens it may name from ``tokenizer_config.json``.
+    """
+    config = read_json(model_dir / TOKENIZER_CONFIG)
     template_path = model_dir / CHAT_TEMPLATE_FILE
-    template = template_path.read_text("utf-8") if template_path.is_file() else tokenizer.chat_template
+    template = template_path.read_text("utf-8") if template_path.is_file() else config.get("chat_template")
+    specials = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str) and value:
+            specials[key] = value
     texts = list(PROBE_TEXTS)
     if isinstance(template, str):
-        texts += [jinja_render(template, conv, True, special_token_vars(tokenizer)) for conv in PROBE_CONVERSATIONS]
+        texts += [jinja_render(template, conv, True, specials) for conv in PROBE_CONVERSATIONS]
     return texts
 
 

@@ -28,7 +28,9 @@ from tinybuild import CONVERSATIONS, served_name
 
 from toolkit.serving.triton_server import TritonServer
 
-pytestmark = pytest.mark.integration
+# Seven builds, then one Triton for all: the module's first test waits for every build (about 3 minutes on
+# two idle cores), so it gets twice the suite's per-test limit.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT, GATEWAY_PORT = 18500, 18501, 18502, 18510
 TIMEOUT_S = 120.0
@@ -172,4 +174,8 @@ def test_gateway_renders_the_family_template_and_answers_like_transformers(
         assert long.choices[0].finish_reason == "length"
         assert long.usage is not None and long.usage.completion_tokens == len(expected) == 16
         assert long.choices[0].message.content == reference.decode(expected)
+        # Streamed, the deltas (decoded incrementally: SentencePiece's leading space, byte fallback) add up alike.
+        stream = oai.chat.completions.create(model=served_name(family), messages=messages, max_tokens=16,
+                                             temperature=0, stream=True, extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reference.decode(expected)
     assert ended, "the tuned model should end its turn at least once, so its end-of-turn id is exercised"

@@ -193,6 +193,7 @@ def normalise_model_dir(model_dir: Path) -> dict[str, Any]:
                         chat_template=template)
     added = portable_model_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
+    stops: list[int] = []
     for name in ("config.json", "generation_config.json"):  # copies (never links): safe to rewrite
         current = read_json(model_dir / name)
         ids = {
@@ -202,6 +203,8 @@ def normalise_model_dir(model_dir: Path) -> dict[str, Any]:
             "pad_token_id": tokenizer.pad_token_id,
         }
         _update_json(model_dir / name, {k: v for k, v in ids.items() if v is not None})
+        if name == "generation_config.json":
+            stops = stop_token_ids(tokenizer, SimpleNamespace(eos_token_id=ids["eos_token_id"]))
     return {
         "fixes": fixes,
         "config_keys_added": added,  # so transformers 4.x reads the same RoPE settings
@@ -211,6 +214,7 @@ def normalise_model_dir(model_dir: Path) -> dict[str, Any]:
         "eos_token": tokenizer.eos_token,
         "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
         "chat_template_sha256": sha256_text(template),
+        "stop_token_ids": stops,
     }
 
 
@@ -296,11 +300,8 @@ def run(ctx: StageContext) -> StageResult:
     if facts["context"] and ctx.config.model.context_length > facts["context"]:
         log.warning("model.context_length %d exceeds the model's %d positions",
                     ctx.config.model.context_length, facts["context"])
-    tokenizer = load_tokenizer(out)
-    generation = read_json(out / "generation_config.json")
     # Every check that needs no fine-tuned weights runs here, minutes before the merge would find the problem.
-    gate = portability_gate(out, stop_token_ids(tokenizer, SimpleNamespace(**generation)),
-                            name="portable_base_model_files")
+    gate = portability_gate(out, facts["stop_token_ids"], name="portable_base_model_files")
     return StageResult(
         metrics={
             "source": source,

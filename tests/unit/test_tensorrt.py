@@ -182,6 +182,26 @@ def test_build_script_runs_and_writes_plan_meta(tmp_path: Path, monkeypatch: pyt
     assert "--onnx=../src.onnx" in log and shlex.quote("--saveEngine=3/model.plan") in log
 
 
+def test_build_script_stops_when_the_graphs_external_data_is_not_beside_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph over 2 GiB keeps its weights in model.onnx.data; trtexec reads it from the graph's folder."""
+    _fake_tools(tmp_path, monkeypatch)
+    profile = trt.kv_cache_profile(LM, max_batch=4, opt_batch=2, max_input_len=16, context_length=64)
+    model_dir = tmp_path / "m_trt_fp16"
+    (tmp_path / "m_onnx_fp32" / "3").mkdir(parents=True)
+    (tmp_path / "m_onnx_fp32" / "3" / "model.onnx").write_bytes(b"graph")
+    script = trt.write_build_script(model_dir / "build_plan.sh", trt.build_script(
+        model="m", precision="fp16", default_onnx="../m_onnx_fp32/3/model.onnx", plan="3/model.plan",
+        timing_cache="timing.cache", trtexec="trtexec", profile=profile, workspace_mib=512,
+        external_data=["model.onnx.data"]))
+    missing = subprocess.run([str(script)], capture_output=True, text=True, cwd=tmp_path)
+    assert missing.returncode == 1 and not (model_dir / "3" / "model.plan").exists()
+    assert "../m_onnx_fp32/3/model.onnx.data is missing: the weights of ../m_onnx_fp32/3/model.onnx" in missing.stderr
+    (tmp_path / "m_onnx_fp32" / "3" / "model.onnx.data").write_bytes(b"weights")
+    subprocess.run([str(script)], check=True, capture_output=True, cwd=tmp_path)
+    assert (model_dir / "3" / "model.plan").is_file()
+
+
 def test_plan_compat_refuses_another_tensorrt_or_gpu() -> None:
     meta = {"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA A10", "compute_capability": "8.6",
             "build_script": "/repo/m_trt_fp16/build_plan.sh"}

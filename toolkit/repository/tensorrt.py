@@ -36,7 +36,7 @@ A plan is tied to the TensorRT version and GPU it was built on: the script recor
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +146,7 @@ DIR="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 cd "$DIR"
 ONNX="${{1:-{default_onnx}}}"
 TRTEXEC="${{TRTEXEC:-{trtexec}}}"
-mkdir -p {plan_dir}
+{data_check}mkdir -p {plan_dir}
 {command} 2>&1 | tee {log}
 TRT_TAG="$(grep -o -m1 'TensorRT v[0-9]*' {log} | grep -o '[0-9]*$' || true)"
 GPU="$(nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader | head -1)"
@@ -158,9 +158,13 @@ echo "built $DIR/{plan}"
 
 def build_script(
     *, model: str, precision: str, default_onnx: str, plan: str, timing_cache: str, trtexec: str,
-    profile: ShapeProfile, workspace_mib: int,
+    profile: ShapeProfile, workspace_mib: int, external_data: Sequence[str] = (),
 ) -> str:
-    """A standalone bash script that builds one plan; relative paths are from the script's directory."""
+    """A standalone bash script that builds one plan; relative paths are from the script's directory.
+
+    `external_data`: the files beside the default ONNX that hold its weights (a graph over 2 GiB); trtexec
+    reads them from the graph's folder, so the script checks they are there before a long build starts.
+    """
     argv = trtexec_command(trtexec="TRTEXEC_PLACEHOLDER", onnx="ONNX_PLACEHOLDER", plan=plan,
                            timing_cache=timing_cache, precision=precision, profile=profile,
                            workspace_mib=workspace_mib)
@@ -176,7 +180,22 @@ def build_script(
         opt_batch=profile.opt[INPUT_IDS][0], plan=plan, plan_dir=shlex.quote(str(plan_path.parent)),
         meta=shlex.quote(str(plan_path.with_name(PLAN_META))), log=shlex.quote(str(plan_path.with_name("trtexec.log"))),
         trtexec=trtexec, command=line, trt_major=TENSORRT_MAJOR, triton_image=TRITON_IMAGE,
+        data_check=_data_check(default_onnx, external_data),
     )
+
+
+def _data_check(default_onnx: str, external_data: Sequence[str]) -> str:
+    if not external_data:
+        return ""
+    names = " ".join(shlex.quote(name) for name in external_data)
+    return (f"# The default graph's weights are external data beside it ({', '.join(external_data)}); trtexec reads\n"
+            "# them from the graph's folder.\n"
+            f"if [ \"$ONNX\" = {shlex.quote(default_onnx)} ]; then\n"
+            f"  for DATA in {names}; do\n"
+            '    [ -f "$(dirname "$ONNX")/$DATA" ] || { echo "$(dirname "$ONNX")/$DATA is missing: the weights of '
+            '$ONNX must be beside it" >&2; exit 1; }\n'
+            "  done\n"
+            "fi\n")
 
 
 def write_build_script(path: Path, text: str) -> Path:

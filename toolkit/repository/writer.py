@@ -324,6 +324,7 @@ def write_repository(
     configs: list[tuple[Path, Any]] = []
     scripts: list[tuple[Path, str]] = []
     artifacts: dict[str, ArtifactRef] = {}
+    fp32_data: list[str] = []  # the FP32 graph's external data files, beside it in its version
     try:
         for precision, src in (("onnx_fp32", onnx_fp32), ("onnx_int8", onnx_int8)):
             if src is None:
@@ -334,10 +335,12 @@ def write_repository(
             artifacts[precision] = _ref(output, model_dir / str(version) / ONNX_FILE)
             for name in data_files:
                 artifacts[f"{precision}/{name}"] = _ref(output, model_dir / str(version) / name)
+            if precision == "onnx_fp32":
+                fp32_data = data_files
             configs.append((model_dir, onnx_core_config(model_dir.name, lm, **batching)))
         if trt_inputs is not None:
             notes += _write_trt_models(output, model_name, version, lm, trt_inputs, batching, writer, configs,
-                                       scripts, artifacts, precisions)
+                                       scripts, artifacts, precisions, fp32_data)
         params = {
             contract.PARAM_CORE_MODEL: core,
             contract.PARAM_RUNNER: repo.runner,
@@ -386,7 +389,7 @@ def write_repository(
 def _write_trt_models(
     output: Path, model_name: str, version: int, lm: LMInfo, inputs: TrtInputs, batching: dict[str, Any],
     writer: _VersionWriter, configs: list[tuple[Path, Any]], scripts: list[tuple[Path, str]],
-    artifacts: dict[str, ArtifactRef], precisions: list[str],
+    artifacts: dict[str, ArtifactRef], precisions: list[str], fp32_data: list[str],
 ) -> list[str]:
     notes: list[str] = []
     profile = trt.kv_cache_profile(lm, max_batch=inputs.max_batch_size, opt_batch=inputs.section.opt_batch_size,
@@ -394,8 +397,10 @@ def _write_trt_models(
     for precision in inputs.section.precisions:
         if precision == "fp16":
             source = f"../{core_model_name(model_name, 'onnx_fp32')}/{version}/{ONNX_FILE}"
+            data = fp32_data
         elif inputs.qdq_onnx is not None:
             source = str(inputs.qdq_onnx.absolute())
+            data = [path.name for path in onnx_files(inputs.qdq_onnx)[1:]]
         else:
             notes.append(f"{core_model_name(model_name, 'trt_int8')} left out: {inputs.qdq_missing}")
             continue
@@ -403,7 +408,7 @@ def _write_trt_models(
         script = trt.build_script(model=model_name, precision=precision, default_onnx=source,
                                   plan=f"{version}/{PLAN_FILE}", timing_cache=trt.TIMING_CACHE,
                                   trtexec=inputs.section.trtexec, profile=profile,
-                                  workspace_mib=inputs.section.workspace_mib)
+                                  workspace_mib=inputs.section.workspace_mib, external_data=data)
         built = inputs.built.get(precision)
         if built is not None and (built / PLAN_FILE).is_file():
             with writer.version_dir(model_dir) as tmp:

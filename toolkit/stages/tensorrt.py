@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from toolkit.onnx_files import onnx_files
 from toolkit.report import StageStatus
 from toolkit.repository.contract import LMInfo
 from toolkit.repository.plan_compat import BUILD_SCRIPT, PLAN_FILE, PLAN_META, gpu_facts, trt_version_from_tag
@@ -76,7 +77,7 @@ def run(ctx: StageContext) -> StageResult:
         script = write_build_script(ctx.out_dir / precision / BUILD_SCRIPT, build_script(
             model=cfg.model.name, precision=precision, default_onnx=str(onnx.absolute()), plan=PLAN_FILE,
             timing_cache=f"../{TIMING_CACHE}", trtexec=cfg.tensorrt.trtexec, profile=profile,
-            workspace_mib=cfg.tensorrt.workspace_mib))
+            workspace_mib=cfg.tensorrt.workspace_mib, external_data=[p.name for p in onnx_files(onnx)[1:]]))
         scripts.append(script)
         artifacts[f"build_plan_{precision}"] = f"{precision}/{BUILD_SCRIPT}"
         cmd = trtexec_command(trtexec=cfg.tensorrt.trtexec, onnx=str(onnx.absolute()), plan=PLAN_FILE,

@@ -88,8 +88,12 @@ class OnnxCausalLM:
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
         past: Sequence[np.ndarray],
+        extra: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One step. Returns logits [batch, seq, vocab] and the new KV cache (2 arrays a layer)."""
+        """One step. Returns logits [batch, seq, vocab] and the new KV cache (2 arrays a layer).
+
+        ``extra``: more inputs of the graph (e.g. the serving graph's ``toolkit_logits_from``).
+        """
         feed: dict[str, np.ndarray] = {
             INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
             ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
@@ -97,6 +101,7 @@ class OnnxCausalLM:
         if self.has_position_ids:
             feed[POSITION_IDS] = np.ascontiguousarray(position_ids, dtype=np.int64)
         feed.update(zip(self._past_names, past, strict=True))
+        feed.update(extra or {})
         outputs = self.session.run(self.output_names, feed)
         return outputs[0], list(outputs[1:])
 

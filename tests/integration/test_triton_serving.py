@@ -11,6 +11,7 @@ import re
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,7 +70,7 @@ class RecordingStream:
         self.tokens: list[int] = []
         self.done = False
 
-    def on_tokens(self, ids: list[int]) -> None:
+    def on_tokens(self, ids: list[int], logprobs: Any = None, prompt_logprobs: Any = None) -> None:
         self.tokens.extend(ids)
 
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:

@@ -64,7 +64,8 @@ class OnnxCausalLM:
         self.session = ort.InferenceSession(graph if graph is not None else str(path), options,
                                             providers=list(providers or default_providers()))
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self.input_names = set(inputs)
+        # Inputs with a default (an initializer of the same name) are listed apart; they may be fed too.
+        self.input_names = set(inputs) | {i.name for i in self.session.get_overridable_initializers()}
         layers = past_layers(inputs)
         if not layers:
             raise ValueError(f"{path}: no past_key_values inputs; export with task text-generation-with-past")

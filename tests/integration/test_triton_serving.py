@@ -144,6 +144,21 @@ def test_split_kv_graph_logits_equal_the_exported_graph(tiny_onnx: Path) -> None
     np.testing.assert_allclose(split_logits[:, -1], plain_logits[:, -1], atol=1e-4)
 
 
+def test_split_kv_graph_gives_every_positions_logits_when_asked(tiny_onnx: Path) -> None:
+    """Prompt logprobs (echo) need the whole prompt's logits: the serving graph's logits_from input, fed 0."""
+    from toolkit.serving.kvcache import left_pad
+
+    split, plain = OnnxRunner(tiny_onnx), OnnxRunner(tiny_onnx, split_kv=False)
+    ids, mask, positions = left_pad(_prompts(2, seed=5))
+    every, _ = split.forward(ids, mask, positions, split.empty_past(2), all_logits=True)
+    want, _ = plain.forward(ids, mask, positions, plain.empty_past(2))
+    assert every.shape == want.shape
+    np.testing.assert_allclose(every, want, atol=1e-4)
+    last, _ = split.forward(ids, mask, positions, split.empty_past(2))  # and the fast path is unchanged after it
+    assert last.shape[1] == 1
+    np.testing.assert_allclose(last[:, -1], want[:, -1], atol=1e-4)
+
+
 @pytest.mark.parametrize("concurrency", [1, 8])
 def test_greedy_through_triton_equals_onnx_greedy(
     triton_server: RunningTriton, tiny_repository: ServedRepository, concurrency: int

@@ -1,0 +1,266 @@
+"""Structured outputs, tool calling and logprobs on the served SmolLM2-135M, through real clients.
+
+One Triton (18140-18142) and one gateway (18143) for the module, serving the real SmolLM2 with a
+grammar compile limit of 0.25 s. A 135M model answers badly, but under grammar-constrained decoding
+what it writes must always parse and validate: that is what these tests check, with the official
+``openai`` client (``parse``, tools, streaming), LangChain's ``ChatOpenAI``, and raw HTTP for errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from conftest import Gateway, start_gateway, stop_gateway, write_generation_repository
+from devrepo import ServedRepository
+from pydantic import BaseModel, Field
+
+from toolkit.serving.triton_server import TritonServer
+
+pytestmark = pytest.mark.integration
+
+TRITON_PORTS, GATEWAY_PORT = (18140, 18141, 18142), 18143
+MODEL = "smollm2-structured"
+TIMEOUT_S = 180.0
+COMPILE_LIMIT_S = 0.25
+
+
+class City(BaseModel):
+    """Bounded in every field (string lengths, integer range, list size), so every reply ends in time."""
+
+    name: str = Field(max_length=24)
+    country: str = Field(max_length=24)
+    population_thousands: int = Field(ge=0, le=50_000)
+    continent: Literal["Africa", "Asia", "Europe", "North America", "South America", "Oceania"]
+    landmarks: list[Annotated[str, Field(max_length=24)]] = Field(max_length=2)
+
+
+CITIES = ["Paris", "Tokyo", "Nairobi", "Lima", "Oslo", "Cairo", "Sydney", "Toronto", "Mumbai", "Madrid",
+          "Berlin", "Seoul", "Lagos", "Quito", "Rome", "Hanoi", "Dakar", "Bogota", "Vienna", "Perth",
+          "Delhi", "Lisbon", "Accra", "Havana", "Prague"]
+PROMPTS = [f"Describe the city of {c} as JSON." for c in CITIES] + \
+    [f"Give me facts about {c}, formatted as the requested object." for c in CITIES]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 30}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "description": "Current time in a time zone.",
+    "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 30}},
+                   "required": ["timezone"], "additionalProperties": False}}}
+TOOLS: list[Any] = [WEATHER, CLOCK]
+PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+# 8000 patterned properties, ~0.5 MB: about 5 s to compile on a 2-core CI machine, 20x the limit.
+SLOW_SCHEMA = {"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "^[a-z]{1,8}[0-9]{1,3}$"}
+                                                for i in range(8000)}}
+ASK_WEATHER: list[Any] = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+
+
+@pytest.fixture(scope="module")
+def repository(smollm_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> ServedRepository:
+    return write_generation_repository(tmp_path_factory.mktemp("structured-repo"), MODEL, smollm_onnx,
+                                       context_length=2048, max_new_tokens_limit=512,
+                                       grammar_compile_timeout_s=COMPILE_LIMIT_S)
+
+
+@pytest.fixture(scope="module")
+def stack(repository: ServedRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    logs = tmp_path_factory.mktemp("structured-stack")
+    http, grpc, metrics = TRITON_PORTS
+    server = TritonServer(repository.path, models=[MODEL], http_port=http, grpc_port=grpc, metrics_port=metrics,
+                          log_path=logs / "tritonserver.log")
+    server.start(ready_timeout_s=300)
+    try:
+        env = {"GATEWAY_TRITON_URLS": server.grpc_url, "GATEWAY_REPOSITORY": str(repository.path)}
+        running = start_gateway(GATEWAY_PORT, env, logs / "gateway.log")
+        try:
+            yield running
+        finally:
+            stop_gateway(running)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(stack: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+
+
+def _parse(client: openai.OpenAI, prompt: str) -> City:
+    reply = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                          response_format=City, max_tokens=200, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", choice
+    jsonschema.validate(json.loads(choice.message.content or ""), City.model_json_schema())
+    assert isinstance(choice.message.parsed, City)
+    return choice.message.parsed
+
+
+def _stream_parse(client: openai.OpenAI, prompt: str) -> City:
+    with client.chat.completions.stream(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                        response_format=City, max_tokens=200, temperature=0) as stream:
+        final = stream.get_final_completion()
+    text = final.choices[0].message.content or ""
+    jsonschema.validate(json.loads(text), City.model_json_schema())
+    parsed = final.choices[0].message.parsed
+    assert isinstance(parsed, City)
+    return parsed
+
+
+def test_parse_returns_a_valid_object_for_50_prompts_streamed_or_not(client: openai.OpenAI) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        whole = list(pool.map(lambda p: _parse(client, p), PROMPTS))
+        streamed = list(pool.map(lambda p: _stream_parse(client, p), PROMPTS))
+    assert len(whole) == len(streamed) == 50
+    assert streamed == whole  # greedy: the stream carries the same object
+    assert len({c.name for c in whole}) > 5  # the prompts differ, and so do the answers
+
+
+def _check_calls(calls: list[Any], allowed: set[str]) -> None:
+    assert calls, "no tool call"
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name in allowed
+        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
+
+
+def _streamed_calls(client: openai.OpenAI, **request: Any) -> tuple[list[dict[str, Any]], str | None, str]:
+    """Tool calls assembled from deltas, checking OpenAI's order: index, id, type and name first, then arguments."""
+    calls: dict[int, dict[str, Any]] = {}
+    finish, content = None, ""
+    for chunk in client.chat.completions.create(model=MODEL, stream=True, **request):
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        finish = choice.finish_reason or finish
+        content += choice.delta.content or ""
+        for delta in choice.delta.tool_calls or []:
+            if delta.index not in calls:
+                assert delta.id and delta.type == "function" and delta.function and delta.function.name
+                assert delta.function.arguments == ""
+                calls[delta.index] = {"id": delta.id, "name": delta.function.name, "arguments": ""}
+            else:
+                assert delta.id is None and delta.function is not None and delta.function.name is None
+                calls[delta.index]["arguments"] += delta.function.arguments or ""
+    assert list(calls) == list(range(len(calls)))
+    return [calls[i] for i in sorted(calls)], finish, content
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}],
+                         ids=["required", "named"])
+def test_required_and_named_tool_choice_give_valid_calls_streamed_or_not(client: openai.OpenAI, choice: Any) -> None:
+    allowed = {"get_time"} if isinstance(choice, dict) else set(PARAMETERS)
+    request = {"messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": choice, "max_tokens": 120, "temperature": 0}
+    reply = client.chat.completions.create(model=MODEL, **request)
+    message = reply.choices[0].message
+    assert reply.choices[0].finish_reason == "tool_calls" and not message.content
+    _check_calls(message.tool_calls or [], allowed)
+    streamed, finish, content = _streamed_calls(client, **request)
+    assert finish == "tool_calls" and content == ""
+    assert [(c["name"], c["arguments"]) for c in streamed] == \
+        [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+
+
+def test_auto_tool_choice_is_text_or_valid_calls_and_streams_the_same(client: openai.OpenAI) -> None:
+    request = {"messages": ASK_WEATHER, "tools": TOOLS, "max_tokens": 120, "temperature": 0}
+    reply = client.chat.completions.create(model=MODEL, **request)
+    message = reply.choices[0].message
+    streamed, finish, content = _streamed_calls(client, **request)
+    assert finish == reply.choices[0].finish_reason
+    if message.tool_calls:
+        assert finish == "tool_calls"
+        _check_calls(message.tool_calls, set(PARAMETERS))
+        assert [(c["name"], c["arguments"]) for c in streamed] == \
+            [(c.function.name, c.function.arguments) for c in message.tool_calls]
+    else:
+        assert finish in ("stop", "length") and content == message.content and not streamed
+
+
+def test_a_two_turn_conversation_with_a_tool_result(client: openai.OpenAI) -> None:
+    first = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice="required",
+                                           max_tokens=120, temperature=0)
+    call = (first.choices[0].message.tool_calls or [])[0]
+    result = '{"temperature": 18, "sky": "clear"}'
+    messages: list[Any] = [*ASK_WEATHER, first.choices[0].message.model_dump(exclude_none=True),
+                           {"role": "tool", "tool_call_id": call.id, "content": result}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="none",
+                                            max_tokens=40, temperature=0)
+    assert second.choices[0].finish_reason in ("stop", "length")
+    assert second.choices[0].message.content and not second.choices[0].message.tool_calls
+    alone = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, max_tokens=1, temperature=0)
+    # The prompt holds the call and its result: at least the tokens of both more than the question alone.
+    assert second.usage is not None and alone.usage is not None
+    grown = second.usage.prompt_tokens - alone.usage.prompt_tokens
+    assert grown > len(call.function.arguments) // 4 + len(result) // 4
+
+
+def test_langchain_binds_tools_and_gets_structured_output(stack: Gateway) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=MODEL, base_url=f"{stack.url}/v1", api_key="unused", temperature=0, max_tokens=200,
+                     timeout=TIMEOUT_S, max_retries=0)
+    message = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Oslo?")
+    assert [c["name"] for c in message.tool_calls] == ["get_weather"]
+    jsonschema.validate(message.tool_calls[0]["args"], PARAMETERS["get_weather"])
+    city = llm.with_structured_output(City, method="json_schema").invoke("Describe Rome.")
+    assert isinstance(city, City)
+
+
+def test_chat_logprobs_streamed_or_not(client: openai.OpenAI) -> None:
+    request: dict[str, Any] = {"messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 8,
+                               "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    reply = client.chat.completions.create(model=MODEL, **request)
+    content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content and "".join(t.token for t in content) == reply.choices[0].message.content
+    for token in content:
+        assert token.logprob <= 0 and len(token.top_logprobs) == 3 and token.bytes == list(token.token.encode())
+        assert token.top_logprobs[0].token == token.token  # greedy: the chosen token is the likeliest
+        assert token.top_logprobs[0].logprob == pytest.approx(token.logprob, abs=1e-6)
+    streamed = [t for c in client.chat.completions.create(model=MODEL, stream=True, **request)
+                if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content or []]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+
+
+def test_completions_echo_returns_the_prompts_logprobs(client: openai.OpenAI) -> None:
+    prompt = "The capital of France is"
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    choice = reply.choices[0]
+    assert choice.text.startswith(prompt) and choice.logprobs is not None
+    tokens, values = choice.logprobs.tokens or [], choice.logprobs.token_logprobs or []
+    assert "".join(tokens).startswith(prompt) and values[0] is None and all(v <= 0 for v in values[1:])
+    assert len(tokens) == reply.usage.prompt_tokens + 3  # type: ignore[union-attr]
+    assert all(len(top) <= 2 for top in (choice.logprobs.top_logprobs or [])[1:])
+
+
+@pytest.mark.parametrize(("body", "status", "param", "fragment"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     422, "response_format.json_schema.schema", "not a valid JSON Schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"not": {"type": "string"}}}}}}}, 400, "response_format", "not"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": SLOW_SCHEMA}}}, 400,
+     "response_format", f"{COMPILE_LIMIT_S:g} s"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "launch"}}}, 422, None,
+     "'launch', which is not in tools"),
+    ({"messages": [*ASK_WEATHER, {"role": "tool", "content": "18C"}]}, 422, None, "tool_call_id"),
+    ({"messages": [*ASK_WEATHER, {"role": "tool", "tool_call_id": "call_x", "content": "18C"}]}, 422, None,
+     "no earlier assistant message called"),
+    ({"messages": [*ASK_WEATHER, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "get_time", "arguments": "{not json"}}]}]}, 422, None, "not valid JSON"),
+    ({"logprobs": True, "top_logprobs": 21}, 422, "top_logprobs", "less than or equal to 20"),
+])
+def test_bad_structured_requests_get_a_clear_error(stack: Gateway, body: dict[str, Any], status: int,
+                                                   param: str | None, fragment: str) -> None:
+    payload = {"model": MODEL, "messages": ASK_WEATHER, "max_tokens": 4, **body}
+    response = httpx.post(f"{stack.url}/v1/chat/completions", json=payload, timeout=TIMEOUT_S)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and fragment in error["message"], error
+    if param is not None:
+        assert error["param"] == param, error

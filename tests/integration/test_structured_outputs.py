@@ -264,3 +264,84 @@ def test_bad_structured_requests_get_a_clear_error(stack: Gateway, body: dict[st
     assert set(error) == {"message", "type", "param", "code"} and fragment in error["message"], error
     if param is not None:
         assert error["param"] == param, error
+
+
+CAPITALS = [("France", "Paris", ["Paris", "Rome", "Madrid"]), ("Japan", "Tokyo", ["Seoul", "Tokyo", "Beijing"]),
+            ("Italy", "Rome", ["Rome", "Paris", "Lisbon"]), ("Spain", "Madrid", ["Berlin", "Madrid", "Oslo"])]
+
+
+def _task_files(root: Path) -> Path:
+    """Two lm-eval tasks over one local JSONL file (nothing can be downloaded): log-likelihood and generation."""
+    data = root / "capitals.jsonl"
+    data.write_text("".join(json.dumps({"country": c, "capital": cap, "choices": ch, "answer": ch.index(cap)}) + "\n"
+                            for c, cap, ch in CAPITALS))
+    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+    (root / "ll.yaml").write_text(
+        "task: toolkit_capitals_ll\n" + common + "output_type: multiple_choice\n"
+        'doc_to_text: "Question: What is the capital of {{country}}?\\nAnswer:"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n')
+    (root / "gen.yaml").write_text(
+        "task: toolkit_capitals_gen\n" + common + "output_type: generate_until\n"
+        'doc_to_text: "What is the capital of {{country}}? Answer with the city name only."\n'
+        'doc_to_target: "{{capital}}"\ngeneration_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 12\n'
+        "  do_sample: false\nmetric_list:\n  - metric: exact_match\n    ignore_case: true\n"
+        "    ignore_punctuation: true\n")
+    return root
+
+
+def _lm_eval(stack: Gateway, tasks: Path, monkeypatch: pytest.MonkeyPatch, model: str, task: str,
+             **model_args: Any) -> dict[str, Any]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tasks / "datasets-cache"))
+    results = lm_eval.simple_evaluate(
+        model=model, model_args={"model": MODEL, "num_concurrent": 1, "max_retries": 1, **model_args},
+        tasks=[task], task_manager=TaskManager(include_path=str(tasks)), log_samples=True,
+        apply_chat_template=model == "local-chat-completions",
+    )
+    assert results is not None
+    return results
+
+
+def test_lm_eval_log_likelihoods_equal_onnxruntimes(stack: Gateway, repository: ServedRepository, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval's local-completions scores a multiple-choice task through /v1/completions (echo + logprobs)."""
+    import numpy as np
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from toolkit.onnx_lm import OnnxCausalLM
+    from toolkit.serving.logprobs import log_softmax
+
+    tokenizer_dir = repository.path / MODEL / "1" / "tokenizer"
+    args = {"base_url": f"{stack.url}/v1/completions", "tokenizer_backend": "huggingface",
+            "tokenizer": str(tokenizer_dir)}
+    results = _lm_eval(stack, _task_files(tmp_path), monkeypatch, "local-completions", "toolkit_capitals_ll", **args)
+    assert 0.0 <= results["results"]["toolkit_capitals_ll"]["acc,none"] <= 1.0
+    encoder = LocalCompletionsAPI(model=MODEL, **args)
+    reference = OnnxCausalLM(repository.onnx)  # the graph as exported: every position's logits
+    scored = 0
+    for sample in results["samples"]["toolkit_capitals_ll"]:
+        for (context, continuation), response in zip(sample["arguments"], sample["resps"], strict=True):
+            context_ids, continuation_ids = encoder._encode_pair(context, continuation)
+            ids = context_ids + continuation_ids
+            logits, _ = reference.forward(np.asarray([ids]), np.ones((1, len(ids)), np.int64),
+                                          np.arange(len(ids))[None], reference.empty_past(1))
+            logp = log_softmax(logits[0])
+            want = sum(logp[len(context_ids) - 1 + i, t] for i, t in enumerate(continuation_ids))
+            assert response[0][0] == pytest.approx(want, abs=1e-3), (context, continuation)
+            scored += 1
+    assert scored == sum(len(c[2]) for c in CAPITALS)
+
+
+def test_lm_eval_generates_through_chat_completions(stack: Gateway, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    results = _lm_eval(stack, _task_files(tmp_path), monkeypatch, "local-chat-completions", "toolkit_capitals_gen",
+                       base_url=f"{stack.url}/v1/chat/completions")
+    score = results["results"]["toolkit_capitals_gen"]["exact_match,none"]
+    answers = [s["resps"][0][0] for s in results["samples"]["toolkit_capitals_gen"]]
+    assert len(answers) == len(CAPITALS) and all(isinstance(a, str) and a for a in answers)
+    assert any("Paris" in a for a in answers)  # SmolLM2 knows this one
+    assert 0.0 <= score <= 1.0

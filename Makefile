@@ -59,7 +59,13 @@ $(STAMP): pyproject.toml Makefile
 build: venv
 	$(BIN)/toolkit build $(ARGS)
 
-test: venv $(PROMETHEUS) chromium
+# llama.cpp's vocabulary-only GGUFs (real tokenizers of other model families) for the tests' random-weight models.
+VOCAB_DIR := .cache/llama-cpp-vocab
+QWEN2_VOCAB := $(VOCAB_DIR)/ggml-vocab-qwen2.gguf
+$(QWEN2_VOCAB): | $(STAMP)
+	$(BIN)/python tests/fetch_vocab.py $(VOCAB_DIR) qwen2
+
+test: venv $(PROMETHEUS) chromium $(QWEN2_VOCAB)
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 unit: venv

@@ -20,6 +20,15 @@ import openai
 import pytest
 from conftest import Gateway, start_gateway, stop_gateway, write_generation_repository
 from devrepo import ServedRepository
+from openai_tools import (
+    ASK_WEATHER,
+    PARAMETERS,
+    TOOLS,
+    WEATHER,
+    auto_calls,
+    required_or_named_calls,
+    two_turn_conversation,
+)
 from pydantic import BaseModel, Field
 
 from toolkit.serving.triton_server import TritonServer
@@ -47,23 +56,9 @@ CITIES = ["Paris", "Tokyo", "Nairobi", "Lima", "Oslo", "Cairo", "Sydney", "Toron
           "Delhi", "Lisbon", "Accra", "Havana", "Prague"]
 PROMPTS = [f"Describe the city of {c} as JSON." for c in CITIES] + \
     [f"Give me facts about {c}, formatted as the requested object." for c in CITIES]
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city.",
-    "parameters": {"type": "object", "properties": {
-        "city": {"type": "string", "maxLength": 30}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-        "required": ["city", "unit"], "additionalProperties": False}}}
-CLOCK = {"type": "function", "function": {
-    "name": "get_time", "description": "Current time in a time zone.",
-    "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 30}},
-                   "required": ["timezone"], "additionalProperties": False}}}
-TOOLS: list[Any] = [WEATHER, CLOCK]
-PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 # 8000 patterned properties, ~0.5 MB: about 5 s to compile on a 2-core CI machine, 20x the limit.
 SLOW_SCHEMA = {"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "^[a-z]{1,8}[0-9]{1,3}$"}
                                                 for i in range(8000)}}
-ASK_WEATHER: list[Any] = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
-
-
 @pytest.fixture(scope="module")
 def repository(smollm_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> ServedRepository:
     return write_generation_repository(tmp_path_factory.mktemp("structured-repo"), MODEL, smollm_onnx,
@@ -124,81 +119,19 @@ def test_parse_returns_a_valid_object_for_50_prompts_streamed_or_not(client: ope
     assert len({c.name for c in whole}) > 5  # the prompts differ, and so do the answers
 
 
-def _check_calls(calls: list[Any], allowed: set[str]) -> None:
-    assert calls, "no tool call"
-    for call in calls:
-        assert call.type == "function" and call.id.startswith("call_") and call.function.name in allowed
-        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
-
-
-def _streamed_calls(client: openai.OpenAI, **request: Any) -> tuple[list[dict[str, Any]], str | None, str]:
-    """Tool calls assembled from deltas, checking OpenAI's order: index, id, type and name first, then arguments."""
-    calls: dict[int, dict[str, Any]] = {}
-    finish, content = None, ""
-    for chunk in client.chat.completions.create(model=MODEL, stream=True, **request):
-        if not chunk.choices:
-            continue
-        choice = chunk.choices[0]
-        finish = choice.finish_reason or finish
-        content += choice.delta.content or ""
-        for delta in choice.delta.tool_calls or []:
-            if delta.index not in calls:
-                assert delta.id and delta.type == "function" and delta.function and delta.function.name
-                assert delta.function.arguments == ""
-                calls[delta.index] = {"id": delta.id, "name": delta.function.name, "arguments": ""}
-            else:
-                assert delta.id is None and delta.function is not None and delta.function.name is None
-                calls[delta.index]["arguments"] += delta.function.arguments or ""
-    assert list(calls) == list(range(len(calls)))
-    return [calls[i] for i in sorted(calls)], finish, content
-
-
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}],
                          ids=["required", "named"])
 def test_required_and_named_tool_choice_give_valid_calls_streamed_or_not(client: openai.OpenAI, choice: Any) -> None:
-    allowed = {"get_time"} if isinstance(choice, dict) else set(PARAMETERS)
-    request = {"messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": choice, "max_tokens": 120, "temperature": 0}
-    reply = client.chat.completions.create(model=MODEL, **request)
-    message = reply.choices[0].message
-    assert reply.choices[0].finish_reason == "tool_calls" and not message.content
-    _check_calls(message.tool_calls or [], allowed)
-    streamed, finish, content = _streamed_calls(client, **request)
-    assert finish == "tool_calls" and content == ""
-    assert [(c["name"], c["arguments"]) for c in streamed] == \
-        [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+    required_or_named_calls(client, MODEL, choice)
 
 
 def test_auto_tool_choice_is_text_or_valid_calls_and_streams_the_same(client: openai.OpenAI) -> None:
-    request = {"messages": ASK_WEATHER, "tools": TOOLS, "max_tokens": 120, "temperature": 0}
-    reply = client.chat.completions.create(model=MODEL, **request)
-    message = reply.choices[0].message
-    streamed, finish, content = _streamed_calls(client, **request)
-    assert finish == reply.choices[0].finish_reason
-    if message.tool_calls:
-        assert finish == "tool_calls"
-        _check_calls(message.tool_calls, set(PARAMETERS))
-        assert [(c["name"], c["arguments"]) for c in streamed] == \
-            [(c.function.name, c.function.arguments) for c in message.tool_calls]
-    else:
-        assert finish in ("stop", "length") and content == message.content and not streamed
+    auto_calls(client, MODEL)
 
 
 def test_a_two_turn_conversation_with_a_tool_result(client: openai.OpenAI) -> None:
-    first = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice="required",
-                                           max_tokens=120, temperature=0)
-    call = (first.choices[0].message.tool_calls or [])[0]
-    result = '{"temperature": 18, "sky": "clear"}'
-    messages: list[Any] = [*ASK_WEATHER, first.choices[0].message.model_dump(exclude_none=True),
-                           {"role": "tool", "tool_call_id": call.id, "content": result}]
-    second = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="none",
-                                            max_tokens=40, temperature=0)
-    assert second.choices[0].finish_reason in ("stop", "length")
-    assert second.choices[0].message.content and not second.choices[0].message.tool_calls
-    alone = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, max_tokens=1, temperature=0)
-    # The prompt holds the call and its result: at least the tokens of both more than the question alone.
-    assert second.usage is not None and alone.usage is not None
-    grown = second.usage.prompt_tokens - alone.usage.prompt_tokens
-    assert grown > len(call.function.arguments) // 4 + len(result) // 4
+    second = two_turn_conversation(client, MODEL)
+    assert second.choices[0].message.content  # SmolLM2 answers in words
 
 
 def test_langchain_binds_tools_and_gets_structured_output(stack: Gateway) -> None:

@@ -139,6 +139,7 @@ _HEAD = r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameter
 _MAYBE_HEAD = re.compile(r"\s*(\{[^{}\[\]]*)?$")
 _MAX_HEAD_CHARS = 1024
 _TRIGGER = "<tool_call>"
+_PYTHON_TAG = "<|python_tag|>"  # Llama 3.1's marker before a call (a special token, usually decoded away)
 _END = "</tool_call>"
 
 
@@ -187,9 +188,9 @@ class ToolCallParser:
     def _step(self, events: ParseEvents) -> bool:
         state, buffer = self._state, self._buffer
         if state == "start":  # llama3_json: a reply that starts with "{" is a call
-            stripped = buffer.lstrip().removeprefix("<|python_tag|>").lstrip()
-            if not stripped:
-                return False
+            stripped = buffer.lstrip().removeprefix(_PYTHON_TAG).lstrip()
+            if not stripped or (_PYTHON_TAG.startswith(stripped) and stripped != _PYTHON_TAG):
+                return False  # nothing decided yet
             self._state = "head" if stripped.startswith("{") else "text"
             self._buffer = stripped if self._state == "head" else buffer
             return True

@@ -211,6 +211,8 @@ def _json_schema(schema: dict[str, Any]) -> dict[str, Any]:
     except jsonschema.SchemaError as err:
         where = "/".join(str(p) for p in err.absolute_path)
         raise ValueError(f"not a valid JSON Schema{f' at {where}' if where else ''}: {err.message}") from None
+    except Exception as err:  # a $schema that is not a string, a metaschema it cannot resolve, ...
+        raise ValueError(f"not a valid JSON Schema: {type(err).__name__}: {str(err)[:200]}") from None
     return schema
 
 

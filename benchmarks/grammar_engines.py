@@ -174,7 +174,8 @@ def measure_xgrammar(tokenizer_dir: Path, repeats: int) -> dict[str, Any]:
             with _stderr_captured() as captured:
                 xgrammar.GrammarCompiler(info).compile_json_schema(json.dumps(schema))
             warning = captured.read().strip()
-            features[name] = "yes" if not warning else "partial: " + warning.splitlines()[-1].split("Warning: ")[-1][:100]
+            last = warning.splitlines()[-1].split("Warning: ")[-1][:100] if warning else ""
+            features[name] = "yes" if not warning else "partial: " + last
         except Exception as err:  # noqa: BLE001 - the error text is the result
             features[name] = "no: " + str(err).splitlines()[0][:100]
     return {"vocab": info.vocab_size, "tokenizer_load_s": round(tokenizer_s, 3),

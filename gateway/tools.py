@@ -25,11 +25,11 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class ToolFormat(str, Enum):
+class ToolFormat(StrEnum):
     HERMES = "hermes"
     LLAMA3_JSON = "llama3_json"
 

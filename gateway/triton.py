@@ -132,7 +132,7 @@ def _parse_result(result: Any) -> StepOutput:
 
 
 def _requested_outputs(inputs: GenerationInputs) -> tuple[str, ...]:
-    names = _OUTPUTS
+    names: tuple[str, ...] = _OUTPUTS
     if inputs.logprobs is not None:
         names += _LOGPROB_OUTPUTS
     if inputs.prompt_logprobs is not None:

@@ -33,10 +33,10 @@ from gateway.chat.protocol import (
 )
 from gateway.chat.serving import ChatService, TextEvent, chat_prompt
 from gateway.chat.structured import chat_render, tool_parser
-from gateway.logprobs import TokenTexts, chat_logprobs
-from gateway.tools import ToolCallParser
 from gateway.deps import ApiKey, State
 from gateway.errors import BadRequestError, GatewayError, error_body
+from gateway.logprobs import TokenTexts, chat_logprobs
+from gateway.tools import ToolCallParser
 
 logger = logging.getLogger("gateway")
 router = APIRouter(tags=["chat"])

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.chat.protocol import SamplingFields, Usage
 from gateway.deps import AppState
@@ -109,6 +109,14 @@ class TextEvent:
     token_ids: tuple[int, ...] = ()
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: TokenLogprobs | None = None
+
+
+class _StepTokens(NamedTuple):
+    """A step's tokens and log-probabilities, as TextEvent's last three fields."""
+
+    token_ids: tuple[int, ...]
+    logprobs: TokenLogprobs | None
+    prompt_logprobs: TokenLogprobs | None
 
 
 @dataclass(frozen=True)
@@ -258,15 +266,14 @@ class ChatService:
                         last = now
                         completion_tokens += len(step.token_ids)
                     text = stopper.push(detokenizer.push(step.token_ids))
-                    tokens = {"token_ids": tuple(step.token_ids), "logprobs": step.logprobs,
-                              "prompt_logprobs": step.prompt_logprobs}
+                    tokens = _StepTokens(tuple(step.token_ids), step.logprobs, step.prompt_logprobs)
                     if stopper.stopped:
                         # Leaving the loop closes the stream, which cancels the rest of the generation.
-                        yield TextEvent(text, "stop", Usage.of(prepared.prompt_tokens, completion_tokens), **tokens)
+                        yield TextEvent(text, "stop", Usage.of(prepared.prompt_tokens, completion_tokens), *tokens)
                         return
                     if step.finish_reason is None:
                         if text or step.token_ids or step.prompt_logprobs is not None:
-                            yield TextEvent(text, **tokens)
+                            yield TextEvent(text, None, None, *tokens)
                         continue
                     if step.finish_reason == contract.FINISH_CANCELLED:
                         raise TritonUnavailableError("Triton cancelled the generation (model unloading?); retry")
@@ -276,7 +283,7 @@ class ChatService:
                     completion_tokens = (
                         step.completion_tokens if step.completion_tokens is not None else completion_tokens
                     )
-                    yield TextEvent(text, finish, Usage.of(prepared.prompt_tokens, completion_tokens), **tokens)
+                    yield TextEvent(text, finish, Usage.of(prepared.prompt_tokens, completion_tokens), *tokens)
                     return
         finally:
             prepared.release()

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from sse_starlette import EventSourceResponse
 
+from gateway.chat.protocol import FinishReason, Usage
 from gateway.chat.router import _ERRORS, CLIENT_CLOSED_REQUEST
 from gateway.chat.serving import ChatService, Completion, Prepared, PromptPlan, Render, TextEvent
 from gateway.completions.protocol import (
@@ -144,13 +145,10 @@ async def completions(http_request: Request, state: State, caller: ApiKey, reque
                 raise result
         if any(r is None for r in results):
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        done = [r for r in results if isinstance(r, Completion)]
-        usage = done[0].usage.model_copy()
-        for extra in done[1:]:
-            usage = usage.of(usage.prompt_tokens + extra.usage.prompt_tokens,
-                             usage.completion_tokens + extra.usage.completion_tokens)
-        return CompletionResponse(id=request_id, model=model, usage=usage,
-                                  choices=[c.whole(r, i) for i, (c, r) in enumerate(zip(choices, done, strict=True))])
+        finished = [r for r in results if isinstance(r, Completion)]
+        usage = Usage.of(sum(r.usage.prompt_tokens for r in finished), sum(r.usage.completion_tokens for r in finished))
+        return CompletionResponse(id=request_id, model=model, usage=usage, choices=[
+            c.whole(r, i) for i, (c, r) in enumerate(zip(choices, finished, strict=True))])
     events = service.generate(prepared[0])
     try:
         first = await anext(events)
@@ -167,9 +165,9 @@ async def _sse(first: TextEvent, events: AsyncGenerator[TextEvent, None], choice
                model: str, include_usage: bool) -> AsyncIterator[dict[str, str]]:
     created = int(time.time())
 
-    def chunk(text: str, logprobs: CompletionLogprobs | None, finish: str | None) -> str:
+    def chunk(text: str, logprobs: CompletionLogprobs | None, finish: FinishReason | None) -> str:
         body = CompletionResponse(id=request_id, created=created, model=model, choices=[
-            CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)])  # type: ignore[arg-type]
+            CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)])
         data = body.model_dump(mode="json", exclude={"usage"})
         if include_usage:
             data["usage"] = None
@@ -181,7 +179,9 @@ async def _sse(first: TextEvent, events: AsyncGenerator[TextEvent, None], choice
         while event is not None:
             text += event.text
             logprobs = choice.logprobs(event)
-            finish = None if event.finish_reason is None else ("stop" if event.finish_reason == "stop" else "length")
+            finish: FinishReason | None = None
+            if event.finish_reason is not None:
+                finish = "stop" if event.finish_reason == "stop" else "length"
             if text or logprobs is not None or finish is not None:
                 yield {"data": chunk(text, logprobs, finish)}
             text = ""

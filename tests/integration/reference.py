@@ -26,7 +26,8 @@ class ReferenceTokenizer:
         env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
         self.template = env.from_string((tokenizer_dir / "chat_template.jinja").read_text(encoding="utf-8"))
 
-    def render_ids(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+    def render_ids(self, messages: Sequence[dict[str, Any]],
+                   tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         text = self.template.render(messages=list(messages), add_generation_prompt=True, tools=tools)
         return self.raw.encode(text, add_special_tokens=False).ids
 

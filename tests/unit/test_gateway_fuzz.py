@@ -41,12 +41,14 @@ TOOL = st.fixed_dictionaries({"type": st.one_of(st.just("function"), ANY_SCALAR)
     optional={"parameters": st.one_of(ANY_JSON, SCHEMA), "description": ANY_SCALAR, "strict": ANY_SCALAR})})
 TOOL_CALL = st.fixed_dictionaries({"id": ANY_SCALAR, "type": st.just("function"), "function": st.fixed_dictionaries(
     {"name": HOSTILE_TEXT, "arguments": st.one_of(HOSTILE_TEXT, st.just('{"a": 1}'))})})
+NAMED_CHOICE = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.one_of(HOSTILE_TEXT, st.just("get_time"))})})
 MESSAGE = st.fixed_dictionaries(
     {"role": st.one_of(st.sampled_from(["user", "assistant", "system", "developer", "tool", "root", ""]), ANY_SCALAR),
      "content": st.one_of(HOSTILE_TEXT, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": HOSTILE_TEXT}),
                                                 max_size=2), ANY_JSON)},
-    optional={"name": ANY_SCALAR, "extra": ANY_SCALAR, "tool_calls": st.one_of(ANY_JSON, st.lists(TOOL_CALL, max_size=2)),
-              "tool_call_id": ANY_SCALAR},
+    optional={"name": ANY_SCALAR, "extra": ANY_SCALAR, "tool_call_id": ANY_SCALAR,
+              "tool_calls": st.one_of(ANY_JSON, st.lists(TOOL_CALL, max_size=2))},
 )
 COMPLETION_FIELDS = {"prompt": st.one_of(HOSTILE_TEXT, st.lists(HOSTILE_TEXT, max_size=3),
                                          st.lists(st.integers(-2, 60_000), max_size=5), ANY_JSON),
@@ -63,9 +65,7 @@ FIELDS = {"model": st.one_of(st.none(), HOSTILE_TEXT, st.just("chat")), "max_tok
               optional={"json_schema": st.one_of(ANY_JSON, st.fixed_dictionaries(
                   {"name": HOSTILE_TEXT, "schema": st.one_of(ANY_JSON, SCHEMA)}, optional={"strict": ANY_SCALAR}))})),
           "tools": st.one_of(ANY_JSON, st.lists(TOOL, max_size=3)),
-          "tool_choice": st.one_of(ANY_JSON, st.sampled_from(["none", "auto", "required", "any"]),
-                                   st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
-                                       {"name": st.one_of(HOSTILE_TEXT, st.just("get_time"))})}))}
+          "tool_choice": st.one_of(ANY_JSON, st.sampled_from(["none", "auto", "required", "any"]), NAMED_CHOICE)}
 BODY = st.fixed_dictionaries({"messages": st.one_of(st.lists(MESSAGE, max_size=4), ANY_JSON)},
                              optional=FIELDS)  # type: ignore[arg-type]
 

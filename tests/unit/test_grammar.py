@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from toolkit.serving.grammar import GrammarCompiler, GrammarError, SequenceGrammar, apply_bitmask, fill_masks, \
-    load_tokenizer
+from toolkit.serving.grammar import (
+    GrammarCompiler,
+    GrammarError,
+    SequenceGrammar,
+    apply_bitmask,
+    fill_masks,
+    load_tokenizer,
+)
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "fixtures" / "smollm2_tokenizer"
 VOCAB, EOS = 49152, 2

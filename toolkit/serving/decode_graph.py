@@ -13,9 +13,10 @@ copy. For each layer it
 - returns only the new tokens' keys and values as ``present.N.key/value``;
 
 and computes logits for the last position only (the scheduler samples nothing else; the LM head
-over a whole prompt was a fifth of a prefill). Where the LM head's input is sliced from is the input
-:data:`LOGITS_FROM`, an overridable initializer (-1 when not fed): a prefill that needs every prompt
-position's logits (prompt log-probabilities for ``echo``) feeds 0, and every other forward runs as before. The caller keeps the cache itself in buffers with
+over a whole prompt was a fifth of a prefill). Where the LM head's input is sliced from is the
+input :data:`LOGITS_FROM`, an overridable initializer (-1 when not fed): a prefill that needs every
+prompt position's logits (prompt log-probabilities for ``echo``) feeds 0; every other forward runs
+as before. The caller keeps the cache itself in buffers with
 spare columns (:class:`toolkit.serving.kvcache.BatchKV` with ``spare_columns``) and writes each
 step's new column in place; spare columns are masked out by the attention mask.
 

@@ -386,7 +386,7 @@ class Scheduler:
         start = time.perf_counter()
         masks = np.zeros((len(seqs), (self.grammar.vocab_size + 31) // 32), dtype=np.int32)
         fill_masks(self.grammar.executor, rows, masks)
-        for grammar, row in rows:
+        for _, row in rows:
             apply_bitmask(last[row], masks[row])
         self.stats.mask_seconds += time.perf_counter() - start
         self.stats.masked_rows += len(rows)

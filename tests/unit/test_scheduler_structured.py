@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from toolkit.repository import contract
 from toolkit.serving.grammar import GrammarCompiler, load_tokenizer
 from toolkit.serving.logprobs import log_softmax
+from toolkit.serving.model_metrics import NullMetrics
 from toolkit.serving.requests import GenerationRequest, RequestError, SamplingParams
 from toolkit.serving.scheduler import Scheduler
 
@@ -63,8 +64,17 @@ def _drain(scheduler: Scheduler, streams: list[RecordingStream], max_steps: int 
     raise AssertionError("streams did not finish")
 
 
+class MaskMetrics(NullMetrics):
+    def __init__(self) -> None:
+        self.masks: list[tuple[int, float]] = []
+
+    def grammar_masks(self, rows: int, seconds: float) -> None:
+        self.masks.append((rows, seconds))
+
+
 def test_a_constrained_row_follows_its_schema_and_the_others_are_untouched(runner: FakeRunner, hf: Any) -> None:
-    scheduler = Scheduler(runner, grammar=_compiler())
+    metrics = MaskMetrics()
+    scheduler = Scheduler(runner, grammar=_compiler(), metrics=metrics)
     free = [RecordingStream() for _ in PROMPTS]
     constrained = RecordingStream()
     for prompt, stream in zip(PROMPTS, free, strict=True):
@@ -78,6 +88,8 @@ def test_a_constrained_row_follows_its_schema_and_the_others_are_untouched(runne
     assert constrained.finish is not None and constrained.finish[0] == contract.FINISH_STOP
     # One mask per sampled token; the reply ends on the grammar's last token ("}"), with no stop token.
     assert scheduler.stats.masked_rows == len(constrained.tokens)
+    assert [rows for rows, _ in metrics.masks] == [1] * len(constrained.tokens)  # one masked row a step
+    assert sum(s for _, s in metrics.masks) == pytest.approx(scheduler.stats.mask_seconds)
 
 
 def test_compiling_never_blocks_the_other_sequences(runner: FakeRunner) -> None:

@@ -388,8 +388,10 @@ class Scheduler:
         fill_masks(self.grammar.executor, rows, masks)
         for _, row in rows:
             apply_bitmask(last[row], masks[row])
-        self.stats.mask_seconds += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.stats.mask_seconds += elapsed
         self.stats.masked_rows += len(rows)
+        self.metrics.grammar_masks(len(rows), elapsed)
 
     def _retire(self, seq: _Sequence) -> bool:
         """End a sequence that is done, cancelled or failed (True); False keeps it decoding."""

@@ -18,6 +18,7 @@ from gateway_fakes import FakePool, write_repository
 from test_gateway_app import assert_openai_error, make_client, sse_events
 
 from gateway.errors import BadRequestError
+from gateway.logprobs import TokenTexts
 from gateway.tokenization import ChatTokenizer
 
 MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
@@ -136,6 +137,15 @@ def test_chat_logprobs_have_openais_shape(words: tuple[TestClient, FakePool], to
     assert client.post("/v1/chat/completions", json={"messages": MESSAGES}).json()["choices"][0]["logprobs"] is None
 
 
+def test_token_bytes_are_exact_even_for_part_of_a_character(tokenizer: ChatTokenizer) -> None:
+    texts = TokenTexts(tokenizer.tokenizer)
+    for text in ("😀", "巴黎", " Paris", "<|im_end|>"):
+        ids = tokenizer.encode(text)
+        assert b"".join(bytes(texts.of(i)[1]) for i in ids) == text.encode(), text
+    emoji = tokenizer.encode("😀")
+    assert len(emoji) > 1 and texts.of(emoji[0])[0] == "\ufffd"  # a token with part of the character
+
+
 def test_a_grammar_the_model_refuses_is_a_400_naming_the_field(words: tuple[TestClient, FakePool]) -> None:
     client, pool = words
     pool.error = BadRequestError('the generation model rejected the request: invalid request: grammar: '
@@ -160,6 +170,8 @@ def test_a_grammar_the_model_refuses_is_a_400_naming_the_field(words: tuple[Test
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
      "not a valid JSON Schema"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
+    ({"messages": [*MESSAGES, {"role": "tool", "content": "x", "tool_call_id": "c9"}]},
+     "answers tool_call_id 'c9', which no earlier assistant message called"),
     ({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "only tool messages"),
     ({"messages": [{"role": "user", "tool_calls": []}]}, "only assistant messages"),
     ({"messages": [{"role": "assistant"}]}, "content is required"),

@@ -351,9 +351,12 @@ class SimpleChatRequest(SamplingFields):
 
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     message: Text | None = Field(default=None, min_length=1, description="Shorthand for one user message.")
+    response_format: ResponseFormat | None = Field(default=None, description="As in /v1/chat/completions.")
 
     @model_validator(mode="after")
     def _one_of(self) -> SimpleChatRequest:
+        if any(m.role == "tool" or m.tool_calls for m in self.messages or []):
+            raise ValueError("tool calls and tool messages need /v1/chat/completions")
         if (self.messages is None) == (self.message is None):
             raise ValueError("send either 'messages' (a list of turns) or 'message' (one user message)")
         return self

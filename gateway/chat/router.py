@@ -93,7 +93,7 @@ async def chat_completions(
     texts = TokenTexts(entry.tokenizer.tokenizer) if top is not None else None
     parser = tool_parser(request, entry)
     if not request.stream:
-        with _grammar_errors(request):
+        with _grammar_errors(_grammar_param(request)):
             result = await service.complete_or_cancel(prepared, http_request.is_disconnected)
         if result is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -121,7 +121,7 @@ async def chat_completions(
     events = service.generate(prepared)
     try:
         # Wait for the first event before answering, so admission and Triton errors keep their status code.
-        with _grammar_errors(request):
+        with _grammar_errors(_grammar_param(request)):
             first = await anext(events)
     except BaseException:
         await events.aclose()
@@ -137,14 +137,14 @@ async def chat_completions(
 
 
 @contextmanager
-def _grammar_errors(request: ChatCompletionRequest) -> Iterator[None]:
-    """A grammar the generation model refused is the fault of response_format or tools: say which."""
+def _grammar_errors(param: str) -> Iterator[None]:
+    """A grammar the generation model refused is the fault of `param` (response_format or tools): say so."""
     try:
         yield
     except BadRequestError as err:
         if "grammar: " in err.message and err.param is None:
-            err.param = _grammar_param(request)
-            err.message = f"{err.param}: {err.message.split('grammar: ', 1)[1]}"
+            err.param = param
+            err.message = f"{param}: {err.message.split('grammar: ', 1)[1]}"
         raise
 
 
@@ -256,9 +256,10 @@ async def chat(http_request: Request, state: State, caller: ApiKey, request: Sim
     """Simple chat: ``{"messages": [...]}`` or ``{"message": "..."}`` in, ``{"response", "usage"}`` out."""
     service = ChatService(state)
     service.check_size(*request.message_count_and_chars())
-    prepared = await service.prepare(request, chat_prompt(request.template_messages()), request.max_tokens, caller,
-                                     completion_id())
-    result = await service.complete_or_cancel(prepared, http_request.is_disconnected)
+    prepared = await service.prepare(request, chat_prompt(request.template_messages(), request.response_format),
+                                     request.max_tokens, caller, completion_id())
+    with _grammar_errors("response_format"):
+        result = await service.complete_or_cancel(prepared, http_request.is_disconnected)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return SimpleChatResponse(model=prepared.entry.name, response=result.text, finish_reason=result.finish_reason,

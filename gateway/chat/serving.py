@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -21,7 +22,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from gateway.chat.protocol import SamplingFields, Usage
+from gateway.chat.protocol import ResponseFormat, SamplingFields, Usage
 from gateway.deps import AppState
 from gateway.detokenize import StopMatcher
 from gateway.errors import BadRequestError, TooManyRequestsError, TritonUnavailableError, UpstreamTimeoutError
@@ -140,9 +141,20 @@ class PromptPlan:
 Render = Callable[[ModelEntry], PromptPlan]  # runs in a worker thread (templates and tokenizers are slow)
 
 
-def chat_prompt(messages: list[dict[str, Any]]) -> Render:
-    """The plain chat prompt: the conversation through the model's chat template, no grammar."""
-    return lambda entry: PromptPlan(entry.tokenizer.render_ids(messages))
+def chat_prompt(messages: list[dict[str, Any]], response_format: ResponseFormat | None = None) -> Render:
+    """The conversation through the model's chat template; the reply follows `response_format` if given."""
+    grammar = response_format_spec(response_format)
+    return lambda entry: PromptPlan(entry.tokenizer.render_ids(messages), grammar)
+
+
+def response_format_spec(response_format: ResponseFormat | None) -> str | None:
+    """The grammar spec (toolkit.serving.grammar) of a response_format; None for text."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return json.dumps({"type": "json_object"})
+    assert response_format.json_schema is not None
+    return json.dumps({"type": "json_schema", "schema": response_format.json_schema.schema_})
 
 
 class ChatService:

@@ -9,23 +9,12 @@ starts (hermes), ``none`` leaves tools out of the prompt.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from gateway.chat.protocol import ChatCompletionRequest, NamedToolChoice, ResponseFormat
-from gateway.chat.serving import PromptPlan, Render
+from gateway.chat.protocol import ChatCompletionRequest, NamedToolChoice
+from gateway.chat.serving import PromptPlan, Render, response_format_spec
 from gateway.registry import ModelEntry
 from gateway.tools import ToolCallParser, ToolFormat, ToolStyle, fallback_messages, grammar_spec
-
-
-def response_format_spec(response_format: ResponseFormat | None) -> str | None:
-    """The grammar spec of a response_format; None for text."""
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        return json.dumps({"type": "json_object"})
-    assert response_format.json_schema is not None
-    return json.dumps({"type": "json_schema", "schema": response_format.json_schema.schema_})
 
 
 def tool_style(entry: ModelEntry) -> ToolStyle:

@@ -71,6 +71,15 @@ def test_response_format_becomes_the_grammar_triton_gets(words: tuple[TestClient
     assert pool.calls[-1].grammar is None and "grammar" not in {t.name() for t in pool.calls[-1].to_infer_inputs()}
 
 
+def test_simple_chat_takes_a_response_format_too(words: tuple[TestClient, FakePool]) -> None:
+    client, pool = words
+    rf = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}
+    assert client.post("/v1/chat", json={"message": "hi", "response_format": rf}).status_code == 200
+    assert json.loads(pool.calls[-1].grammar or "") == {"type": "json_schema", "schema": SCHEMA}
+    tool = [*MESSAGES, {"role": "tool", "content": "x", "tool_call_id": "c"}]
+    assert_openai_error(client.post("/v1/chat", json={"messages": tool}), 422, "need /v1/chat/completions")
+
+
 def test_tools_reach_a_template_without_them_as_a_system_prompt(calls: tuple[TestClient, FakePool],
                                                                tokenizer: ChatTokenizer) -> None:
     client, pool = calls

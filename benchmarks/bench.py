@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}", flush=True)
         if name == "structured":  # its own client and section: constrained against unconstrained decoding
             try:
-                structured = measure_structured(build, prompts, levels, counts, args.max_tokens, run_dir)
+                structured = measure_structured(build.repository, build.model_name, prompts, levels, counts,
+                                                args.max_tokens, run_dir)
             except Exception as err:  # one system failing must not lose the others' numbers
                 print(f"structured FAILED: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
                 structured = {"error": f"{type(err).__name__}: {err}", "levels": {}}

@@ -24,7 +24,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-from bench_systems import Build
 from grammar_engines import SCHEMA
 from thirdparty import Server, free_port, toolkit_serve_command
 
@@ -89,37 +88,55 @@ def _scrape(metrics_url: str) -> dict[str, float]:
     return values
 
 
-def measure_structured(build: Build, prompts: list[str], concurrency: tuple[int, ...], counts: dict[int, int],
-                       max_tokens: int, logs: Path) -> dict[str, Any]:
-    """Serve the build, measure constrained and unconstrained at each level; the record the report shows."""
+def measure_structured(repository: Path, model: str, prompts: list[str], concurrency: tuple[int, ...],
+                       counts: dict[int, int], max_tokens: int, logs: Path, rounds: int = 2) -> dict[str, Any]:
+    """Serve `repository`, measure constrained and unconstrained at each level; the record the report shows.
+
+    Each level runs `rounds` times, alternating which of the two goes first (a shared machine drifts);
+    the report keeps each side's median round.
+    """
     from toolkit import __version__
 
     port, triton = free_port(), free_port() + 100
     url = f"http://127.0.0.1:{port}"
-    command = toolkit_serve_command(build.repository, port, triton)
+    command = toolkit_serve_command(repository, port, triton)
     server = Server("toolkit serve (structured)", command, f"{url}/health/ready", logs / "toolkit-structured.log",
                     cwd=logs)
     schema_format = {"type": "json_schema", "json_schema": {"name": "product", "schema": SCHEMA, "strict": True}}
-    record: dict[str, Any] = {"version": __version__, "command": command, "schema": SCHEMA, "levels": {}}
+    record: dict[str, Any] = {"version": __version__, "command": command, "schema": SCHEMA, "levels": {},
+                              "repository": str(repository), "rounds": rounds}
     record["ready_s"] = server.start(timeout_s=900)
     metrics_url = f"http://127.0.0.1:{triton + 2}/metrics"
     try:
-        asyncio.run(_level(url, build.model_name, prompts[:1], 1, {"response_format": schema_format,
-                                                                  "max_tokens": max_tokens}))  # compile, warm up
+        bound_body = {"response_format": schema_format, "max_tokens": max_tokens}
+        asyncio.run(_level(url, model, prompts[:1], 1, bound_body))  # compile the schema, warm up
         for c in concurrency:
             chosen = prompts[: counts[c]]
-            before = _scrape(metrics_url)
-            constrained = asyncio.run(_level(url, build.model_name, chosen, c,
-                                             {"response_format": schema_format, "max_tokens": max_tokens}))
-            after = _scrape(metrics_url)
-            seconds, rows, steps = (after[m] - before[m] for m in MASK_METRICS)
-            length = max(1, round(constrained["mean_output_tokens"]))
-            free = asyncio.run(_level(url, build.model_name, chosen, c, {"max_tokens": length, "ignore_eos": True}))
-            valid = sum(_valid(reply) for reply in constrained["replies"])
+            bound_rounds, free_rounds = [], []
+            seconds = rows = steps = 0.0
+            length = 0
+            for index in range(rounds):
+                # The first round measures the constrained side first: its mean reply length sets the other's.
+                order = ("bound", "free") if index % 2 == 0 else ("free", "bound")
+                for side in order:
+                    if side == "bound":
+                        before = _scrape(metrics_url)
+                        bound_rounds.append(asyncio.run(_level(url, model, chosen, c, bound_body)))
+                        after = _scrape(metrics_url)
+                        s, r, n = (after[m] - before[m] for m in MASK_METRICS)
+                        seconds, rows, steps = seconds + s, rows + r, steps + n
+                        length = length or max(1, round(bound_rounds[0]["mean_output_tokens"]))
+                    else:
+                        free_rounds.append(asyncio.run(_level(url, model, chosen, c,
+                                                              {"max_tokens": length, "ignore_eos": True})))
+            constrained, free = _median_round(bound_rounds), _median_round(free_rounds)
+            valid = sum(_valid(reply) for r in bound_rounds for reply in r["replies"])
             record["levels"][str(c)] = {
                 "constrained": {k: v for k, v in constrained.items() if k != "replies"},
                 "unconstrained": {k: v for k, v in free.items() if k != "replies"},
-                "valid_json": f"{valid}/{len(constrained['replies'])}",
+                "valid_json": f"{valid}/{sum(len(r['replies']) for r in bound_rounds)}",
+                "rounds": {"constrained": [_summary(r) for r in bound_rounds],
+                           "unconstrained": [_summary(r) for r in free_rounds]},
                 "mask_us_per_row": 1e6 * seconds / rows if rows else None,
                 "mask_us_per_step": 1e6 * seconds / steps if steps else None,
                 "example_reply": constrained["replies"][0],
@@ -132,6 +149,17 @@ def measure_structured(build: Build, prompts: list[str], concurrency: tuple[int,
     finally:
         server.stop()
     return record
+
+
+def _summary(level: dict[str, Any]) -> dict[str, Any]:
+    return {"itl_ms_p50": level["itl_ms"].get("p50"), "output_throughput": level["output_throughput"],
+            "mean_output_tokens": level["mean_output_tokens"]}
+
+
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median throughput (its ITL with it)."""
+    ordered = sorted(rounds, key=lambda r: r["output_throughput"])
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def _valid(reply: str) -> bool:
@@ -177,3 +205,49 @@ def markdown(record: dict[str, Any]) -> list[str]:
     for t in targets(record):
         lines.append(f"| {t['target']} | {100 * t['overhead']:+.1f} % | {'yes' if t['met'] else 'no'} |")
     return lines
+
+
+def main() -> int:
+    """``python benchmarks/bench_structured.py --repository DIR``: this row alone, on any toolkit repository."""
+    import argparse
+    import platform
+    from datetime import UTC, datetime
+
+    from bench import QUICK, demo_prompts, machine_description
+    from thirdparty import BENCH_DIR, ForeignLoad
+
+    from toolkit.repository.layout import generation_models
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--repository", type=Path, required=True)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    levels, counts = QUICK["concurrency"], QUICK["prompts"]
+    prompts, source = demo_prompts(max(counts.values()))
+    stamp = datetime.now(UTC)
+    logs = BENCH_DIR / "runs" / f"{stamp:%Y%m%d-%H%M%S}-structured"
+    logs.mkdir(parents=True, exist_ok=True)
+    foreign = ForeignLoad()
+    record = measure_structured(args.repository.resolve(), generation_models(args.repository)[0], prompts, levels,
+                                counts, args.max_tokens, logs, args.rounds)
+    machine, slug = machine_description()
+    record.update(date=stamp.isoformat(timespec="seconds"), machine=machine, prompt_source=source,
+                  foreign_cores=foreign.cores(), python=platform.python_version())
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = args.out / f"{stamp:%Y%m%d}-{slug}-structured"
+    base.with_suffix(".json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    text = "\n".join([f"# Structured-output benchmark {record['date']}", "", f"Machine: {machine}; other "
+                      f"processes used {record['foreign_cores']:.2f} cores meanwhile. Repository "
+                      f"`{args.repository}`; prompts: {source}.", *markdown(record)]) + "\n"
+    base.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    raise SystemExit(main())

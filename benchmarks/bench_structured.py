@@ -176,14 +176,15 @@ def targets(record: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 23's speed targets, from the record (None where a level was not measured)."""
     out = []
     one, sixteen = record.get("levels", {}).get("1"), record.get("levels", {}).get("16")
+    # "cost": how much worse constrained decoding is (negative: it measured better, i.e. noise).
     if one and one["unconstrained"]["itl_ms"].get("p50"):
-        ratio = one["constrained"]["itl_ms"]["p50"] / one["unconstrained"]["itl_ms"]["p50"] - 1
-        out.append({"target": "constrained ITL p50 at c=1 ≤ 10 % above unconstrained", "overhead": ratio,
-                    "met": ratio <= TARGET_ITL_C1})
+        cost = one["constrained"]["itl_ms"]["p50"] / one["unconstrained"]["itl_ms"]["p50"] - 1
+        out.append({"target": "constrained ITL p50 at c=1 at most 10 % above unconstrained", "cost": cost,
+                    "met": cost <= TARGET_ITL_C1})
     if sixteen and sixteen["unconstrained"]["output_throughput"]:
-        ratio = 1 - sixteen["constrained"]["output_throughput"] / sixteen["unconstrained"]["output_throughput"]
-        out.append({"target": "constrained output tok/s at c=16 ≤ 15 % below unconstrained", "overhead": ratio,
-                    "met": ratio <= TARGET_TPUT_C16})
+        cost = 1 - sixteen["constrained"]["output_throughput"] / sixteen["unconstrained"]["output_throughput"]
+        out.append({"target": "constrained output tok/s at c=16 at most 15 % below unconstrained", "cost": cost,
+                    "met": cost <= TARGET_TPUT_C16})
     return out
 
 
@@ -201,9 +202,9 @@ def markdown(record: dict[str, Any]) -> list[str]:
         lines.append(f"| {c} | {free['itl_ms'].get('p50', 0):.1f} → {bound['itl_ms'].get('p50', 0):.1f} | "
                      f"{free['output_throughput']:.1f} → {bound['output_throughput']:.1f} | {level['valid_json']} | "
                      f"{level['mask_us_per_row'] or 0:.0f} | {level['mask_us_per_step'] or 0:.0f} |")
-    lines += ["", "| target (issue 23) | measured | met |", "|---|---:|---|"]
+    lines += ["", "| target (issue 23) | cost of constraining (negative: measured faster) | met |", "|---|---:|---|"]
     for t in targets(record):
-        lines.append(f"| {t['target']} | {100 * t['overhead']:+.1f} % | {'yes' if t['met'] else 'no'} |")
+        lines.append(f"| {t['target']} | {100 * t['cost']:+.1f} % | {'yes' if t['met'] else 'no'} |")
     return lines
 
 

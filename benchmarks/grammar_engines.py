@@ -27,22 +27,25 @@ from typing import Any
 
 import numpy as np
 
-# The bench row's schema (benchmarks/bench.py uses the same): nested objects, enums, arrays, numbers.
+# The bench row's schema (benchmarks/bench_structured.py uses the same): nested objects, enums, arrays,
+# numbers. Strings, numbers and arrays are bounded, as a production schema should be: a small model
+# otherwise fills a string until max_tokens.
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "name": {"type": "string"},
+        "name": {"type": "string", "maxLength": 40},
         "category": {"type": "string", "enum": ["fruit", "vegetable", "grain", "dairy", "meat"]},
-        "price": {"type": "number"},
+        "price": {"type": "number", "minimum": 0, "maximum": 1000},
         "in_stock": {"type": "boolean"},
-        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 5},
         "origin": {
             "type": "object",
-            "properties": {"country": {"type": "string"}, "region": {"type": "string"}},
+            "properties": {"country": {"type": "string", "maxLength": 40},
+                           "region": {"type": "string", "maxLength": 40}},
             "required": ["country", "region"],
             "additionalProperties": False,
         },
-        "ratings": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 5}},
+        "ratings": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 5}, "maxItems": 5},
     },
     "required": ["name", "category", "price", "in_stock", "tags", "origin", "ratings"],
     "additionalProperties": False,

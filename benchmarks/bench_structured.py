@@ -33,8 +33,9 @@ MASK_METRICS = ("toolkit_grammar_mask_seconds_total", "toolkit_grammar_masked_ro
                 "toolkit_grammar_masked_steps_total")
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[int, list[float], str]:
-    """Stream one request: completion tokens, chunk arrival times, the text."""
+async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[int, list[float], str, str]:
+    """Stream one request: completion tokens, chunk arrival times, the text, the finish reason."""
+    finish = ""
     stamps: list[float] = []
     parts: list[str] = []
     tokens = 0
@@ -47,17 +48,18 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tup
             if chunk.get("usage"):
                 tokens = int(chunk["usage"]["completion_tokens"])
             for choice in chunk.get("choices", []):
+                finish = choice.get("finish_reason") or finish
                 text = choice["delta"].get("content")
                 if text:
                     stamps.append(time.perf_counter())
                     parts.append(text)
-    return tokens, stamps, "".join(parts)
+    return tokens, stamps, "".join(parts), finish
 
 
 async def _level(url: str, model: str, prompts: list[str], concurrency: int, extra: dict[str, Any]) -> dict[str, Any]:
     """A closed loop of `concurrency` workers over `prompts`; ITL, throughput and the replies."""
     queue = list(enumerate(prompts))
-    results: dict[int, tuple[int, list[float], str]] = {}
+    results: dict[int, tuple[int, list[float], str, str]] = {}
 
     async def worker(client: httpx.AsyncClient) -> None:
         while queue:
@@ -70,11 +72,13 @@ async def _level(url: str, model: str, prompts: list[str], concurrency: int, ext
     async with httpx.AsyncClient(timeout=600) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     duration = time.perf_counter() - started
-    gaps = [b - a for _, stamps, _ in results.values() for a, b in zip(stamps, stamps[1:], strict=False)]
-    tokens = [t for t, _, _ in results.values()]
+    gaps = [b - a for _, stamps, _, _ in results.values() for a, b in zip(stamps, stamps[1:], strict=False)]
+    tokens = [t for t, _, _, _ in results.values()]
+    cut = sum(finish == "length" for _, _, _, finish in results.values())
     return {"requests": len(results), "duration_s": duration, "total_output_tokens": sum(tokens),
             "mean_output_tokens": float(np.mean(tokens)), "output_throughput": sum(tokens) / duration,
             "itl_ms": {f"p{p}": float(np.percentile(gaps, p) * 1000) for p in (50, 90, 99)} if gaps else {},
+            "cut_by_max_tokens": cut,
             "replies": [results[i][2] for i in sorted(results)]}
 
 
@@ -135,6 +139,7 @@ def measure_structured(repository: Path, model: str, prompts: list[str], concurr
                 "constrained": {k: v for k, v in constrained.items() if k != "replies"},
                 "unconstrained": {k: v for k, v in free.items() if k != "replies"},
                 "valid_json": f"{valid}/{sum(len(r['replies']) for r in bound_rounds)}",
+                "cut_by_max_tokens": sum(r["cut_by_max_tokens"] for r in bound_rounds),
                 "rounds": {"constrained": [_summary(r) for r in bound_rounds],
                            "unconstrained": [_summary(r) for r in free_rounds]},
                 "mask_us_per_row": 1e6 * seconds / rows if rows else None,
@@ -195,12 +200,13 @@ def markdown(record: dict[str, Any]) -> list[str]:
     lines = ["", "## Structured output (`response_format` json_schema vs none, same prompts)", "",
              "Schema: `benchmarks/grammar_engines.py` `SCHEMA` (nested object, enums, arrays, numbers); the "
              "unconstrained run generates the constrained run's mean reply length (`ignore_eos`).", "",
-             "| c | ITL p50 ms (free → constrained) | output tok/s (free → constrained) | valid JSON | "
-             "mask µs per sequence-step | mask µs per batched step |", "|---:|---|---|---:|---:|---:|"]
+             "| c | ITL p50 ms (free → constrained) | output tok/s (free → constrained) | valid JSON (cut by "
+             "max_tokens) | mask µs per sequence-step | mask µs per batched step |", "|---:|---|---|---:|---:|---:|"]
     for c, level in record["levels"].items():
         free, bound = level["unconstrained"], level["constrained"]
         lines.append(f"| {c} | {free['itl_ms'].get('p50', 0):.1f} → {bound['itl_ms'].get('p50', 0):.1f} | "
-                     f"{free['output_throughput']:.1f} → {bound['output_throughput']:.1f} | {level['valid_json']} | "
+                     f"{free['output_throughput']:.1f} → {bound['output_throughput']:.1f} | {level['valid_json']} "
+                     f"({level.get('cut_by_max_tokens', '?')}) | "
                      f"{level['mask_us_per_row'] or 0:.0f} | {level['mask_us_per_step'] or 0:.0f} |")
     lines += ["", "| target (issue 23) | cost of constraining (negative: measured faster) | met |", "|---|---:|---|"]
     for t in targets(record):

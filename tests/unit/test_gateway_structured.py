@@ -44,14 +44,15 @@ def _client(repository: Path, pool: FakePool) -> Iterator[TestClient]:
         yield client
 
 
-@pytest.fixture
+# One app per reply script for the module (tests read the pool's latest call, and reset what they set).
+@pytest.fixture(scope="module")
 def calls(repository: Path, tokenizer: ChatTokenizer) -> Iterator[tuple[TestClient, FakePool]]:
     pool = FakePool(tokenizer.encode(CALL_TEXT))
     for client in _client(repository, pool):
         yield client, pool
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def words(repository: Path, tokenizer: ChatTokenizer) -> Iterator[tuple[TestClient, FakePool]]:
     pool = FakePool(tokenizer.encode(" Paris is lovely."))
     for client in _client(repository, pool):
@@ -157,14 +158,18 @@ def test_token_bytes_are_exact_even_for_part_of_a_character(tokenizer: ChatToken
 
 def test_a_grammar_the_model_refuses_is_a_400_naming_the_field(words: tuple[TestClient, FakePool]) -> None:
     client, pool = words
-    pool.error = BadRequestError('the generation model rejected the request: invalid request: grammar: '
-                                 'Unimplemented keys: ["not"]')
-    rf = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"not": {}}}}
-    response = client.post("/v1/chat/completions", json={"messages": MESSAGES, "response_format": rf})
-    assert_openai_error(response, 400, 'response_format: Unimplemented keys: ["not"]', param="response_format")
-    pool.error = BadRequestError("the generation model rejected the request: invalid request: grammar: bad")
-    response = client.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": [WEATHER], "stream": True})
-    assert_openai_error(response, 400, "tools: bad", param="tools")
+    try:
+        pool.error = BadRequestError('the generation model rejected the request: invalid request: grammar: '
+                                     'Unimplemented keys: ["not"]')
+        rf = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"not": {}}}}
+        response = client.post("/v1/chat/completions", json={"messages": MESSAGES, "response_format": rf})
+        assert_openai_error(response, 400, 'response_format: Unimplemented keys: ["not"]', param="response_format")
+        pool.error = BadRequestError("the generation model rejected the request: invalid request: grammar: bad")
+        response = client.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": [WEATHER],
+                                                              "stream": True})
+        assert_openai_error(response, 400, "tools: bad", param="tools")
+    finally:
+        pool.error = None
 
 
 @pytest.mark.parametrize(("extra", "fragment"), [

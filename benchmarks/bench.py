@@ -31,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_report  # noqa: E402
+from bench_structured import measure_structured  # noqa: E402
 from bench_systems import SYSTEMS, Build, OnnxLoop, System, make_system, server_answers  # noqa: E402
 from thirdparty import BENCH_DIR, ROOT, ForeignLoad, ensure_vllm, vllm_env  # noqa: E402
 
@@ -198,14 +199,25 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     prompts_file = run_dir / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts))
-    vllm = ensure_vllm()
+    # The client of every server row is `vllm bench serve`; the structured row and the bare loop need no vLLM.
+    vllm = ensure_vllm() if set(systems) - {"onnxruntime", "structured"} else None
     results: dict[str, Any] = {}
+    structured: dict[str, Any] | None = None
     for name in systems:
         print(f"== {name}", flush=True)
+        if name == "structured":  # its own client and section: constrained against unconstrained decoding
+            try:
+                structured = measure_structured(build.repository, build.model_name, prompts, levels, counts,
+                                                args.max_tokens, run_dir)
+            except Exception as err:  # one system failing must not lose the others' numbers
+                print(f"structured FAILED: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                structured = {"error": f"{type(err).__name__}: {err}", "levels": {}}
+            continue
         try:
             if name == "onnxruntime":
                 results[name] = measure_onnxruntime(build, plan, questions, prompts)
             else:
+                assert vllm is not None
                 system = make_system(name, build, max(levels), args.threads, run_dir)
                 results[name] = measure_server(system, build, plan, questions, run_dir, vllm, prompts_file)
         except Exception as err:  # one system failing must not lose the others' numbers
@@ -218,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": stamp.isoformat(timespec="seconds"), "machine": machine,
         "command": shlex.join([Path(sys.executable).name, *map(str, sys.argv)]),
         "client_version": subprocess.run([str(vllm.parent / "python"), "-c", "import vllm; print(vllm.__version__)"],
-                                         capture_output=True, text=True, env=vllm_env()).stdout.strip(),
+                                         capture_output=True, text=True, env=vllm_env()).stdout.strip()
+        if vllm is not None else "not used",
         "build": {"workspace": str(build.workspace), "repository": str(build.repository),
                   "model_name": build.model_name, "core_model": manifest.get("serving_core_model"),
                   "built_at": manifest.get("built_at"), "onnx": str(build.onnx), "merged": str(build.merged)},
@@ -230,11 +243,14 @@ def main(argv: list[str] | None = None) -> int:
         "answers": compare_answers(results, questions, source) if questions else {},
         "total_s": time.monotonic() - started,
     }
+    if structured is not None:
+        data["structured"] = structured
     data["targets"] = bench_report.targets(data)
     md = bench_report.write(data, args.out, f"{stamp:%Y%m%d}-{slug}{'-quick' if args.quick else ''}")
     print(md.read_text())
     print(f"wrote {md} (and .json, .png)")
-    return 0 if all("error" not in r for r in results.values()) else 1
+    failed = any("error" in r for r in results.values()) or (structured is not None and "error" in structured)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import bench_structured
 from bench_systems import LABELS
 
 # Issue 14's targets, checked on every run (speed goals live in the benchmark output, not in tests).
@@ -78,6 +79,8 @@ def markdown(data: dict[str, Any]) -> str:
     if disturbed:
         lines += ["", "**Disturbed:** other processes used CPU while these systems were measured (average cores): "
                   + ", ".join(f"{LABELS[n]} {c:.2f}" for n, c in disturbed.items()) + "; their numbers are low."]
+    if "structured" in data:
+        lines += bench_structured.markdown(data["structured"])
     lines += ["", "## Targets (issue 14)", "", "| target | measured | met |", "|---|---:|---|"]
     for t in data["targets"]:
         measured = f"{t['ratio']:.2f}×" if t["ratio"] is not None else "not measured"

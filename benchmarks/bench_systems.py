@@ -34,7 +34,7 @@ from thirdparty import (  # noqa: E402
 )
 
 SERVERS = ("toolkit", "toolkit-int8", "vllm", "llama.cpp", "seed")
-SYSTEMS = (*SERVERS, "onnxruntime")
+SYSTEMS = (*SERVERS, "onnxruntime", "structured")
 LABELS = {
     "toolkit": "toolkit (Triton + gateway)",
     "toolkit-int8": "toolkit INT8 (Triton + gateway, onnx_int8)",
@@ -42,6 +42,7 @@ LABELS = {
     "llama.cpp": "llama.cpp llama-server",
     "seed": "seed (FastAPI + transformers, 1 at a time)",
     "onnxruntime": "bare onnxruntime loop (no server)",
+    "structured": "toolkit with response_format json_schema vs without",
 }
 
 

@@ -105,7 +105,7 @@ class _TimedStream:
         self.times: list[float] = []
         self.done = False
 
-    def on_tokens(self, ids: list[int]) -> None:
+    def on_tokens(self, ids: list[int], logprobs: Any = None, prompt_logprobs: Any = None) -> None:
         self.times.extend([time.perf_counter()] * len(ids))
 
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from gateway.chat.router import router as chat_router
+from gateway.completions.router import router as completions_router
 from gateway.deps import AppState
 from gateway.errors import install_error_handlers
 from gateway.health import router as health_router
@@ -89,6 +90,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(chat_router)
+    app.include_router(completions_router)
     app.include_router(models_router)
     app.include_router(versions_router)
     app.include_router(health_router)

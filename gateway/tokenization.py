@@ -55,14 +55,16 @@ class ChatTokenizer:
         """The tokenizer in `tokenizer_dir` with the manifest's chat template."""
         return cls(load_tokenizer(tokenizer_dir), chat_template)
 
-    def render_text(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        """The conversation as prompt text, through the model's chat template."""
+    def render_text(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """The conversation as prompt text, through the model's chat template (with `tools` where it takes them)."""
         try:
             text = self.tokenizer.apply_chat_template(
                 list(messages),
                 chat_template=self.chat_template,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
+                tools=list(tools) if tools else None,
             )
         except Exception as err:  # jinja raise_exception() in templates: e.g. roles out of order
             raise BadRequestError(
@@ -75,9 +77,10 @@ class ChatTokenizer:
         """Token ids of rendered text; no special tokens are added (the template wrote them)."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def render_ids(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+    def render_ids(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                   tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         """Prompt ids of a conversation, identical to training's ``render_prompt_ids``."""
-        return self.encode(self.render_text(messages, add_generation_prompt))
+        return self.encode(self.render_text(messages, add_generation_prompt, tools))
 
     def decode(self, ids: Sequence[int]) -> str:
         """One-shot decode of generated ids: the text a stream of them concatenates to.

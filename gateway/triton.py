@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput, KeepAliveOptions
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
@@ -38,6 +39,9 @@ from toolkit.repository import contract
 
 logger = logging.getLogger("gateway")
 _OUTPUTS = (contract.OUTPUT_IDS, contract.FINISH_REASON, contract.PROMPT_TOKENS, contract.COMPLETION_TOKENS)
+_LOGPROB_OUTPUTS = (contract.TOKEN_LOGPROBS, contract.TOP_LOGPROB_IDS, contract.TOP_LOGPROBS)
+_PROMPT_LOGPROB_OUTPUTS = (contract.PROMPT_TOKEN_LOGPROBS, contract.PROMPT_TOP_LOGPROB_IDS,
+                           contract.PROMPT_TOP_LOGPROBS)
 CLOSE_TIMEOUT_S = 5.0  # for Triton to end a half-closed stream whose request is complete
 
 
@@ -54,16 +58,20 @@ class GenerationInputs:
     repetition_penalty: float = contract.DEFAULT_REPETITION_PENALTY
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = contract.DEFAULT_IGNORE_EOS
+    grammar: str | None = None  # a grammar spec (toolkit.serving.grammar), JSON
+    logprobs: int | None = None  # alternatives per generated token; None: no log-probabilities
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens
 
     def to_infer_inputs(self) -> list[InferInput]:
         """Triton inputs, each with the leading batch dimension of 1 the model's max_batch_size implies.
 
-        The seed, extra stop ids and ignore_eos are sent only when set; the rest always.
+        The seed, extra stop ids, ignore_eos, grammar and log-probability counts are sent only when set.
         """
         arrays = contract.request_arrays(
             self.prompt_ids, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, repetition_penalty=self.repetition_penalty, seed=self.seed,
             stop_token_ids=self.stop_token_ids or None, ignore_eos=self.ignore_eos or None,
+            grammar=self.grammar, logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
         )
         inputs = []
         for name, array in arrays.items():
@@ -74,6 +82,15 @@ class GenerationInputs:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities of n tokens: each token's [n], and its k best alternatives (ids, values) [n, k]."""
+
+    token: np.ndarray
+    top_ids: np.ndarray
+    top: np.ndarray
+
+
+@dataclass(frozen=True)
 class StepOutput:
     """One streamed response: new token ids; on the last one, the finish reason and the counts."""
 
@@ -81,6 +98,19 @@ class StepOutput:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    logprobs: TokenLogprobs | None = None  # of token_ids, when the request asked
+    prompt_logprobs: TokenLogprobs | None = None  # on the first response, when the request asked
+
+
+def _logprobs(result: Any, names: tuple[str, str, str]) -> TokenLogprobs | None:
+    token, ids, top = (result.as_numpy(name) for name in names)
+    if token is None:
+        return None
+    token = token.reshape(-1)
+    count = token.size
+    width = ids.size // count if ids is not None and count else 0
+    return TokenLogprobs(token, ids.reshape(count, width) if ids is not None else np.zeros((count, 0), np.int64),
+                         top.reshape(count, width) if top is not None else np.zeros((count, 0), np.float32))
 
 
 def _parse_result(result: Any) -> StepOutput:
@@ -96,7 +126,18 @@ def _parse_result(result: Any) -> StepOutput:
         finish_reason=str(reason_text) or None,
         prompt_tokens=int(prompt.reshape(-1)[0]) if prompt is not None and prompt.size else None,
         completion_tokens=int(completion.reshape(-1)[0]) if completion is not None and completion.size else None,
+        logprobs=_logprobs(result, _LOGPROB_OUTPUTS),
+        prompt_logprobs=_logprobs(result, _PROMPT_LOGPROB_OUTPUTS),
     )
+
+
+def _requested_outputs(inputs: GenerationInputs) -> tuple[str, ...]:
+    names: tuple[str, ...] = _OUTPUTS
+    if inputs.logprobs is not None:
+        names += _LOGPROB_OUTPUTS
+    if inputs.prompt_logprobs is not None:
+        names += _PROMPT_LOGPROB_OUTPUTS
+    return names
 
 
 async def _close_stream(responses: Any, url: str) -> None:
@@ -278,7 +319,7 @@ class TritonPool:
             yield {
                 "model_name": model,
                 "inputs": inputs.to_infer_inputs(),
-                "outputs": [InferRequestedOutput(name) for name in _OUTPUTS],
+                "outputs": [InferRequestedOutput(name) for name in _requested_outputs(inputs)],
                 "request_id": request_id,
             }
             await done.wait()  # keep the stream open until the final response (or cancellation)

@@ -27,7 +27,7 @@ def write_serving_repository(
     root: Path, name: str, onnx: Path, *, context_length: int, max_active: int = 32,
     max_queue: int = 64, max_new_tokens_limit: int = 512, tokenizer_dir: Path | None = None,
     stop_token_ids: Sequence[int] = (), pad_token_id: int = 0, max_batch_size: int = 8,
-    build: BuildFacts | None = None,
+    build: BuildFacts | None = None, grammar_compile_timeout_s: float = 10.0,
 ) -> ServedRepository:
     """Write the generation model ``name`` (next version; 1 in a fresh ``root``) serving ``onnx`` on onnxruntime.
 
@@ -49,7 +49,8 @@ def write_serving_repository(
         root, model_name=name, model=facts, onnx_fp32=onnx, context_length=context_length, base_model=str(onnx),
         repository=RepositorySection(max_batch_size=max_batch_size, runner="onnxruntime"),
         serving=ServingSection(max_active_sequences=max_active, max_queue=max_queue,
-                               max_new_tokens_limit=max_new_tokens_limit),
+                               max_new_tokens_limit=max_new_tokens_limit,
+                               grammar_compile_timeout_s=grammar_compile_timeout_s),
         symlink_onnx=True, build=build,
     )
     return ServedRepository(root, name, onnx, written.manifest)

@@ -233,6 +233,9 @@ class ServingSection(Section):
     max_active_sequences: int = Field(contract.DEFAULT_MAX_ACTIVE_SEQUENCES, ge=1)
     max_queue: int = Field(contract.DEFAULT_MAX_QUEUE, ge=1)
     max_new_tokens_limit: int = Field(1024, ge=1)
+    grammar_compile_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="A response_format or tool schema compiling longer is refused (400)."
+    )
     memory_budget_gib: float = Field(4.0, gt=0, description="KV-cache budget the capacity report plans for.")
     triton_gate: bool = Field(True, description="End the build by serving the golden prompts through Triton.")
 

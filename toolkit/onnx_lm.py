@@ -68,7 +68,8 @@ class OnnxCausalLM:
         self.session = ort.InferenceSession(graph if graph is not None else str(path), options,
                                             providers=list(providers or default_providers()))
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self.input_names = set(inputs)
+        # Inputs with a default (an initializer of the same name) are listed apart; they may be fed too.
+        self.input_names = set(inputs) | {i.name for i in self.session.get_overridable_initializers()}
         layers = past_layers(inputs)
         if not layers:
             raise ValueError(f"{path}: no past_key_values inputs; export with task text-generation-with-past")
@@ -92,8 +93,12 @@ class OnnxCausalLM:
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
         past: Sequence[np.ndarray],
+        extra: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One step. Returns logits [batch, seq, vocab] and the new KV cache (2 arrays a layer)."""
+        """One step. Returns logits [batch, seq, vocab] and the new KV cache (2 arrays a layer).
+
+        ``extra``: more inputs of the graph (e.g. the serving graph's ``toolkit_logits_from``).
+        """
         feed: dict[str, np.ndarray] = {
             INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
             ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
@@ -101,6 +106,7 @@ class OnnxCausalLM:
         if self.has_position_ids:
             feed[POSITION_IDS] = np.ascontiguousarray(position_ids, dtype=np.int64)
         feed.update(zip(self._past_names, past, strict=True))
+        feed.update(extra or {})
         outputs = self.session.run(self.output_names, feed)
         return outputs[0], list(outputs[1:])
 

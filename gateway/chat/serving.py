@@ -13,18 +13,21 @@ Triton request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
-from gateway.chat.protocol import SamplingFields, Usage
+from gateway.chat.protocol import ResponseFormat, SamplingFields, Usage
 from gateway.deps import AppState
 from gateway.detokenize import StopMatcher
 from gateway.errors import BadRequestError, TooManyRequestsError, TritonUnavailableError, UpstreamTimeoutError
 from gateway.registry import ModelEntry
-from gateway.triton import GenerationInputs
+from gateway.triton import GenerationInputs, TokenLogprobs
 from toolkit.repository import contract
 
 logger = logging.getLogger("gateway")
@@ -93,11 +96,65 @@ class Prepared:
 
 @dataclass(frozen=True)
 class TextEvent:
-    """A text delta; the last event has ``finish_reason`` and ``usage`` (and possibly text)."""
+    """A text delta; the last event has ``finish_reason`` and ``usage`` (and possibly text).
+
+    ``token_ids`` are the tokens this event's step brought (the text may lag them: a character split
+    over tokens, a held-back stop string); with log-probabilities requested, ``logprobs`` are theirs
+    (the stop token that ended the reply included, as the last one) and the first event carries the
+    prompt's ``prompt_logprobs``.
+    """
 
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    token_ids: tuple[int, ...] = ()
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None
+
+
+class _StepTokens(NamedTuple):
+    """A step's tokens and log-probabilities, as TextEvent's last three fields."""
+
+    token_ids: tuple[int, ...]
+    logprobs: TokenLogprobs | None
+    prompt_logprobs: TokenLogprobs | None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole reply: its text, finish reason, usage, and the events it was streamed as (token ids, logprobs)."""
+
+    text: str
+    finish_reason: str
+    usage: Usage
+    events: list[TextEvent]
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """A request's prompt ids for one model, and the grammar spec its reply must follow (if any)."""
+
+    prompt_ids: list[int]
+    grammar: str | None = None
+
+
+Render = Callable[[ModelEntry], PromptPlan]  # runs in a worker thread (templates and tokenizers are slow)
+
+
+def chat_prompt(messages: list[dict[str, Any]], response_format: ResponseFormat | None = None) -> Render:
+    """The conversation through the model's chat template; the reply follows `response_format` if given."""
+    grammar = response_format_spec(response_format)
+    return lambda entry: PromptPlan(entry.tokenizer.render_ids(messages), grammar)
+
+
+def response_format_spec(response_format: ResponseFormat | None) -> str | None:
+    """The grammar spec (toolkit.serving.grammar) of a response_format; None for text."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return json.dumps({"type": "json_object"})
+    assert response_format.json_schema is not None
+    return json.dumps({"type": "json_schema", "schema": response_format.json_schema.schema_})
 
 
 class ChatService:
@@ -122,12 +179,16 @@ class ChatService:
     async def prepare(
         self,
         request: SamplingFields,
-        messages: list[dict[str, str]],
+        render: Render,
         max_tokens: int | None,
         caller: str,
         request_id: str,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> Prepared:
         """Admit (429), render and tokenize off the event loop, settle max_tokens and stops (400).
+
+        `logprobs`/`prompt_logprobs`: alternatives per generated/prompt token (None: no log-probabilities).
 
         The returned request holds its slots: the caller must end in :meth:`generate` or call
         :meth:`Prepared.release`.
@@ -140,8 +201,10 @@ class ChatService:
             )
         admission = Admission.take(self.state, caller)
         try:
-            prompt_ids, stop_ids = await asyncio.to_thread(_tokenize, entry, messages, stops)
-            inputs = self._inputs(request, entry, prompt_ids, max_tokens, stop_ids)
+            plan, stop_ids = await asyncio.to_thread(_tokenize, entry, render, stops)
+            prompt_ids = plan.prompt_ids
+            inputs = dataclasses.replace(self._inputs(request, entry, prompt_ids, max_tokens, stop_ids),
+                                         grammar=plan.grammar, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
             try:
                 self.state.rate_limiter.admit_prompt(caller, len(prompt_ids))
             except TooManyRequestsError:
@@ -215,13 +278,14 @@ class ChatService:
                         last = now
                         completion_tokens += len(step.token_ids)
                     text = stopper.push(detokenizer.push(step.token_ids))
+                    tokens = _StepTokens(tuple(step.token_ids), step.logprobs, step.prompt_logprobs)
                     if stopper.stopped:
                         # Leaving the loop closes the stream, which cancels the rest of the generation.
-                        yield TextEvent(text, "stop", Usage.of(prepared.prompt_tokens, completion_tokens))
+                        yield TextEvent(text, "stop", Usage.of(prepared.prompt_tokens, completion_tokens), *tokens)
                         return
                     if step.finish_reason is None:
-                        if text:
-                            yield TextEvent(text)
+                        if text or step.token_ids or step.prompt_logprobs is not None:
+                            yield TextEvent(text, None, None, *tokens)
                         continue
                     if step.finish_reason == contract.FINISH_CANCELLED:
                         raise TritonUnavailableError("Triton cancelled the generation (model unloading?); retry")
@@ -231,7 +295,7 @@ class ChatService:
                     completion_tokens = (
                         step.completion_tokens if step.completion_tokens is not None else completion_tokens
                     )
-                    yield TextEvent(text, finish, Usage.of(prepared.prompt_tokens, completion_tokens))
+                    yield TextEvent(text, finish, Usage.of(prepared.prompt_tokens, completion_tokens), *tokens)
                     return
         finally:
             prepared.release()
@@ -240,7 +304,7 @@ class ChatService:
 
     async def complete_or_cancel(
         self, prepared: Prepared, is_disconnected: Callable[[], Awaitable[bool]], poll_s: float = 0.5
-    ) -> tuple[str, str, Usage] | None:
+    ) -> Completion | None:
         """:meth:`complete`, cancelled (Triton request and all) if the client goes away first; None then."""
         task = asyncio.create_task(self.complete(prepared))
         task.add_done_callback(lambda _: prepared.release())  # also when cancelled before it ran
@@ -256,22 +320,22 @@ class ChatService:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def complete(self, prepared: Prepared) -> tuple[str, str, Usage]:
-        """Non-streaming: the whole reply, its finish reason and usage."""
-        parts: list[str] = []
+    async def complete(self, prepared: Prepared) -> Completion:
+        """Non-streaming: the whole reply, its finish reason and usage, and the events it came in."""
+        received: list[TextEvent] = []
         async with aclosing(self.generate(prepared)) as events:
             async for event in events:
-                parts.append(event.text)
+                received.append(event)
                 if event.finish_reason is not None:
                     assert event.usage is not None
-                    return "".join(parts), event.finish_reason, event.usage
+                    return Completion("".join(e.text for e in received), event.finish_reason, event.usage, received)
         raise TritonUnavailableError("the generation ended without a final response")
 
 
-def _tokenize(entry: ModelEntry, messages: list[dict[str, str]], stops: list[str]) -> tuple[list[int], list[int]]:
-    """Prompt ids, and the ids of stop strings that are one special token (a worker thread runs this)."""
+def _tokenize(entry: ModelEntry, render: Render, stops: list[str]) -> tuple[PromptPlan, list[int]]:
+    """The prompt plan, and the ids of stop strings that are one special token (a worker thread runs this)."""
     tokenizer = entry.tokenizer
-    prompt_ids = tokenizer.render_ids(messages)
+    plan = render(entry)
     # A stop string that is one special token (e.g. "<|im_end|>") never shows in decoded text: stop on its id.
     stop_ids = [i for i in (tokenizer.single_token_id(s) for s in stops) if i is not None]
-    return prompt_ids, stop_ids
+    return plan, stop_ids

@@ -79,12 +79,14 @@ def export_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
 
 def write_generation_repository(root: Path, name: str, onnx: Path, *, context_length: int,
                                 max_new_tokens_limit: int, max_active: int = 32, max_queue: int = 64,
-                                build: BuildFacts | None = None) -> ServedRepository:
+                                build: BuildFacts | None = None, grammar_compile_timeout_s: float = 10.0) \
+        -> ServedRepository:
     """A toolkit repository serving `onnx` with SmolLM2's tokenizer and stop id (the next version in `root`)."""
     return write_serving_repository(root, name, onnx, context_length=context_length, max_active=max_active,
                                     max_queue=max_queue,
                                     max_new_tokens_limit=max_new_tokens_limit, tokenizer_dir=SMOLLM_TOKENIZER,
-                                    stop_token_ids=[IM_END], pad_token_id=IM_END, build=build)
+                                    stop_token_ids=[IM_END], pad_token_id=IM_END, build=build,
+                                    grammar_compile_timeout_s=grammar_compile_timeout_s)
 
 
 @pytest.fixture(scope="session")

@@ -47,8 +47,10 @@ class ReferenceTokenizer:
         self.specials = {k: v["content"] if isinstance(v, dict) else v for k, v in specials.items()
                          if k.endswith("_token") and v}
 
-    def render_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        text = self.template.render(messages=list(messages), add_generation_prompt=True, **self.specials)
+    def render_ids(self, messages: Sequence[dict[str, Any]],
+                   tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        text = self.template.render(messages=list(messages), add_generation_prompt=True, tools=tools,
+                                    **self.specials)
         return self.raw.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:

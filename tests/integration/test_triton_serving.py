@@ -11,6 +11,7 @@ import re
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,7 +70,7 @@ class RecordingStream:
         self.tokens: list[int] = []
         self.done = False
 
-    def on_tokens(self, ids: list[int]) -> None:
+    def on_tokens(self, ids: list[int], logprobs: Any = None, prompt_logprobs: Any = None) -> None:
         self.tokens.extend(ids)
 
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
@@ -141,6 +142,21 @@ def test_split_kv_graph_logits_equal_the_exported_graph(tiny_onnx: Path) -> None
     full_mask = np.concatenate([mask, np.ones((3, 1), dtype=np.int64)], axis=1)
     plain_logits, _ = plain.forward(step_ids, full_mask, step_pos, plain_present)
     np.testing.assert_allclose(split_logits[:, -1], plain_logits[:, -1], atol=1e-4)
+
+
+def test_split_kv_graph_gives_every_positions_logits_when_asked(tiny_onnx: Path) -> None:
+    """Prompt logprobs (echo) need the whole prompt's logits: the serving graph's logits_from input, fed 0."""
+    from toolkit.serving.kvcache import left_pad
+
+    split, plain = OnnxRunner(tiny_onnx), OnnxRunner(tiny_onnx, split_kv=False)
+    ids, mask, positions = left_pad(_prompts(2, seed=5))
+    every, _ = split.forward(ids, mask, positions, split.empty_past(2), all_logits=True)
+    want, _ = plain.forward(ids, mask, positions, plain.empty_past(2))
+    assert every.shape == want.shape
+    np.testing.assert_allclose(every, want, atol=1e-4)
+    last, _ = split.forward(ids, mask, positions, split.empty_past(2))  # and the fast path is unchanged after it
+    assert last.shape[1] == 1
+    np.testing.assert_allclose(last[:, -1], want[:, -1], atol=1e-4)
 
 
 @pytest.mark.parametrize("concurrency", [1, 8])

@@ -6,13 +6,14 @@ The fake pool stands in for Triton only in tests/unit; tests/integration/test_ga
 from __future__ import annotations
 
 import asyncio
+import math
 import shutil
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.errors import TritonUnavailableError
-from gateway.triton import GenerationInputs, StepOutput
+from gateway.triton import GenerationInputs, StepOutput, TokenLogprobs
 from toolkit.repository.manifest import ModelManifest
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "smollm2_tokenizer"
@@ -49,6 +50,21 @@ def write_repository(root: Path, name: str = "chat", context_length: int = 128, 
         f'parameters {{ key: "max_new_tokens_limit" value {{ string_value: "{max_new_tokens}" }} }}\n'
     )
     return root
+
+
+def fake_logprobs(ids: list[int], k: int, offset: int = 0, prompt: bool = False) -> TokenLogprobs:
+    """Scripted log-probabilities: token i of a reply has -0.5 * (i + 1), its alternatives itself, then id + 1...
+
+    A prompt's first token has none (NaN), as the generation model sends it.
+    """
+    import numpy as np
+
+    token = np.asarray([-0.5 * (offset + i + 1) for i in range(len(ids))], dtype=np.float32)
+    if prompt:
+        token[0] = math.nan
+    top_ids = np.asarray([[t + j for j in range(k)] for t in ids], dtype=np.int64).reshape(len(ids), k)
+    top = np.asarray([[float(v) - j for j in range(k)] for v in token], dtype=np.float32).reshape(len(ids), k)
+    return TokenLogprobs(token, top_ids, top)
 
 
 class FakeClient:
@@ -91,6 +107,7 @@ class FakePool:
         self.calls: list[GenerationInputs] = []
         self.closed_early = 0
         self.step_delay_s = 0.0
+        self.error: Exception | None = None  # raised instead of generating (a refusal of the generation model)
 
     async def start(self) -> None:
         for endpoint in self.endpoints:
@@ -119,12 +136,18 @@ class FakePool:
             if len(ids) == inputs.max_tokens:
                 finish = "length"
                 break
+        if self.error is not None:
+            raise self.error
         finished = False
         try:
-            for token in ids:
+            for index, token in enumerate(ids):
                 if self.step_delay_s:
                     await asyncio.sleep(self.step_delay_s)
-                yield StepOutput([token])
+                prompt = fake_logprobs(inputs.prompt_ids, inputs.prompt_logprobs, prompt=True) \
+                    if index == 0 and inputs.prompt_logprobs is not None else None
+                logprobs = fake_logprobs([token], inputs.logprobs, offset=index) if inputs.logprobs is not None \
+                    else None
+                yield StepOutput([token], logprobs=logprobs, prompt_logprobs=prompt)
             finished = True
             yield StepOutput([], finish, len(inputs.prompt_ids), len(ids))
         finally:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from toolkit.serving.logprobs import Logprobs
+
 
 class FakeRunner:
     num_layers = 1
@@ -32,7 +34,7 @@ class FakeRunner:
         return [np.zeros((batch, 1, 0, self.head_dim), np.float32) for _ in range(2)]
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+                past: Sequence[np.ndarray], all_logits: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("boom")
@@ -80,9 +82,17 @@ class RecordingStream:
         self.error: str | None = None
         self.cancel_after = cancel_after
         self.cancel = False
+        self.logprobs: list[Logprobs] = []
+        self.prompt_logprobs: Logprobs | None = None
 
-    def on_tokens(self, ids: list[int]) -> None:
+    def on_tokens(self, ids: list[int], logprobs: Logprobs | None = None,
+                  prompt_logprobs: Logprobs | None = None) -> None:
+        assert prompt_logprobs is None or (self.prompt_logprobs is None and not self.tokens), "prompt logprobs late"
         self.tokens.extend(ids)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
+        if prompt_logprobs is not None:
+            self.prompt_logprobs = prompt_logprobs
 
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         assert self.finish is None and self.error is None, "finished twice"

@@ -17,9 +17,12 @@ from toolkit.serving.scheduler import Scheduler
 
 CONFIG = generation_model_config("m", max_batch_size=8, preferred_batch_sizes=[8], max_queue_delay_us=0,
                                  instance_count=1, parameters={})
-DECLARED = {t.name: (pb.DataType.Name(t.data_type).removeprefix("TYPE_"), list(t.dims)) for t in CONFIG.input}
+# The config says TYPE_STRING where the wire says BYTES.
+DECLARED = {t.name: (pb.DataType.Name(t.data_type).removeprefix("TYPE_").replace("STRING", "BYTES"), list(t.dims))
+            for t in CONFIG.input}
 EVERY_INPUT = {"max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "top_k": 3, "seed": 7, "repetition_penalty": 1.1,
-               "stop_token_ids": [2, 3], "ignore_eos": True}
+               "stop_token_ids": [2, 3], "ignore_eos": True, "grammar": '{"type": "json_object"}', "logprobs": 2,
+               "prompt_logprobs": 1}
 
 
 def _check_against_config(tensors: dict[str, tuple[str, list[int]]]) -> None:
@@ -36,6 +39,7 @@ def test_every_optional_input_of_the_table_is_in_the_config_and_the_encoder() ->
     assert list(arrays) == [contract.INPUT_IDS, *contract.OPTIONAL_INPUTS] == list(DECLARED)
     _check_against_config({n: (contract.input_spec(n).dtype, list(a.shape)) for n, a in arrays.items()})
     assert arrays["stop_token_ids"].shape == (1, 2) and arrays["ignore_eos"].dtype == np.bool_
+    assert arrays["grammar"].dtype == object and arrays["grammar"][0, 0] == b'{"type": "json_object"}'
     assert list(contract.request_arrays([1], seed=None, max_tokens=4)) == ["input_ids", "max_tokens"]
     with pytest.raises(KeyError, match="beam_width"):
         contract.request_arrays([1], beam_width=2)

@@ -33,18 +33,48 @@ ANY_SCALAR = st.one_of(st.none(), st.booleans(), NUMBER, HOSTILE_TEXT)
 ANY_JSON = st.recursive(ANY_SCALAR, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                             st.dictionaries(st.text(max_size=8), inner, max_size=3)),
                         max_leaves=8)
+# JSON Schemas, valid or not: keywords with hostile values ($schema and $ref included).
+SCHEMA = st.dictionaries(st.sampled_from(["type", "properties", "required", "enum", "$schema", "$ref", "not", "items",
+                                          "pattern", "minLength", "anyOf"]), ANY_JSON, max_size=4)
+TOOL = st.fixed_dictionaries({"type": st.one_of(st.just("function"), ANY_SCALAR), "function": st.fixed_dictionaries(
+    {"name": st.one_of(HOSTILE_TEXT, st.just("get_time"))},
+    optional={"parameters": st.one_of(ANY_JSON, SCHEMA), "description": ANY_SCALAR, "strict": ANY_SCALAR})})
+TOOL_CALL = st.fixed_dictionaries({"id": ANY_SCALAR, "type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": HOSTILE_TEXT, "arguments": st.one_of(HOSTILE_TEXT, st.just('{"a": 1}'))})})
+NAMED_CHOICE = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.one_of(HOSTILE_TEXT, st.just("get_time"))})})
 MESSAGE = st.fixed_dictionaries(
     {"role": st.one_of(st.sampled_from(["user", "assistant", "system", "developer", "tool", "root", ""]), ANY_SCALAR),
      "content": st.one_of(HOSTILE_TEXT, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": HOSTILE_TEXT}),
                                                 max_size=2), ANY_JSON)},
-    optional={"name": ANY_SCALAR, "extra": ANY_SCALAR},
+    optional={"name": ANY_SCALAR, "extra": ANY_SCALAR, "tool_call_id": ANY_SCALAR,
+              "tool_calls": st.one_of(ANY_JSON, st.lists(TOOL_CALL, max_size=2))},
 )
+COMPLETION_FIELDS = {"prompt": st.one_of(HOSTILE_TEXT, st.lists(HOSTILE_TEXT, max_size=3),
+                                         st.lists(st.integers(-2, 60_000), max_size=5), ANY_JSON),
+                     "echo": ANY_SCALAR, "logprobs": NUMBER, "max_tokens": NUMBER, "stream": ANY_SCALAR,
+                     "suffix": ANY_SCALAR, "best_of": NUMBER, "logit_bias": ANY_JSON, "temperature": NUMBER}
+COMPLETION_BODY = st.fixed_dictionaries({}, optional=COMPLETION_FIELDS)  # type: ignore[arg-type]
 FIELDS = {"model": st.one_of(st.none(), HOSTILE_TEXT, st.just("chat")), "max_tokens": NUMBER, "temperature": NUMBER,
           "top_p": NUMBER, "top_k": NUMBER, "repetition_penalty": NUMBER, "seed": NUMBER,
           "stop": st.one_of(HOSTILE_TEXT, st.lists(HOSTILE_TEXT, max_size=6), ANY_JSON), "stream": ANY_SCALAR,
-          "n": NUMBER, "ignore_eos": ANY_SCALAR, "logprobs": ANY_SCALAR, "unknown_field": ANY_SCALAR}
+          "n": NUMBER, "ignore_eos": ANY_SCALAR, "logprobs": ANY_SCALAR, "unknown_field": ANY_SCALAR,
+          "top_logprobs": NUMBER, "parallel_tool_calls": ANY_SCALAR,
+          "response_format": st.one_of(ANY_JSON, st.fixed_dictionaries(
+              {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])},
+              optional={"json_schema": st.one_of(ANY_JSON, st.fixed_dictionaries(
+                  {"name": HOSTILE_TEXT, "schema": st.one_of(ANY_JSON, SCHEMA)}, optional={"strict": ANY_SCALAR}))})),
+          "tools": st.one_of(ANY_JSON, st.lists(TOOL, max_size=3)),
+          "tool_choice": st.one_of(ANY_JSON, st.sampled_from(["none", "auto", "required", "any"]), NAMED_CHOICE)}
 BODY = st.fixed_dictionaries({"messages": st.one_of(st.lists(MESSAGE, max_size=4), ANY_JSON)},
                              optional=FIELDS)  # type: ignore[arg-type]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=COMPLETION_BODY)
+def test_generated_completions_requests_never_get_a_5xx(client: TestClient, body: dict[str, Any]) -> None:
+    raw = json.dumps(body, allow_nan=True).encode()
+    _check(client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"}))
 
 
 def _deep(depth: int) -> str:
@@ -123,4 +153,4 @@ def test_schemathesis_every_operation_of_the_openapi_schema(tmp_path: Path, auth
             settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))(
                 given(case=strategy)(check))()
         assert not failures, failures
-        assert {"POST /v1/chat/completions", "POST /v1/chat", "GET /v1/models"} <= seen, seen
+        assert {"POST /v1/chat/completions", "POST /v1/chat", "POST /v1/completions", "GET /v1/models"} <= seen, seen

@@ -101,7 +101,8 @@ def test_layout_configs_and_manifest(tmp_path: Path, merged_dir: Path, sources: 
     config = read_config(out / "tiny" / "config.pbtxt")
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params == {c.PARAM_CORE_MODEL: "tiny_onnx_fp32", c.PARAM_RUNNER: "onnxruntime", c.PARAM_MAX_ACTIVE: "32",
-                      c.PARAM_MAX_QUEUE: "256", c.PARAM_MAX_NEW_TOKENS: "1024", c.PARAM_CONTEXT: "256"}
+                      c.PARAM_MAX_QUEUE: "256", c.PARAM_MAX_NEW_TOKENS: "1024", c.PARAM_CONTEXT: "256",
+                      c.PARAM_GRAMMAR_TIMEOUT: "10"}
     core = read_config(out / "tiny_onnx_fp32" / "config.pbtxt")
     assert core.platform == "onnxruntime_onnx" and len(core.input) == 3 + 2 * 2
     assert list(core.dynamic_batching.preferred_batch_size) == [4, 8] and core.max_batch_size == 8
@@ -438,7 +439,8 @@ def test_dev_repository_is_the_stage_layout_around_an_onnx(tmp_path: Path, merge
     assert (repo / "dev_onnx_fp32" / "1" / "model.onnx").resolve() == onnx.resolve()  # linked, not copied
     params = {k: v.string_value for k, v in read_config(repo / "dev" / "config.pbtxt").parameters.items()}
     assert params == {c.PARAM_CORE_MODEL: "dev_onnx_fp32", c.PARAM_RUNNER: "onnxruntime", c.PARAM_MAX_ACTIVE: "4",
-                      c.PARAM_MAX_QUEUE: "16", c.PARAM_MAX_NEW_TOKENS: "64", c.PARAM_CONTEXT: "128"}
+                      c.PARAM_MAX_QUEUE: "16", c.PARAM_MAX_NEW_TOKENS: "64", c.PARAM_CONTEXT: "128",
+                      c.PARAM_GRAMMAR_TIMEOUT: "10"}
     core = read_config(repo / "dev_onnx_fp32" / "config.pbtxt")
     assert core.max_batch_size == 2 and list(core.dynamic_batching.preferred_batch_size) == [2]
     manifest = ModelManifest.load(repo / "dev" / "1")

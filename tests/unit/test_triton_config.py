@@ -61,7 +61,11 @@ def test_generation_model_follows_the_contract() -> None:
     assert inputs[c.STOP_TOKEN_IDS].allow_ragged_batch and list(inputs[c.STOP_TOKEN_IDS].dims) == [-1]
     outputs = {t.name: pb.DataType.Name(t.data_type) for t in config.output}
     assert outputs == {c.OUTPUT_IDS: "TYPE_INT64", c.FINISH_REASON: "TYPE_STRING", c.PROMPT_TOKENS: "TYPE_INT32",
-                       c.COMPLETION_TOKENS: "TYPE_INT32"}
+                       c.COMPLETION_TOKENS: "TYPE_INT32", c.TOKEN_LOGPROBS: "TYPE_FP32",
+                       c.TOP_LOGPROB_IDS: "TYPE_INT64", c.TOP_LOGPROBS: "TYPE_FP32",
+                       c.PROMPT_TOKEN_LOGPROBS: "TYPE_FP32", c.PROMPT_TOP_LOGPROB_IDS: "TYPE_INT64",
+                       c.PROMPT_TOP_LOGPROBS: "TYPE_FP32"}
+    assert pb.DataType.Name(inputs[c.GRAMMAR].data_type) == "TYPE_STRING" and list(inputs[c.GRAMMAR].dims) == [1]
     assert config.backend == "python" and config.model_transaction_policy.decoupled
     assert [g.kind for g in config.instance_group] == [pb.ModelInstanceGroup.KIND_CPU]
     assert {k: v.string_value for k, v in config.parameters.items()} == PARAMS

@@ -66,6 +66,9 @@ SEED = "seed"
 REPETITION_PENALTY = "repetition_penalty"
 STOP_TOKEN_IDS = "stop_token_ids"
 IGNORE_EOS = "ignore_eos"
+GRAMMAR = "grammar"  # a JSON grammar spec (toolkit.serving.grammar): every token is masked to follow it
+LOGPROBS = "logprobs"  # k >= 0: each generated token's log-probability, and the k most likely alternatives
+PROMPT_LOGPROBS = "prompt_logprobs"  # k >= 0: the same for every prompt token (from the first on)
 
 # How the generation model's error messages start, so a client can tell whose fault an error is:
 # a request it refused (the client's), a full queue (retry), a shutdown (another instance); any other
@@ -78,6 +81,16 @@ OUTPUT_IDS = "output_ids"
 FINISH_REASON = "finish_reason"
 PROMPT_TOKENS = "prompt_tokens"
 COMPLETION_TOKENS = "completion_tokens"
+# With LOGPROBS: per streamed response, one log-probability per OUTPUT_IDS token, and k alternatives per
+# token, row-major (ids and their log-probabilities). With PROMPT_LOGPROBS: the first response carries the
+# prompt's (NaN for the first prompt token, which has no context).
+TOKEN_LOGPROBS = "token_logprobs"
+TOP_LOGPROB_IDS = "top_logprob_ids"
+TOP_LOGPROBS = "top_logprobs"
+PROMPT_TOKEN_LOGPROBS = "prompt_token_logprobs"
+PROMPT_TOP_LOGPROB_IDS = "prompt_top_logprob_ids"
+PROMPT_TOP_LOGPROBS = "prompt_top_logprobs"
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 # What an optional input left out means. MAX_TOKENS has none: it defaults to the rest of the context.
 DEFAULT_TEMPERATURE = 0.0  # greedy
@@ -96,12 +109,21 @@ GENERATION_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec(REPETITION_PENALTY, "FP32", (1,), optional=True),
     TensorSpec(STOP_TOKEN_IDS, "INT64", (-1,), optional=True, ragged=True),  # added to the manifest's stop ids
     TensorSpec(IGNORE_EOS, "BOOL", (1,), optional=True),
+    TensorSpec(GRAMMAR, "BYTES", (1,), optional=True),
+    TensorSpec(LOGPROBS, "INT32", (1,), optional=True),
+    TensorSpec(PROMPT_LOGPROBS, "INT32", (1,), optional=True),
 )
 GENERATION_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec(OUTPUT_IDS, "INT64", (-1,)),
     TensorSpec(FINISH_REASON, "BYTES", (1,)),  # "" until the final response
     TensorSpec(PROMPT_TOKENS, "INT32", (1,)),
     TensorSpec(COMPLETION_TOKENS, "INT32", (1,)),
+    TensorSpec(TOKEN_LOGPROBS, "FP32", (-1,)),
+    TensorSpec(TOP_LOGPROB_IDS, "INT64", (-1,)),
+    TensorSpec(TOP_LOGPROBS, "FP32", (-1,)),
+    TensorSpec(PROMPT_TOKEN_LOGPROBS, "FP32", (-1,)),
+    TensorSpec(PROMPT_TOP_LOGPROB_IDS, "INT64", (-1,)),
+    TensorSpec(PROMPT_TOP_LOGPROBS, "FP32", (-1,)),
 )
 OPTIONAL_INPUTS = tuple(spec.name for spec in GENERATION_INPUTS if spec.optional)
 _INPUT_SPECS = {spec.name: spec for spec in GENERATION_INPUTS}
@@ -121,6 +143,7 @@ PARAM_MAX_QUEUE = "max_queue"
 PARAM_MAX_NEW_TOKENS = "max_new_tokens_limit"
 PARAM_CONTEXT = "context_length"
 PARAM_CORE_MAX_BATCH = "core_max_batch_size"  # optional: overrides the core model config's max_batch_size
+PARAM_GRAMMAR_TIMEOUT = "grammar_compile_timeout_s"  # a grammar compiling longer is refused (default 10)
 RUNNER_ONNXRUNTIME = "onnxruntime"
 RUNNER_BLS = "bls"
 
@@ -148,6 +171,8 @@ def request_arrays(prompt_ids: Sequence[int], **values: Any) -> dict[str, np.nda
         spec = input_spec(name)
         if value is None:
             continue
+        if spec.dtype == "BYTES" and isinstance(value, str):
+            value = value.encode()
         row = list(value) if spec.shape == (-1,) else [value]
         arrays[name] = np.asarray([row], dtype=spec.numpy_dtype)
     return arrays

@@ -347,6 +347,7 @@ def write_repository(
             contract.PARAM_MAX_ACTIVE: str(srv.max_active_sequences),
             contract.PARAM_MAX_QUEUE: str(srv.max_queue),
             contract.PARAM_MAX_NEW_TOKENS: str(srv.max_new_tokens_limit),
+            contract.PARAM_GRAMMAR_TIMEOUT: f"{srv.grammar_compile_timeout_s:g}",
             contract.PARAM_CONTEXT: str(context_length),
             **(extra_parameters or {}),
         }

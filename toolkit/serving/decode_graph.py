@@ -13,7 +13,10 @@ copy. For each layer it
 - returns only the new tokens' keys and values as ``present.N.key/value``;
 
 and computes logits for the last position only (the scheduler samples nothing else; the LM head
-over a whole prompt was a fifth of a prefill). The caller keeps the cache itself in buffers with
+over a whole prompt was a fifth of a prefill). Where the LM head's input is sliced from is the
+input :data:`LOGITS_FROM`, an overridable initializer (-1 when not fed): a prefill that needs every
+prompt position's logits (prompt log-probabilities for ``echo``) feeds 0; every other forward runs
+as before. The caller keeps the cache itself in buffers with
 spare columns (:class:`toolkit.serving.kvcache.BatchKV` with ``spare_columns``) and writes each
 step's new column in place; spare columns are masked out by the attention mask.
 
@@ -34,6 +37,7 @@ from toolkit.onnx_files import MAX_PROTO_BYTES, load_graph
 from toolkit.repository.contract import LOGITS
 
 _MAX_INT64 = 2**63 - 1
+LOGITS_FROM = "toolkit_logits_from"  # INT64 [1]: the first position whose logits the graph returns
 _PREFIX = "toolkit_split_kv"
 
 
@@ -78,8 +82,8 @@ def rewrite(model: Any) -> None:
         graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
         return name
 
-    zero, last_axis, end, minus_one, seq_axis = (const("zero", 0), const("last_axis", -1), const("end", _MAX_INT64),
-                                                 const("minus_one", -1), const("seq_axis", 1))
+    zero, last_axis, end, seq_axis = (const("zero", 0), const("last_axis", -1), const("end", _MAX_INT64),
+                                      const("seq_axis", 1))
     removed: list[Any] = []
     added: list[Any] = []
     layer = 0
@@ -130,7 +134,10 @@ def rewrite(model: Any) -> None:
     head = producer[LOGITS]
     if head.op_type not in ("MatMul", "Gemm"):
         raise UnsupportedGraphError(f"logits come from {head.op_type}, not the LM head's MatMul")
-    added.append(helper.make_node("Slice", [head.input[0], minus_one, end, seq_axis], [f"{_PREFIX}_last_hidden"]))
+    # An input with an initializer: onnxruntime uses the initializer (-1) unless the caller feeds it.
+    graph.initializer.append(helper.make_tensor(LOGITS_FROM, TensorProto.INT64, [1], [-1]))
+    graph.input.append(helper.make_tensor_value_info(LOGITS_FROM, TensorProto.INT64, [1]))
+    added.append(helper.make_node("Slice", [head.input[0], LOGITS_FROM, end, seq_axis], [f"{_PREFIX}_last_hidden"]))
     head.input[0] = f"{_PREFIX}_last_hidden"
     outputs[LOGITS].type.tensor_type.shape.dim[1].dim_param = "last_position"
 
@@ -138,6 +145,8 @@ def rewrite(model: Any) -> None:
     nodes = [node for node in graph.node if id(node) not in gone] + added
     del graph.node[:]
     graph.node.extend(_topological(nodes, {i.name for i in graph.input} | {i.name for i in graph.initializer}))
+    if model.ir_version < 4:  # inputs with a default (an initializer of the same name) need IR 4
+        model.ir_version = 4
     del graph.value_info[:]  # shapes inferred for the old nodes no longer hold
 
 

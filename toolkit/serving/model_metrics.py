@@ -22,6 +22,9 @@ ACTIVE_SEQUENCES = "toolkit_active_sequences"
 QUEUE_DEPTH = "toolkit_queue_depth"
 KV_CACHE_BYTES = "toolkit_kv_cache_bytes"
 REQUESTS = "toolkit_requests_total"  # label finish_reason: stop, length, cancelled, error, rejected
+GRAMMAR_MASK_SECONDS = "toolkit_grammar_mask_seconds_total"  # computing and applying grammar bitmasks
+GRAMMAR_MASKED_ROWS = "toolkit_grammar_masked_rows_total"  # sequence-steps that were masked
+GRAMMAR_MASKED_STEPS = "toolkit_grammar_masked_steps_total"  # batched steps with at least one masked row
 
 TTFT_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 ITL_BUCKETS_S = [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56]
@@ -40,6 +43,7 @@ class NullMetrics:
     def queue_depth(self, n: int) -> None: ...
     def kv_cache_bytes(self, n: int) -> None: ...
     def finished(self, reason: str) -> None: ...
+    def grammar_masks(self, rows: int, seconds: float) -> None: ...
 
 
 class _Gauge:
@@ -95,6 +99,9 @@ class TritonMetrics(NullMetrics):
         self._active = _Gauge(metric(ACTIVE_SEQUENCES, "Sequences holding a slot (prefilled or decoding)", gauge))
         self._queue = _Gauge(metric(QUEUE_DEPTH, "Requests waiting for a slot", gauge))
         self._kv = _Gauge(metric(KV_CACHE_BYTES, "Bytes of KV cache held by the decode batch", gauge))
+        self._mask_seconds = metric(GRAMMAR_MASK_SECONDS, "Seconds spent computing and applying grammar masks", counter)
+        self._masked_rows = metric(GRAMMAR_MASKED_ROWS, "Sequence steps masked by a grammar", counter)
+        self._masked_steps = metric(GRAMMAR_MASKED_STEPS, "Batched steps with a grammar-masked row", counter)
         requests = family(name=REQUESTS, description="Finished requests by finish reason", kind=counter)
         self._families.append(requests)
         self._requests = {
@@ -126,6 +133,11 @@ class TritonMetrics(NullMetrics):
 
     def kv_cache_bytes(self, n: int) -> None:
         self._kv.set(float(n))
+
+    def grammar_masks(self, rows: int, seconds: float) -> None:
+        _safe(self._mask_seconds.increment, seconds)
+        _safe(self._masked_rows.increment, float(rows))
+        _safe(self._masked_steps.increment, 1.0)
 
     def finished(self, reason: str) -> None:
         metric = self._requests.get(reason)

@@ -56,8 +56,12 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_token_ids: frozenset[int] = frozenset()
+    grammar: bytes | None = None  # a JSON grammar spec (toolkit.serving.grammar); compiled by the scheduler
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and k alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens
 
 
+MAX_GRAMMAR_BYTES = 1 << 20
 _KNOWN = (contract.INPUT_IDS, *contract.OPTIONAL_INPUTS)
 
 
@@ -175,7 +179,32 @@ def parse_request(
         max_tokens=max_tokens,
         sampling=SamplingParams(temperature, top_p, top_k, seed, penalty),
         stop_token_ids=frozenset(stops),
+        grammar=_grammar(values[contract.GRAMMAR]) if contract.GRAMMAR in values else None,
+        logprobs=_top_count(contract.LOGPROBS, values),
+        prompt_logprobs=_top_count(contract.PROMPT_LOGPROBS, values),
     )
+
+
+def _grammar(value: Any) -> bytes:
+    arr = np.asarray(value, dtype=object).reshape(-1)
+    if arr.size != 1:
+        raise RequestError(f"{contract.GRAMMAR} must be a single BYTES value, got {arr.size} values")
+    item = arr[0]
+    data = item.encode() if isinstance(item, str) else item
+    if not isinstance(data, bytes) or not data:
+        raise RequestError(f"{contract.GRAMMAR} must be a non-empty JSON document (BYTES)")
+    if len(data) > MAX_GRAMMAR_BYTES:
+        raise RequestError(f"{contract.GRAMMAR} is {len(data)} bytes; at most {MAX_GRAMMAR_BYTES} are accepted")
+    return data
+
+
+def _top_count(name: str, values: Mapping[str, Any]) -> int | None:
+    if name not in values:
+        return None
+    count = int(_scalar(name, values[name], "int"))
+    if not 0 <= count <= contract.MAX_TOP_LOGPROBS:
+        raise RequestError(f"{name} must be in [0, {contract.MAX_TOP_LOGPROBS}] (alternatives per token), got {count}")
+    return count
 
 
 def unbatch(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from toolkit.onnx_lm import OnnxCausalLM
 from toolkit.repository.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names
-from toolkit.serving.decode_graph import UnsupportedGraphError, split_kv_graph
+from toolkit.serving.decode_graph import LOGITS_FROM, UnsupportedGraphError, split_kv_graph
 
 
 class Runner(Protocol):
@@ -26,6 +26,7 @@ class Runner(Protocol):
 
     ``kv_spare_columns`` 0: ``present`` is the whole cache (past and new tokens); n > 0: ``present`` is
     the new tokens only, and the graph reads past buffers with up to n masked spare columns.
+    ``logits`` holds at least the last position; with ``all_logits`` every position of the input.
     """
 
     kv_spare_columns: int
@@ -36,7 +37,8 @@ class Runner(Protocol):
     dtype: Any
 
     def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Sequence[np.ndarray]
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Sequence[np.ndarray],
+        all_logits: bool = False,
     ) -> tuple[np.ndarray, list[np.ndarray]]: ...
 
     def empty_past(self, batch: int) -> list[np.ndarray]: ...
@@ -87,9 +89,13 @@ class OnnxRunner:
         self.providers = self.lm.session.get_providers()
 
     def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Sequence[np.ndarray]
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Sequence[np.ndarray],
+        all_logits: bool = False,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        return self.lm.forward(input_ids, attention_mask, position_ids, past)
+        # The exported graph returns every position's logits anyway; the serving graph when asked.
+        extra = {LOGITS_FROM: np.zeros(1, dtype=np.int64)} if all_logits and LOGITS_FROM in self.lm.input_names \
+            else None
+        return self.lm.forward(input_ids, attention_mask, position_ids, past, extra)
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return self.lm.empty_past(batch)
@@ -162,8 +168,10 @@ class BlsRunner:
         return arrays[0], arrays[1:]
 
     def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Sequence[np.ndarray]
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Sequence[np.ndarray],
+        all_logits: bool = False,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The core model has the exported interface: its logits cover every position, `all_logits` or not."""
         batch = input_ids.shape[0]
         step = self.max_batch_size
         requests = [

@@ -5,6 +5,13 @@ slots (one batched, left-padded prefill that also yields their first token), the
 forward over every active sequence with its KV cache (:class:`BatchKV`), samples each row with its
 own sampler, streams the new tokens through each request's :class:`Stream`, and retires the rows
 that finished. Plain Python: the Triton adapter supplies the runner, the streams and the metrics.
+
+A request with a grammar waits, outside the queue, while a worker thread compiles it (others keep
+decoding); its sequence then carries its own matcher, every step masks its logits row with the
+matcher's bitmask before sampling (the masks of all constrained rows are computed together, in
+parallel, by llguidance), and the sequence ends when the grammar is complete. Log-probabilities are
+computed from the masked row the token was drawn from (:mod:`toolkit.serving.logprobs`); a request
+for prompt log-probabilities is prefilled alone, with logits for every prompt position.
 """
 
 from __future__ import annotations
@@ -13,15 +20,18 @@ import collections
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from toolkit.repository import contract
+from toolkit.serving.grammar import GrammarCompiler, GrammarError, SequenceGrammar, apply_bitmask, fill_masks
 from toolkit.serving.kvcache import BatchKV, left_pad
+from toolkit.serving.logprobs import Logprobs, logprobs_of, prompt_logprobs
 from toolkit.serving.model_metrics import NullMetrics
-from toolkit.serving.requests import GenerationRequest, QueueFullError
+from toolkit.serving.requests import GenerationRequest, QueueFullError, RequestError
 from toolkit.serving.runners import Runner
 from toolkit.serving.sampling import Sampler, StopState, make_sampler
 
@@ -31,7 +41,9 @@ log = logging.getLogger(__name__)
 class Stream(Protocol):
     """Where one request's output goes. Exceptions raised here cancel that request only."""
 
-    def on_tokens(self, ids: list[int]) -> None: ...
+    def on_tokens(
+        self, ids: list[int], logprobs: Logprobs | None = None, prompt_logprobs: Logprobs | None = None
+    ) -> None: ...
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None: ...
     def on_error(self, message: str) -> None: ...
     def is_cancelled(self) -> bool: ...
@@ -47,6 +59,10 @@ class _Sequence:
     last_token: int = 0
     last_emit_at: float = 0.0
     cancelled: bool = False
+    grammar: SequenceGrammar | None = None
+    compiling: Future[Any] | None = None  # the grammar's compile, while the request waits for it
+    error: str | None = None  # set when the sequence must end with an error response
+    prompt_logprobs: Logprobs | None = None  # sent with the first token
 
 
 @dataclass
@@ -54,6 +70,8 @@ class SchedulerStats:
     steps: int = 0  # batched decode forwards
     prefills: int = 0
     max_batch_size: int = 0
+    mask_seconds: float = 0.0  # computing and applying grammar masks, all steps
+    masked_rows: int = 0
     finished: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
 
 
@@ -71,6 +89,7 @@ class Scheduler:
         metrics: NullMetrics | None = None,
         cancel_poll_every: int = 4,
         itl_samples_per_step: int = 8,
+        grammar: GrammarCompiler | None = None,
     ):
         self.runner = runner
         self.max_active = max_active
@@ -86,7 +105,9 @@ class Scheduler:
         self.cancel_poll_every = max(1, cancel_poll_every)
         self.itl_samples_per_step = max(1, itl_samples_per_step)
         self.stats = SchedulerStats()
+        self.grammar = grammar
         self._queue: collections.deque[_Sequence] = collections.deque()
+        self._compiling: list[_Sequence] = []  # waiting for their grammar; not in the queue yet
         self._active: list[_Sequence] = []
         self._admitting = 0  # taken from the queue by the step in progress, not yet active
         self._kv = BatchKV(spare_columns=getattr(runner, "kv_spare_columns", 0))
@@ -103,21 +124,45 @@ class Scheduler:
         """
         sampler, stop = make_sampler(request)
         seq = _Sequence(request, stream, sampler, stop, enqueued_at=time.perf_counter())
+        if request.grammar is not None:
+            if self.grammar is None:
+                raise RequestError("this model serves no grammars (its version has no tokenizer/tokenizer.json)")
+            seq.compiling = self.grammar.compile(request.grammar)
+            if seq.compiling.done():
+                self._take_grammar(seq)  # cached: a bad spec is refused right here
         with self._cond:
             if self._stopping:
                 raise QueueFullError(
                     f"{contract.SHUTTING_DOWN_PREFIX}the model is unloading; retry on another instance"
                 )
             free_slots = max(0, self.max_active - len(self._active) - self._admitting)
-            if len(self._queue) - free_slots >= self.max_queue:
+            waiting = len(self._queue) + len(self._compiling)
+            if waiting - free_slots >= self.max_queue:
                 self.metrics.finished("rejected")
                 raise QueueFullError(
-                    f"{contract.SERVER_BUSY_PREFIX}{len(self._queue) - free_slots} requests already queued "
+                    f"{contract.SERVER_BUSY_PREFIX}{waiting - free_slots} requests already queued "
                     f"(max_queue={self.max_queue}); retry later"
                 )
-            self._queue.append(seq)
+            if seq.compiling is not None:
+                self._compiling.append(seq)
+                seq.compiling.add_done_callback(lambda _: self._wake())
+            else:
+                self._queue.append(seq)
             self.metrics.queue_depth(len(self._queue))
             self._cond.notify()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _take_grammar(self, seq: _Sequence) -> None:
+        """Give a sequence its own matcher from its finished compile; RequestError if the grammar failed."""
+        assert seq.compiling is not None and self.grammar is not None
+        future, seq.compiling = seq.compiling, None
+        try:
+            seq.grammar = SequenceGrammar(future.result().deep_copy())
+        except GrammarError as err:
+            raise RequestError(f"grammar: {err}") from None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="generation-scheduler", daemon=True)
@@ -130,9 +175,12 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if self.grammar is not None:
+            self.grammar.shutdown()
         with self._cond:
-            pending = list(self._queue) + list(self._active)
+            pending = list(self._queue) + list(self._active) + list(self._compiling)
             self._queue.clear()
+            self._compiling = []
             self._active = []
             self._kv.clear()
         for seq in pending:
@@ -144,17 +192,20 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._compiling)
 
     def idle(self) -> bool:
-        return not self._active and not self._queue
+        return not self._active and not self._queue and not self._compiling
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._stopping and not self._queue and not self._active:
-                    self._cond.wait(timeout=1.0)
+                    # A compile's done-callback wakes the loop; the timeout checks compile deadlines.
+                    self._cond.wait(timeout=0.25 if self._compiling else 1.0)
+                    if self._compiling:
+                        break
                 if self._stopping:
                     return
             try:
@@ -169,6 +220,8 @@ class Scheduler:
 
     def step(self) -> None:
         """One scheduling iteration: cancel, admit and prefill, one batched decode forward, retire."""
+        if self._compiling:
+            self._collect_compiled()
         self._drop_cancelled()
         admitted = self._admit()
         if admitted:
@@ -181,6 +234,36 @@ class Scheduler:
             self._decode()
         self.metrics.active_sequences(len(self._active))
         self.metrics.kv_cache_bytes(self._kv.nbytes())
+
+    def _collect_compiled(self) -> None:
+        """Queue the requests whose grammar compiled; fail those whose compile failed or is over its limit."""
+        assert self.grammar is not None
+        now = time.perf_counter()
+        with self._cond:
+            waiting, self._compiling = self._compiling, []
+        failed: list[tuple[_Sequence, str]] = []
+        still: list[_Sequence] = []
+        ready: list[_Sequence] = []
+        for seq in waiting:
+            assert seq.compiling is not None
+            if seq.compiling.done():
+                try:
+                    self._take_grammar(seq)
+                    ready.append(seq)
+                except RequestError as err:
+                    failed.append((seq, f"{contract.INVALID_REQUEST_PREFIX}{err}"))
+            elif now - seq.enqueued_at > self.grammar.timeout_s:
+                failed.append((seq, f"{contract.INVALID_REQUEST_PREFIX}grammar: the grammar did not compile within "
+                                    f"{self.grammar.timeout_s:g} s (grammar_compile_timeout_s): simplify the schema"))
+            elif self._poll_cancelled(seq):
+                self._finish(seq, contract.FINISH_CANCELLED)
+            else:
+                still.append(seq)
+        with self._cond:
+            self._compiling = still + self._compiling
+            self._queue.extend(ready)
+        for seq, message in failed:
+            self._fail(seq, message)
 
     def _drop_cancelled(self) -> None:
         keep = []
@@ -217,7 +300,13 @@ class Scheduler:
         return admitted
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
-        """Prefill in left-padded chunks of similar lengths, so padding costs little compute."""
+        """Prefill in left-padded chunks of similar lengths, so padding costs little compute.
+
+        A request for prompt log-probabilities is prefilled alone, with the logits of every position.
+        """
+        for seq in [s for s in admitted if s.request.prompt_logprobs is not None]:
+            self._prefill_chunk([seq], all_logits=True)
+        admitted = [s for s in admitted if s.request.prompt_logprobs is None]
         ordered = sorted(admitted, key=lambda s: len(s.request.prompt_ids))
         chunk: list[_Sequence] = []
         for seq in ordered:
@@ -229,11 +318,19 @@ class Scheduler:
         if chunk:
             self._prefill_chunk(chunk)
 
-    def _prefill_chunk(self, admitted: list[_Sequence]) -> None:
+    def _prefill_chunk(self, admitted: list[_Sequence], all_logits: bool = False) -> None:
         prompts = [s.request.prompt_ids for s in admitted]
         ids, mask, positions = left_pad(prompts, self.pad_id)
         try:
-            logits, present = self.runner.forward(ids, mask, positions, self.runner.empty_past(len(admitted)))
+            past = self.runner.empty_past(len(admitted))
+            if all_logits:
+                logits, present = self.runner.forward(ids, mask, positions, past, all_logits=True)
+                for row, seq in enumerate(admitted):
+                    count = seq.request.prompt_logprobs
+                    assert count is not None
+                    seq.prompt_logprobs = prompt_logprobs(logits[row], seq.request.prompt_ids, count)
+            else:
+                logits, present = self.runner.forward(ids, mask, positions, past)
         except Exception as err:
             log.exception("prefill failed")
             for seq in admitted:
@@ -243,11 +340,11 @@ class Scheduler:
         self.metrics.prompt_tokens(sum(len(p) for p in prompts))
         joined = []
         streamed = 0
+        last = logits[:, -1]
+        self._mask(admitted, last)
         for row, seq in enumerate(admitted):
-            streamed += self._emit(seq, logits[row, -1])
-            if seq.stop.done or seq.cancelled:
-                self._finish(seq, seq.stop.finish_reason or contract.FINISH_CANCELLED)
-            else:
+            streamed += self._emit(seq, last[row])
+            if not self._retire(seq):
                 joined.append(row)
         self.metrics.generated_tokens(streamed)
         if joined:
@@ -268,11 +365,11 @@ class Scheduler:
         keep = []
         streamed = 0
         stride = -(-batch // self.itl_samples_per_step)  # rotate which rows report inter-token latency
+        last = logits[:, -1]
+        self._mask(self._active, last)
         for row, seq in enumerate(self._active):
-            streamed += self._emit(seq, logits[row, -1], observe_itl=(row + self.stats.steps) % stride == 0)
-            if seq.stop.done or seq.cancelled:
-                self._finish(seq, seq.stop.finish_reason or contract.FINISH_CANCELLED)
-            else:
+            streamed += self._emit(seq, last[row], observe_itl=(row + self.stats.steps) % stride == 0)
+            if not self._retire(seq):
                 keep.append(row)
         self.metrics.generated_tokens(streamed)
         if len(keep) != batch:
@@ -280,25 +377,69 @@ class Scheduler:
             self._kv.keep(keep)
 
     # -- per-sequence helpers ------------------------------------------------------------------
+    def _mask(self, seqs: list[_Sequence], last: np.ndarray) -> None:
+        """Mask each constrained row of `last` ([rows, vocab] logits) with its grammar's allowed tokens."""
+        rows = [(seq.grammar, row) for row, seq in enumerate(seqs) if seq.grammar is not None]
+        if not rows:
+            return
+        assert self.grammar is not None
+        start = time.perf_counter()
+        masks = np.zeros((len(seqs), (self.grammar.vocab_size + 31) // 32), dtype=np.int32)
+        fill_masks(self.grammar.executor, rows, masks)
+        for _, row in rows:
+            apply_bitmask(last[row], masks[row])
+        elapsed = time.perf_counter() - start
+        self.stats.mask_seconds += elapsed
+        self.stats.masked_rows += len(rows)
+        self.metrics.grammar_masks(len(rows), elapsed)
+
+    def _retire(self, seq: _Sequence) -> bool:
+        """End a sequence that is done, cancelled or failed (True); False keeps it decoding."""
+        if seq.error is not None:
+            self._fail(seq, seq.error)
+        elif seq.stop.done or seq.cancelled:
+            self._finish(seq, seq.stop.finish_reason or contract.FINISH_CANCELLED)
+        else:
+            return False
+        return True
+
     def _emit(self, seq: _Sequence, logits: np.ndarray, observe_itl: bool = True) -> int:
-        """Sample, account and stream one token; returns how many tokens were streamed (0 or 1)."""
+        """Sample, account and stream one token; returns how many tokens were streamed (0 or 1).
+
+        A stop token is not streamed, except when the request wants log-probabilities: then it comes
+        with its own (OpenAI's and vLLM's completions list it), uncounted, and the final response follows.
+        """
         token = seq.sampler.sample(logits)
         seq.sampler.observe(token)
         seq.last_token = token
-        if not seq.stop.accept(token):
+        if seq.grammar is not None and token not in seq.stop.stop_token_ids and not seq.grammar.accept(token):
+            seq.error = f"the grammar refused token {token} it had allowed: {seq.grammar.error}"
             return 0
+        logprobs = None
+        if seq.request.logprobs is not None:
+            logprobs = logprobs_of(logits[None], [token], seq.request.logprobs)
+        if not seq.stop.accept(token):
+            if logprobs is not None:
+                self._send(seq, [token], logprobs)
+            return 0
+        if seq.grammar is not None and seq.grammar.complete and not seq.stop.done:
+            seq.stop.finish_reason = contract.FINISH_STOP  # nothing may follow: the reply is complete
         now = time.perf_counter()
         if seq.stop.generated == 1:
             self.metrics.time_to_first_token(now - seq.enqueued_at)
         elif observe_itl:
             self.metrics.inter_token_latency(now - seq.last_emit_at)
         seq.last_emit_at = now
+        self._send(seq, [token], logprobs)
+        return 1
+
+    def _send(self, seq: _Sequence, tokens: list[int], logprobs: Logprobs | None) -> None:
+        prompt, seq.prompt_logprobs = seq.prompt_logprobs, None
         try:
-            seq.stream.on_tokens([token])
+            seq.stream.on_tokens(tokens, logprobs, prompt)
         except Exception:
             log.warning("stream rejected a token; cancelling its request", exc_info=True)
             seq.cancelled = True
-        return 1
 
     def _poll_cancelled(self, seq: _Sequence) -> bool:
         try:
@@ -308,6 +449,8 @@ class Scheduler:
         return seq.cancelled
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
+        if seq.prompt_logprobs is not None:  # no token was streamed (a stop token came first)
+            self._send(seq, [], None)
         self.stats.finished[reason] += 1
         self.metrics.finished(reason)
         try:

@@ -24,9 +24,11 @@ import triton_python_backend_utils as pb_utils
 from toolkit.errors import ServingError
 from toolkit.repository import contract
 from toolkit.repository.layout import latest_version_dir
-from toolkit.repository.manifest import MANIFEST_FILE, ModelManifest
+from toolkit.repository.manifest import MANIFEST_FILE, TOKENIZER_DIR, ModelManifest
 from toolkit.repository.pbtxt_scan import ConfigFacts, scan_config
 from toolkit.repository.plan_compat import verify_plan_dir
+from toolkit.serving.grammar import DEFAULT_COMPILE_TIMEOUT_S, GrammarCompiler, load_tokenizer
+from toolkit.serving.logprobs import Logprobs
 from toolkit.serving.model_metrics import TritonMetrics
 from toolkit.serving.requests import Limits, QueueFullError, RequestError, parse_request, unbatch
 from toolkit.serving.runners import BlsRunner, OnnxRunner, Runner
@@ -37,6 +39,9 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 _OUTPUT_DTYPES = {spec.name: spec.numpy_dtype for spec in contract.GENERATION_OUTPUTS}
+_TOKEN_LOGPROB_OUTPUTS = (contract.TOKEN_LOGPROBS, contract.TOP_LOGPROB_IDS, contract.TOP_LOGPROBS)
+_PROMPT_LOGPROB_OUTPUTS = (contract.PROMPT_TOKEN_LOGPROBS, contract.PROMPT_TOP_LOGPROB_IDS,
+                           contract.PROMPT_TOP_LOGPROBS)
 CORE_MAX_BATCH_SIZE = 8  # when neither the parameter nor the core model's config says
 
 
@@ -51,11 +56,14 @@ class TritonStream:
         self.request = request
         self.sender = sender
 
-    def on_tokens(self, ids: list[int]) -> None:
-        self.sender.send(pb_utils.InferenceResponse(output_tensors=[
-            _tensor(contract.OUTPUT_IDS, [ids]),
-            _tensor(contract.FINISH_REASON, [[b""]]),
-        ]))
+    def on_tokens(self, ids: list[int], logprobs: Logprobs | None = None,
+                  prompt_logprobs: Logprobs | None = None) -> None:
+        tensors = [_tensor(contract.OUTPUT_IDS, [ids]), _tensor(contract.FINISH_REASON, [[b""]])]
+        for names, values in ((_TOKEN_LOGPROB_OUTPUTS, logprobs), (_PROMPT_LOGPROB_OUTPUTS, prompt_logprobs)):
+            if values is not None:
+                tensors += [_tensor(name, [array.reshape(-1)]) for name, array in zip(
+                    names, (values.token, values.top_ids, values.top), strict=True)]
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
 
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         response = pb_utils.InferenceResponse(output_tensors=[
@@ -116,6 +124,18 @@ def _verify_core_plan(core_dir: Path, version: str) -> None:
         raise pb_utils.TritonModelException(f"core model {core_dir.name}: {err}") from err
 
 
+def _grammar_compiler(version_dir: Path, vocab_size: int, stop_ids: frozenset[int],
+                      params: dict[str, str]) -> GrammarCompiler | None:
+    """The grammar compiler over the version's own tokenizer; None (grammars refused) when it has none."""
+    path = version_dir / TOKENIZER_DIR / "tokenizer.json"
+    if not path.is_file():
+        log.warning("%s: no tokenizer.json, so no grammar-constrained decoding", version_dir)
+        return None
+    timeout_s = float(params.get(contract.PARAM_GRAMMAR_TIMEOUT) or DEFAULT_COMPILE_TIMEOUT_S)
+    return GrammarCompiler(load_tokenizer(path.read_text(encoding="utf-8"), vocab_size, sorted(stop_ids)),
+                           timeout_s=timeout_s)
+
+
 def _parameters(config: dict[str, Any]) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
@@ -160,6 +180,7 @@ class TritonPythonModel:
         )
         self.scheduler = Scheduler(
             runner,
+            grammar=_grammar_compiler(model_dir / version, runner.vocab_size, self.limits.stop_token_ids, params),
             max_active=int(params.get(contract.PARAM_MAX_ACTIVE) or contract.DEFAULT_MAX_ACTIVE_SEQUENCES),
             max_queue=int(params.get(contract.PARAM_MAX_QUEUE) or contract.DEFAULT_MAX_QUEUE),
             pad_id=manifest.pad_token_id,

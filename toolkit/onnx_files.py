@@ -73,6 +73,11 @@ def load_graph(onnx_path: Path, inline_below_bytes: int = 1 << 20) -> Any:
     return model
 
 
+def load_onnx(onnx_path: Path) -> Any:
+    """The whole ModelProto at `onnx_path`, external weights included (see :func:`load_graph` for why not onnx.load)."""
+    return load_graph(onnx_path, inline_below_bytes=1 << 62)
+
+
 def onnx_files(onnx_path: Path) -> list[Path]:
     """The graph file and every external data file beside it that it needs, graph first."""
     import onnx

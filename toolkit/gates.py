@@ -224,8 +224,10 @@ def torch_greedy(
     step_ids, step_pos = ids, positions
     with torch.inference_mode():
         for _ in range(max_new_tokens):
+            # logits_to_keep: the head over the last position only (a prefill's full logits at a 150k vocabulary
+            # are gigabytes at batch 8, and only the last row is compared)
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                        past_key_values=cache, use_cache=True)
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache = out.past_key_values
             last = out.logits[:, -1, :].float()
             step_logits.append(last.numpy().copy())

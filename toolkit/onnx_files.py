@@ -48,21 +48,34 @@ def load_graph(onnx_path: Path, inline_below_bytes: int = 1 << 20) -> Any:
     External tensors smaller than `inline_below_bytes` (shape constants, axes, norms) are read in:
     onnxruntime, given a graph from memory, resolves large weights from the folder
     (``session.model_external_initializers_file_folder_path``) but needs the constants its shape
-    inference reads ("Cannot parse data from external tensors").
+    inference reads ("Cannot parse data from external tensors"). They are read here rather than by
+    onnx's helper, which refuses a data file with several hard links, as every repository version's is.
     """
     import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor
 
     model = onnx.load(str(onnx_path), load_external_data=False)
+    folder = onnx_path.parent.resolve()
     for tensor in _tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
-        if int(info.get("length", inline_below_bytes)) < inline_below_bytes:
-            load_external_data_for_tensor(tensor, str(onnx_path.parent))
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
+        length = int(info.get("length", inline_below_bytes))
+        if length >= inline_below_bytes:
+            continue
+        source = (folder / info["location"]).resolve()
+        if source.parent != folder:
+            raise ValueError(f"{onnx_path}: tensor {tensor.name} names data outside its folder: {info['location']}")
+        with source.open("rb") as fh:
+            fh.seek(int(info.get("offset", 0)))
+            tensor.raw_data = fh.read(length)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
     return model
+
+
+def load_onnx(onnx_path: Path) -> Any:
+    """The whole ModelProto at `onnx_path`, external weights included (see :func:`load_graph` for why not onnx.load)."""
+    return load_graph(onnx_path, inline_below_bytes=1 << 62)
 
 
 def onnx_files(onnx_path: Path) -> list[Path]:

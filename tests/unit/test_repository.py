@@ -135,6 +135,9 @@ def test_a_graph_with_external_data_takes_its_data_file_into_the_version(tmp_pat
                                                                        sources: dict[str, Path]) -> None:
     """torch.onnx writes a graph over 2 GiB as model.onnx + model.onnx.data; the version must hold both."""
     import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from toolkit.onnx_files import load_graph
 
     (tmp_path / "export").mkdir()
     big = _graph(tmp_path / "export" / "model.onnx", "external", external=True)
@@ -147,6 +150,10 @@ def test_a_graph_with_external_data_takes_its_data_file_into_the_version(tmp_pat
     session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
     (y,) = session.run(None, {"x": [[1.0] + [0.0] * 63]})
     assert y[0][:3].tolist() == [0.0, 1.0, 2.0]  # the weight's first row, read from the linked data file
+    # The serving graph reads small external tensors itself: onnx's own reader refuses a hard-linked data file.
+    assert (version / "model.onnx.data").stat().st_nlink == 2
+    graph = load_graph(version / "model.onnx", inline_below_bytes=1 << 20)
+    assert numpy_helper.to_array(graph.graph.initializer[0])[0, :3].tolist() == [0.0, 1.0, 2.0]
 
 
 def test_a_graph_whose_external_data_is_missing_is_named(tmp_path: Path, merged_dir: Path,

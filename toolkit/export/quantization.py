@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from toolkit.errors import StageError
-from toolkit.onnx_files import MAX_PROTO_BYTES, load_graph, needs_external_data, onnx_bytes, save_onnx
+from toolkit.onnx_files import MAX_PROTO_BYTES, load_graph, load_onnx, needs_external_data, onnx_bytes, save_onnx
 from toolkit.repository.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ def quantize_int8(
     elif method in ("int8_weight_only", "int8_weight_only_gptq", "int4_weight_only"):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        model = onnx.load(str(fp32_path))
+        model = load_onnx(fp32_path)
         excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(nodes)]
         quantizer = MatMulNBitsQuantizer(
             model, bits=4 if method == "int4_weight_only" else 8, block_size=WEIGHT_ONLY_BLOCK,
@@ -313,10 +313,9 @@ def gptq_matmul_nbits(model: onnx.ModelProto, *, model_path: Path, calibration: 
     scale per (N, block); the FP32 weight is the initializer B was made from (its name without
     ``_Q8``). Only the integers change: format, scales and kernels stay onnxruntime's.
     """
-    import onnx
     from onnx import numpy_helper
 
-    fp32 = onnx.load(str(model_path))
+    fp32 = load_onnx(model_path)
     float_weights = {init.name: init for init in fp32.graph.initializer}
     inits = {init.name: init for init in model.graph.initializer}
     todo: dict[str, list[onnx.NodeProto]] = {}  # activation input -> its MatMulNBits nodes
@@ -354,10 +353,9 @@ def quantize_weight_only_qdq(fp32_path: Path, out_path: Path, nodes: Sequence[st
     :mod:`toolkit.repository.tensorrt` for what its documentation does and does not promise about the
     GEMM it builds from it. onnxruntime executes DequantizeLinear -> MatMul as written.
     """
-    import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(fp32_path))
+    model = load_onnx(fp32_path)
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
     wanted = set(nodes)

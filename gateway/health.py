@@ -49,7 +49,5 @@ async def ready(state: State, _: HealthAccess) -> JSONResponse:
 @router.get("/metrics", include_in_schema=False)
 async def metrics(state: State, _: MetricsAccess) -> Response:
     """Prometheus exposition of the gateway's metrics."""
-    for endpoint in state.pool.endpoints:
-        state.metrics.triton_up.labels(endpoint.url).set(1 if endpoint.healthy else 0)
     state.metrics.in_flight.set(state.in_flight.count)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -171,6 +171,8 @@ class ReplicaSet:
     def _add(self, address: str, target: str) -> Replica:
         replica = Replica(address, target, self._new_client(address))
         self.replicas[address] = replica
+        for series in (self.metrics.routed, self.metrics.in_flight, self.metrics.outstanding_tokens):
+            series.labels(address)  # every replica's series from the start, at 0
         return replica
 
     async def refresh(self) -> list[Replica]:

@@ -65,6 +65,11 @@ async def resolve(host: str, port: int) -> list[str]:
         if err.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
             return []  # a headless Service with no ready pod: no address is the truth
         raise
+    return one_family(infos)
+
+
+def one_family(infos: Sequence[tuple[Any, ...]]) -> list[str]:
+    """The distinct addresses of ``getaddrinfo`` results, IPv4 ones if there are any, else IPv6 ones, sorted."""
     v4 = sorted({str(info[4][0]) for info in infos if info[0] == socket.AF_INET})
     return v4 or sorted({str(info[4][0]) for info in infos if info[0] == socket.AF_INET6})
 

@@ -4,13 +4,14 @@ request holds, and a host name resolved again and again (a resolver function sta
 from __future__ import annotations
 
 import random
+import socket
 from collections import Counter
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.metrics import RoutingMetrics
-from gateway.replicas import Lease, Replica, ReplicaSet, choose, resolve
+from gateway.replicas import Lease, Replica, ReplicaSet, choose, one_family, resolve
 
 
 class FakeClient:
@@ -126,5 +127,14 @@ async def test_ipv6_addresses_are_bracketed() -> None:
 
 
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
-async def test_the_system_resolver_gives_one_family(host: str) -> None:
-    assert await resolve(host, 8001) == ["127.0.0.1"]  # localhost is also ::1: one Triton, not two
+async def test_the_system_resolver_finds_loopback(host: str) -> None:
+    assert await resolve(host, 8001) == ["127.0.0.1"]
+
+
+def test_a_dual_stack_name_counts_each_pod_once() -> None:
+    """A dual-stack headless Service answers A and AAAA records for each pod: one Triton, not two."""
+    tcp = socket.SOCK_STREAM
+    both = [(socket.AF_INET6, tcp, 6, "", ("fd00::7", 8001, 0, 0)), (socket.AF_INET, tcp, 6, "", ("10.0.0.7", 8001)),
+            (socket.AF_INET, tcp, 6, "", ("10.0.0.7", 8001)), (socket.AF_INET, tcp, 6, "", ("10.0.0.3", 8001))]
+    assert one_family(both) == ["10.0.0.3", "10.0.0.7"]
+    assert one_family([both[0]]) == ["fd00::7"]  # an IPv6-only cluster

@@ -90,6 +90,21 @@ class Replica:
     # Set when the replica is taken out; requests waiting for their first token on it then move.
     # A new event replaces it when the replica is admitted again.
     down: asyncio.Event = field(default_factory=asyncio.Event)
+    metrics: RoutingMetrics | None = field(default=None, repr=False)  # None: a registry of its own (tests)
+
+    def __post_init__(self) -> None:
+        metrics = self.metrics or RoutingMetrics(CollectorRegistry())
+        # Its series, looked up once (a lookup takes a lock); they exist from the start, at 0.
+        self._routed = metrics.routed.labels(self.address)
+        self._in_flight_gauge = metrics.in_flight.labels(self.address)
+        self._outstanding_gauge = metrics.outstanding_tokens.labels(self.address)
+
+    def publish(self, routed: bool = False) -> None:
+        """Export its load (and one more routed request)."""
+        if routed:
+            self._routed.inc()
+        self._in_flight_gauge.set(self.in_flight)
+        self._outstanding_gauge.set(self.outstanding_tokens)
 
     @property
     def url(self) -> str:
@@ -118,21 +133,20 @@ def choose(candidates: Sequence[Replica], rng: random.Random) -> Replica:
 class Lease:
     """One request's share of a replica's load, from dispatch to its end; released exactly once."""
 
-    def __init__(self, replica: Replica, max_tokens: int, metrics: RoutingMetrics) -> None:
-        self.replica, self.remaining, self.metrics = replica, max(1, max_tokens), metrics
+    def __init__(self, replica: Replica, max_tokens: int) -> None:
+        self.replica, self.remaining = replica, max(1, max_tokens)
         self.down = replica.down  # the event current at dispatch: a later re-admission does not clear it
         self.released = False
         replica.in_flight += 1
         replica.outstanding_tokens += self.remaining
-        metrics.routed.labels(replica.address).inc()
-        self._publish()
+        replica.publish(routed=True)
 
     def consumed(self, tokens: int) -> None:
         """`tokens` arrived: that much less decoding is outstanding."""
         done = min(tokens, self.remaining)
         self.remaining -= done
         self.replica.outstanding_tokens -= done
-        self._publish()
+        self.replica.publish()
 
     def release(self) -> None:
         if self.released:
@@ -141,12 +155,7 @@ class Lease:
         self.replica.in_flight -= 1
         self.replica.outstanding_tokens -= self.remaining
         self.remaining = 0
-        self._publish()
-
-    def _publish(self) -> None:
-        address = self.replica.address
-        self.metrics.in_flight.labels(address).set(self.replica.in_flight)
-        self.metrics.outstanding_tokens.labels(address).set(self.replica.outstanding_tokens)
+        self.replica.publish()
 
 
 class ReplicaSet:
@@ -174,10 +183,8 @@ class ReplicaSet:
         return [r for r in self.replicas.values() if not r.retired]
 
     def _add(self, address: str, target: str) -> Replica:
-        replica = Replica(address, target, self._new_client(address))
+        replica = Replica(address, target, self._new_client(address), metrics=self.metrics)
         self.replicas[address] = replica
-        for series in (self.metrics.routed, self.metrics.in_flight, self.metrics.outstanding_tokens):
-            series.labels(address)  # every replica's series from the start, at 0
         return replica
 
     async def refresh(self) -> list[Replica]:

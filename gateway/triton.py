@@ -339,7 +339,7 @@ class TritonPool:
         while True:
             replica = self.pick(model, exclude=tried)
             tried.append(replica)
-            lease = Lease(replica, inputs.max_tokens, self.metrics)
+            lease = Lease(replica, inputs.max_tokens)
             received = False
             try:
                 stream = self._stream(replica, model, inputs, timeout_s, request_id)

@@ -51,9 +51,9 @@ def test_in_flight_breaks_ties() -> None:
 
 def test_a_lease_holds_its_requests_load_until_released_once() -> None:
     registry = CollectorRegistry()
-    [replica] = _replicas(0)
-    lease = Lease(replica, max_tokens=100, metrics=RoutingMetrics(registry))
-    other = Lease(replica, max_tokens=20, metrics=RoutingMetrics(CollectorRegistry()))
+    replica = Replica("10.0.0.1:8001", "triton:8001", FakeClient(""), healthy=True, metrics=RoutingMetrics(registry))
+    lease = Lease(replica, max_tokens=100)
+    other = Lease(replica, max_tokens=20)
     assert (replica.in_flight, replica.outstanding_tokens) == (2, 120)
     lease.consumed(30)
     assert replica.outstanding_tokens == 90
@@ -65,7 +65,7 @@ def test_a_lease_holds_its_requests_load_until_released_once() -> None:
     assert (replica.in_flight, replica.outstanding_tokens) == (1, 20)
     other.release()
     assert (replica.in_flight, replica.outstanding_tokens) == (0, 0)
-    assert registry.get_sample_value("gateway_triton_routed_requests_total", {"replica": replica.address}) == 1
+    assert registry.get_sample_value("gateway_triton_routed_requests_total", {"replica": replica.address}) == 2
 
 
 class Dns:
@@ -92,7 +92,7 @@ async def test_a_name_is_every_address_it_resolves_to_and_follows_them() -> None
     assert [r.address for r in added] == ["10.0.0.1:8001", "10.0.0.2:8001"] and dns.asked == ["triton"]
     assert all(r.target == "triton:8001" and not r.healthy for r in added)  # admitted only once probed
     first = added[0]
-    lease = Lease(first, 50, replicas.metrics)  # a request in flight on a pod about to leave
+    lease = Lease(first, 50)  # a request in flight on a pod about to leave
 
     dns.answers["triton"] = ["10.0.0.2", "10.0.0.3"]  # pod 1 left the Service, pod 3 joined
     [new] = await replicas.refresh()

@@ -144,3 +144,31 @@ def test_a_replica_not_ready_in_time_is_stopped_and_retried(clock: Clock, tmp_pa
     replica.tick()
     clock.now += 61
     assert replica.tick() and slow.stopped and "was not ready after 60s" in said[-1]
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, ["0", "1", "2", "3"]),
+    ({"CUDA_VISIBLE_DEVICES": "GPU-5f1c, GPU-77aa"}, ["GPU-5f1c", "GPU-77aa"]),
+    ({"CUDA_VISIBLE_DEVICES": ""}, []),
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, []),
+])
+def test_the_gpus_replicas_may_use(environ: dict[str, str], expected: list[str]) -> None:
+    assert triton_replicas.visible_gpus(environ) == expected
+
+
+def test_each_replica_gets_one_gpu_round_robin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from toolkit.serving.serve import ServeOptions, Supervisor
+
+    assert [triton_replicas.gpu_for(i, 3, ["0", "1"]) for i in range(3)] == ["0", "1", "0"]
+    assert triton_replicas.gpu_for(0, 1, ["0", "1"]) is None  # one replica: every GPU, as before
+    assert triton_replicas.gpu_for(1, 2, []) is None  # no GPU: nothing to choose
+    (tmp_path / "chat" / "1").mkdir(parents=True)
+    (tmp_path / "chat" / "config.pbtxt").write_text('name: "chat"\nbackend: "python"\n')
+    for file in ("model.py", "manifest.json"):
+        (tmp_path / "chat" / "1" / file).write_text("")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    ports = [TritonPorts(8000 + 3 * i, 8001 + 3 * i, 8002 + 3 * i) for i in range(2)]
+    supervisor = Supervisor(ServeOptions(repository=tmp_path, log_dir=tmp_path / "logs", replicas=2,
+                                         triton_ports=ports), say=lambda _: None)
+    assert [t.server.environment()["CUDA_VISIBLE_DEVICES"] for t in supervisor.tritons] == ["2", "3"]
+    assert [t.server.log_path.name for t in supervisor.tritons] == ["tritonserver-1.log", "tritonserver-2.log"]  # type: ignore[union-attr]

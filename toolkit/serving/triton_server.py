@@ -83,6 +83,7 @@ class TritonServer:
     exit_timeout_s: int = 3
     extra_args: Sequence[str] = ()
     verbose_log: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)  # set in the server's environment (e.g. its GPU)
     admin_key: str = field(default_factory=new_admin_key, repr=False)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
@@ -129,6 +130,7 @@ class TritonServer:
         env = dict(os.environ)
         # The python backend stub finds its interpreter (and so numpy<2 and the toolkit) as `python3` on PATH.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.update(self.extra_env)
         return env
 
     def start(self, ready_timeout_s: float = 120.0) -> TritonServer:

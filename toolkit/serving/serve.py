@@ -44,8 +44,10 @@ from toolkit.serving.triton_replicas import (
     ReplicaStatus,
     TritonPorts,
     TritonReplica,
+    gpu_for,
     start_all,
     stop_all,
+    visible_gpus,
 )
 from toolkit.serving.triton_server import TritonServer, _die_with_parent
 
@@ -134,6 +136,7 @@ class Supervisor:
         self.models = models_to_load(options.repository)
         self.admin_key = new_admin_key()  # one per serve: a restarted Triton keeps the gateway's key valid
         options.log_dir.mkdir(parents=True, exist_ok=True)
+        self.gpus = visible_gpus() if len(options.triton_ports) > 1 else []
         self.tritons = [TritonReplica(i, ports, self._new_triton, options.ready_timeout_s, say,
                                       self._check_triton_ports) for i, ports in enumerate(options.triton_ports)]
         self.gateway: subprocess.Popen[bytes] | None = None
@@ -155,9 +158,11 @@ class Supervisor:
         return self.options.log_dir / f"tritonserver{suffix}.log"
 
     def _new_triton(self, index: int, ports: TritonPorts) -> TritonServer:
+        gpu = gpu_for(index, len(self.options.triton_ports or ()), self.gpus)
         return TritonServer(self.options.repository, models=self.models, http_port=ports.http, grpc_port=ports.grpc,
                             metrics_port=ports.metrics, host=TRITON_HOST, log_path=self._log_path(index),
-                            admin_key=self.admin_key, exit_timeout_s=DRAIN_TIMEOUT_S)
+                            admin_key=self.admin_key, exit_timeout_s=DRAIN_TIMEOUT_S,
+                            extra_env={} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu})
 
     def _save(self, **changes: object) -> None:
         for key, value in changes.items():
@@ -177,8 +182,9 @@ class Supervisor:
         for replica in self.tritons:
             server = replica.server
             name = "Triton" if count == 1 else replica.name
-            self.say(f"{name} ready (pid {replica.pid}): HTTP http://{server.http_url}  gRPC {server.grpc_url}  "
-                     f"metrics {server.metrics_url}")
+            gpu = server.extra_env.get("CUDA_VISIBLE_DEVICES")
+            self.say(f"{name} ready (pid {replica.pid}{f', GPU {gpu}' if gpu else ''}): HTTP http://{server.http_url}  "
+                     f"gRPC {server.grpc_url}  metrics {server.metrics_url}")
         if self.options.triton_only and self.options.host != TRITON_HOST:
             self.say(f"note: Triton binds {TRITON_HOST} only (--host is the gateway's address); reach it through "
                      "the gateway, or run Triton yourself where its ports must be open")

@@ -5,12 +5,17 @@ three ports: fixed ports are offset by :data:`PORT_STRIDE` per replica (8000-800
 ``auto`` ports are picked free for each. Every replica is watched on its own: one that exits is
 restarted after its own exponential backoff (1 s doubling to 30 s, back to 1 s once it stayed up a
 minute) while the others keep serving, and :meth:`TritonReplica.tick` never blocks, so a replica
-that takes a minute to start does not delay noticing that another died.
+that takes a minute to start does not delay noticing that another died. On a host with several GPUs,
+each replica sees one of them (``CUDA_VISIBLE_DEVICES``, round robin over the visible ones), so N
+replicas on N GPUs are N independent servers instead of N servers each spread over every GPU.
 """
 
 from __future__ import annotations
 
 import enum
+import os
+import shutil
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,6 +120,29 @@ class TritonReplica:
         return {"index": self.index, "http_port": self.ports.http, "grpc_port": self.ports.grpc,
                 "metrics_port": self.ports.metrics, "pid": self.pid, "status": self.status.value,
                 "restarts": self.restarts}
+
+
+def visible_gpus(environ: dict[str, str] | None = None) -> list[str]:
+    """The GPUs replicas may use: ``CUDA_VISIBLE_DEVICES`` when set (empty or -1: none), else nvidia-smi's list."""
+    environ = dict(os.environ) if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        listed = [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+        return [] if listed in ([], ["-1"]) else listed
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def gpu_for(index: int, replicas: int, gpus: Sequence[str]) -> str | None:
+    """The GPU replica `index` of `replicas` gets: round robin; None with one replica or no GPU (see them all)."""
+    if replicas == 1 or not gpus:
+        return None
+    return gpus[index % len(gpus)]
 
 
 def start_all(replicas: Sequence[TritonReplica]) -> None:

@@ -88,8 +88,13 @@ class Stack:
         return state
 
     def close(self) -> None:
-        self.process.send_signal(signal.SIGINT)
-        self.process.wait(120)
+        # SIGTERM: a script started in the background has SIGINT ignored, and its children with it.
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 async def gateway_request(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[float, int]:
@@ -110,41 +115,74 @@ async def gateway_request(client: httpx.AsyncClient, url: str, max_tokens: int) 
     return first or float("nan"), chunks
 
 
-async def gateway_levels(url: str, runs: int, max_tokens: int, concurrency: int, waves: int) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=concurrency + 8)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await gateway_request(client, url, 4)  # warm-up
-        ttfts = [(await gateway_request(client, url, 16))[0] for _ in range(runs)]
-        await asyncio.gather(*(gateway_request(client, url, 8) for _ in range(concurrency)))  # warm every replica
-        start = time.perf_counter()
-        done = await asyncio.gather(*(gateway_request(client, url, max_tokens) for _ in range(concurrency * waves)))
-        elapsed = time.perf_counter() - start
-    return {"ttft_ms_p50": round(1000 * statistics.median(ttfts), 2), "ttft_ms_p90": round(1000 * _p90(ttfts), 2),
-            "c_tokens_per_s": round(sum(chunks for _, chunks in done) / elapsed, 1)}
+async def gateway_ttft(client: httpx.AsyncClient, url: str) -> float:
+    return (await gateway_request(client, url, 16))[0]
 
 
-def direct_levels(grpc_url: str, prompt_ids: list[int], runs: int, max_tokens: int, concurrency: int,
-                  waves: int) -> dict[str, Any]:
-    with GenerationClient(grpc_url, MODEL) as client:
-        client.wait([client.submit(prompt_ids, max_tokens=4, temperature=0.0)], 120)  # warm-up
-        ttfts = []
-        for _ in range(runs):
-            result = client.submit(prompt_ids, max_tokens=16, temperature=0.0, ignore_eos=True)
-            client.wait([result], 120)
-            ttfts.append(result.ttft_s or float("nan"))
-        start = time.perf_counter()
-        results = [client.submit(prompt_ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-                   for _ in range(concurrency * waves)]
-        client.wait(results, 600)
-        elapsed = time.perf_counter() - start
+async def gateway_throughput(client: httpx.AsyncClient, url: str, max_tokens: int, requests: int) -> float:
+    start = time.perf_counter()
+    done = await asyncio.gather(*(gateway_request(client, url, max_tokens) for _ in range(requests)))
+    return sum(chunks for _, chunks in done) / (time.perf_counter() - start)
+
+
+def direct_ttft(client: GenerationClient, prompt_ids: list[int]) -> float:
+    result = client.submit(prompt_ids, max_tokens=16, temperature=0.0, ignore_eos=True)
+    client.wait([result], 120)
+    return result.ttft_s or float("nan")
+
+
+def direct_throughput(client: GenerationClient, prompt_ids: list[int], max_tokens: int, requests: int) -> float:
+    start = time.perf_counter()
+    results = [client.submit(prompt_ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+               for _ in range(requests)]
+    client.wait(results, 600)
     if any(r.error for r in results):
         raise SystemExit(f"direct Triton error: {next(r.error for r in results if r.error)}")
-    return {"ttft_ms_p50": round(1000 * statistics.median(ttfts), 2), "ttft_ms_p90": round(1000 * _p90(ttfts), 2),
-            "c_tokens_per_s": round(sum(len(r.tokens) for r in results) / elapsed, 1)}
+    return sum(len(r.tokens) for r in results) / (time.perf_counter() - start)
 
 
-def _p90(values: list[float]) -> float:
-    return sorted(values)[int(0.9 * (len(values) - 1))]
+async def measure(stack: Stack, prompt_ids: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """Gateway and direct Triton interleaved, so the machine's drift hits both alike.
+
+    TTFT at c=1: pairs of one direct request (to each replica in turn) and one through the gateway.
+    Throughput at c=`concurrency`: rounds alternating the gateway over every replica with one replica
+    of the same stack reached directly (the others idle), in alternating order.
+    """
+    directs = [GenerationClient(url, MODEL) for url in stack.grpc]
+    requests = args.concurrency * args.waves
+    limits = httpx.Limits(max_connections=args.concurrency + 8)
+    try:
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            for direct in directs:
+                direct.wait([direct.submit(prompt_ids, max_tokens=4)], 120)
+            await asyncio.gather(*(gateway_request(client, stack.url, 8) for _ in range(args.concurrency)))
+            gateway_ms, direct_ms = [], []
+            for i in range(args.runs):
+                direct_ms.append(1000 * direct_ttft(directs[i % len(directs)], prompt_ids))
+                gateway_ms.append(1000 * await gateway_ttft(client, stack.url))
+            through_gateway, through_direct = [], []
+            for round_ in range(args.rounds):
+                order = ["gateway", "direct"] if round_ % 2 == 0 else ["direct", "gateway"]
+                for what in order:
+                    if what == "gateway":
+                        through_gateway.append(await gateway_throughput(client, stack.url, args.max_tokens,
+                                                                        requests))
+                    else:
+                        through_direct.append(direct_throughput(directs[0], prompt_ids, args.max_tokens, requests))
+    finally:
+        for direct in directs:
+            direct.close()
+    differences = [g - d for g, d in zip(gateway_ms, direct_ms, strict=True)]
+    return {
+        "ttft_ms_p50_gateway": round(statistics.median(gateway_ms), 2),
+        "ttft_ms_p50_direct": round(statistics.median(direct_ms), 2),
+        "ttft_ms_p50_paired_difference": round(statistics.median(differences), 2),
+        "tokens_per_s_gateway": round(statistics.median(through_gateway), 1),
+        "tokens_per_s_one_replica_direct": round(statistics.median(through_direct), 1),
+        "throughput_ratio": round(statistics.median(through_gateway) / statistics.median(through_direct), 3),
+        "tokens_per_s_rounds": {"gateway": [round(x, 1) for x in through_gateway],
+                                "direct": [round(x, 1) for x in through_direct]},
+    }
 
 
 async def routing_decision_us() -> float:
@@ -175,9 +213,10 @@ def main() -> int:
     default = ROOT / "build" / "export_onnx" / "model.onnx"
     parser.add_argument("--onnx", type=Path, default=default if default.is_file() else None)
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--runs", type=int, default=20, help="Sequential requests for the TTFT at concurrency 1.")
+    parser.add_argument("--runs", type=int, default=20, help="Pairs of sequential requests for the TTFT at c=1.")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--waves", type=int, default=2, help="Requests at the concurrency level = waves x it.")
+    parser.add_argument("--waves", type=int, default=2, help="Requests per throughput round = waves x concurrency.")
+    parser.add_argument("--rounds", type=int, default=3, help="Throughput rounds, gateway and direct alternating.")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -192,22 +231,23 @@ def main() -> int:
             before = os.getloadavg()[0]
             stack = Stack(repo.path, count, Path(tmp) / f"serve-{count}")
             try:
-                if count == 1:
-                    row = direct_levels(stack.grpc[0], prompt_ids, args.runs, args.max_tokens, args.concurrency,
-                                        args.waves)
-                    rows.append({"setup": "Triton direct (1 replica, gRPC)", "replicas": 1, **row,
-                                 "load_average": [before, os.getloadavg()[0]]})
-                    print(rows[-1], flush=True)
-                row = asyncio.run(gateway_levels(stack.url, args.runs, args.max_tokens, args.concurrency, args.waves))
+                row = asyncio.run(measure(stack, prompt_ids, args))
             finally:
                 stack.close()
-            rows.append({"setup": f"gateway -> {count} replica{'s' if count > 1 else ''}", "replicas": count, **row,
-                         "load_average": [before, os.getloadavg()[0]]})
+            rows.append({"replicas": count, **row, "load_average": [round(before, 2), round(os.getloadavg()[0], 2)]})
             print(rows[-1], flush=True)
     decision_us = asyncio.run(routing_decision_us())
-    header = f"| setup | TTFT p50 ms (c=1) | TTFT p90 ms | tok/s (c={args.concurrency}) |"
-    lines = [header, "|---|---|---|---|"]
-    lines += [f"| {r['setup']} | {r['ttft_ms_p50']} | {r['ttft_ms_p90']} | {r['c_tokens_per_s']} |" for r in rows]
+    one = next((r for r in rows if r["replicas"] == 1), None)
+    header = (f"| replicas behind the gateway | TTFT p50 ms, gateway | TTFT p50 ms, direct | paired difference ms | "
+              f"tok/s c={args.concurrency}, gateway | tok/s, 1 replica direct | ratio |")
+    lines = [header, "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['replicas']} | {r['ttft_ms_p50_gateway']} | {r['ttft_ms_p50_direct']} | "
+              f"{r['ttft_ms_p50_paired_difference']} | {r['tokens_per_s_gateway']} | "
+              f"{r['tokens_per_s_one_replica_direct']} | {r['throughput_ratio']} |" for r in rows]
+    if one is not None:
+        lines += ["\nRouting over N replicas against one (paired difference, N minus 1): " + ", ".join(
+            f"{r['replicas']}: {r['ttft_ms_p50_paired_difference'] - one['ttft_ms_p50_paired_difference']:+.2f} ms"
+            for r in rows if r["replicas"] != 1)]
     lines.append(f"\nThe routing decision alone (choice among 3 ready replicas, its load accounted and released): "
                  f"{decision_us:.1f} µs.")
     print("\n".join(lines))
@@ -215,7 +255,8 @@ def main() -> int:
     report = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), "onnx": str(onnx),
         "prompt_tokens": len(prompt_ids), "max_tokens": args.max_tokens, "runs": args.runs,
-        "concurrency": args.concurrency, "waves": args.waves, "cpus": os.cpu_count(), "machine": platform.platform(),
+        "concurrency": args.concurrency, "waves": args.waves, "rounds": args.rounds, "cpus": os.cpu_count(),
+        "machine": platform.platform(),
         "rows": rows, "routing_decision_us": round(decision_us, 2), "table": lines,
     }
     args.out.mkdir(parents=True, exist_ok=True)

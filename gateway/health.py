@@ -39,8 +39,9 @@ async def ready(state: State, _: HealthAccess) -> JSONResponse:
         "status": "ready" if ready_urls else "not ready",
         "model": model,
         "triton": {
-            e.url: ("ready" if e.url in ready_urls else (e.last_error or "model not ready"))
-            for e in state.pool.endpoints
+            **{e.url: ("ready" if e.url in ready_urls else (e.last_error or "model not ready"))
+               for e in state.pool.endpoints},
+            **state.pool.unresolved,  # a host name with no address now: why
         },
     }
     return JSONResponse(body, status_code=200 if ready_urls else 503)

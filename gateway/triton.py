@@ -242,6 +242,11 @@ class TritonPool:
         self.watched_models: set[str] = set()
 
     @property
+    def unresolved(self) -> dict[str, str]:
+        """Host names of the settings that have no address now, and why."""
+        return dict(self.replicas.unresolved)
+
+    @property
     def endpoints(self) -> list[Replica]:
         """The replicas requests may be sent to when ready (retired ones excluded)."""
         return self.replicas.current()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import socket
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -138,3 +139,24 @@ def test_a_dual_stack_name_counts_each_pod_once() -> None:
             (socket.AF_INET, tcp, 6, "", ("10.0.0.7", 8001)), (socket.AF_INET, tcp, 6, "", ("10.0.0.3", 8001))]
     assert one_family(both) == ["10.0.0.3", "10.0.0.7"]
     assert one_family([both[0]]) == ["fd00::7"]  # an IPv6-only cluster
+
+
+def test_readiness_names_a_host_without_an_address(tmp_path: Path) -> None:
+    """A Service with no ready pod: the gateway starts, is not ready, and says which name has no address."""
+    from fastapi.testclient import TestClient
+    from gateway_fakes import write_repository
+
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+    from gateway.triton import TritonPool
+
+    dns = Dns()
+    dns.answers["triton"] = []
+    settings = GatewaySettings(repository=write_repository(tmp_path), triton_urls=["triton:8001"])
+    app = create_app(settings, pool_factory=lambda s: TritonPool(s.triton_urls, 1.0, 60, resolver=dns))
+    with TestClient(app, base_url="http://localhost") as client:
+        response = client.get("/health/ready")
+        assert response.status_code == 503
+        assert response.json()["triton"] == {"triton:8001": "triton has no address"}
+        chat = client.post("/v1/chat", json={"message": "hi"})
+        assert chat.status_code == 503 and "triton:8001: triton has no address" in chat.json()["error"]["message"]

@@ -268,14 +268,20 @@ class TritonPool:
     async def _probe_loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            await self.probe_all()
-            await self.replicas.close_retired()
+            try:
+                await self.probe_all()
+                await self.replicas.close_retired()
+            except Exception:  # a background task that dies would leave every replica's state frozen
+                logger.exception("probing the Triton replicas failed; trying again")
 
     async def _resolve_loop(self) -> None:
         while True:
             await asyncio.sleep(self._resolve_interval_s)
-            added = await self.replicas.refresh()
-            await asyncio.gather(*(self._probe(r) for r in added))  # admitted once ready, not before
+            try:
+                added = await self.replicas.refresh()
+                await asyncio.gather(*(self._probe(r) for r in added))  # admitted once ready, not before
+            except Exception:
+                logger.exception("resolving the Triton replicas failed; trying again")
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self._probe(r) for r in self.endpoints))

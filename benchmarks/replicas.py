@@ -1,11 +1,14 @@
 """Replicas benchmark: 1, 2 and 3 Triton replicas behind one gateway against one Triton reached directly.
 
-Each setup is a real ``toolkit serve --replicas N`` on the same repository (every port auto). Measured
-per setup: time to first token at concurrency 1 (sequential requests; to the first content chunk
-through the gateway, to the first token on Triton's gRPC stream directly) and generated tokens/s at
-concurrency 32 (every request generates exactly ``max_tokens``: ``ignore_eos``). The gateway gets chat
-messages, Triton directly the same prompt ids the gateway renders. The routing decision itself (the
-choice among 3 replicas and its load accounting) is also timed alone, in process. A script, not a test:
+Each setup is a real ``toolkit serve --replicas N`` on the same repository (every port auto). A
+1-replica stack stays up throughout; each N-replica stack is measured interleaved with it and with
+its Triton reached directly, so the machine's drift (other jobs) hits all three alike: time to first
+token at concurrency 1 (sequential requests; to the first content chunk through the gateway, to the
+first token on Triton's gRPC stream directly; medians of paired differences) and generated tokens/s
+at concurrency 32 (every request generates exactly ``max_tokens``: ``ignore_eos``). The gateway gets
+chat messages, Triton directly the same prompt ids the gateway renders. The routing decision itself
+(the choice among 3 replicas and its load accounting) is also timed alone, in process. A script, not
+a test:
 
     .venv/bin/python benchmarks/replicas.py [--onnx build/export_onnx/model.onnx] [--replicas 1 2 3]
 
@@ -141,47 +144,49 @@ def direct_throughput(client: GenerationClient, prompt_ids: list[int], max_token
     return sum(len(r.tokens) for r in results) / (time.perf_counter() - start)
 
 
-async def measure(stack: Stack, prompt_ids: list[int], args: argparse.Namespace) -> dict[str, Any]:
-    """Gateway and direct Triton interleaved, so the machine's drift hits both alike.
+async def measure(base: Stack, stack: Stack, prompt_ids: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """The N-replica stack against the 1-replica one (`base`, the same at every N) and against one Triton
+    reached directly (base's), interleaved so that the machine's drift hits all three alike.
 
-    TTFT at c=1: pairs of one direct request (to each replica in turn) and one through the gateway.
-    Throughput at c=`concurrency`: rounds alternating the gateway over every replica with one replica
-    of the same stack reached directly (the others idle), in alternating order.
+    TTFT at c=1: triplets of sequential requests (direct, gateway over 1 replica, gateway over N).
+    Throughput at c=`concurrency`: rounds of the three, in rotating order.
     """
-    directs = [GenerationClient(url, MODEL) for url in stack.grpc]
+    direct = GenerationClient(base.grpc[0], MODEL)
     requests = args.concurrency * args.waves
-    limits = httpx.Limits(max_connections=args.concurrency + 8)
+    limits = httpx.Limits(max_connections=2 * args.concurrency + 8)
+    ttft: dict[str, list[float]] = {"direct": [], "one": [], "many": []}
+    tokens_per_s: dict[str, list[float]] = {"direct": [], "one": [], "many": []}
     try:
         async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-            for direct in directs:
-                direct.wait([direct.submit(prompt_ids, max_tokens=4)], 120)
-            await asyncio.gather(*(gateway_request(client, stack.url, 8) for _ in range(args.concurrency)))
-            gateway_ms, direct_ms = [], []
-            for i in range(args.runs):
-                direct_ms.append(1000 * direct_ttft(directs[i % len(directs)], prompt_ids))
-                gateway_ms.append(1000 * await gateway_ttft(client, stack.url))
-            through_gateway, through_direct = [], []
+            direct.wait([direct.submit(prompt_ids, max_tokens=4)], 120)
+            for url in (base.url, stack.url):  # warm every replica
+                await asyncio.gather(*(gateway_request(client, url, 8) for _ in range(args.concurrency)))
+            for _ in range(args.runs):
+                ttft["direct"].append(1000 * direct_ttft(direct, prompt_ids))
+                ttft["one"].append(1000 * await gateway_ttft(client, base.url))
+                ttft["many"].append(1000 * await gateway_ttft(client, stack.url))
+            order = ["direct", "one", "many"]
             for round_ in range(args.rounds):
-                order = ["gateway", "direct"] if round_ % 2 == 0 else ["direct", "gateway"]
-                for what in order:
-                    if what == "gateway":
-                        through_gateway.append(await gateway_throughput(client, stack.url, args.max_tokens,
-                                                                        requests))
+                for what in order[round_ % 3:] + order[: round_ % 3]:
+                    if what == "direct":
+                        value = direct_throughput(direct, prompt_ids, args.max_tokens, requests)
                     else:
-                        through_direct.append(direct_throughput(directs[0], prompt_ids, args.max_tokens, requests))
+                        url = base.url if what == "one" else stack.url
+                        value = await gateway_throughput(client, url, args.max_tokens, requests)
+                    tokens_per_s[what].append(value)
     finally:
-        for direct in directs:
-            direct.close()
-    differences = [g - d for g, d in zip(gateway_ms, direct_ms, strict=True)]
+        direct.close()
+    median = statistics.median
     return {
-        "ttft_ms_p50_gateway": round(statistics.median(gateway_ms), 2),
-        "ttft_ms_p50_direct": round(statistics.median(direct_ms), 2),
-        "ttft_ms_p50_paired_difference": round(statistics.median(differences), 2),
-        "tokens_per_s_gateway": round(statistics.median(through_gateway), 1),
-        "tokens_per_s_one_replica_direct": round(statistics.median(through_direct), 1),
-        "throughput_ratio": round(statistics.median(through_gateway) / statistics.median(through_direct), 3),
-        "tokens_per_s_rounds": {"gateway": [round(x, 1) for x in through_gateway],
-                                "direct": [round(x, 1) for x in through_direct]},
+        "ttft_ms_p50": {k: round(median(v), 2) for k, v in ttft.items()},
+        "ttft_ms_p50_paired": {
+            "many_minus_direct": round(median([m - d for m, d in zip(ttft["many"], ttft["direct"], strict=True)]), 2),
+            "many_minus_one": round(median([m - o for m, o in zip(ttft["many"], ttft["one"], strict=True)]), 2),
+            "one_minus_direct": round(median([o - d for o, d in zip(ttft["one"], ttft["direct"], strict=True)]), 2),
+        },
+        "tokens_per_s": {k: round(median(v), 1) for k, v in tokens_per_s.items()},
+        "tokens_per_s_rounds": {k: [round(x, 1) for x in v] for k, v in tokens_per_s.items()},
+        "throughput_many_over_one": round(median(tokens_per_s["many"]) / median(tokens_per_s["one"]), 3),
     }
 
 
@@ -212,11 +217,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default = ROOT / "build" / "export_onnx" / "model.onnx"
     parser.add_argument("--onnx", type=Path, default=default if default.is_file() else None)
-    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3],
+                        help="Replica counts measured, each against a 1-replica stack kept up throughout.")
     parser.add_argument("--runs", type=int, default=20, help="Pairs of sequential requests for the TTFT at c=1.")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--waves", type=int, default=2, help="Requests per throughput round = waves x concurrency.")
-    parser.add_argument("--rounds", type=int, default=3, help="Throughput rounds, gateway and direct alternating.")
+    parser.add_argument("--rounds", type=int, default=3, help="Throughput rounds, the three setups rotating.")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -227,27 +233,29 @@ def main() -> int:
                                         max_queue=256, max_new_tokens_limit=1024, tokenizer_dir=TOKENIZER,
                                         stop_token_ids=[2], pad_token_id=2)
         prompt_ids = load_entry(repo.path, MODEL).tokenizer.render_ids(MESSAGES)
-        for count in args.replicas:
-            before = os.getloadavg()[0]
-            stack = Stack(repo.path, count, Path(tmp) / f"serve-{count}")
-            try:
-                row = asyncio.run(measure(stack, prompt_ids, args))
-            finally:
-                stack.close()
-            rows.append({"replicas": count, **row, "load_average": [round(before, 2), round(os.getloadavg()[0], 2)]})
-            print(rows[-1], flush=True)
+        base = Stack(repo.path, 1, Path(tmp) / "serve-base")
+        try:
+            for count in args.replicas:
+                before = os.getloadavg()[0]
+                stack = Stack(repo.path, count, Path(tmp) / f"serve-{count}")
+                try:
+                    row = asyncio.run(measure(base, stack, prompt_ids, args))
+                finally:
+                    stack.close()
+                rows.append({"replicas": count, **row,
+                             "load_average": [round(before, 2), round(os.getloadavg()[0], 2)]})
+                print(rows[-1], flush=True)
+        finally:
+            base.close()
     decision_us = asyncio.run(routing_decision_us())
-    one = next((r for r in rows if r["replicas"] == 1), None)
-    header = (f"| replicas behind the gateway | TTFT p50 ms, gateway | TTFT p50 ms, direct | paired difference ms | "
-              f"tok/s c={args.concurrency}, gateway | tok/s, 1 replica direct | ratio |")
-    lines = [header, "|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['replicas']} | {r['ttft_ms_p50_gateway']} | {r['ttft_ms_p50_direct']} | "
-              f"{r['ttft_ms_p50_paired_difference']} | {r['tokens_per_s_gateway']} | "
-              f"{r['tokens_per_s_one_replica_direct']} | {r['throughput_ratio']} |" for r in rows]
-    if one is not None:
-        lines += ["\nRouting over N replicas against one (paired difference, N minus 1): " + ", ".join(
-            f"{r['replicas']}: {r['ttft_ms_p50_paired_difference'] - one['ttft_ms_p50_paired_difference']:+.2f} ms"
-            for r in rows if r["replicas"] != 1)]
+    header = (f"| replicas N | TTFT p50 ms: direct / gateway 1 / gateway N | paired: N minus 1 | paired: N minus "
+              f"direct | tok/s c={args.concurrency}: direct / gateway 1 / gateway N | N over 1 |")
+    lines = [header, "|---:|---|---:|---:|---|---:|"]
+    for r in rows:
+        t, paired, tps = r["ttft_ms_p50"], r["ttft_ms_p50_paired"], r["tokens_per_s"]
+        lines.append(f"| {r['replicas']} | {t['direct']} / {t['one']} / {t['many']} | {paired['many_minus_one']} | "
+                     f"{paired['many_minus_direct']} | {tps['direct']} / {tps['one']} / {tps['many']} | "
+                     f"{r['throughput_many_over_one']} |")
     lines.append(f"\nThe routing decision alone (choice among 3 ready replicas, its load accounted and released): "
                  f"{decision_us:.1f} µs.")
     print("\n".join(lines))

@@ -148,7 +148,7 @@ async def measure(base: Stack, stack: Stack, prompt_ids: list[int], args: argpar
     """The N-replica stack against the 1-replica one (`base`, the same at every N) and against one Triton
     reached directly (base's), interleaved so that the machine's drift hits all three alike.
 
-    TTFT at c=1: triplets of sequential requests (direct, gateway over 1 replica, gateway over N).
+    TTFT at c=1: triplets of sequential requests (direct, gateway over 1 replica, gateway over N), rotating.
     Throughput at c=`concurrency`: rounds of the three, in rotating order.
     """
     direct = GenerationClient(base.grpc[0], MODEL)
@@ -161,11 +161,13 @@ async def measure(base: Stack, stack: Stack, prompt_ids: list[int], args: argpar
             direct.wait([direct.submit(prompt_ids, max_tokens=4)], 120)
             for url in (base.url, stack.url):  # warm every replica
                 await asyncio.gather(*(gateway_request(client, url, 8) for _ in range(args.concurrency)))
-            for _ in range(args.runs):
-                ttft["direct"].append(1000 * direct_ttft(direct, prompt_ids))
-                ttft["one"].append(1000 * await gateway_ttft(client, base.url))
-                ttft["many"].append(1000 * await gateway_ttft(client, stack.url))
             order = ["direct", "one", "many"]
+            for run in range(args.runs):  # in rotating order: a request's tail (closing its stream) slows the next
+                for what in order[run % 3:] + order[: run % 3]:
+                    if what == "direct":
+                        ttft[what].append(1000 * direct_ttft(direct, prompt_ids))
+                    else:
+                        ttft[what].append(1000 * await gateway_ttft(client, base.url if what == "one" else stack.url))
             for round_ in range(args.rounds):
                 for what in order[round_ % 3:] + order[: round_ % 3]:
                     if what == "direct":
@@ -226,6 +228,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers started here on the way out
     onnx = args.onnx or embedded_onnx()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-replicas-") as tmp:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +111,8 @@ class Outcome:
     finish: str | None = None
     error: dict[str, Any] | None = None  # the error event, if the stream ended with one
     done: bool = False  # `data: [DONE]` came
-    transport: str | None = None  # the connection failed (never expected)
-    events: list[str] = field(default_factory=list)
+    transport: str | None = None  # the connection failed, or no end within the client's deadline (a hang)
+    ended_at: float = 0.0  # time.monotonic() when the stream ended
 
     @property
     def succeeded(self) -> bool:
@@ -150,6 +150,7 @@ async def stream_chat(client: httpx.AsyncClient, url: str, payload: dict[str, An
                         out.finish = choice.get("finish_reason") or out.finish
     except (httpx.HTTPError, TimeoutError) as err:
         out.transport = f"{type(err).__name__}: {err}"
+    out.ended_at = time.monotonic()
     return out
 
 
@@ -252,14 +253,11 @@ async def test_a_replica_killed_under_load_loses_no_request_and_is_back_in_use_a
     assert retried >= 1
 
     # `toolkit serve` restarts the replica after its backoff; the gateway sends it traffic again.
-    def restarted() -> bool:
+    async def restarted() -> bool:
         replica = stack.replicas()[victim]
         return replica["status"] == "ready" and replica["pid"] not in (None, pid)
 
-    async def is_restarted() -> bool:
-        return restarted()
-
-    await wait_for(is_restarted, 120, "toolkit serve did not restart the killed replica", interval_s=0.05)
+    await wait_for(restarted, 120, "toolkit serve did not restart the killed replica", interval_s=0.05)
     ready_at = time.monotonic()
     routed = await gateway_metric(stack, "gateway_triton_routed_requests_total", replica=address)
     async with http_client() as client:
@@ -299,17 +297,17 @@ async def test_a_hung_replica_ends_its_streams_within_the_idle_timeout_and_new_r
             later = await asyncio.gather(*(stream_chat(client, stack.url, body(16, i)) for i in range(30)))
             routed_after = await gateway_metric(stack, "gateway_triton_routed_requests_total", replica=address)
             outcomes = await asyncio.gather(*first)
-            ended_s = time.monotonic() - stopped_at
         finally:
             os.kill(pid, signal.SIGCONT)
     counts = tally(outcomes)
-    print(f"figures: replica SIGSTOPped under 24 long streams: taken out after {out_s:.2f} s; {counts}; all ended "
-          f"{ended_s:.2f} s after the stop (idle timeout {IDLE_TIMEOUT_S:g} s); 30 requests sent meanwhile: "
-          f"{tally(later)}")
-    assert counts["other"] == 0 and counts["failed_before_a_token"] == 0
+    cut_s = [o.ended_at - stopped_at for o in outcomes if o.failed_with_event]
+    print(f"figures: replica SIGSTOPped under 24 long streams: taken out after {out_s:.2f} s; {counts}; its "
+          f"streams ended {min(cut_s, default=0):.2f}-{max(cut_s, default=0):.2f} s after the stop (idle timeout "
+          f"{IDLE_TIMEOUT_S:g} s); 30 requests sent meanwhile: {tally(later)}")
+    assert counts["other"] == 0 and counts["failed_before_a_token"] == 0  # nothing hung, nothing lost
     assert counts["failed_with_error_event"] >= 1  # the streams that were decoding there
     assert all(o.error and o.error["type"] == "timeout_error" for o in outcomes if o.failed_with_event)
-    assert ended_s < IDLE_TIMEOUT_S + 15  # the slowest stream elsewhere finishes too; nothing hangs
+    assert max(cut_s) < IDLE_TIMEOUT_S + 5  # silent since before the stop: ended by the idle timeout
     assert routed_after == routed  # nothing new went to the hung replica
     assert all(o.succeeded for o in later), tally(later)
 

@@ -267,7 +267,7 @@ def main() -> int:
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), "onnx": str(onnx),
         "prompt_tokens": len(prompt_ids), "max_tokens": args.max_tokens, "runs": args.runs,
         "concurrency": args.concurrency, "waves": args.waves, "rounds": args.rounds, "cpus": os.cpu_count(),
-        "machine": platform.platform(),
+        "machine": platform.platform(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "rows": rows, "routing_decision_us": round(decision_us, 2), "table": lines,
     }
     args.out.mkdir(parents=True, exist_ok=True)

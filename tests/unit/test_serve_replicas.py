@@ -7,7 +7,6 @@ tests/integration/test_replicas.py.
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 
 import pytest
@@ -168,24 +167,9 @@ def test_each_replica_gets_one_gpu_round_robin(tmp_path: Path, monkeypatch: pyte
     for file in ("model.py", "manifest.json"):
         (tmp_path / "chat" / "1" / file).write_text("")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     ports = [TritonPorts(8000 + 3 * i, 8001 + 3 * i, 8002 + 3 * i) for i in range(2)]
     supervisor = Supervisor(ServeOptions(repository=tmp_path, log_dir=tmp_path / "logs", replicas=2,
                                          triton_ports=ports), say=lambda _: None)
     assert [t.server.environment()["CUDA_VISIBLE_DEVICES"] for t in supervisor.tritons] == ["2", "3"]
-    assert all("OMP_NUM_THREADS" not in t.server.environment() for t in supervisor.tritons)  # GPUs: not CPU-bound
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    supervisor = Supervisor(ServeOptions(repository=tmp_path, log_dir=tmp_path / "logs", replicas=2,
-                                         triton_ports=ports), say=lambda _: None)
-    assert [t.server.environment()["OMP_NUM_THREADS"] for t in supervisor.tritons] == ["8", "8"]
+
     assert [t.server.log_path.name for t in supervisor.tritons] == ["tritonserver-1.log", "tritonserver-2.log"]  # type: ignore[union-attr]
-
-
-@pytest.mark.parametrize(("replicas", "cpus", "environ", "gpus", "expected"), [
-    (3, 2, {}, [], "1"), (4, 32, {}, [], "8"), (1, 32, {}, [], None), (4, 32, {"OMP_NUM_THREADS": "2"}, [], None),
-    (2, 32, {}, ["0", "1"], None),
-])
-def test_cpu_replicas_share_the_cores(replicas: int, cpus: int, environ: dict[str, str], gpus: list[str],
-                                      expected: str | None) -> None:
-    assert triton_replicas.threads_for(replicas, cpus, environ, gpus) == expected

@@ -47,7 +47,6 @@ from toolkit.serving.triton_replicas import (
     gpu_for,
     start_all,
     stop_all,
-    threads_for,
     visible_gpus,
 )
 from toolkit.serving.triton_server import TritonServer, _die_with_parent
@@ -138,7 +137,6 @@ class Supervisor:
         self.admin_key = new_admin_key()  # one per serve: a restarted Triton keeps the gateway's key valid
         options.log_dir.mkdir(parents=True, exist_ok=True)
         self.gpus = visible_gpus() if len(options.triton_ports) > 1 else []
-        self.threads = threads_for(len(options.triton_ports), os.cpu_count() or 1, dict(os.environ), self.gpus)
         self.tritons = [TritonReplica(i, ports, self._new_triton, options.ready_timeout_s, say,
                                       self._check_triton_ports) for i, ports in enumerate(options.triton_ports)]
         self.gateway: subprocess.Popen[bytes] | None = None
@@ -161,12 +159,10 @@ class Supervisor:
 
     def _new_triton(self, index: int, ports: TritonPorts) -> TritonServer:
         gpu = gpu_for(index, len(self.options.triton_ports or ()), self.gpus)
-        env = {} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}
-        if self.threads is not None:
-            env["OMP_NUM_THREADS"] = self.threads
         return TritonServer(self.options.repository, models=self.models, http_port=ports.http, grpc_port=ports.grpc,
                             metrics_port=ports.metrics, host=TRITON_HOST, log_path=self._log_path(index),
-                            admin_key=self.admin_key, exit_timeout_s=DRAIN_TIMEOUT_S, extra_env=env)
+                            admin_key=self.admin_key, exit_timeout_s=DRAIN_TIMEOUT_S,
+                            extra_env={} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu})
 
     def _save(self, **changes: object) -> None:
         for key, value in changes.items():
@@ -186,11 +182,8 @@ class Supervisor:
         for replica in self.tritons:
             server = replica.server
             name = "Triton" if count == 1 else replica.name
-            share = [f"GPU {server.extra_env['CUDA_VISIBLE_DEVICES']}"] if "CUDA_VISIBLE_DEVICES" in server.extra_env \
-                else []
-            threads = server.extra_env.get("OMP_NUM_THREADS")
-            share += [f"{threads} onnxruntime thread{'' if threads == '1' else 's'}"] if threads else []
-            self.say(f"{name} ready (pid {', '.join([str(replica.pid), *share])}): HTTP http://{server.http_url}  "
+            gpu = server.extra_env.get("CUDA_VISIBLE_DEVICES")
+            self.say(f"{name} ready (pid {replica.pid}{f', GPU {gpu}' if gpu else ''}): HTTP http://{server.http_url}  "
                      f"gRPC {server.grpc_url}  metrics {server.metrics_url}")
         if self.options.triton_only and self.options.host != TRITON_HOST:
             self.say(f"note: Triton binds {TRITON_HOST} only (--host is the gateway's address); reach it through "

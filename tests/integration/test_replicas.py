@@ -32,7 +32,7 @@ from conftest import TINY_MODEL, metric_sum, write_generation_repository
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-IDLE_TIMEOUT_S = 8.0
+IDLE_TIMEOUT_S = 15.0  # the first token included: the last of 30 long requests queued on one replica waits ~6 s
 PROBE_TIMEOUT_S = 2.0
 MAX_ACTIVE = 4
 GATEWAY_ENV = {
@@ -376,7 +376,7 @@ async def test_short_requests_avoid_the_replica_busy_with_long_ones(stack: Stack
     """Long requests (max_tokens 256) are put on replica 1 alone (the others briefly stopped, so taken out);
     short ones sent while they run must all go to replicas 2 and 3. Round robin would send a third to 1."""
     busy, others = 0, (1, 2)
-    LONG = 36  # noqa: N806 - 9 rounds of 4 sequences of 256 tokens: seconds, where the short phase takes one
+    LONG = 30  # noqa: N806 - 8 rounds of 4 sequences of 256 tokens: seconds, where the short phase takes one
     pids = [stack.replicas()[i]["pid"] for i in others]
     addresses = [stack.address(i) for i in range(3)]
 
@@ -424,6 +424,7 @@ async def test_short_requests_avoid_the_replica_busy_with_long_ones(stack: Stack
         longs_done_s = time.monotonic() - long_sent
     print(f"figures: {LONG} long requests on replica 1 (all done {longs_done_s:.1f} s after they were sent); 24 short "
           f"ones sent meanwhile (done at {shorts_done_s:.1f} s) went to replicas 1, 2, 3: {short_routed}")
-    assert all(o.succeeded for o in short_outcomes + long_outcomes)
+    failed = [o for o in short_outcomes + long_outcomes if not o.succeeded]
+    assert not failed, failed[:3]
     assert sum(short_routed) == 24
     assert all(short_routed[i] >= 4 for i in others)  # both idle replicas were used

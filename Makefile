@@ -14,7 +14,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_VARIANT ?= cpu
 TORCH_INDEX ?=
 
-.PHONY: venv build test unit lint serve bench bench-triton clean chromium
+.PHONY: venv build test unit lint serve bench bench-triton bench-replicas clean chromium
 
 venv: $(STAMP)
 
@@ -85,6 +85,10 @@ bench: venv
 # The Triton-direct benchmark (no gateway): the generation model against its own onnxruntime loop.
 bench-triton: venv
 	$(BIN)/python benchmarks/serving.py $(ARGS)
+
+# 1, 2 and 3 Triton replicas behind one gateway against one Triton reached directly (docs/scaling.md).
+bench-replicas: venv
+	$(BIN)/python benchmarks/replicas.py $(ARGS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -21,7 +21,7 @@ from gateway.errors import install_error_handlers
 from gateway.health import router as health_router
 from gateway.hosts import TrustedHostMiddleware
 from gateway.limits import BodySizeLimitMiddleware, InFlightLimiter, PerKeyLimiter, RateLimiter
-from gateway.metrics import GatewayMetrics, MetricsMiddleware
+from gateway.metrics import GatewayMetrics, MetricsMiddleware, RoutingMetrics
 from gateway.models import model_summary
 from gateway.models import router as models_router
 from gateway.page import install_page
@@ -34,9 +34,9 @@ from toolkit import __version__
 logger = logging.getLogger("gateway")
 
 
-def _triton_pool(settings: GatewaySettings) -> TritonPool:
+def _triton_pool(settings: GatewaySettings, metrics: RoutingMetrics | None = None) -> TritonPool:
     return TritonPool(settings.triton_urls, settings.triton_timeout_s, settings.health_interval_s,
-                      settings.grpc_keepalive_s)
+                      settings.grpc_keepalive_s, settings.triton_resolve_interval_s, metrics=metrics)
 
 
 def create_app(
@@ -55,7 +55,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = (pool_factory or _triton_pool)(settings)
+        pool = pool_factory(settings) if pool_factory else _triton_pool(settings, metrics.routing)
         pool.watched_models = set(registry.names())
         state = AppState(
             settings=settings,

@@ -39,8 +39,9 @@ async def ready(state: State, _: HealthAccess) -> JSONResponse:
         "status": "ready" if ready_urls else "not ready",
         "model": model,
         "triton": {
-            e.url: ("ready" if e.url in ready_urls else (e.last_error or "model not ready"))
-            for e in state.pool.endpoints
+            **{e.url: ("ready" if e.url in ready_urls else (e.last_error or "model not ready"))
+               for e in state.pool.endpoints},
+            **state.pool.unresolved,  # a host name with no address now: why
         },
     }
     return JSONResponse(body, status_code=200 if ready_urls else 503)
@@ -49,7 +50,5 @@ async def ready(state: State, _: HealthAccess) -> JSONResponse:
 @router.get("/metrics", include_in_schema=False)
 async def metrics(state: State, _: MetricsAccess) -> Response:
     """Prometheus exposition of the gateway's metrics."""
-    for endpoint in state.pool.endpoints:
-        state.metrics.triton_up.labels(endpoint.url).set(1 if endpoint.healthy else 0)
     state.metrics.in_flight.set(state.in_flight.count)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -6,7 +6,9 @@ are the route templates (``/admin/models/{name}/load``), never raw paths, to bou
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -54,7 +56,48 @@ class GatewayMetrics:
         self.rejections = Counter(
             "gateway_rejected_requests", "Requests refused before reaching Triton", ["reason"], registry=r
         )
-        self.triton_up = Gauge("gateway_triton_endpoint_up", "1 when the endpoint is ready", ["url"], registry=r)
+        self.routing = RoutingMetrics(r)
+        self.triton_up = self.routing.up
+
+
+RETRY_REASONS = ("unavailable", "busy", "taken_out")
+EJECTION_SOURCES = ("probe", "request")
+
+
+class RoutingMetrics:
+    """Per-replica routing: the label ``replica`` is the address of one Triton (``10.0.0.7:8001``).
+
+    The gauges follow every request as it is dispatched and ends; the series of a replica that left
+    (its name no longer resolves to it, its requests ended) are removed, so pods coming and going do
+    not pile up series.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.up = Gauge("gateway_triton_endpoint_up", "1 when the endpoint is ready", ["url"], registry=r)
+        self.in_flight = Gauge("gateway_triton_replica_in_flight", "Generation requests in flight on each Triton "
+                               "replica", ["replica"], registry=r)
+        self.outstanding_tokens = Gauge(
+            "gateway_triton_replica_outstanding_tokens",
+            "Tokens the requests in flight on each replica may still generate (max_tokens minus tokens received)",
+            ["replica"], registry=r)
+        self.routed = Counter("gateway_triton_routed_requests", "Generation requests sent to each replica (a retry "
+                              "counts on the replica it went to)", ["replica"], registry=r)
+        self.retries = Counter(
+            "gateway_triton_retries", "Requests moved to another replica before their first token, by the replica "
+            "that failed and why (unavailable, busy, taken_out)", ["replica", "reason"], registry=r)
+        self.ejections = Counter("gateway_triton_ejections", "Times a replica was taken out of routing, by what "
+                                 "found it down (probe, request)", ["replica", "source"], registry=r)
+
+    def forget(self, replica: str) -> None:
+        """Drop every series of a replica that is gone for good."""
+        labels: list[tuple[Any, tuple[str, ...]]] = [
+            (m, (replica,)) for m in (self.up, self.in_flight, self.outstanding_tokens, self.routed)]
+        labels += [(self.retries, (replica, reason)) for reason in RETRY_REASONS]
+        labels += [(self.ejections, (replica, source)) for source in EJECTION_SOURCES]
+        for metric, values in labels:
+            with contextlib.suppress(KeyError):
+                metric.remove(*values)
 
 
 def route_label(scope: Scope) -> str:

@@ -56,7 +56,11 @@ class GatewaySettings(BaseSettings):
 
     triton_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["127.0.0.1:8001"],
-        description="Triton gRPC endpoints (host:port); requests are spread across the ready ones.",
+        description="Triton gRPC endpoints (host:port); a host name stands for every address it resolves to "
+        "(a Kubernetes headless Service: every ready Triton pod). Each request goes to the least loaded ready one.",
+    )
+    triton_resolve_interval_s: PositiveFloat = Field(
+        default=5.0, description="How often host names in TRITON_URLS are resolved again (pods come and go)."
     )
     repository: Path = Field(default=Path("model_repository"), description="The Triton model repository.")
     default_model: str | None = Field(

@@ -15,16 +15,16 @@ while that response's write is still completing; the leaked version never unload
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
-from tritonclient.grpc import InferInput, InferRequestedOutput, KeepAliveOptions
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput, InferRequestedOutput, KeepAliveOptions
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
@@ -35,6 +35,8 @@ from gateway.errors import (
     TritonUnavailableError,
     UpstreamTimeoutError,
 )
+from gateway.metrics import RoutingMetrics
+from gateway.replicas import Lease, Replica, ReplicaSet, Resolver, choose, resolve
 from toolkit.repository import contract
 
 logger = logging.getLogger("gateway")
@@ -43,6 +45,9 @@ _LOGPROB_OUTPUTS = (contract.TOKEN_LOGPROBS, contract.TOP_LOGPROB_IDS, contract.
 _PROMPT_LOGPROB_OUTPUTS = (contract.PROMPT_TOKEN_LOGPROBS, contract.PROMPT_TOP_LOGPROB_IDS,
                            contract.PROMPT_TOP_LOGPROBS)
 CLOSE_TIMEOUT_S = 5.0  # for Triton to end a half-closed stream whose request is complete
+MAX_ATTEMPTS = 2  # a request that fails before its first token is tried on one other replica
+RECONNECT_BACKOFF_MS = (250, 1000)  # gRPC's first and longest wait before reconnecting a broken channel
+TAKEN_OUT = "replica_taken_out"  # error code of a request whose replica was taken out before its first token
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,35 @@ async def _close_stream(responses: Any, url: str) -> None:
         raise
 
 
+async def _first_response(stream: AsyncIterator[StepOutput], down: asyncio.Event, address: str) -> StepOutput:
+    """The stream's first response, unless the replica is taken out first (then the request is cancelled).
+
+    A request queued on a replica that hangs (SIGSTOP, a stuck host) would otherwise wait for the
+    token idle timeout and fail; once a probe or another request finds the replica down, the wait
+    is abandoned (cancelling the call cancels the request in Triton) and the request can move.
+    """
+
+    async def next_step() -> StepOutput:
+        return await anext(stream)
+
+    step = asyncio.ensure_future(next_step())
+    taken_out = asyncio.ensure_future(down.wait())
+    try:
+        await asyncio.wait({step, taken_out}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        taken_out.cancel()
+        if not step.done():
+            step.cancel()
+            await asyncio.gather(step, return_exceptions=True)
+    if step.cancelled():
+        raise TritonUnavailableError(f"Triton at {address} was taken out before the first token", retry_after_s=1,
+                                     code=TAKEN_OUT)
+    try:
+        return step.result()
+    except StopAsyncIteration:  # not raised from here: inside an async generator it would become RuntimeError
+        raise TritonUnavailableError(f"Triton at {address} ended the stream without a response") from None
+
+
 def map_triton_error(err: Exception, url: str) -> GatewayError:
     """A Triton or gRPC failure as the gateway error a client should see."""
     if isinstance(err, grpc.RpcError | grpc.aio.AioRpcError):
@@ -200,89 +234,148 @@ def keepalive(interval_s: float) -> KeepAliveOptions:
                             keepalive_permit_without_calls=False, http2_max_pings_without_data=0)
 
 
-@dataclass
-class Endpoint:
-    """One Triton server and whether the last probe found it ready."""
+def channel_options(keepalive_s: float) -> list[tuple[str, int]]:
+    """gRPC channel arguments for one Triton replica: tritonclient's defaults, our keepalive, quick reconnects.
 
-    url: str
-    client: InferenceServerClient
-    healthy: bool = True
-    last_error: str | None = None
-    ready_models: set[str] = field(default_factory=set)
+    gRPC reconnects a broken channel with exponential backoff up to 120 s by default: a Triton
+    restarted after a minute would wait that long for its gateway. Capped at 1 s, a replica that comes
+    back is connected (and probed ready) within a couple of seconds.
+    """
+    options = keepalive(keepalive_s)
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", options.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", options.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(options.keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", options.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+    ]
+
+
+Endpoint = Replica  # the name the rest of the gateway used before replicas were resolved from names
 
 
 class TritonPool:
-    """The Triton endpoints of the settings, with health checks and round-robin over the ready ones."""
+    """Every Triton replica of the settings: health, load, and one routed, retried generation at a time.
 
-    def __init__(self, urls: list[str], probe_timeout_s: float, interval_s: float, keepalive_s: float = 30.0) -> None:
-        self.endpoints = [Endpoint(url, InferenceServerClient(url, keepalive_options=keepalive(keepalive_s)))
-                          for url in urls]
+    A background task probes every replica (Triton's readiness and each watched model's); another
+    resolves host names again (:class:`~gateway.replicas.ReplicaSet`). A request goes to the replica
+    with the least outstanding work (:func:`~gateway.replicas.choose`) among those ready for its
+    model. One that fails before its first token, or waits for it on a replica that is taken out
+    meanwhile, is sent once more to another replica; one that already streamed tokens is not.
+    """
+
+    def __init__(self, urls: list[str], probe_timeout_s: float, interval_s: float, keepalive_s: float = 30.0,
+                 resolve_interval_s: float = 5.0, resolver: Resolver = resolve,
+                 metrics: RoutingMetrics | None = None, seed: int | None = None) -> None:
+        self.replicas = ReplicaSet(
+            urls, lambda address: InferenceServerClient(address, channel_args=channel_options(keepalive_s)),
+            resolver, metrics)
+        self.metrics = self.replicas.metrics
         self._probe_timeout_s = probe_timeout_s
         self._interval_s = interval_s
-        self._cycle = itertools.cycle(range(len(self.endpoints)))
-        self._task: asyncio.Task[None] | None = None
+        self._resolve_interval_s = resolve_interval_s
+        self._rng = random.Random(seed)
+        self._tasks: list[asyncio.Task[None]] = []
         self.watched_models: set[str] = set()
 
+    @property
+    def unresolved(self) -> dict[str, str]:
+        """Host names of the settings that have no address now, and why."""
+        return dict(self.replicas.unresolved)
+
+    @property
+    def endpoints(self) -> list[Replica]:
+        """The replicas requests may be sent to when ready (retired ones excluded)."""
+        return self.replicas.current()
+
     async def start(self) -> None:
-        """Probe once (so readiness is right from the start), then keep probing in the background."""
+        """Resolve and probe once (so readiness is right from the start), then keep both up in the background."""
+        await self.replicas.refresh()
         await self.probe_all()
-        self._task = asyncio.create_task(self._probe_loop(), name="triton-health")
+        self._tasks = [asyncio.create_task(self._probe_loop(), name="triton-health")]
+        if self.replicas.names:
+            self._tasks.append(asyncio.create_task(self._resolve_loop(), name="triton-resolve"))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        for endpoint in self.endpoints:
-            await endpoint.client.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.replicas.close()
 
     async def _probe_loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            await self.probe_all()
+            try:
+                await self.probe_all()
+                await self.replicas.close_retired()
+            except Exception:  # a background task that dies would leave every replica's state frozen
+                logger.exception("probing the Triton replicas failed; trying again")
+
+    async def _resolve_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._resolve_interval_s)
+            try:
+                added = await self.replicas.refresh()
+                await asyncio.gather(*(self._probe(r) for r in added))  # admitted once ready, not before
+            except Exception:
+                logger.exception("resolving the Triton replicas failed; trying again")
 
     async def probe_all(self) -> None:
-        await asyncio.gather(*(self._probe(e) for e in self.endpoints))
+        await asyncio.gather(*(self._probe(r) for r in self.endpoints))
 
-    async def _probe(self, endpoint: Endpoint) -> None:
+    async def _probe(self, replica: Replica) -> None:
+        client = replica.client
         try:
-            ready = await endpoint.client.is_server_ready(client_timeout=self._probe_timeout_s)
+            ready = await client.is_server_ready(client_timeout=self._probe_timeout_s)
             models = set()
             for name in self.watched_models:
-                if await endpoint.client.is_model_ready(name, client_timeout=self._probe_timeout_s):
+                if await client.is_model_ready(name, client_timeout=self._probe_timeout_s):
                     models.add(name)
-            endpoint.ready_models = models
+            replica.ready_models = models
             # Strict readiness is false while any model loads or unloads, as in a version switch
             # through the admin endpoint (the old version unloads for a second after the new one is
-            # ready): an endpoint whose watched models are ready keeps serving them meanwhile.
+            # ready): a replica whose watched models are ready keeps serving them meanwhile.
             ready = ready or bool(models)
             error = None if ready else "server not ready"
         except Exception as err:  # noqa: BLE001 - any failure means "not usable now"
             ready, error = False, str(err).splitlines()[0] if str(err) else type(err).__name__
-        if ready != endpoint.healthy:
-            logger.warning(
-                "Triton %s is %s%s", endpoint.url, "ready" if ready else "DOWN", f": {error}" if error else ""
-            )
-        endpoint.healthy, endpoint.last_error = ready, error
+        if not ready:
+            self._take_out(replica, error or "not ready", "probe")
+        elif not replica.healthy:
+            logger.warning("Triton %s is ready", replica.address)
+            replica.healthy, replica.down = True, asyncio.Event()
+        replica.last_error = error
+        self.metrics.up.labels(replica.address).set(int(replica.healthy))
 
-    def mark_down(self, endpoint: Endpoint, reason: str) -> None:
-        """Take an endpoint out after a failed call; the next successful probe puts it back."""
-        if endpoint.healthy:
-            logger.warning("Triton %s taken out: %s", endpoint.url, reason)
-        endpoint.healthy, endpoint.last_error = False, reason
+    def mark_down(self, replica: Replica, reason: str) -> None:
+        """Take a replica out after a failed call; the next successful probe puts it back."""
+        self._take_out(replica, reason, "request")
 
-    def healthy(self) -> list[Endpoint]:
-        return [e for e in self.endpoints if e.healthy]
+    def _take_out(self, replica: Replica, reason: str, source: str) -> None:
+        if replica.healthy or replica.last_error == "not probed yet":
+            logger.warning("Triton %s taken out (%s): %s", replica.address, source, reason)
+        if replica.healthy:
+            self.metrics.ejections.labels(replica.address, source).inc()
+        replica.healthy, replica.last_error = False, reason
+        replica.down.set()
+        self.metrics.up.labels(replica.address).set(0)
 
-    def pick(self, model: str | None = None) -> Endpoint:
-        """The next ready endpoint (round-robin); 503 when none is ready."""
-        for _ in range(len(self.endpoints)):
-            endpoint = self.endpoints[next(self._cycle)]
-            if endpoint.healthy and (
-                model is None or model not in self.watched_models or model in endpoint.ready_models
-            ):
-                return endpoint
-        reasons = "; ".join(f"{e.url}: {e.last_error or 'model not ready'}" for e in self.endpoints)
-        raise TritonUnavailableError(f"no Triton endpoint is ready ({reasons})", retry_after_s=1)
+    def healthy(self) -> list[Replica]:
+        return [r for r in self.endpoints if r.healthy]
+
+    def pick(self, model: str | None = None, exclude: Sequence[Replica] = ()) -> Replica:
+        """The least loaded ready replica for `model` (power of two choices); 503 when none is ready."""
+        candidates = [r for r in self.endpoints if r.serves(model, self.watched_models) and r not in exclude]
+        if candidates:
+            return choose(candidates, self._rng)
+        reasons = [f"{r.address}: {r.last_error or 'model not ready'}" for r in self.endpoints]
+        reasons += [f"{target}: {why}" for target, why in self.replicas.unresolved.items()]
+        raise TritonUnavailableError(f"no Triton endpoint is ready ({'; '.join(reasons) or 'none configured'})",
+                                     retry_after_s=1)
 
     async def generate(
         self, model: str, inputs: GenerationInputs, timeout_s: float, request_id: str = ""
@@ -290,28 +383,46 @@ class TritonPool:
         """Stream the generation model's responses; closing this iterator before the final response
         cancels the Triton request (a complete one's stream is closed, never cancelled).
 
-        A failure before the first response is retried once on another ready endpoint.
+        A request that fails before its first response (replica unavailable or shutting down, its
+        queue full, or the replica taken out while the request waited) is sent once more, to another
+        ready replica; the client never sees the first attempt. After a response, a failure is final.
         """
-        attempts = min(2, len(self.endpoints))
-        for attempt in range(attempts):
-            endpoint = self.pick(model)
+        tried: list[Replica] = []
+        while True:
+            replica = self.pick(model, exclude=tried)
+            tried.append(replica)
+            lease = Lease(replica, inputs.max_tokens)
             received = False
-            stream = self._stream(endpoint, model, inputs, timeout_s, request_id)
             try:
+                stream = self._stream(replica, model, inputs, timeout_s, request_id)
                 # aclosing: when our consumer stops early, the inner stream is closed now (cancelling
                 # the Triton request), not whenever the garbage collector gets to it.
                 async with aclosing(stream):
-                    async for step in stream:
+                    step = await _first_response(stream, lease.down, replica.address)
+                    while True:
                         received = True
+                        lease.consumed(len(step.token_ids))
                         yield step
-                return
-            except TritonUnavailableError as err:
-                self.mark_down(endpoint, err.message)
-                if received or attempt == attempts - 1:
+                        if step.finish_reason is not None:
+                            return
+                        step = await anext(stream)
+            except (TritonUnavailableError, TooManyRequestsError) as err:
+                unavailable = isinstance(err, TritonUnavailableError)
+                if unavailable and not lease.down.is_set():
+                    self.mark_down(replica, err.message)
+                if received or len(tried) >= MAX_ATTEMPTS or not self._others_ready(model, tried):
                     raise
+                reason = "taken_out" if err.code == TAKEN_OUT else "unavailable" if unavailable else "busy"
+                self.metrics.retries.labels(replica.address, reason).inc()
+                logger.info("%s: %s; retrying on another Triton replica", request_id or "request", err.message)
+            finally:
+                lease.release()
+
+    def _others_ready(self, model: str, tried: Sequence[Replica]) -> bool:
+        return any(r.serves(model, self.watched_models) and r not in tried for r in self.endpoints)
 
     async def _stream(
-        self, endpoint: Endpoint, model: str, inputs: GenerationInputs, timeout_s: float, request_id: str
+        self, endpoint: Replica, model: str, inputs: GenerationInputs, timeout_s: float, request_id: str
     ) -> AsyncGenerator[StepOutput, None]:
         done = asyncio.Event()
 

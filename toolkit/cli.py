@@ -163,6 +163,9 @@ def serve(
         "--reuse", help="If a server for this repository runs already, attach to it (Ctrl-C detaches).")] = False,
     log_dir: Annotated[Path, typer.Option(
         "--log-dir", help="Where the server logs and the state file (state.json) go.")] = Path("build/serve"),
+    replicas: Annotated[int, typer.Option(
+        "--replicas", min=1, help="Triton processes behind the one gateway; replica i's ports are the given ones "
+        "plus 3*i (auto: each picked free).")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve a model repository: Triton (explicit model control) and the gateway; Ctrl-C stops both.
@@ -178,7 +181,8 @@ def serve(
         options = ServeOptions(
             repository=repository, host=host, http_port=_port(http_port, "--http-port"),
             grpc_port=_port(grpc_port, "--grpc-port"), metrics_port=_port(metrics_port, "--metrics-port"),
-            gateway_port=_port(gateway_port, "--port"), triton_only=triton_only, log_dir=log_dir, reuse=reuse)
+            gateway_port=_port(gateway_port, "--port"), triton_only=triton_only, log_dir=log_dir, reuse=reuse,
+            replicas=replicas)
         outcome = run_serve(options, say=lambda line: console.print(line, highlight=False, soft_wrap=True,
                                                                    markup=False))
     except ToolkitError as err:

@@ -34,6 +34,26 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
         ("{{status}}", "sum by (status) (rate(gateway_requests_total[1m]))"),
     ], "reqps"),
     ("Gateway requests in flight", [("in flight", "sum(gateway_requests_in_flight)")], "short"),
+    # Routing over the Triton replicas (one series per replica address, summed over gateway pods).
+    ("Requests routed per Triton replica", [
+        ("{{replica}}", "sum by (replica) (rate(gateway_triton_routed_requests_total[1m]))"),
+    ], "reqps"),
+    ("In flight per Triton replica", [
+        ("{{replica}}", "sum by (replica) (gateway_triton_replica_in_flight)"),
+    ], "short"),
+    ("Outstanding tokens per Triton replica", [
+        ("{{replica}}", "sum by (replica) (gateway_triton_replica_outstanding_tokens)"),
+    ], "short"),
+    ("Retries and ejections", [
+        ("retried from {{replica}} ({{reason}})",
+         "sum by (replica, reason) (increase(gateway_triton_retries_total[5m]))"),
+        ("{{replica}} taken out ({{source}})",
+         "sum by (replica, source) (increase(gateway_triton_ejections_total[5m]))"),
+    ], "short"),
+    ("Triton replicas the gateways know, and those ready", [
+        ("known", "count(max by (url) (gateway_triton_endpoint_up))"),
+        ("ready", "sum(max by (url) (gateway_triton_endpoint_up))"),
+    ], "short"),
 ]
 
 

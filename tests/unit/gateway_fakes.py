@@ -104,6 +104,7 @@ class FakePool:
         self.finish = finish
         self.endpoints = [FakeEndpoint("fake:8001", FakeClient(healthy), healthy=healthy)]
         self.watched_models: set[str] = set()
+        self.unresolved: dict[str, str] = {}
         self.calls: list[GenerationInputs] = []
         self.closed_early = 0
         self.step_delay_s = 0.0

@@ -205,6 +205,35 @@ def test_gateway_points_at_tritons_grpc_port(tmp_path: Path) -> None:
             assert urls == [f"triton:{grpc_port}"], source
 
 
+def test_gateways_route_over_every_triton_pod_and_pods_drain_before_they_stop(tmp_path: Path) -> None:
+    """The gateway resolves the headless Service to every ready pod; a stopping pod leaves DNS, then gets
+    SIGTERM and has its exit timeout, within its grace period, to finish its longest possible stream."""
+    service = _k8s_object("Service", "triton")
+    deployment = _k8s_object("Deployment", "triton")
+    assert service["spec"]["clusterIP"] == "None", "a ClusterIP balances connections: each gateway sticks to a pod"
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    env = _gateway_env_sets()["deploy/k8s/gateway.yaml"]
+    settings = GatewaySettings(repository=tmp_path, triton_urls=env["GATEWAY_TRITON_URLS"],
+                               triton_resolve_interval_s=env["GATEWAY_TRITON_RESOLVE_INTERVAL_S"])
+    assert [url.rpartition(":")[0] for url in settings.triton_urls] == [service["metadata"]["name"]]
+
+    pod = deployment["spec"]["template"]["spec"]
+    container = _container("triton")
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    pre_stop_s = float(pre_stop[1])
+    exit_timeout_s = float(_flags(_triton_commands()["deploy/k8s/triton.yaml"])["--exit-timeout-secs"])
+    assert pre_stop_s >= 2 * settings.triton_resolve_interval_s  # every gateway has looked the name up again
+    assert exit_timeout_s >= settings.request_timeout_s  # the longest generation the gateway allows finishes
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + exit_timeout_s
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    hpa = _k8s_object("HorizontalPodAutoscaler", "triton")
+    assert hpa["spec"]["minReplicas"] >= 2, "one Triton pod lost must not be an outage"
+    budget = _k8s_object("PodDisruptionBudget", "triton")
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+
 def test_api_key_files_are_where_the_deployments_mount_them() -> None:
     gateway = _compose()["services"]["gateway"]
     key_path = Path(gateway["environment"]["GATEWAY_API_KEYS_FILE"])

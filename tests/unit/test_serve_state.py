@@ -90,3 +90,27 @@ def test_one_lock_per_log_dir(tmp_path: Path) -> None:
     first.release()
     assert second.acquire()
     second.release()
+
+
+def test_replicas_get_offset_fixed_ports_or_their_own_free_ones(listener: socket.socket, tmp_path: Path) -> None:
+    fixed = resolve_ports(ServeOptions(repository=tmp_path, replicas=3, http_port=28000, grpc_port=28001,
+                                       metrics_port=28002, gateway_port=28080))
+    assert [(p.http, p.grpc, p.metrics) for p in fixed.triton_ports or []] == [
+        (28000, 28001, 28002), (28003, 28004, 28005), (28006, 28007, 28008)]
+    assert (fixed.http_port, fixed.grpc_port, fixed.gateway_port) == (28000, 28001, 28080)  # the first replica's
+    auto = resolve_ports(ServeOptions(repository=tmp_path, replicas=3, http_port=None, grpc_port=None,
+                                      metrics_port=None, gateway_port=None))
+    ports = [port for p in auto.triton_ports or [] for port in (p.http, p.grpc, p.metrics)] + [auto.gateway_port]
+    assert len(ports) == 10 and len(set(ports)) == 10 and None not in ports
+    busy = listener.getsockname()[1]
+    with pytest.raises(ServingError, match=rf"port {busy} \(Triton gRPC, replica 2\) .* pid {os.getpid()}"):
+        resolve_ports(ServeOptions(repository=tmp_path, replicas=2, grpc_port=busy - 3, http_port=None,
+                                   metrics_port=None, gateway_port=None))
+    with pytest.raises(ServingError, match="cannot share a port: .*gateway 28006"):
+        resolve_ports(ServeOptions(repository=tmp_path, replicas=3, http_port=28000, grpc_port=28001,
+                                   metrics_port=28002, gateway_port=28006))
+    with pytest.raises(ServingError, match="need ports up to 65537"):
+        resolve_ports(ServeOptions(repository=tmp_path, replicas=2, http_port=65532, grpc_port=65533,
+                                   metrics_port=65534, gateway_port=None))
+    with pytest.raises(ServingError, match="at least 1"):
+        resolve_ports(ServeOptions(repository=tmp_path, replicas=0))

@@ -10,6 +10,7 @@ import pytest
 
 from toolkit.errors import ServingError
 from toolkit.repository.layout import generation_models
+from toolkit.serving.triton_replicas import ReplicaStatus, TritonPorts
 from toolkit.serving.triton_server import TritonServer, prepare_backend_dir, pytriton_dist
 
 
@@ -94,7 +95,8 @@ def test_serve_binds_triton_to_loopback_whatever_host_says(tmp_path: Path) -> No
     (tmp_path / "chat" / "config.pbtxt").write_text('name: "chat"\nbackend: "python"\n')
     for file in ("model.py", "manifest.json"):
         (tmp_path / "chat" / "1" / file).write_text("")
-    options = ServeOptions(repository=tmp_path, host="0.0.0.0", log_dir=tmp_path / "logs")
+    options = ServeOptions(repository=tmp_path, host="0.0.0.0", log_dir=tmp_path / "logs",
+                           triton_ports=[TritonPorts(8000, 8001, 8002)])
     supervisor = Supervisor(options, say=lambda _: None)
     assert supervisor.triton.host == "127.0.0.1" and supervisor.state.host == "0.0.0.0"
     assert supervisor.triton.admin_key == supervisor.admin_key
@@ -110,7 +112,9 @@ def test_a_gateway_that_exits_with_a_configuration_error_is_not_restarted(tmp_pa
     (tmp_path / "chat" / "config.pbtxt").write_text('name: "chat"\nbackend: "python"\n')
     for file in ("model.py", "manifest.json"):
         (tmp_path / "chat" / "1" / file).write_text("")
-    supervisor = Supervisor(ServeOptions(repository=tmp_path, log_dir=tmp_path / "logs"), say=lambda _: None)
+    supervisor = Supervisor(ServeOptions(repository=tmp_path, log_dir=tmp_path / "logs",
+                                         triton_ports=[TritonPorts(8000, 8001, 8002)]), say=lambda _: None)
+    supervisor.tritons[0].status = ReplicaStatus.READY
     monkeypatch.setattr(supervisor.triton, "is_alive", lambda: True)
     restarts: list[str] = []
     monkeypatch.setattr(supervisor, "_start_gateway", lambda: restarts.append("restart"))

@@ -1,4 +1,4 @@
-"""``toolkit serve``: Triton on the model repository plus the gateway, supervised.
+"""``toolkit serve``: Triton on the model repository plus the gateway, supervised; ``--replicas N`` runs N Tritons.
 
 Before starting, it looks at what already runs: a ``toolkit serve`` holding the log dir's lock
 (see :mod:`toolkit.serving.state`) is reported (or attached to, with ``reuse``), and a port held by
@@ -8,18 +8,21 @@ model found is loaded at start; others can be loaded, unloaded or switched later
 repository API or the gateway's admin endpoint). Closed by default: Triton binds 127.0.0.1 whatever
 ``--host`` says (``--host`` is the gateway's address), and its model-control API answers only the
 secret header generated for this run, which only the gateway is given
-(:mod:`toolkit.serving.admin_auth`). The gateway is started as ``python -m gateway`` pointed at
-Triton's gRPC port, so a bad setting is one line and exit code 2. Readiness is judged on the
-processes started here: each must be alive and hold its own port. If Triton dies it is restarted
-with exponential backoff; a gateway that exits is restarted too, unless it exited with code 2 (its
-configuration is wrong: restarting cannot help). Ctrl-C (or SIGTERM, SIGHUP) stops the gateway
-first (a client of Triton), then Triton, and removes the state file.
+(:mod:`toolkit.serving.admin_auth`). With ``--replicas N``, N Tritons run side by side, each on its
+own ports (:mod:`toolkit.serving.triton_replicas`), and the one gateway spreads requests over all
+of them. The gateway is started as ``python -m gateway`` pointed at every replica's gRPC port, so a
+bad setting is one line and exit code 2. Readiness is judged on the processes started here: each
+must be alive and hold its own port. A Triton that dies is restarted after its own exponential
+backoff while the others serve; a gateway that exits is restarted too, unless it exited with code 2
+(its configuration is wrong: restarting cannot help). Ctrl-C (or SIGTERM, SIGHUP) stops the gateway
+first (a client of Triton), then every Triton, and removes the state file.
 """
 
 from __future__ import annotations
 
 import enum
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -36,15 +39,24 @@ from toolkit.repository.layout import models_to_load
 from toolkit.serving.admin_auth import new_admin_key
 from toolkit.serving.ports import busy_ports, free_ports, owns_port
 from toolkit.serving.state import ServeLock, ServeState, ServeStatus, read_state, remove_state, write_state
+from toolkit.serving.triton_replicas import (
+    PORT_STRIDE,
+    ReplicaStatus,
+    TritonPorts,
+    TritonReplica,
+    gpu_for,
+    start_all,
+    stop_all,
+    visible_gpus,
+)
 from toolkit.serving.triton_server import TritonServer, _die_with_parent
-
-MAX_BACKOFF_S = 30.0
-STABLE_AFTER_S = 60.0  # a server that stayed up this long resets the backoff
-
 
 STATE_WAIT_S = 10.0  # how long a second `toolkit serve` waits for a starting one to write its state
 TRITON_HOST = "127.0.0.1"  # Triton is reached through the gateway only
 GATEWAY_CONFIG_EXIT = 2  # `python -m gateway`: invalid settings or an unservable repository
+# A Triton stopped on its own (SIGTERM: a rolling restart) refuses new requests at once and finishes
+# the streams it has for up to this long; the gateway sends their successors to the other replicas.
+DRAIN_TIMEOUT_S = 30
 
 
 @dataclass
@@ -61,6 +73,8 @@ class ServeOptions:
     log_dir: Path = Path("build/serve")
     ready_timeout_s: float = 300.0
     reuse: bool = False
+    replicas: int = 1
+    triton_ports: list[TritonPorts] | None = None  # every replica's, once resolved (resolve_ports)
 
 
 class ServeOutcome(enum.Enum):
@@ -73,68 +87,104 @@ def gateway_available() -> bool:
 
 
 def resolve_ports(options: ServeOptions) -> ServeOptions:
-    """The options with every ``auto`` port picked; ServingError naming each port something else holds."""
-    roles = [("http_port", "Triton HTTP"), ("grpc_port", "Triton gRPC"), ("metrics_port", "Triton metrics")]
-    if not options.triton_only:
-        roles.append(("gateway_port", "gateway"))
-    fixed = [(label, getattr(options, name)) for name, label in roles if getattr(options, name) is not None]
+    """The options with every ``auto`` port picked and every replica's ports set; ServingError naming each
+    port something else holds. Replica i's fixed ports are the given ones plus ``PORT_STRIDE * i``."""
+    if options.replicas < 1:
+        raise ServingError(f"--replicas must be at least 1, not {options.replicas}")
+    bases = {"http": options.http_port, "grpc": options.grpc_port, "metrics": options.metrics_port}
+    labels = {"http": "Triton HTTP", "grpc": "Triton gRPC", "metrics": "Triton metrics"}
+    wanted: list[dict[str, int | None]] = [
+        {role: None if base is None else base + PORT_STRIDE * i for role, base in bases.items()}
+        for i in range(options.replicas)]
+
+    def label(role: str, i: int) -> str:
+        return labels[role] + (f", replica {i + 1}" if options.replicas > 1 else "")
+
+    fixed = [(label(role, i), port) for i, ports in enumerate(wanted) for role, port in ports.items()
+             if port is not None]
+    if not options.triton_only and options.gateway_port is not None:
+        fixed.append(("gateway", options.gateway_port))
     numbers = [port for _, port in fixed]
     if len(set(numbers)) != len(numbers):
         raise ServingError(f"two servers cannot share a port: {', '.join(f'{r} {p}' for r, p in fixed)}")
-    busy = busy_ports(TRITON_HOST, [(label, port) for label, port in fixed if label != "gateway"])
-    busy += busy_ports(options.host, [(label, port) for label, port in fixed if label == "gateway"])
+    if any(port > 65535 for port in numbers):
+        raise ServingError(f"{options.replicas} replicas need ports up to {max(numbers)}: choose lower ports or auto")
+    busy = busy_ports(TRITON_HOST, [(role, port) for role, port in fixed if role != "gateway"])
+    busy += busy_ports(options.host, [(role, port) for role, port in fixed if role == "gateway"])
     if busy:
         raise ServingError("; ".join(busy) + ": stop it, or choose other ports (each port option takes 'auto')")
-    auto = [name for name, _ in roles if getattr(options, name) is None]
-    picked = [p for p in free_ports(TRITON_HOST, len(auto) + len(numbers)) if p not in numbers]
-    resolved = replace(options)
-    for name, port in zip(auto, picked, strict=False):
-        setattr(resolved, name, port)
+    auto = sum(port is None for ports in wanted for port in ports.values())
+    gateway_auto = not options.triton_only and options.gateway_port is None
+    picked = iter(p for p in free_ports(TRITON_HOST, auto + gateway_auto + len(numbers)) if p not in numbers)
+    ports = [TritonPorts(**{role: port if port is not None else next(picked) for role, port in ports.items()})
+             for ports in wanted]
+    resolved = replace(options, http_port=ports[0].http, grpc_port=ports[0].grpc, metrics_port=ports[0].metrics,
+                       triton_ports=ports)
+    if gateway_auto:
+        resolved.gateway_port = next(picked)
     return resolved
 
 
 class Supervisor:
-    """Starts, watches and stops Triton and the gateway, and keeps the state file current."""
+    """Starts, watches and stops the Triton replicas and the gateway, and keeps the state file current."""
 
     def __init__(self, options: ServeOptions, say: Callable[[str], None] = print):
-        if None in (options.http_port, options.grpc_port, options.metrics_port):
+        if options.triton_ports is None:
             raise ValueError("resolve 'auto' ports (resolve_ports) before starting")
         self.options = options
         self.say = say
         self.models = models_to_load(options.repository)
         self.admin_key = new_admin_key()  # one per serve: a restarted Triton keeps the gateway's key valid
         options.log_dir.mkdir(parents=True, exist_ok=True)
-        self.triton = self._new_triton()
+        self.gpus = visible_gpus() if len(options.triton_ports) > 1 else []
+        self.tritons = [TritonReplica(i, ports, self._new_triton, options.ready_timeout_s, say,
+                                      self._check_triton_ports) for i, ports in enumerate(options.triton_ports)]
         self.gateway: subprocess.Popen[bytes] | None = None
-        self.restarts = 0
+        first = options.triton_ports[0]
         self.state = ServeState(
             pid=os.getpid(), pid_start_ticks=_own_start_ticks(), repository=str(options.repository.resolve()),
-            host=options.host, http_port=self.triton.http_port, grpc_port=self.triton.grpc_port,
-            metrics_port=self.triton.metrics_port, gateway_port=None if options.triton_only else options.gateway_port,
+            host=options.host, http_port=first.http, grpc_port=first.grpc, metrics_port=first.metrics,
+            gateway_port=None if options.triton_only else options.gateway_port,
             log_dir=str(options.log_dir.resolve()), models=self.models,
         )
 
-    def _new_triton(self) -> TritonServer:
-        o = self.options
-        assert o.http_port is not None and o.grpc_port is not None and o.metrics_port is not None
-        return TritonServer(o.repository, models=self.models, http_port=o.http_port, grpc_port=o.grpc_port,
-                            metrics_port=o.metrics_port, host=TRITON_HOST, log_path=o.log_dir / "tritonserver.log",
-                            admin_key=self.admin_key)
+    @property
+    def triton(self) -> TritonServer:
+        """The first replica's server (the only one without --replicas)."""
+        return self.tritons[0].server
+
+    def _log_path(self, index: int) -> Path:
+        suffix = "" if len(self.options.triton_ports or ()) == 1 else f"-{index + 1}"
+        return self.options.log_dir / f"tritonserver{suffix}.log"
+
+    def _new_triton(self, index: int, ports: TritonPorts) -> TritonServer:
+        gpu = gpu_for(index, len(self.options.triton_ports or ()), self.gpus)
+        return TritonServer(self.options.repository, models=self.models, http_port=ports.http, grpc_port=ports.grpc,
+                            metrics_port=ports.metrics, host=TRITON_HOST, log_path=self._log_path(index),
+                            admin_key=self.admin_key, exit_timeout_s=DRAIN_TIMEOUT_S,
+                            extra_env={} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu})
 
     def _save(self, **changes: object) -> None:
         for key, value in changes.items():
             setattr(self.state, key, value)
+        self.state.replicas = [t.state() for t in self.tritons]
+        self.state.triton_pid = self.tritons[0].pid
         write_state(self.options.log_dir, self.state)
 
     def start(self) -> None:
         self._save(status=ServeStatus.STARTING)
-        self.say(f"starting Triton on {self.options.repository} (models: {', '.join(self.models)}); "
-                 f"log: {self.options.log_dir / 'tritonserver.log'}")
-        self.triton.start(self.options.ready_timeout_s)
-        pid = self.triton.process.pid if self.triton.process else None
-        self._save(triton_pid=pid)
-        self.say(f"Triton ready (pid {pid}): HTTP http://{self.triton.http_url}  gRPC {self.triton.grpc_url}  "
-                 f"metrics {self.triton.metrics_url}")
+        count = len(self.tritons)
+        logs = self._log_path(0) if count == 1 else self.options.log_dir / "tritonserver-N.log"
+        self.say(f"starting {'Triton' if count == 1 else f'{count} Triton replicas'} on {self.options.repository} "
+                 f"(models: {', '.join(self.models)}); log: {logs}")
+        start_all(self.tritons)
+        self._save()
+        for replica in self.tritons:
+            server = replica.server
+            name = "Triton" if count == 1 else replica.name
+            gpu = server.extra_env.get("CUDA_VISIBLE_DEVICES")
+            self.say(f"{name} ready (pid {replica.pid}{f', GPU {gpu}' if gpu else ''}): HTTP http://{server.http_url}  "
+                     f"gRPC {server.grpc_url}  metrics {server.metrics_url}")
         if self.options.triton_only and self.options.host != TRITON_HOST:
             self.say(f"note: Triton binds {TRITON_HOST} only (--host is the gateway's address); reach it through "
                      "the gateway, or run Triton yourself where its ports must be open")
@@ -149,7 +199,8 @@ class Supervisor:
 
     def _start_gateway(self) -> None:
         o = self.options
-        env = dict(os.environ, GATEWAY_TRITON_URLS=self.triton.grpc_url, GATEWAY_REPOSITORY=str(o.repository.resolve()),
+        urls = json.dumps([replica.server.grpc_url for replica in self.tritons])
+        env = dict(os.environ, GATEWAY_TRITON_URLS=urls, GATEWAY_REPOSITORY=str(o.repository.resolve()),
                    GATEWAY_HOST=o.host, GATEWAY_PORT=str(o.gateway_port), GATEWAY_TRITON_ADMIN_KEY=self.admin_key,
                    USE_TORCH="0")
         log = open(o.log_dir / "gateway.log", "ab")  # noqa: SIM115 - the child keeps it open
@@ -195,36 +246,20 @@ class Supervisor:
         if busy:
             raise ServingError("; ".join(busy) + ": cannot restart; stopping")
 
+    def _check_triton_ports(self, ports: TritonPorts) -> None:
+        self._check_ports_still_ours(TRITON_HOST, [("Triton HTTP", ports.http), ("Triton gRPC", ports.grpc)])
+
     def watch(self, stop_after_s: float | None = None) -> None:
-        """Keep both alive until interrupted (or ``stop_after_s``, for tests)."""
+        """Keep every replica and the gateway alive until interrupted (or ``stop_after_s``, for tests).
+
+        The state file says ``ready`` while at least one replica is (the gateway serves from it).
+        """
         started = time.monotonic()
-        up_since = time.monotonic()
-        backoff = 1.0
         while stop_after_s is None or time.monotonic() - started < stop_after_s:
             time.sleep(0.5)
-            if not self.triton.is_alive():
-                code = self.triton.process.returncode if self.triton.process else None
-                self.say(f"Triton exited (code {code}); restarting in {backoff:.0f}s. Last log lines:\n"
-                         f"{self.triton.log_tail(10)}")
-                self.triton.stop()
-                self._save(status=ServeStatus.STARTING, triton_pid=None)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
-                self._check_ports_still_ours(TRITON_HOST, [("Triton HTTP", self.triton.http_port),
-                                              ("Triton gRPC", self.triton.grpc_port)])
-                self.triton = self._new_triton()
-                try:
-                    self.triton.start(self.options.ready_timeout_s)
-                except ServingError as err:
-                    self.say(f"Triton restart failed: {err}")
-                    continue
-                self.restarts += 1
-                up_since = time.monotonic()
-                pid = self.triton.process.pid if self.triton.process else None
-                self._save(status=ServeStatus.READY, triton_pid=pid)
-                self.say(f"Triton restarted (pid {pid}, restart #{self.restarts})")
-            elif time.monotonic() - up_since > STABLE_AFTER_S:
-                backoff = 1.0
+            if any([replica.tick() for replica in self.tritons]):  # a list: every replica ticks
+                serving = any(r.status is ReplicaStatus.READY for r in self.tritons)
+                self._save(status=ServeStatus.READY if serving else ServeStatus.STARTING)
             if self.gateway is not None and self.gateway.poll() is not None:
                 if self.gateway.returncode == GATEWAY_CONFIG_EXIT:  # a setting is wrong: restarting cannot help
                     raise ServingError(self._gateway_exit_message("after a restart"))
@@ -236,7 +271,7 @@ class Supervisor:
                 self._start_gateway()
 
     def stop(self) -> None:
-        """Gateway first (it holds connections to Triton), then Triton."""
+        """Gateway first (it holds connections to Triton), then every Triton replica."""
         if self.gateway is not None and self.gateway.poll() is None:
             self.gateway.send_signal(signal.SIGINT)
             try:
@@ -245,7 +280,7 @@ class Supervisor:
                 self.gateway.kill()
                 self.gateway.wait(5)
         self.gateway = None
-        self.triton.stop()
+        stop_all(self.tritons)
 
 
 def _own_start_ticks() -> int:

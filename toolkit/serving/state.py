@@ -1,5 +1,8 @@
 """The state file of a running ``toolkit serve`` (``<log-dir>/state.json``), and its lock.
 
+It lists every Triton replica (ports, pid, status, restarts); the top-level ports and ``triton_pid``
+are the first replica's, so readers that know one Triton keep working.
+
 ``toolkit serve`` holds an exclusive lock on ``<log-dir>/serve.lock`` for its whole life and
 writes the state file (atomically) when it starts, when its servers are ready and when Triton is
 restarted; a clean exit removes it. Other commands (a second ``toolkit serve``, ``toolkit chat``)
@@ -64,8 +67,10 @@ class ServeState:
     gateway_port: int | None
     log_dir: str
     models: list[str] = field(default_factory=list)
-    triton_pid: int | None = None
+    triton_pid: int | None = None  # the first replica's (the ports above are its ports too)
     gateway_pid: int | None = None
+    # Every Triton replica: index, http_port, grpc_port, metrics_port, pid, status, restarts.
+    replicas: list[dict[str, Any]] = field(default_factory=list)
     status: ServeStatus = ServeStatus.STARTING
     started_at: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
@@ -82,7 +87,12 @@ class ServeState:
     def describe(self) -> str:
         """One line: where it serves, its pids and models."""
         where = self.gateway_url or f"Triton gRPC 127.0.0.1:{self.grpc_port} (no gateway)"
-        pids = f"toolkit serve pid {self.pid}, Triton pid {self.triton_pid}" + (
+        if len(self.replicas) > 1:
+            listed = ", ".join(str(r.get("pid")) for r in self.replicas)
+            tritons = f"{len(self.replicas)} Triton replicas, pids {listed}"
+        else:
+            tritons = f"Triton pid {self.triton_pid}"
+        pids = f"toolkit serve pid {self.pid}, {tritons}" + (
             f", gateway pid {self.gateway_pid}" if self.gateway_pid else "")
         return (f"{where} ({self.status.value}; {pids}; models: {', '.join(self.models) or '-'}; "
                 f"repository {self.repository}; since {self.started_at})")

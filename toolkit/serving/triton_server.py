@@ -83,9 +83,11 @@ class TritonServer:
     exit_timeout_s: int = 3
     extra_args: Sequence[str] = ()
     verbose_log: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)  # set in the server's environment (e.g. its GPU)
     admin_key: str = field(default_factory=new_admin_key, repr=False)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
+    _interrupted: bool = field(default=False, init=False, repr=False)
 
     @property
     def http_url(self) -> str:
@@ -128,10 +130,21 @@ class TritonServer:
         env = dict(os.environ)
         # The python backend stub finds its interpreter (and so numpy<2 and the toolkit) as `python3` on PATH.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.update(self.extra_env)
         return env
 
     def start(self, ready_timeout_s: float = 120.0) -> TritonServer:
         """Start the server and wait until it and every model in ``models`` are ready."""
+        self.launch()
+        try:
+            self.wait_ready(ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def launch(self) -> None:
+        """Start the process and return at once (:meth:`ready_now` or :meth:`wait_ready` tell when it serves)."""
         if not self.repository.is_dir():
             raise ServingError(f"model repository {self.repository} does not exist; run `toolkit build` first")
         self._tmp = tempfile.TemporaryDirectory(prefix="triton-backends-")
@@ -145,25 +158,21 @@ class TritonServer:
                 self.command(backend_dir), env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
             )
-        try:
-            self.wait_ready(ready_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+
+    def ready_now(self) -> bool:
+        """Whether this child and every model in ``models`` are ready; ServingError (with the log tail) if it exited."""
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
+            raise ServingError(f"tritonserver exited with code {code} during start-up:\n{self.log_tail()}")
+        paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in self.models)]
+        # Ready only when the process started here holds the port: a probe answered by another
+        # server on the same port (a second `toolkit serve`) must not count.
+        return all(self._http_ok(p) for p in paths) and owns_port(self.process.pid, self.http_port)
 
     def wait_ready(self, timeout_s: float) -> None:
         """Poll readiness of this child against a deadline; fail at once (with the log tail) if it exits."""
         deadline = time.monotonic() + timeout_s
-        paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in self.models)]
-        while True:
-            if self.process is None or self.process.poll() is not None:
-                code = None if self.process is None else self.process.returncode
-                raise ServingError(f"tritonserver exited with code {code} during start-up:\n{self.log_tail()}")
-            # Ready only when the process started here holds the port: a probe answered by another
-            # server on the same port (a second `toolkit serve`) must not count.
-            if all(self._http_ok(p) for p in paths) and owns_port(self.process.pid, self.http_port):
-                return
+        while not self.ready_now():
             if time.monotonic() > deadline:
                 raise ServingError(f"tritonserver was not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
             time.sleep(0.25)
@@ -192,17 +201,25 @@ class TritonServer:
         code = None
         if process is not None:
             if process.poll() is None:
-                process.send_signal(signal.SIGINT)
+                if not self._interrupted:
+                    process.send_signal(signal.SIGINT)
                 try:
                     process.wait(timeout_s)
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait(5)
             code = process.returncode
+        self._interrupted = False
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
         return code
+
+    def interrupt(self) -> None:
+        """Send the clean-shutdown signal now and return; :meth:`stop` then waits (several servers stop together)."""
+        if self.process is not None and self.process.poll() is None and not self._interrupted:
+            self.process.send_signal(signal.SIGINT)
+            self._interrupted = True
 
     def __enter__(self) -> TritonServer:
         return self.start()

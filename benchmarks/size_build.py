@@ -106,9 +106,11 @@ def main() -> int:
     build = subprocess.run([sys.executable, "-m", "toolkit", "build", "-c", str(config)], cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     build_s = time.perf_counter() - started
-    build_peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
     report_path = work / "ws" / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    # the build resets its high-water mark before each stage, so its own peak is the largest stage's
+    build_peak_mib = max([s.get("peak_rss_mib") or 0 for s in report.get("stages", [])]
+                         + [resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024])
     result: dict[str, Any] = {
         "shape": args.shape, "params": None,  # from the base_model stage, below
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
@@ -126,19 +128,21 @@ def main() -> int:
     if build.returncode == 0 and not args.no_serve:
         result["answers"] = ask_gateway(work / "repository", name, work / "serve")
     out = ROOT / "benchmarks" / "results" / f"size-{args.shape}-{datetime.now(UTC):%Y%m%d}"
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    out.with_name(out.name + ".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n",
+                                                 encoding="utf-8")
     lines = [f"# Build at real size: Qwen2.5-{args.shape}-shaped ({result['params']} parameters)", "",
              f"{result['date']}, {result['cpus']} cores; build exit {build.returncode} in {result['build_s']} s, "
              f"peak resident memory {build_peak_mib} MiB (build process)"
              + (f", Triton {result['triton_peak_rss_mib']} MiB" if result["triton_peak_rss_mib"] else ""), "",
+             "A skipped stage's time and peak are those of the earlier run whose cached result it reused.", "",
              "| stage | status | seconds | peak MiB |", "|---|---|---:|---:|"]
-    lines += [f"| {s['name']} | {s['status']} | {s['seconds'] or ''} | {s['peak_rss_mib'] or ''} |"
+    lines += [f"| {s['name']} | {s['status']} | {round(s['seconds'] or 0)} | {s['peak_rss_mib'] or ''} |"
               for s in result["stages"]]
     lines += ["", "Last lines of the build: " + " / ".join(result["build_tail"])]
     for answer in result.get("answers", []):
         lines.append(f"- {answer['messages'][-1]['content']!r} -> {answer['content']!r} ({answer['finish_reason']}, "
                      f"{answer['seconds']} s)")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out.with_name(out.name + ".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0 if build.returncode == 0 else build.returncode
 

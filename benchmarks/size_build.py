@@ -48,8 +48,8 @@ CONVERSATIONS = [
 ]
 
 
-def build_config(path: Path, base: Path, workspace: Path, repository: Path, name: str) -> Path:
-    config = {
+def build_config(path: Path, base: Path, workspace: Path, repository: Path, name: str, shape: str) -> Path:
+    config: dict[str, Any] = {
         "workspace": str(workspace),
         "model": {"base": str(base), "name": name, "context_length": 2048},
         "train": {"max_steps": 4, "batch_size": 2, "eval_every": 4, "val_examples": 4, "probe_fractions": [],
@@ -59,6 +59,12 @@ def build_config(path: Path, base: Path, workspace: Path, repository: Path, name
         "quantize": {"calibration_samples": 8, "max_eval_examples": 8},
         "repository": {"output": str(repository), "keep_versions": 1},
     }
+    if shape != "0.5b":
+        # Random weights never end a turn, so every answer runs to max_new_tokens: 16 instead of 64 keeps the
+        # model-sized generation stages (control, baseline, evaluate) to minutes. GPTQ's Q/DQ rounding (11 min at
+        # 0.5B here, its Hessians held at most 1 GiB at a time) gives way to round-to-nearest: same memory shape.
+        config["eval"]["max_new_tokens"] = 16
+        config["quantize"]["qdq_method"] = "weight_only"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 
@@ -101,7 +107,7 @@ def main() -> int:
         base = families.make_model(families.FAMILIES["qwen2.5"], work / "base", initializer_range=0.02,
                                    **SHAPES[args.shape])
     fixture_s = time.perf_counter() - started
-    config = build_config(work / "build.yaml", base, work / "ws", work / "repository", name)
+    config = build_config(work / "build.yaml", base, work / "ws", work / "repository", name, args.shape)
     started = time.perf_counter()
     build = subprocess.run([sys.executable, "-m", "toolkit", "build", "-c", str(config)], cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -118,6 +118,26 @@ def largest_need(size: ModelSize, stages: list[str] | None = None) -> tuple[str,
 # --------------------------------------------------------------------------- measuring
 
 
+def release_memory() -> None:
+    """Give the memory an earlier stage freed back to the system: collect cycles, then glibc's malloc_trim
+    (freed small and medium blocks stay in the heap otherwise: after a 0.5B model's quantize stage the
+    process kept 5.6 GiB resident that no object used, which the next stage's peak and the memory guard's
+    "available" both counted)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        pass
+
+
 def reset_peak() -> bool:
     """Reset this process's resident-memory high-water mark (Linux: clear_refs 5); False where that is refused."""
     try:

@@ -26,7 +26,7 @@ from typing import Any
 from toolkit import __version__
 from toolkit.config import EMBEDDED_MODEL, BuildConfig, section_dump
 from toolkit.errors import ConfigError, GateError, StageError, ToolkitError
-from toolkit.memory import MIB, ModelSize, check_stage, peak_rss_bytes, reset_peak
+from toolkit.memory import MIB, ModelSize, check_stage, peak_rss_bytes, release_memory, reset_peak
 from toolkit.report import BuildReport, BuildStatus, StageReport, StageStatus, write_report
 from toolkit.sources import SourceHasher
 from toolkit.stage import RECORD, Stage, StageContext, StageRecord, StageResult
@@ -246,6 +246,7 @@ def run_build(
                                                    stage_dir=stage_dir))
                 write_report(report, ws)
                 continue
+            release_memory()  # what earlier stages freed, before the guard reads what is available
             if size is not None:
                 check_stage(spec.name, size)
             records[spec.name] = _run_stage(spec, config, inputs, key, report)

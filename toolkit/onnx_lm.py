@@ -9,7 +9,7 @@ the one optimum exports for ``text-generation-with-past``: inputs ``input_ids``,
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +126,20 @@ class OnnxCausalLM:
             logits, past = self.forward(input_ids[:, start:end], attention_mask[:, :end], position_ids[:, start:end],
                                         past)
         return logits[:, -1, :], past
+
+    def sequence_logits(self, ids: Sequence[int], max_tokens: int | None = None,
+                        ) -> Iterator[tuple[int, np.ndarray]]:
+        """One sequence's logits at every position, in chunks of at most `max_tokens` positions through the
+        KV cache: yields (first position, logits [positions, vocab]) so a caller scoring a long sequence never
+        holds all of them."""
+        arr = np.asarray([list(ids)], dtype=np.int64)
+        past = self.empty_past(1)
+        step = max_tokens or PREFILL_TOKENS
+        for start in range(0, arr.shape[1], step):
+            end = min(arr.shape[1], start + step)
+            logits, past = self.forward(arr[:, start:end], np.ones((1, end), dtype=np.int64),
+                                        np.arange(start, end)[None, :], past)
+            yield start, logits[0]
 
     def greedy(
         self,

@@ -444,3 +444,32 @@ def test_a_prefill_in_chunks_gives_the_logits_and_cache_of_one_pass(exported: tu
         step_pos = step_pos[:, -1:] + 1
         step_logits, cache = model.forward(next_ids[:, None], step_mask, step_pos, cache)
     assert model.greedy(prompts, 6, stop_ids=[])[0] == expected
+
+
+def test_perplexity_and_teacher_forced_agreement_in_chunks_equal_one_pass(
+        exported: tuple[Path, StageResult, StageContext]) -> None:
+    """Scored a chunk of positions at a time (bounded logits), against the one-pass numbers written out here."""
+    from toolkit.export.quantization import perplexity, teacher_forced_agreement
+
+    _root, result, ctx = exported
+    model = OnnxCausalLM(ctx.out_dir / result.artifacts["model"], providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 200, size=40).tolist()
+    labels = [-100] * 12 + ids[12:30] + [-100] * 5 + ids[35:]
+    logits = model.forward(np.asarray([ids]), np.ones((1, 40), dtype=np.int64), np.arange(40)[None, :],
+                           model.empty_past(1))[0][0].astype(np.float64)
+    logprobs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    scored = [i for i in range(39) if labels[i + 1] != -100]
+    expected_ppl = float(np.exp(-np.mean([logprobs[i, ids[i + 1]] for i in scored])))
+    # the model's own greedy reply, its last 5 tokens replaced: one pass scores 10 or so of 15 as hits
+    prompt = ids[:25]
+    completion = model.greedy([prompt], 15, stop_ids=[])[0][0][:10] + ids[:5]
+    forced = prompt + completion
+    forced_logits = model.forward(np.asarray([forced]), np.ones((1, 40), dtype=np.int64), np.arange(40)[None, :],
+                                  model.empty_past(1))[0][0]
+    expected_hits = int((forced_logits[24:39].argmax(-1) == np.asarray(completion)).sum())
+    assert 5 <= expected_hits < 15
+    for budget in (1, 7, 512):
+        assert perplexity(model, [(ids, labels)], max_tokens=budget) == pytest.approx(expected_ppl, rel=1e-5)
+        assert teacher_forced_agreement(model, [prompt], [completion], max_tokens=budget) == (expected_hits, 15)

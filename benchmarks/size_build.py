@@ -48,8 +48,8 @@ CONVERSATIONS = [
 ]
 
 
-def build_config(path: Path, base: Path, workspace: Path, repository: Path, name: str) -> Path:
-    config = {
+def build_config(path: Path, base: Path, workspace: Path, repository: Path, name: str, shape: str) -> Path:
+    config: dict[str, Any] = {
         "workspace": str(workspace),
         "model": {"base": str(base), "name": name, "context_length": 2048},
         "train": {"max_steps": 4, "batch_size": 2, "eval_every": 4, "val_examples": 4, "probe_fractions": [],
@@ -59,6 +59,12 @@ def build_config(path: Path, base: Path, workspace: Path, repository: Path, name
         "quantize": {"calibration_samples": 8, "max_eval_examples": 8},
         "repository": {"output": str(repository), "keep_versions": 1},
     }
+    if shape != "0.5b":
+        # Random weights never end a turn, so every answer runs to max_new_tokens: 16 instead of 64 keeps the
+        # model-sized generation stages (control, baseline, evaluate) to minutes. GPTQ's Q/DQ rounding (11 min at
+        # 0.5B here, its Hessians held at most 1 GiB at a time) gives way to round-to-nearest: same memory shape.
+        config["eval"]["max_new_tokens"] = 16
+        config["quantize"]["qdq_method"] = "weight_only"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 
@@ -101,14 +107,16 @@ def main() -> int:
         base = families.make_model(families.FAMILIES["qwen2.5"], work / "base", initializer_range=0.02,
                                    **SHAPES[args.shape])
     fixture_s = time.perf_counter() - started
-    config = build_config(work / "build.yaml", base, work / "ws", work / "repository", name)
+    config = build_config(work / "build.yaml", base, work / "ws", work / "repository", name, args.shape)
     started = time.perf_counter()
     build = subprocess.run([sys.executable, "-m", "toolkit", "build", "-c", str(config)], cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     build_s = time.perf_counter() - started
-    build_peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
     report_path = work / "ws" / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    # the build resets its high-water mark before each stage, so its own peak is the largest stage's
+    build_peak_mib = max([s.get("peak_rss_mib") or 0 for s in report.get("stages", [])]
+                         + [resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024])
     result: dict[str, Any] = {
         "shape": args.shape, "params": None,  # from the base_model stage, below
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
@@ -126,19 +134,21 @@ def main() -> int:
     if build.returncode == 0 and not args.no_serve:
         result["answers"] = ask_gateway(work / "repository", name, work / "serve")
     out = ROOT / "benchmarks" / "results" / f"size-{args.shape}-{datetime.now(UTC):%Y%m%d}"
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    out.with_name(out.name + ".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n",
+                                                 encoding="utf-8")
     lines = [f"# Build at real size: Qwen2.5-{args.shape}-shaped ({result['params']} parameters)", "",
              f"{result['date']}, {result['cpus']} cores; build exit {build.returncode} in {result['build_s']} s, "
              f"peak resident memory {build_peak_mib} MiB (build process)"
              + (f", Triton {result['triton_peak_rss_mib']} MiB" if result["triton_peak_rss_mib"] else ""), "",
+             "A skipped stage's time and peak are those of the earlier run whose cached result it reused.", "",
              "| stage | status | seconds | peak MiB |", "|---|---|---:|---:|"]
-    lines += [f"| {s['name']} | {s['status']} | {s['seconds'] or ''} | {s['peak_rss_mib'] or ''} |"
+    lines += [f"| {s['name']} | {s['status']} | {round(s['seconds'] or 0)} | {s['peak_rss_mib'] or ''} |"
               for s in result["stages"]]
     lines += ["", "Last lines of the build: " + " / ".join(result["build_tail"])]
     for answer in result.get("answers", []):
         lines.append(f"- {answer['messages'][-1]['content']!r} -> {answer['content']!r} ({answer['finish_reason']}, "
                      f"{answer['seconds']} s)")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out.with_name(out.name + ".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0 if build.returncode == 0 else build.returncode
 

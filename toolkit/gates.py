@@ -14,8 +14,10 @@ shortest ones (the heaviest left padding), and repeated prompts count twice.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -277,11 +279,14 @@ def onnx_parity(
     stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     pad = pad_token_id(tokenizer)
     prompts = render_conversations(tokenizer, conversations or golden_conversations())
+    # PyTorch first, then onnxruntime: the two copies of the weights are never held at once
+    reference = partial(torch_greedy, model, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad)
+    references = {size: decode_batches(reference, prompts, size) for size in batch_sizes}
+    del model, reference
+    gc.collect()
     onnx_model = OnnxCausalLM(onnx_path, providers=["CPUExecutionProvider"], threads=threads)
     results = []
-    for size in batch_sizes:
-        ref, ref_logits, batches = decode_batches(
-            lambda rows: torch_greedy(model, rows, max_new_tokens, stops, pad), prompts, size)
+    for size, (ref, ref_logits, batches) in references.items():
         got, got_logits, _ = decode_batches(
             lambda rows: onnx_model.greedy(rows, max_new_tokens, stops, pad, return_logits=True), prompts, size)
         results.append(compare_decodes(size, ref, got, ref_logits, got_logits, batches))

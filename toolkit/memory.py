@@ -2,10 +2,11 @@
 
 The build refuses a stage it cannot finish before loading anything (one line: needed, available, why),
 instead of being killed by the kernel halfway through a 1.5B model's export. Each stage's need is its
-measured peak on real builds, written as a number of FP32 weight copies plus a fixed part (the Python
-process with torch, transformers and onnxruntime loaded); ``STAGE_NEEDS`` gives both and the
-measurements they come from. Each stage's own peak is recorded in its report (``peak_rss_mib``: the
-process's high-water mark, reset before the stage), so a new model family can be checked against them.
+measured peak on real builds, written as a number of FP32 weight copies, a number of vocabulary-wide
+logit tensors and a fixed part (the Python process with torch, transformers and onnxruntime loaded);
+``STAGE_NEEDS`` gives them and the measurements they come from. Each stage's own peak is recorded in
+its report (``peak_rss_mib``: the process's high-water mark, reset before the stage), so a new model
+family can be checked against them.
 """
 
 from __future__ import annotations
@@ -54,33 +55,50 @@ class ModelSize:
         return cls(params=params, vocab=int(text.get("vocab_size") or 0))
 
 
+LOGIT_CHUNK_TOKENS = 512  # toolkit.onnx_lm.PREFILL_TOKENS: positions whose logits an onnxruntime pass returns
+
+
 @dataclass(frozen=True)
 class Need:
-    """A stage's peak: `weight_copies` times the FP32 weights plus `fixed_gib`."""
+    """A stage's peak: `weight_copies` times the FP32 weights, `logit_tensors` float32 tensors of
+    [LOGIT_CHUNK_TOKENS, vocabulary] (the gates' chunked prefills and scoring), plus `fixed_gib`."""
 
     weight_copies: float
     fixed_gib: float
+    logit_tensors: int = 0
 
     def bytes(self, size: ModelSize) -> int:
-        return int(self.weight_copies * size.weight_bytes + self.fixed_gib * GIB)
+        logits = self.logit_tensors * LOGIT_CHUNK_TOKENS * size.vocab * 4
+        return int(self.weight_copies * size.weight_bytes + logits + self.fixed_gib * GIB)
 
 
-# Measured peaks (peak_rss_mib in each stage's report) on a Qwen2.5-0.5B-shaped build (1.98 GB of FP32 weights),
-# rounded up; benchmarks/size_build.py reproduces them. Stages that load no model need only the fixed part.
+# Measured peaks (peak_rss_mib in each stage's report), as copies of the FP32 weights over a fixed part of
+# 1.0 GiB (Python with torch, transformers and onnxruntime loaded), rounded up by about 0.3 copies:
+# - Qwen2.5-0.5B shape (1.84 GiB of weights, benchmarks/results/size-0.5b-*.md): base_model 0.68 GiB, control
+#   and baseline 2.55, finetune 3.16, evaluate 2.52, merge 2.93 (copies 0.8-1.2); export_onnx 5.9 (torch.onnx's
+#   leftovers, then PyTorch's and onnxruntime's decodes one after the other: 2.7 copies); quantize: GPTQ's Q/DQ
+#   rounding 7.2 (3.4 copies), the FP32 and Q/DQ sessions side by side 5.3 (2.4 copies).
+# - a 262,144-token vocabulary on a tiny model (Gemma 2 shape, 64 MB of weights): export_onnx 3.5 GiB, about
+#   five [512, vocabulary] float tensors over the fixed part (logits, their softcap, onnxruntime's arena).
+# - the 1.5B shape checks them (benchmarks/results/size-1.5b-*.md).
+# Stages that load no model need only the fixed part.
 STAGE_NEEDS: dict[str, Need] = {
     "base_model": Need(0.1, 1.0),
     "data": Need(0.0, 0.5),
-    "control": Need(1.3, 1.5),
-    "baseline": Need(1.3, 1.5),
-    "finetune": Need(2.0, 2.0),
-    "evaluate": Need(2.3, 1.5),
-    "merge": Need(3.2, 1.5),
-    "export_onnx": Need(5.0, 1.5),
-    "quantize": Need(4.0, 2.0),
+    "control": Need(1.1, 1.5, 1),
+    "baseline": Need(1.1, 1.5, 1),
+    "finetune": Need(1.5, 2.0),
+    "evaluate": Need(1.1, 1.5, 1),
+    "merge": Need(1.4, 1.5, 1),
+    "export_onnx": Need(3.0, 1.0, 5),
+    "quantize": Need(2.8, 1.0, 5),
     "tensorrt": Need(0.0, 0.5),
     "repository": Need(0.1, 0.5),
-    "triton_gate": Need(2.5, 2.0),
+    "triton_gate": Need(2.5, 1.5, 2),
 }
+# quantize with GPTQ rounding (the default Q/DQ recipe): its calibration session and the FP32 ModelProto it
+# rounds beside the quantized one
+QUANTIZE_GPTQ = Need(3.5, 1.0, 5)
 
 
 def available_bytes() -> int:
@@ -92,9 +110,10 @@ def available_bytes() -> int:
     return available
 
 
-def check_stage(stage: str, size: ModelSize, available: int | None = None) -> int:
-    """The stage's need for a model of `size`; raise InsufficientMemoryError in one line if the machine lacks it."""
-    need = STAGE_NEEDS.get(stage)
+def check_stage(stage: str, size: ModelSize, available: int | None = None, need: Need | None = None) -> int:
+    """The stage's need for a model of `size` (`need`, else its STAGE_NEEDS entry); raise InsufficientMemoryError
+    in one line if the machine lacks it."""
+    need = need or STAGE_NEEDS.get(stage)
     if need is None:
         return 0
     needed = need.bytes(size)
@@ -102,20 +121,36 @@ def check_stage(stage: str, size: ModelSize, available: int | None = None) -> in
     if needed > free:
         raise InsufficientMemoryError(
             f"{stage} needs about {needed / GIB:.1f} GiB for this model ({need.weight_copies:g} x its "
-            f"{size.weight_bytes / GIB:.1f} GiB of FP32 weights + {need.fixed_gib:g} GiB), and "
+            f"{size.weight_bytes / GIB:.1f} GiB of FP32 weights"
+            + (f" + {need.logit_tensors} x {LOGIT_CHUNK_TOKENS * size.vocab * 4 / GIB:.2f} GiB of logits"
+               if need.logit_tensors else "")
+            + f" + {need.fixed_gib:g} GiB), and "
             f"{free / GIB:.1f} GiB is available; free memory or build on a machine with at least "
             f"{needed / GIB + 1:.0f} GiB")
     return needed
 
 
-def largest_need(size: ModelSize, stages: list[str] | None = None) -> tuple[str, int]:
-    """The stage with the largest need among `stages` (all by default), and that need in bytes."""
-    names = stages if stages is not None else list(STAGE_NEEDS)
-    stage = max((s for s in names if s in STAGE_NEEDS), key=lambda s: STAGE_NEEDS[s].bytes(size))
-    return stage, STAGE_NEEDS[stage].bytes(size)
-
-
 # --------------------------------------------------------------------------- measuring
+
+
+def release_memory() -> None:
+    """Give the memory an earlier stage freed back to the system: collect cycles, then glibc's malloc_trim
+    (freed small and medium blocks stay in the heap otherwise: after a 0.5B model's quantize stage the
+    process kept 5.6 GiB resident that no object used, which the next stage's peak and the memory guard's
+    "available" both counted)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        pass
 
 
 def reset_peak() -> bool:

@@ -9,13 +9,15 @@ the one optimum exports for ``text-generation-with-past``: inputs ``input_ids``,
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from toolkit.repository.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_layers, past_names
+
+PREFILL_TOKENS = 512  # prompt tokens (batch x positions) a prefill pass takes: bounds its all-position logits
 
 
 def default_providers() -> list[str]:
@@ -110,6 +112,41 @@ class OnnxCausalLM:
         outputs = self.session.run(self.output_names, feed)
         return outputs[0], list(outputs[1:])
 
+    def prefill(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+        max_tokens: int = PREFILL_TOKENS,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run a left-padded batch of prompts from an empty cache; return the last position's logits
+        [batch, vocab] and the KV cache.
+
+        The prompts go in chunks of at most `max_tokens` (batch x positions): the graph returns logits
+        for every position, and one pass over a long batch would hold batch x length x vocabulary floats
+        (a 483-token prompt at batch 8 and Gemma's 262,144 tokens: 4 GB a tensor, 10 GB at the peak).
+        """
+        batch, length = input_ids.shape
+        step = max(1, max_tokens // max(1, batch))
+        past = self.empty_past(batch)
+        logits = np.empty((batch, 0, self.vocab_size), dtype=np.float32)
+        for start in range(0, length, step):
+            end = min(length, start + step)
+            logits, past = self.forward(input_ids[:, start:end], attention_mask[:, :end], position_ids[:, start:end],
+                                        past)
+        return logits[:, -1, :], past
+
+    def sequence_logits(self, ids: Sequence[int], max_tokens: int | None = None,
+                        ) -> Iterator[tuple[int, np.ndarray]]:
+        """One sequence's logits at every position, in chunks of at most `max_tokens` positions through the
+        KV cache: yields (first position, logits [positions, vocab]) so a caller scoring a long sequence never
+        holds all of them."""
+        arr = np.asarray([list(ids)], dtype=np.int64)
+        past = self.empty_past(1)
+        step = max_tokens or PREFILL_TOKENS
+        for start in range(0, arr.shape[1], step):
+            end = min(arr.shape[1], start + step)
+            logits, past = self.forward(arr[:, start:end], np.ones((1, end), dtype=np.int64),
+                                        np.arange(start, end)[None, :], past)
+            yield start, logits[0]
+
     def greedy(
         self,
         prompts: Sequence[Sequence[int]],
@@ -127,15 +164,16 @@ class OnnxCausalLM:
 
         batch = len(prompts)
         ids, mask, positions = left_pad(prompts, pad_id)
-        past = self.empty_past(batch)
         stops = set(stop_ids)
         generated: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
         step_logits: list[np.ndarray] = []
+        last, past = self.prefill(ids, mask, positions)
         step_ids, step_pos = ids, positions
-        for _ in range(max_new_tokens):
-            logits, past = self.forward(step_ids, mask, step_pos, past)
-            last = logits[:, -1, :]
+        for step in range(max_new_tokens):
+            if step:
+                logits, past = self.forward(step_ids, mask, step_pos, past)
+                last = logits[:, -1, :]
             if return_logits:
                 step_logits.append(last.astype(np.float32))
             next_ids = last.argmax(axis=-1)

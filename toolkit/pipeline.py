@@ -26,7 +26,7 @@ from typing import Any
 from toolkit import __version__
 from toolkit.config import EMBEDDED_MODEL, BuildConfig, section_dump
 from toolkit.errors import ConfigError, GateError, StageError, ToolkitError
-from toolkit.memory import MIB, ModelSize, check_stage, peak_rss_bytes, reset_peak
+from toolkit.memory import MIB, QUANTIZE_GPTQ, ModelSize, Need, check_stage, peak_rss_bytes, release_memory, reset_peak
 from toolkit.report import BuildReport, BuildStatus, StageReport, StageStatus, write_report
 from toolkit.sources import SourceHasher
 from toolkit.stage import RECORD, Stage, StageContext, StageRecord, StageResult
@@ -184,6 +184,14 @@ def planned_size(config: BuildConfig, base_record: StageRecord | None) -> ModelS
     return None  # a hub id: known once downloaded
 
 
+def stage_need(name: str, config: BuildConfig) -> Need | None:
+    """A stage's memory need where the configuration changes it (GPTQ rounding in quantize), else None."""
+    q = config.quantize
+    if name == "quantize" and q.enabled and ("gptq" in q.method or (q.emit_qdq and "gptq" in q.qdq_method)):
+        return QUANTIZE_GPTQ
+    return None
+
+
 def select_stages(only: list[str] | None, names: tuple[str, ...] = STAGE_NAMES) -> set[str]:
     if not only:
         return set(names)
@@ -219,7 +227,7 @@ def run_build(
         if size is not None:  # before any work: a stage that cannot fit fails the build now, not halfway
             for spec in stages:
                 if spec.name in selected and (force or _load_record(ws / spec.name) is None):
-                    check_stage(spec.name, size)
+                    check_stage(spec.name, size, need=stage_need(spec.name, config))
         for spec in stages:
             stage_dir = ws / spec.name
             existing = _load_record(stage_dir)
@@ -246,8 +254,9 @@ def run_build(
                                                    stage_dir=stage_dir))
                 write_report(report, ws)
                 continue
+            release_memory()  # what earlier stages freed, before the guard reads what is available
             if size is not None:
-                check_stage(spec.name, size)
+                check_stage(spec.name, size, need=stage_need(spec.name, config))
             records[spec.name] = _run_stage(spec, config, inputs, key, report)
             if spec.name == "base_model":
                 size = planned_size(config, records[spec.name])

@@ -411,3 +411,65 @@ def test_grouped_attention_equals_the_eager_attention_with_and_without_soft_capp
     ours, _ = grouped_attention(module, query, key, value, mask, scaling=0.25, softcap=softcap)
     theirs, _ = eager_attention_forward(module, query, key, value, mask, scaling=0.25, softcap=softcap)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_prefill_in_chunks_gives_the_logits_and_cache_of_one_pass(exported: tuple[Path, StageResult, StageContext],
+                                                                    ) -> None:
+    """The gates prefill long batches in chunks (bounded logits); the result must be the one-pass prefill's,
+    left padding included, and greedy decoding after it the tokens of a one-pass decode."""
+    from toolkit.serving.kvcache import left_pad
+
+    _root, result, ctx = exported
+    model = OnnxCausalLM(ctx.out_dir / result.artifacts["model"], providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 200, size=n).tolist() for n in (37, 5, 21)]
+    ids, mask, positions = left_pad(prompts, 0)
+    logits, past = model.forward(ids, mask, positions, model.empty_past(len(prompts)))
+    real = mask.astype(bool)  # the cache at padded positions is never attended to
+    for budget in (3, 16, 10_000):  # one position a chunk, a few chunks, one pass
+        last, chunked = model.prefill(ids, mask, positions, max_tokens=budget)
+        np.testing.assert_allclose(last, logits[:, -1, :], atol=1e-4)
+        assert [c.shape for c in chunked] == [p.shape for p in past]
+        for row in range(len(prompts)):
+            for one, other in zip(past, chunked, strict=True):
+                np.testing.assert_allclose(other[row][:, real[row]], one[row][:, real[row]], atol=1e-4)
+    # a one-pass greedy decode written out here, against the model's own (chunked at a 512-token budget)
+    expected: list[list[int]] = [[] for _ in prompts]
+    step_mask, step_pos, cache, step_logits = mask, positions, past, logits
+    for _ in range(6):
+        next_ids = step_logits[:, -1, :].argmax(axis=-1)
+        for row, token in enumerate(next_ids.tolist()):
+            expected[row].append(token)
+        step_mask = np.concatenate([step_mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+        step_pos = step_pos[:, -1:] + 1
+        step_logits, cache = model.forward(next_ids[:, None], step_mask, step_pos, cache)
+    assert model.greedy(prompts, 6, stop_ids=[])[0] == expected
+
+
+def test_perplexity_and_teacher_forced_agreement_in_chunks_equal_one_pass(
+        exported: tuple[Path, StageResult, StageContext]) -> None:
+    """Scored a chunk of positions at a time (bounded logits), against the one-pass numbers written out here."""
+    from toolkit.export.quantization import perplexity, teacher_forced_agreement
+
+    _root, result, ctx = exported
+    model = OnnxCausalLM(ctx.out_dir / result.artifacts["model"], providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 200, size=40).tolist()
+    labels = [-100] * 12 + ids[12:30] + [-100] * 5 + ids[35:]
+    logits = model.forward(np.asarray([ids]), np.ones((1, 40), dtype=np.int64), np.arange(40)[None, :],
+                           model.empty_past(1))[0][0].astype(np.float64)
+    logprobs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    scored = [i for i in range(39) if labels[i + 1] != -100]
+    expected_ppl = float(np.exp(-np.mean([logprobs[i, ids[i + 1]] for i in scored])))
+    # the model's own greedy reply, its last 5 tokens replaced: one pass scores 10 or so of 15 as hits
+    prompt = ids[:25]
+    completion = model.greedy([prompt], 15, stop_ids=[])[0][0][:10] + ids[:5]
+    forced = prompt + completion
+    forced_logits = model.forward(np.asarray([forced]), np.ones((1, 40), dtype=np.int64), np.arange(40)[None, :],
+                                  model.empty_past(1))[0][0]
+    expected_hits = int((forced_logits[24:39].argmax(-1) == np.asarray(completion)).sum())
+    assert 5 <= expected_hits < 15
+    for budget in (1, 7, 512):
+        assert perplexity(model, [(ids, labels)], max_tokens=budget) == pytest.approx(expected_ppl, rel=1e-5)
+        assert teacher_forced_agreement(model, [prompt], [completion], max_tokens=budget) == (expected_hits, 15)

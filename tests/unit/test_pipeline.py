@@ -334,3 +334,20 @@ def test_a_stage_that_cannot_fit_in_memory_stops_the_build_before_any_work(
     assert CALLS == []  # refused up front, not after the first stage
     assert str(raised.value).startswith("export_onnx needs about ")
     assert "x its 29.8 GiB of FP32 weights" in str(raised.value) and "24.0 GiB is available" in str(raised.value)
+
+
+def test_the_memory_need_counts_weights_vocabulary_logits_and_gptq() -> None:
+    import toolkit.pipeline as pipeline
+    from toolkit.config import BuildConfig
+    from toolkit.memory import GIB, InsufficientMemoryError, ModelSize, Need, check_stage
+
+    size = ModelSize(params=2**28, vocab=2**18)  # 1 GiB of FP32 weights; one [512, vocab] float tensor: 0.5 GiB
+    assert Need(2.0, 1.0, 3).bytes(size) == int(2 * GIB + 1.5 * GIB + 1 * GIB)
+    with pytest.raises(InsufficientMemoryError) as raised:
+        check_stage("export_onnx", size, available=2 * GIB, need=Need(2.0, 1.0, 3))
+    assert str(raised.value).startswith("export_onnx needs about 4.5 GiB for this model (2 x its 1.0 GiB of FP32 "
+                                        "weights + 3 x 0.50 GiB of logits + 1 GiB), and 2.0 GiB is available")
+    default = BuildConfig.model_validate({})
+    assert pipeline.stage_need("quantize", default) is not None  # GPTQ rounds the Q/DQ graph by default
+    rtn = BuildConfig.model_validate({"quantize": {"qdq_method": "weight_only"}})
+    assert pipeline.stage_need("quantize", rtn) is None and pipeline.stage_need("export_onnx", default) is None

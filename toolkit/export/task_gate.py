@@ -75,13 +75,15 @@ def _greedy_shrinking(model: OnnxCausalLM, prompts: Sequence[Sequence[int]], max
 
     batch = len(prompts)
     ids, mask, positions = left_pad(prompts, pad_id)
-    past = model.empty_past(batch)
     stops = set(stop_ids)
     generated: list[list[int]] = [[] for _ in range(batch)]
     live = list(range(batch))  # the original row of each row still in the batch
-    for _ in range(max_new_tokens):
-        logits, past = model.forward(ids, mask, positions, past)
-        next_ids = logits[:, -1, :].argmax(axis=-1)
+    last, past = model.prefill(ids, mask, positions)
+    for step in range(max_new_tokens):
+        if step:
+            logits, past = model.forward(ids, mask, positions, past)
+            last = logits[:, -1, :]
+        next_ids = last.argmax(axis=-1)
         done = [False] * len(live)
         rows = [generated[row] for row in live]
         record_greedy_step(next_ids.tolist(), stops, rows, done)

@@ -82,8 +82,8 @@ THOUGHT_TEMPLATE = (
 )
 
 
-def test_a_template_that_renders_replies_apart_from_their_prompt_trains_each_reply_after_the_served_prompt(
-        tok) -> None:  # type: ignore[no-untyped-def]
+def test_a_template_that_renders_replies_apart_from_their_prompt_trains_each_reply_after_the_served_prompt() -> None:
+    tok = make_tokenizer()  # its own: the module's `tok` keeps the plain ChatML template for the other tests
     tok.chat_template = THOUGHT_TEMPLATE
     messages = _qa("Hi", "Hello!") + _qa("Hours?", "9 to 6.")
     first, second = build_examples(tok, messages, max_seq_len=512)

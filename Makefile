@@ -40,7 +40,8 @@ $(VOCAB): | $(STAMP)
 	$(BIN)/python tests/families.py fetch
 
 # Headless Chromium for the chat page tests: Debian's package (playwright drives it; it downloads no browser).
-# Installed once, as root (CI); elsewhere the page tests skip, saying so, until `apt-get install chromium`.
+# Installed once, as root (CI); elsewhere the page tests skip, saying so, until `apt-get install chromium`
+# (under CI=true they fail instead: tests/prerequisites.py).
 CHROMIUM := /usr/bin/chromium
 chromium:
 	@test -x $(CHROMIUM) || { test "$$(id -u)" = 0 || { echo "note: no $(CHROMIUM); the chat page tests will skip (apt-get install chromium)"; exit 0; }; \

@@ -10,7 +10,6 @@ run (:func:`int8_repository`): the same server, batching and prompts, only the p
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -271,7 +270,3 @@ class OnnxLoop:
                 "output_throughput": tokens / duration, "request_throughput": len(questions) / duration,
                 "ttft_ms": _percentiles(ttft), "itl_ms": _percentiles(itl), "e2el_ms": _percentiles(e2e),
                 "errors": []}
-
-
-def ort_threads() -> int:
-    return int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))

@@ -29,8 +29,6 @@ from toolkit.report import GateResult
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from toolkit.onnx_lm import OnnxCausalLM
-
 Tokens = Sequence[Sequence[int]]
 
 
@@ -289,28 +287,5 @@ def onnx_parity(
     for size, (ref, ref_logits, batches) in references.items():
         got, got_logits, _ = decode_batches(
             lambda rows: onnx_model.greedy(rows, max_new_tokens, stops, pad, return_logits=True), prompts, size)
-        results.append(compare_decodes(size, ref, got, ref_logits, got_logits, batches))
-    return results
-
-
-def onnx_agreement(
-    reference: OnnxCausalLM,
-    candidate: OnnxCausalLM,
-    prompts: Tokens,
-    *,
-    max_new_tokens: int,
-    stop_ids: Sequence[int],
-    pad_id: int,
-    batch_sizes: Sequence[int] = (1, 8),
-) -> list[ParityResult]:
-    """Greedy agreement of two ONNX graphs (FP32 vs INT8) on the same prompts, per batch size."""
-    results = []
-    for size in batch_sizes:
-        ref, ref_logits, batches = decode_batches(
-            lambda rows, m=reference: m.greedy(rows, max_new_tokens, stop_ids, pad_id, return_logits=True),
-            prompts, size)
-        got, got_logits, _ = decode_batches(
-            lambda rows, m=candidate: m.greedy(rows, max_new_tokens, stop_ids, pad_id, return_logits=True),
-            prompts, size)
         results.append(compare_decodes(size, ref, got, ref_logits, got_logits, batches))
     return results

@@ -30,6 +30,8 @@ def _stage_case(stage: StageReport) -> ET.Element:
     case = ET.Element("testcase", classname=SUITE, name=f"stage {stage.name}", time=f"{stage.duration_s or 0:.3f}")
     if stage.status == StageStatus.FAILED:
         ET.SubElement(case, "failure", message=stage.note or "failed", type="StageFailed").text = stage.note
+    elif stage.status == StageStatus.INTERRUPTED:
+        ET.SubElement(case, "error", message="interrupted by the user", type="Interrupted")
     elif stage.status == StageStatus.UNAVAILABLE:
         ET.SubElement(case, "skipped", message=f"unavailable here: {stage.note}")
     elif stage.status in _WHY_NOT_RUN:

@@ -315,6 +315,10 @@ def _run_stage(
                                    note=str(err)))
             log.info("%s: failed after %.1f s", spec.name, time.perf_counter() - started)
             raise
+        except KeyboardInterrupt:
+            report.add(StageReport(name=spec.name, status=StageStatus.INTERRUPTED,
+                                   duration_s=time.perf_counter() - started, note="interrupted by the user"))
+            raise
         duration = time.perf_counter() - started
         files = file_manifest(tmp)
         failed = [g for g in result.gates if not g.passed and g.blocking]

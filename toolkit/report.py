@@ -23,6 +23,7 @@ class StageStatus(StrEnum):
     CACHED = "cached"  # not selected (--stages, --until): the recorded artifact is reused
     UNAVAILABLE = "unavailable"  # could not run here (no GPU, gate off); recorded, not an error
     FAILED = "failed"
+    INTERRUPTED = "interrupted"  # Ctrl-C while it ran: nothing of this run kept, the earlier record untouched
     NOT_RUN = "not-run"  # not selected and nothing recorded
 
 

@@ -34,6 +34,7 @@ from conftest import (
     write_generation_repository,
 )
 from devrepo import ServedRepository
+from prerequisites import require
 from reference import ReferenceTokenizer
 
 from toolkit.onnx_lm import OnnxCausalLM
@@ -44,8 +45,7 @@ pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-if not Path(CHROMIUM).is_file():
-    pytest.skip("no chromium (Debian's package; `make test` installs it)", allow_module_level=True)
+require(Path(CHROMIUM).is_file(), "no chromium (Debian's package; `make test` installs it as root)")
 
 GATEWAY_PORT = 18330
 KEY, ADMIN_KEY = "page-test-key-0123456789", "page-admin-key-0123456789"

@@ -1,8 +1,8 @@
 """`toolkit chat` in a real pseudo-terminal (pexpect) against a real gateway and Triton.
 
-- With nothing running it starts `toolkit serve` (every port auto), streams an answer that is the
-  gateway's own greedy answer rendered as Markdown, applies slash commands, and on /exit stops
-  the gateway and Triton it started and removes their state file.
+- With nothing running it starts `toolkit serve` (every port auto), streams an answer that is
+  Triton's own greedy answer (decoded by tests/reference.py) rendered as Markdown, applies slash
+  commands, and on /exit stops the gateway and Triton it started and removes their state file.
 - With a `toolkit serve` running (auth on) it reuses it and leaves it running; Ctrl-C mid-answer
   stops the generation in Triton (its token counter stops) and the session goes on; a server error
   is one line; Ctrl-C at the prompt leaves.
@@ -28,9 +28,11 @@ import pexpect
 import pytest
 from conftest import die_with_parent, metric_sum, scrape
 from devrepo import ServedRepository
+from reference import ReferenceTokenizer
 from rich.console import Console
 from rich.markdown import Markdown
 
+from toolkit.serving.client import GenerationClient
 from toolkit.serving.state import process_alive
 
 pytestmark = pytest.mark.integration
@@ -61,13 +63,16 @@ def spawn(*args: str, env: dict[str, str] | None = None) -> pexpect.spawn:
                          dimensions=(50, COLUMNS), encoding="utf-8", codec_errors="replace", timeout=120)
 
 
-def gateway_answer(url: str, max_tokens: int, key: str | None = None, **body: object) -> str:
-    response = httpx.post(f"{url}/v1/chat/completions", timeout=60,
-                          headers={"Authorization": f"Bearer {key}"} if key else {},
-                          json={"messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
-                                "max_tokens": max_tokens, **body})
-    assert response.status_code == 200, response.text
-    return str(response.json()["choices"][0]["message"]["content"])
+def triton_answer(grpc_port: int, repository: ServedRepository, max_tokens: int) -> str:
+    """The greedy answer to QUESTION straight from Triton, the prompt rendered and the reply decoded by the
+    reference tokenizer (tests/reference.py): nothing of the gateway or the chat's own code."""
+    reference = ReferenceTokenizer(repository.path / repository.model / "1" / "tokenizer")
+    with GenerationClient(f"127.0.0.1:{grpc_port}", repository.model) as client:
+        result = client.submit(reference.render_ids([{"role": "user", "content": QUESTION}]),
+                               max_tokens=max_tokens, temperature=0.0)
+        client.wait([result], 60)
+    assert result.error is None, result.error
+    return reference.decode(result.tokens)
 
 
 def read_state(log_dir: Path) -> dict:
@@ -93,8 +98,8 @@ def test_chat_starts_a_server_streams_an_answer_and_stops_what_it_started(
         state = read_state(log_dir)
         pids = [state[k] for k in ("pid", "triton_pid", "gateway_pid")]
         assert all(process_alive(p) for p in pids)
-        url = f"http://127.0.0.1:{state['gateway_port']}"
-        expected = gateway_answer(url, 24)
+        expected = triton_answer(state["grpc_port"], tiny_repository, 24)
+        assert expected.strip()  # a reply to look for, not an empty string found anywhere
 
         child.sendline(QUESTION)
         child.expect(STATS)
@@ -227,8 +232,9 @@ def chat_once(*args: str, stdin: str | None = None, key: str | None = KEY) -> su
                           capture_output=True, text=True, timeout=120, env=env)
 
 
-def test_one_shot_answers_for_scripts(served: dict) -> None:
-    expected = gateway_answer(served["url"], 12, KEY)
+def test_one_shot_answers_for_scripts(served: dict, tiny_repository: ServedRepository) -> None:
+    expected = triton_answer(served["grpc_port"], tiny_repository, 12)
+    assert expected.strip()
     as_json = chat_once("--log-dir", served["log_dir"], "-m", QUESTION, "--json", "--temperature", "0",
                         "--max-tokens", "12")
     assert as_json.returncode == 0, as_json.stderr

@@ -113,10 +113,17 @@ def test_openai_client_streaming_is_utf8_clean_and_matches(
             usage = chunk.usage
     expected_ids = direct_greedy(triton_server, tokenizer.render_ids(MESSAGES), 40)
     expected = tokenizer.decode(expected_ids)
-    assert "".join(deltas) == expected
-    # A delta never carries a broken character unless the one-shot decode has one at that point too.
-    if "\ufffd" not in expected:
-        assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == expected  # so no delta carries a broken character the one-shot decode lacks
+    assert sum(1 for d in deltas if d) >= 2, deltas  # it did stream, in pieces
+    # Each delta ends where the one-shot decode of the tokens so far ends (less a character still
+    # incomplete): text goes out token by token, never cut inside a token's text or a character.
+    boundaries = {tokenizer.decode(expected_ids[:n]) for n in range(len(expected_ids) + 1)}
+    boundaries |= {tokenizer.raw.decode(expected_ids[:n], skip_special_tokens=True)
+                   for n in range(len(expected_ids) + 1)}  # a character known to be broken may go out at once
+    sent = ""
+    for delta in deltas:
+        sent += delta
+        assert sent in boundaries, (sent, deltas)
     assert finish in ("stop", "length")
     assert usage is not None and usage.completion_tokens == len(expected_ids)
 
@@ -155,12 +162,17 @@ def test_live_stream_read_by_a_client_that_splits_on_blank_lines(
     assert "".join(parts) == tokenizer.decode(direct_greedy(triton_server, tokenizer.render_ids(MESSAGES), 24))
 
 
-def test_default_model_and_simple_chat(gateway: Gateway) -> None:
+def test_default_model_and_simple_chat(
+    gateway: Gateway, triton_server: RunningTriton, tokenizer: ReferenceTokenizer
+) -> None:
     response = httpx.post(f"{gateway.url}/v1/chat", json={"message": "hi", "max_tokens": 5, "temperature": 0},
                           headers=auth(), timeout=TIMEOUT_S)  # fmt: skip
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["usage"]["completion_tokens"] <= 5 and isinstance(body["response"], str)
+    expected_ids = direct_greedy(triton_server, tokenizer.render_ids([{"role": "user", "content": "hi"}]), 5)
+    assert body["model"] == triton_server.model  # no model named: the default one
+    assert body["response"] == tokenizer.decode(expected_ids) and body["response"]
+    assert body["usage"]["completion_tokens"] == len(expected_ids)
 
 
 def test_models_lists_context_length(oai: openai.OpenAI, triton_server: RunningTriton) -> None:
@@ -281,14 +293,34 @@ def test_admin_loads_a_version_and_makes_it_default(gateway: Gateway, triton_ser
     assert after.status_code == 200, after.text
 
 
-def test_gateway_metrics_and_readiness(gateway: Gateway) -> None:
-    text = httpx.get(f"{gateway.url}/metrics", timeout=5).text
-    assert metric_sum(text, "gateway_requests_total", route="/v1/chat/completions", status="200") >= 2
-    assert metric_sum(text, "gateway_requests_total", route="/v1/chat/completions", status="401") >= 1
-    assert metric_sum(text, "gateway_time_to_first_token_seconds_count") >= 2
-    assert metric_sum(text, "gateway_inter_token_latency_seconds_count") >= 10
-    assert metric_sum(text, "gateway_completion_tokens_total") > 0
-    assert metric_sum(text, "gateway_triton_endpoint_up", url=f"127.0.0.1:{DEAD_TRITON_PORT}") == 0
+def test_gateway_metrics_and_readiness(gateway: Gateway, oai: openai.OpenAI, triton_server: RunningTriton) -> None:
+    """The counters move by exactly what this test's own requests did (whatever ran before it)."""
+    metrics_url = f"{gateway.url}/metrics"
+    before = scrape(metrics_url)
+    stream = oai.chat.completions.create(
+        model=triton_server.model, messages=MESSAGES, max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert len(usage) == 1 and usage[0].completion_tokens == 8
+    refused = httpx.post(f"{gateway.url}/v1/chat/completions", json={"messages": MESSAGES}, timeout=TIMEOUT_S)
+    assert refused.status_code == 401
+
+    def moved(name: str, **labels: str) -> float:
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
+
+    deadline = time.monotonic() + 10
+    while True:  # a stream is counted once its last byte is out, which may be just after the client read it
+        after = scrape(metrics_url)
+        if moved("gateway_requests_total", route="/v1/chat/completions", status="200") or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert moved("gateway_requests_total", route="/v1/chat/completions", status="200") == 1
+    assert moved("gateway_requests_total", route="/v1/chat/completions", status="401") == 1
+    assert moved("gateway_time_to_first_token_seconds_count") == 1
+    assert 1 <= moved("gateway_inter_token_latency_seconds_count") <= 7  # one per streamed step after the first
+    assert moved("gateway_completion_tokens_total") == 8
+    assert metric_sum(after, "gateway_triton_endpoint_up", url=f"127.0.0.1:{DEAD_TRITON_PORT}") == 0
     ready = httpx.get(f"{gateway.url}/health/ready", timeout=5).json()
     assert ready["status"] == "ready" and ready["triton"][f"127.0.0.1:{DEAD_TRITON_PORT}"] != "ready"
 

@@ -39,6 +39,7 @@ from conftest import (
     stop_process,
     wait_ready,
 )
+from prerequisites import require
 
 pytestmark = pytest.mark.integration
 
@@ -55,10 +56,15 @@ def _find_tool(name: str) -> str | None:
 
 
 PROMETHEUS, PROMTOOL = _find_tool("prometheus"), _find_tool("promtool")
-needs_prometheus = pytest.mark.skipif(
-    PROMETHEUS is None or PROMTOOL is None,
-    reason="no prometheus/promtool in .venv/bin or on PATH (`make test` unpacks them from Debian's package)",
-)
+NO_PROMETHEUS = "no prometheus/promtool in .venv/bin or on PATH (`make test` unpacks them from Debian's package)"
+
+
+@pytest.fixture
+def prometheus_tools() -> None:
+    require(PROMETHEUS is not None and PROMTOOL is not None, NO_PROMETHEUS)
+
+
+needs_prometheus = pytest.mark.usefixtures("prometheus_tools")
 
 
 def _free_port() -> int:
@@ -146,8 +152,7 @@ def gateway(triton_server: RunningTriton, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture
 def prometheus(triton_server: RunningTriton, gateway: Gateway, tmp_path: Path) -> Iterator[Prometheus]:
-    if PROMETHEUS is None or PROMTOOL is None:
-        pytest.skip("no prometheus/promtool in .venv/bin or on PATH")
+    require(PROMETHEUS is not None and PROMTOOL is not None, NO_PROMETHEUS)
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [

@@ -436,10 +436,13 @@ def test_phrasing_split_holds_out_phrasings_of_taught_facts_only() -> None:
     assert sum(splits.counts().values()) == len(examples)
     train_facts = {ex.fact_key for ex in splits.train}
     for held in (splits.test, splits.val):
-        keys = [ex.fact_key for ex in held]
-        assert len(keys) == len(set(keys)), "at most one phrasing of a fact per held-out split"
-        assert all(key in train_facts for key in keys), "every held-out fact is taught in other words"
-    sizes = {g: 1 + g % 5 for g in range(20)}
+        phrasings = {(ex.fact_key, split_key(ex)) for ex in held}
+        assert len(phrasings) == len({key for key, _ in phrasings}), "one phrasing of a fact per held-out split"
+        assert all(key in train_facts for key, _ in phrasings), "every held-out fact is taught in other words"
+    sizes = {g: 1 + g % 5 + (g == 3) for g in range(20)}  # distinct phrasings; "same question" adds one to fact 3
+    # Every fact with two phrasings has one in test, every fact with three has one in val as well.
+    assert {ex.fact_key for ex in splits.test} == {f"answer:answer {g}" for g, n in sizes.items() if n >= 2}
+    assert {ex.fact_key for ex in splits.val} == {f"answer:answer {g}" for g, n in sizes.items() if n >= 3}
     singles = {f"answer:answer {g}" for g, n in sizes.items() if n == 1}
     assert singles and all(ex.fact_key not in singles for ex in splits.test + splits.val)
     where = {split_key(ex): name for name in ("train", "val", "test") for ex in getattr(splits, name)}

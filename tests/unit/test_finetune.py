@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_llm import make_model, make_tokenizer, save_tiny_model
+from tokenizers import Tokenizer
 
 from toolkit.config import BuildConfig, LoraSection, TrainSection
 from toolkit.dataset import Example, write_jsonl
@@ -44,6 +47,12 @@ def tok():  # type: ignore[no-untyped-def]
     return make_tokenizer()
 
 
+def _reference_ids(tok, text: str) -> list[int]:  # type: ignore[no-untyped-def]
+    """`text` (a prompt rendered by hand) through the raw tokenizers library: no chat template, no transformers."""
+    raw = Tokenizer.from_file(str(Path(tok.name_or_path) / "tokenizer.json"))
+    return list(raw.encode(text, add_special_tokens=False).ids)
+
+
 def _qa(question: str, answer: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
@@ -52,8 +61,10 @@ def test_only_assistant_reply_and_end_of_turn_are_labelled(tok) -> None:  # type
     messages = [{"role": "system", "content": "Be brief."}] + _qa("Hours?", "Open 9am to 6pm.")
     (example,) = build_examples(tok, messages, max_seq_len=512)
     assert _labelled_text(tok, example) == ["Open 9am to 6pm.<|im_end|>"]
-    # The unlabelled prefix is exactly the prompt serving renders, so training and serving agree.
-    prompt = render_prompt_ids(tok, messages[:-1])
+    # The unlabelled prefix is exactly the ChatML prompt, and the one serving renders: training and serving agree.
+    prompt = _reference_ids(tok, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHours?<|im_end|>\n"
+                                 "<|im_start|>assistant\n")
+    assert render_prompt_ids(tok, messages[:-1]) == prompt
     assert example.input_ids[: len(prompt)] == prompt
     assert all(label == IGNORE_INDEX for label in example.labels[: len(prompt)])
 
@@ -71,8 +82,8 @@ THOUGHT_TEMPLATE = (
 )
 
 
-def test_a_template_that_renders_replies_apart_from_their_prompt_trains_each_reply_after_the_served_prompt(
-        tok) -> None:  # type: ignore[no-untyped-def]
+def test_a_template_that_renders_replies_apart_from_their_prompt_trains_each_reply_after_the_served_prompt() -> None:
+    tok = make_tokenizer()  # its own: the module's `tok` keeps the plain ChatML template for the other tests
     tok.chat_template = THOUGHT_TEMPLATE
     messages = _qa("Hi", "Hello!") + _qa("Hours?", "9 to 6.")
     first, second = build_examples(tok, messages, max_seq_len=512)
@@ -214,7 +225,7 @@ def test_stage_saves_adapter_template_and_loss_curve(tmp_path: Path, monkeypatch
     adapter = out / result.artifacts["adapter"]
     template = (adapter / "chat_template.jinja").read_text()
     assert template == load_tokenizer(base).chat_template
-    assert result.metrics["chat_template_sha256"] == finetune_stage.sha256_text(template)
+    assert result.metrics["chat_template_sha256"] == hashlib.sha256(template.encode("utf-8")).hexdigest()
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # it trained
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
@@ -240,7 +251,8 @@ def test_self_distill_keeps_finished_and_cut_replies_and_drops_empty_ones(
     monkeypatch.setattr(control_stage, "greedy_generate", fake_generate)
     prompts = ["What is the capital of France?", "Tell me about warranties.", "Say nothing.", "Unused."]
     control = control_stage.self_distill(None, tok, prompts, count=3)
-    assert seen[0] == render_prompt_ids(tok, [{"role": "user", "content": prompts[0]}])
+    assert seen[0] == _reference_ids(tok, "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n"
+                                          f"<|im_start|>user\n{prompts[0]}<|im_end|>\n<|im_start|>assistant\n")
     assert [c.finished for c in control] == [True, False]
     assert control[0].messages[-1] == {"role": "assistant", "content": "Paris is the capital of France."}
 
@@ -276,7 +288,7 @@ def test_bf16_precision_trains_and_keeps_fp32_adapters(tok) -> None:  # type: ig
     train = TrainSection(max_steps=3, batch_size=4, learning_rate=1e-2, warmup_steps=0, precision="bf16")
     model, log = train_lora(make_model(len(tok)), tok, _examples(tok), [], FAST_LORA, train, progress=False)
     assert all(v.dtype == torch.float32 for v in _lora_state(model).values())
-    assert all(r["train_loss"] == r["train_loss"] for r in log.rows)  # no NaN
+    assert len(log.rows) == 3 and all(math.isfinite(r["train_loss"]) for r in log.rows)  # no NaN, no inf
 
 
 def test_auto_precision_and_device_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,7 @@
 """The gateway app end to end over a fake Triton pool: routes, SSE format, error codes and shapes.
 
 The real tokenizer renders and decodes; only Triton is replaced (tests/integration uses a real one).
+Expected ids come from tests/reference.py (raw tokenizers + jinja2), not from the gateway's own tokenizer.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from gateway_fakes import FakePool, write_repository
+from reference import ReferenceTokenizer
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from gateway.tokenization import ChatTokenizer
 
 REPLY = "Paris is the capital. 巴黎是首都 😀!"
 KEY = "test-key-0123456789"
@@ -30,9 +31,12 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(repository: Path) -> ChatTokenizer:
-    tok_dir = repository / "chat" / "1" / "tokenizer"
-    return ChatTokenizer.from_dir(tok_dir, (tok_dir / "chat_template.jinja").read_text())
+def reference(repository: Path) -> ReferenceTokenizer:
+    return ReferenceTokenizer(repository / "chat" / "1" / "tokenizer")
+
+
+def reply_ids(reference: ReferenceTokenizer, text: str) -> list[int]:
+    return list(reference.raw.encode(text, add_special_tokens=False).ids)
 
 
 def make_client(repository: Path, pool: FakePool, **overrides: Any) -> TestClient:
@@ -42,8 +46,8 @@ def make_client(repository: Path, pool: FakePool, **overrides: Any) -> TestClien
 
 
 @pytest.fixture
-def pool(tokenizer: ChatTokenizer) -> FakePool:
-    return FakePool(tokenizer.encode(REPLY))
+def pool(reference: ReferenceTokenizer) -> FakePool:
+    return FakePool(reply_ids(reference, REPLY))
 
 
 @pytest.fixture
@@ -87,8 +91,8 @@ def test_stream_is_framed_like_openai(client: TestClient) -> None:
     assert text == REPLY
 
 
-def test_idle_stream_sends_keepalive_comment_lines(repository: Path, tokenizer: ChatTokenizer) -> None:
-    pool = FakePool(tokenizer.encode("slow reply"))
+def test_idle_stream_sends_keepalive_comment_lines(repository: Path, reference: ReferenceTokenizer) -> None:
+    pool = FakePool(reply_ids(reference, "slow reply"))
     pool.step_delay_s = 0.4
     with make_client(repository, pool, sse_ping_s=0.1) as slow:
         _, raw = _raw_stream(slow, {"messages": MESSAGES, "stream": True})
@@ -109,16 +113,17 @@ def test_ignore_eos_reaches_triton(client: TestClient, pool: FakePool) -> None:
     assert "ignore_eos" not in {t.name() for t in pool.calls[-1].to_infer_inputs()}
 
 
-def test_non_streaming_completion(client: TestClient, pool: FakePool) -> None:
+def test_non_streaming_completion(client: TestClient, pool: FakePool, reference: ReferenceTokenizer) -> None:
     body = client.post("/v1/chat/completions", json={"messages": MESSAGES, "temperature": 0}).json()
     assert body["object"] == "chat.completion" and body["model"] == "chat"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": REPLY}
     assert body["choices"][0]["finish_reason"] == "stop"
     usage = body["usage"]
-    assert usage["prompt_tokens"] == len(pool.calls[0].prompt_ids)
+    prompt = reference.render_ids(MESSAGES)
+    assert pool.calls[0].prompt_ids == prompt and usage["prompt_tokens"] == len(prompt)
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     # max_tokens defaults to the rest of the context, capped by the model's limit (not 16).
-    assert pool.calls[0].max_tokens == min(128 - usage["prompt_tokens"], 48)
+    assert pool.calls[0].max_tokens == min(128 - len(prompt), 48)
     assert pool.calls[0].temperature == 0.0
 
 
@@ -153,9 +158,11 @@ def test_length_finish_reason(client: TestClient) -> None:
     assert body["usage"]["completion_tokens"] == 3
 
 
-def test_simple_chat_endpoint(client: TestClient) -> None:
+def test_simple_chat_endpoint(client: TestClient, reference: ReferenceTokenizer) -> None:
     body = client.post("/v1/chat", json={"message": "Capital of France?"}).json()
-    assert body["response"] == REPLY and body["finish_reason"] == "stop" and body["usage"]["prompt_tokens"] > 0
+    prompt = reference.render_ids([{"role": "user", "content": "Capital of France?"}])
+    assert body["response"] == REPLY and body["finish_reason"] == "stop"
+    assert body["usage"]["prompt_tokens"] == len(prompt)
 
 
 def test_models_health_docs_metrics(client: TestClient) -> None:
@@ -278,7 +285,7 @@ def test_in_flight_bound_gives_429_with_retry_after(repository: Path, pool: Fake
         assert state.in_flight.count == 0  # released after the request
 
 
-def test_triton_down_is_503_and_not_ready(repository: Path, tokenizer: ChatTokenizer) -> None:
+def test_triton_down_is_503_and_not_ready(repository: Path) -> None:
     with make_client(repository, FakePool([5], healthy=False)) as client:
         response = client.post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True})
         error = assert_openai_error(response, 503, "no Triton endpoint is ready")

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from gateway_fakes import FakePool
 from test_gateway_app import MESSAGES, assert_openai_error, make_client, sse_events
 
+from gateway.errors import TooManyRequestsError
 from gateway.limits import RateLimiter
 from gateway.tokenization import ChatTokenizer
 from gateway.triton import GenerationInputs, StepOutput
@@ -43,23 +44,23 @@ def _post_raw(client: TestClient, body: str) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("fields", "param"),
+    ("fields", "param", "fragment"),
     [
-        ('"top_k": 1099511627776', "top_k"),  # 2**40: wrapped silently into INT32 before
-        ('"top_k": -1', "top_k"),
-        ('"repetition_penalty": Infinity', "repetition_penalty"),  # Python's JSON parser takes the literal
-        ('"repetition_penalty": 1e6', "repetition_penalty"),
-        ('"temperature": NaN', "temperature"),
-        ('"seed": 9223372036854775808', "seed"),  # 2**63: past INT64
-        ('"max_tokens": 4294967296', "max_tokens"),
-        ('"stop": "' + "x" * 257 + '"', "stop"),
-        ('"stop": ["ok", "' + "y" * 257 + '"]', "stop"),
-        ('"n": 100000', "n"),
+        ('"top_k": 1099511627776', "top_k", "less than or equal to 1000000"),  # 2**40: wrapped into INT32 before
+        ('"top_k": -1', "top_k", "greater than or equal to 0"),
+        ('"repetition_penalty": Infinity', "repetition_penalty", "finite number"),  # Python's JSON takes it
+        ('"repetition_penalty": 1e6', "repetition_penalty", "less than or equal to 10"),
+        ('"temperature": NaN', "temperature", "finite number"),
+        ('"seed": 9223372036854775808', "seed", "less than or equal to 9223372036854775807"),  # 2**63: past INT64
+        ('"max_tokens": 4294967296', "max_tokens", "less than or equal to 2147483647"),  # past INT32
+        ('"stop": "' + "x" * 257 + '"', "stop", "at most 256 characters"),
+        ('"stop": ["ok", "' + "y" * 257 + '"]', "stop", "at most 256 characters"),
+        ('"n": 100000', "n", "less than or equal to 128"),
     ],
 )
-def test_numbers_and_stop_strings_are_bounded(client: TestClient, fields: str, param: str) -> None:
+def test_numbers_and_stop_strings_are_bounded(client: TestClient, fields: str, param: str, fragment: str) -> None:
     body = '{"messages": [{"role": "user", "content": "hi"}], ' + fields + "}"
-    error = assert_openai_error(_post_raw(client, body), 422, "")
+    error = assert_openai_error(_post_raw(client, body), 422, fragment)
     assert error["param"].startswith(param), error
 
 
@@ -162,13 +163,20 @@ def test_a_refused_request_gives_back_only_what_it_took(repository: Path) -> Non
             assert state.per_key.counts == {KEY: 1} and state.in_flight.count == 0
         state.per_key.release(KEY)
 
-def test_rate_limit_state_is_bounded() -> None:
-    limiter = RateLimiter(requests_per_minute=5, tokens_per_minute=100, max_keys=3)
+def test_rate_limit_state_is_bounded_and_drops_the_least_recent_caller() -> None:
+    limiter = RateLimiter(requests_per_minute=2, tokens_per_minute=None, clock=lambda: 0.0, max_keys=3)
+    limiter.admit("recent", 1)
+    limiter.admit("recent", 1)  # its minute's requests are spent; the clock stands still
     for i in range(1000):
         limiter.admit(f"203.0.113.{i}", 1)
+        with pytest.raises(TooManyRequestsError):  # "recent" keeps calling, so it is never the one dropped
+            limiter.admit("recent", 1)
     assert limiter.tracked_keys == 3
-    limiter.admit("203.0.113.998", 1)  # a recent caller keeps its bucket (least recently used go first)
-    assert "203.0.113.998" in limiter._requests.buckets
+    # Still refused: its spent bucket was kept. Had it been dropped, a fresh full bucket would admit it.
+    with pytest.raises(TooManyRequestsError):
+        limiter.admit("recent", 1)
+    limiter.admit("203.0.113.0", 1)  # long dropped: starts again with a full bucket (two requests, not one)
+    limiter.admit("203.0.113.0", 1)
 
 
 class _StallingPool(FakePool):

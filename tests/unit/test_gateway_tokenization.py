@@ -1,9 +1,11 @@
-"""The gateway renders a conversation to exactly the token ids training does."""
+"""The gateway renders a conversation to exactly the token ids training does, and both to the ids of an
+independent reading of the same files (tests/reference.py: raw tokenizers + jinja2)."""
 
 from __future__ import annotations
 
 import pytest
 from gateway_fakes import TOKENIZER_DIR
+from reference import ReferenceTokenizer
 
 from gateway.errors import BadRequestError
 from gateway.tokenization import ChatTokenizer, TokenizerLoadError
@@ -28,8 +30,9 @@ def gateway_tok() -> ChatTokenizer:
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_gateway_prompt_ids_equal_training_prompt_ids(gateway_tok: ChatTokenizer, messages: list) -> None:
-    training_tok = load_tokenizer(TOKENIZER_DIR)
-    assert gateway_tok.render_ids(messages) == render_prompt_ids(training_tok, messages)
+    expected = ReferenceTokenizer(TOKENIZER_DIR).render_ids(messages)
+    assert gateway_tok.render_ids(messages) == expected
+    assert render_prompt_ids(load_tokenizer(TOKENIZER_DIR), messages) == expected
 
 
 def test_prompt_has_exactly_the_template_special_tokens(gateway_tok: ChatTokenizer) -> None:

@@ -139,6 +139,20 @@ def test_an_os_error_in_a_stage_is_one_line_and_a_finished_report(tmp_path: Path
     assert [s["status"] for s in report["stages"]] == ["ran", "failed"]
 
 
+def test_ctrl_c_in_a_stage_is_reported_as_that_stage_interrupted(tmp_path: Path) -> None:
+    def interrupted(ctx: StageContext) -> StageResult:
+        (ctx.out_dir / "b.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_build(_config(tmp_path), stages=_specs(second=interrupted))
+    ws = tmp_path / "ws"
+    assert not (ws / "second").exists() and not list(ws.glob(".second.*"))
+    report = json.loads((ws / "report.json").read_text())
+    assert report["status"] == "interrupted" and report["error"] == "interrupted by the user"
+    assert [(s["name"], s["status"]) for s in report["stages"]] == [("first", "ran"), ("second", "interrupted")]
+
+
 def test_blocking_gate_failure_fails_build_and_is_not_cached(tmp_path: Path) -> None:
     def gated(ctx: StageContext) -> StageResult:
         CALLS.append("gated")

@@ -1,8 +1,8 @@
 """An independent reading of a model's tokenizer files: the raw ``tokenizers`` library and plain jinja2.
 
-The gateway renders prompts and decodes replies through transformers. Tests take their expected
-prompt ids and text from here instead, so a regression in the gateway's rendering or decoding
-cannot move both sides of an assertion at once.
+The gateway and the build render prompts and decode replies through transformers. Tests (unit and
+integration) take their expected prompt ids and text from here instead, so a regression in that
+rendering or decoding cannot move both sides of an assertion at once.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ class ToolStyle:
         renders = "tools" in chat_template
         if renders and "<tool_call>" in chat_template:
             return cls(ToolFormat.HERMES, True)
-        if renders and ("<|python_tag|>" in chat_template or "<|eom_id|>" in chat_template):
+        # Llama 3.1 names <|python_tag|> and <|eom_id|>; Llama 3.2 and 3.3 only the ipython role of tool results
+        if renders and any(mark in chat_template for mark in ("<|python_tag|>", "<|eom_id|>", "ipython")):
             return cls(ToolFormat.LLAMA3_JSON, True)
         return cls(ToolFormat.HERMES, False)  # tools go into a system prompt we write
 

@@ -15,7 +15,6 @@ TWO_CALLS = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"
              '"note": "a } and a \\" inside"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n'
              "</tool_call>")
 SMOLLM_TEMPLATE = (Path(__file__).resolve().parents[1] / "fixtures" / "smollm2_tokenizer" / "chat_template.jinja")
-QWEN_TEMPLATE = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates" / "qwen2.5-tools.jinja"
 
 
 def _parse(style: ToolStyle, text: str, step: int, known: tuple[str, ...] = ("get_weather", "get_time"),
@@ -75,8 +74,16 @@ def test_llama3_json_calls(step: int) -> None:
 
 
 def test_tool_styles_are_read_from_the_template() -> None:
+    """The published templates (llama.cpp's copies, tests/families.py): Qwen's <tool_call> blocks, Llama 3.2's
+    JSON with "parameters"; the others render no tools, so the gateway's own system prompt carries them."""
+    import families
+
     assert ToolStyle.of_template(SMOLLM_TEMPLATE.read_text()) == HERMES  # no tools: our system prompt
-    assert ToolStyle.of_template(QWEN_TEMPLATE.read_text()) == ToolStyle(ToolFormat.HERMES, True)
+    published = {name: ToolStyle.of_template(families.template_text(family))
+                 for name, family in families.FAMILIES.items()}
+    assert published["qwen2.5"] == published["qwen3"] == ToolStyle(ToolFormat.HERMES, True)
+    assert published["llama3.2"] == LLAMA3
+    assert published["mistral"] == published["phi3"] == published["gemma2"] == HERMES
     llama31 = "{%- if tools %}{{- '<|start_header_id|>ipython' }}{%- endif %}{{- '<|python_tag|>' }}<|eom_id|>"
     assert ToolStyle.of_template(llama31) == LLAMA3
     assert (LLAMA3.begin, LLAMA3.arguments_key) == ("", "parameters")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import llguidance
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
@@ -193,3 +194,27 @@ def test_a_walked_instance_validates_against_its_schema(compiler: GrammarCompile
             if grammar.complete:
                 break
         jsonschema.validate(json.loads(hf.decode(out)), schema)
+
+
+def test_a_tool_call_whose_markers_are_special_tokens_is_matched_by_token_for_every_tool_choice() -> None:
+    """Qwen2.5's <tool_call> and </tool_call> are added tokens (ids 151657 and 151658 in its real tokenizer,
+    tests/families.py): llguidance never matches their text byte for byte, so the grammar must name them."""
+    import families
+
+    from toolkit.serving.grammar import spec_to_grammar, token_literal
+
+    text, _added, _size = families._tokenizer_json(families.FAMILIES["qwen2.5"])
+    qwen = load_tokenizer(text, 151936, [151645])
+    literal = token_literal(qwen)
+    assert literal("<tool_call>\n") == '<[151657]> "\\n"' and literal("\n</tool_call>") == '"\\n" <[151658]>'
+    assert literal("plain words") == '"plain words"'
+    tool = {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}
+    call = [151657, *qwen.tokenize_str('\n{"name": "f", "arguments": {"x": 3}}\n'), 151658]
+    for required, prefix in ((True, []), (False, qwen.tokenize_str("Let me look. "))):
+        spec = {"type": "tool_calls", "tools": [tool], "begin": "<tool_call>\n", "end": "\n</tool_call>",
+                "required": required}
+        matcher = llguidance.LLMatcher(qwen, spec_to_grammar(spec, literal), log_level=0)
+        assert all(matcher.consume_token(t) for t in prefix + call), matcher.get_error()
+        assert matcher.is_accepting()
+        plain = llguidance.LLMatcher(qwen, spec_to_grammar(spec), log_level=0)  # text literals: the token is refused
+        assert not all(plain.consume_token(t) for t in prefix + call)

@@ -25,7 +25,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -62,12 +62,38 @@ def _call_schema(tools: Sequence[dict[str, Any]], arguments_key: str) -> dict[st
     return {**schema, "x-guidance": JSON_OPTIONS}
 
 
-def _tool_calls_grammar(spec: dict[str, Any]) -> str:
+def _plain_literal(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a Lark string literal
+
+
+def token_literal(tokenizer: Any) -> Callable[[str], str]:
+    """Lark for a literal as this tokenizer writes it: a piece that is one special token of the vocabulary
+    (Qwen2.5's ``<tool_call>``, an added token) becomes a token reference ``<[id]>``, since llguidance never
+    matches a special token's text byte for byte; the rest stays a string literal."""
+
+    def literal(text: str) -> str:
+        parts: list[str] = []
+        plain: list[int] = []
+        for token in tokenizer.tokenize_str(text):
+            if tokenizer.is_special_token(token):
+                if plain:
+                    parts.append(json.dumps(tokenizer.decode_str(plain)))
+                    plain = []
+                parts.append(f"<[{token}]>")
+            else:
+                plain.append(token)
+        if plain:
+            parts.append(json.dumps(tokenizer.decode_str(plain)))
+        return " ".join(parts)
+
+    return literal
+
+
+def _tool_calls_grammar(spec: dict[str, Any], lit: Callable[[str], str]) -> str:
     begin, end = str(spec.get("begin", "")), str(spec.get("end", ""))
     arguments_key = str(spec.get("arguments_key") or "arguments")
     call_json = "%json " + json.dumps(_call_schema(spec.get("tools") or [], arguments_key))
     parallel = bool(spec.get("parallel", True))
-    lit = json.dumps  # a JSON string literal is a Lark string literal
     if spec.get("required"):
         body = f"{lit(begin) if begin else ''} {call_json} {lit(end) if end else ''}"
         start = 'call ("\\n" call)*' if parallel else "call"
@@ -75,19 +101,27 @@ def _tool_calls_grammar(spec: dict[str, Any]) -> str:
     else:
         if not begin:
             raise GrammarError("a tool_calls grammar with free text needs a 'begin' string that starts a call")
-        # Free text up to the trigger (a lazy lexeme: it ends at the trigger's first occurrence), then the
-        # rest of `begin` and a constrained call (llguidance's StructTag grammar).
         trigger = begin.strip() or begin
         rest = begin[begin.index(trigger) + len(trigger):]
         body = f"{lit(rest) if rest else ''} {call_json} {lit(end) if end else ''}"
-        calls = "call*" if parallel else "call?"
-        lark = (f"%llguidance {{}}\nstart: {calls} TEXT\ncall_text[lazy]: TEXT {lit(trigger)}\n"
-                f"call: call_text {body}\nTEXT: /(.|\\n)*/\n")
+        trigger_lark = lit(trigger)
+        if trigger_lark.startswith("<[") and " " not in trigger_lark:
+            # The trigger is one special token: free text cannot contain it, so text and calls alternate.
+            calls = "(TEXT? call)*" if parallel else "(TEXT? call)?"
+            lark = (f"%llguidance {{}}\nstart: {calls} TEXT?\ncall: {trigger_lark} {body}\n"
+                    f"TEXT: /(.|\\n)+/\n")
+        else:
+            # Free text up to the trigger (a lazy lexeme: it ends at the trigger's first occurrence), then the
+            # rest of `begin` and a constrained call (llguidance's StructTag grammar).
+            calls = "call*" if parallel else "call?"
+            lark = (f"%llguidance {{}}\nstart: {calls} TEXT\ncall_text[lazy]: TEXT {trigger_lark}\n"
+                    f"call: call_text {body}\nTEXT: /(.|\\n)*/\n")
     return str(llguidance.LLMatcher.grammar_from_lark(lark))
 
 
-def spec_to_grammar(spec: Any) -> str:
-    """The llguidance grammar of a spec (a parsed JSON document); GrammarError names what is wrong."""
+def spec_to_grammar(spec: Any, literal: Callable[[str], str] = _plain_literal) -> str:
+    """The llguidance grammar of a spec (a parsed JSON document); GrammarError names what is wrong.
+    `literal` writes a tool call's begin and end strings (:func:`token_literal` for a real tokenizer)."""
     if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
         raise GrammarError('a grammar spec is a JSON object with a "type"')
     kind = spec["type"]
@@ -100,7 +134,7 @@ def spec_to_grammar(spec: Any) -> str:
                 raise GrammarError('a json_schema grammar needs "schema": a JSON Schema object')
             return _json_grammar(schema)
         if kind == "tool_calls":
-            return _tool_calls_grammar(spec)
+            return _tool_calls_grammar(spec, literal)
     except ValueError as err:  # llguidance's own checks raise ValueError
         raise GrammarError(_short(str(err))) from None
     raise GrammarError(f"unknown grammar type {kind!r}; use json_object, json_schema or tool_calls")
@@ -172,7 +206,7 @@ class GrammarCompiler:
             parsed = json.loads(spec)
         except (ValueError, UnicodeDecodeError) as err:
             raise GrammarError(f"the grammar spec is not valid JSON: {err}") from None
-        grammar = spec_to_grammar(parsed)
+        grammar = spec_to_grammar(parsed, token_literal(self.tokenizer))
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self._limits)
         if matcher.is_error():
             raise GrammarError(_short(matcher.get_error()))

@@ -139,6 +139,8 @@ class Supervisor:
         self.gpus = visible_gpus() if len(options.triton_ports) > 1 else []
         self.tritons = [TritonReplica(i, ports, self._new_triton, options.ready_timeout_s, say,
                                       self._check_triton_ports) for i, ports in enumerate(options.triton_ports)]
+        if len(self.tritons) == 1:
+            self.tritons[0].name = "Triton"  # one server: the messages a single-Triton serve always printed
         self.gateway: subprocess.Popen[bytes] | None = None
         first = options.triton_ports[0]
         self.state = ServeState(

@@ -60,10 +60,7 @@ class TritonReplica:
         self.restarts = 0
         self.backoff_s = 1.0
         self._up_since = self._restart_at = self._deadline = 0.0
-
-    @property
-    def name(self) -> str:
-        return f"Triton replica {self.index + 1}"
+        self.name = f"Triton replica {index + 1}"
 
     @property
     def pid(self) -> int | None:

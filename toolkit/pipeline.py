@@ -26,7 +26,17 @@ from typing import Any
 from toolkit import __version__
 from toolkit.config import EMBEDDED_MODEL, BuildConfig, section_dump
 from toolkit.errors import ConfigError, GateError, StageError, ToolkitError
-from toolkit.memory import MIB, QUANTIZE_GPTQ, ModelSize, Need, check_stage, peak_rss_bytes, release_memory, reset_peak
+from toolkit.memory import (
+    MIB,
+    QUANTIZE_GPTQ,
+    STAGE_NEEDS,
+    ModelSize,
+    Need,
+    check_stage,
+    peak_rss_bytes,
+    release_memory,
+    reset_peak,
+)
 from toolkit.report import BuildReport, BuildStatus, StageReport, StageStatus, write_report
 from toolkit.sources import SourceHasher
 from toolkit.stage import RECORD, Stage, StageContext, StageRecord, StageResult
@@ -224,10 +234,14 @@ def run_build(
     hashers: dict[str, SourceHasher] = {}
     size = planned_size(config, _load_record(ws / "base_model") if "base_model" in names else None)
     try:
-        if size is not None:  # before any work: a stage that cannot fit fails the build now, not halfway
-            for spec in stages:
-                if spec.name in selected and (force or _load_record(ws / spec.name) is None):
-                    check_stage(spec.name, size, need=stage_need(spec.name, config))
+        if size is not None:  # before any work: a stage that cannot fit fails the build now, not halfway,
+            # naming the largest need (what a machine must have for the whole build)
+            todo = [s.name for s in stages if s.name in selected and (force or _load_record(ws / s.name) is None)]
+            needs = {name: (stage_need(name, config) or STAGE_NEEDS.get(name)) for name in todo}
+            sized = [(need.bytes(size), name) for name, need in needs.items() if need is not None]
+            if sized:
+                largest = max(sized)[1]
+                check_stage(largest, size, need=needs[largest])
         for spec in stages:
             stage_dir = ws / spec.name
             existing = _load_record(stage_dir)

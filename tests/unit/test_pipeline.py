@@ -341,11 +341,11 @@ def test_a_stage_that_cannot_fit_in_memory_stops_the_build_before_any_work(
 
     monkeypatch.setattr(pipeline, "planned_size", lambda config, record: ModelSize(params=8 * 10**9, vocab=10))
     monkeypatch.setattr("toolkit.memory.available_bytes", lambda: 24 * GIB)
-    specs = (StageSpec("first", _module("first", _first), ("lora",)),
-             StageSpec("export_onnx", _module("second", _second), ("train",), ("first",)))
+    specs = (StageSpec("control", _module("first", _first), ("lora",)),  # too big too, but needs less
+             StageSpec("export_onnx", _module("second", _second), ("train",), ("control",)))
     with pytest.raises(StageError) as raised:
         run_build(_config(tmp_path), stages=specs)
-    assert CALLS == []  # refused up front, not after the first stage
+    assert CALLS == []  # refused up front, not after the first stage, naming the largest need
     assert str(raised.value).startswith("export_onnx needs about ")
     assert "x its 29.8 GiB of FP32 weights" in str(raised.value) and "24.0 GiB is available" in str(raised.value)
 

@@ -20,7 +20,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,6 +214,26 @@ def stop_process(process: subprocess.Popen[bytes], sig: signal.Signals, timeout_
 
 def stop_gateway(gateway: Gateway) -> None:
     stop_process(gateway.process, signal.SIGINT, 15)
+
+
+@contextmanager
+def gateway_over_triton(repository: Path, models: Sequence[str], triton_ports: tuple[int, int, int],
+                        gateway_port: int, logs: Path) -> Iterator[Gateway]:
+    """A real Triton serving `models` from `repository` (HTTP, gRPC, metrics ports) and a gateway in front of
+    it; both stopped on exit, the gateway first."""
+    http, grpc, metrics = triton_ports
+    server = TritonServer(repository, models=list(models), http_port=http, grpc_port=grpc, metrics_port=metrics,
+                          log_path=logs / "tritonserver.log")
+    server.start(ready_timeout_s=300)
+    try:
+        env = {"GATEWAY_TRITON_URLS": server.grpc_url, "GATEWAY_REPOSITORY": str(repository)}
+        running = start_gateway(gateway_port, env, logs / "gateway.log")
+        try:
+            yield running
+        finally:
+            stop_gateway(running)
+    finally:
+        server.stop()
 
 
 def scrape(url: str) -> str:

@@ -22,11 +22,9 @@ import families
 import openai
 import pytest
 import tinybuild
-from conftest import Gateway, start_gateway, stop_gateway, wait_ready
+from conftest import Gateway, gateway_over_triton, wait_ready
 from reference import ReferenceTokenizer
 from tinybuild import CONVERSATIONS, served_name
-
-from toolkit.serving.triton_server import TritonServer
 
 # Seven builds, then one Triton for all: the module's first test waits for every build (about 3 minutes on
 # two idle cores), so it gets twice the suite's per-test limit.
@@ -61,19 +59,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 @pytest.fixture(scope="module")
 def gateway(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     logs = tmp_path_factory.mktemp("families-serving")
-    server = TritonServer(built.repository, models=[served_name(n) for n in FAMILY_NAMES], http_port=HTTP_PORT,
-                          grpc_port=GRPC_PORT, metrics_port=METRICS_PORT, log_path=logs / "tritonserver.log")
-    server.start(ready_timeout_s=300)
-    try:
-        running = start_gateway(GATEWAY_PORT, {"GATEWAY_TRITON_URLS": server.grpc_url,
-                                               "GATEWAY_REPOSITORY": str(built.repository)}, logs / "gateway.log")
-        try:
-            wait_ready(running, TIMEOUT_S)
-            yield running
-        finally:
-            stop_gateway(running)
-    finally:
-        server.stop()
+    models = [served_name(n) for n in FAMILY_NAMES]
+    with gateway_over_triton(built.repository, models, (HTTP_PORT, GRPC_PORT, METRICS_PORT), GATEWAY_PORT,
+                             logs) as running:
+        wait_ready(running, TIMEOUT_S)
+        yield running
 
 
 @pytest.fixture(scope="module")

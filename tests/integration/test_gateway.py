@@ -21,6 +21,7 @@ from conftest import (
     Gateway,
     RunningTriton,
     ServedRepository,
+    gateway_over_triton,
     metric_sum,
     scrape,
     start_gateway,
@@ -30,7 +31,6 @@ from conftest import (
 from reference import ReferenceTokenizer
 
 from toolkit.serving.client import GenerationClient
-from toolkit.serving.triton_server import TritonServer
 
 pytestmark = pytest.mark.integration
 
@@ -353,18 +353,9 @@ def test_bad_settings_stop_the_start_up(tmp_path: Path) -> None:
 def smollm_stack(smollm_repository: ServedRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """SmolLM2-135M-Instruct in its own Triton (18110-18112) behind a gateway on 18102: real text."""
     logs = tmp_path_factory.mktemp("smollm-stack")
-    server = TritonServer(smollm_repository.path, models=[smollm_repository.model], http_port=18110,
-                          grpc_port=18111, metrics_port=18112, log_path=logs / "tritonserver.log")  # fmt: skip
-    server.start(ready_timeout_s=300)
-    try:
-        env = {"GATEWAY_TRITON_URLS": server.grpc_url, "GATEWAY_REPOSITORY": str(smollm_repository.path)}
-        running = start_gateway(SMOLLM_GATEWAY_PORT, env, logs / "gateway.log")
-        try:
-            yield running
-        finally:
-            stop_gateway(running)
-    finally:
-        server.stop()
+    with gateway_over_triton(smollm_repository.path, [smollm_repository.model], (18110, 18111, 18112),
+                             SMOLLM_GATEWAY_PORT, logs) as running:
+        yield running
 
 
 def test_smollm_streams_a_correct_answer(smollm_stack: Gateway) -> None:

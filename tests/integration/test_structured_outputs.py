@@ -18,7 +18,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from conftest import Gateway, start_gateway, stop_gateway, write_generation_repository
+from conftest import Gateway, gateway_over_triton, write_generation_repository
 from devrepo import ServedRepository
 from openai_tools import (
     ASK_WEATHER,
@@ -30,8 +30,6 @@ from openai_tools import (
     two_turn_conversation,
 )
 from pydantic import BaseModel, Field
-
-from toolkit.serving.triton_server import TritonServer
 
 pytestmark = pytest.mark.integration
 
@@ -69,19 +67,8 @@ def repository(smollm_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> S
 @pytest.fixture(scope="module")
 def stack(repository: ServedRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     logs = tmp_path_factory.mktemp("structured-stack")
-    http, grpc, metrics = TRITON_PORTS
-    server = TritonServer(repository.path, models=[MODEL], http_port=http, grpc_port=grpc, metrics_port=metrics,
-                          log_path=logs / "tritonserver.log")
-    server.start(ready_timeout_s=300)
-    try:
-        env = {"GATEWAY_TRITON_URLS": server.grpc_url, "GATEWAY_REPOSITORY": str(repository.path)}
-        running = start_gateway(GATEWAY_PORT, env, logs / "gateway.log")
-        try:
-            yield running
-        finally:
-            stop_gateway(running)
-    finally:
-        server.stop()
+    with gateway_over_triton(repository.path, [MODEL], TRITON_PORTS, GATEWAY_PORT, logs) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

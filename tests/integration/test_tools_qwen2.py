@@ -17,13 +17,11 @@ from typing import Any
 import openai
 import pytest
 import transformers
-from conftest import Gateway, start_gateway, stop_gateway
+from conftest import Gateway, gateway_over_triton
 from devrepo import ServedRepository, write_serving_repository
 from openai_tools import ASK_WEATHER, TOOLS, auto_calls, required_or_named_calls, two_turn_conversation
 from qwen2_fixture import IM_END, REPO_ROOT, export_random_qwen2
 from reference import ReferenceTokenizer
-
-from toolkit.serving.triton_server import TritonServer
 
 pytestmark = pytest.mark.integration
 
@@ -53,19 +51,8 @@ def repository(qwen2_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Se
 @pytest.fixture(scope="module")
 def stack(repository: ServedRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     logs = tmp_path_factory.mktemp("qwen2-stack")
-    http, grpc, metrics = TRITON_PORTS
-    server = TritonServer(repository.path, models=[MODEL], http_port=http, grpc_port=grpc, metrics_port=metrics,
-                          log_path=logs / "tritonserver.log")
-    server.start(ready_timeout_s=300)
-    try:
-        env = {"GATEWAY_TRITON_URLS": server.grpc_url, "GATEWAY_REPOSITORY": str(repository.path)}
-        running = start_gateway(GATEWAY_PORT, env, logs / "gateway.log")
-        try:
-            yield running
-        finally:
-            stop_gateway(running)
-    finally:
-        server.stop()
+    with gateway_over_triton(repository.path, [MODEL], TRITON_PORTS, GATEWAY_PORT, logs) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -77,10 +77,13 @@ def run(ctx: StageContext) -> StageResult:
 
     max_len = ctx.config.data.max_seq_len
     data_rows = read_split(ctx.inputs["data"].dir, "train")
+    sft_control = control if train_cfg.control_sft else []
     train_examples, dropped = tokenize_all(
-        tokenizer, [r.messages for r in data_rows] + [c.messages for c in control], max_len,
-        train_eos=[True] * len(data_rows) + [c.finished for c in control],
+        tokenizer, [r.messages for r in data_rows] + [c.messages for c in sft_control], max_len,
+        train_eos=[True] * len(data_rows) + [c.finished for c in sft_control],
     )
+    anchors, _ = (tokenize_all(tokenizer, [c.messages for c in control], max_len,
+                               train_eos=[c.finished for c in control]) if train_cfg.kl_weight > 0 else ([], 0))
     val_rows = read_split(ctx.inputs["data"].dir, "val")[: train_cfg.val_examples]
     val_examples, _ = tokenize_all(tokenizer, [r.messages for r in val_rows], max_len)
     if dropped:
@@ -91,7 +94,7 @@ def run(ctx: StageContext) -> StageResult:
                        [: train_cfg.probe_examples], ctx.config.eval)
     started, cpu_started = time.perf_counter(), time.process_time()
     peft_model, train_log = train_lora(model, tokenizer, train_examples, val_examples, lora_cfg, train_cfg,
-                                       probe=probe)
+                                       probe=probe, anchor_examples=anchors)
     train_s, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
 
     adapter = ctx.out_dir / ADAPTER_DIR
@@ -111,6 +114,8 @@ def run(ctx: StageContext) -> StageResult:
             "val_fact_accuracy": [[r["step"], r["val_fact_accuracy"]] for r in rows if "val_fact_accuracy" in r],
             "train_examples": len(train_examples),
             "control_examples": len(control),
+            "kl_anchor_examples": len(anchors),
+            "kl_last": next((round(r["kl"], 5) for r in reversed(rows) if "kl" in r), None),
             "val_examples": len(val_examples),
             "dropped_examples": dropped,
             "train_loss_first": round(rows[0]["train_loss"], 4),

@@ -227,8 +227,8 @@ class RepositorySection(Section):
     max_queue_delay_us: int = Field(2000, ge=0)
     instance_count: int = Field(1, ge=1)
     serving_precision: Literal["fp32", "int8", "auto"] = Field(
-        "fp32", description="Core model the generation model runs: fp32, int8 (the build fails if the INT8 variant "
-        "did not pass its quantize gate) or auto (int8 when it passed, else fp32). NAME_onnx_int8 is written whenever "
+        "auto", description="Core model the generation model runs: fp32, int8 (the build fails if the INT8 variant "
+        "did not pass its quantize gates) or auto (int8 when it passed, else fp32). NAME_onnx_int8 is written whenever "
         "INT8 passed, whichever is served.",
     )
     runner: Literal["onnxruntime", "bls"] = "onnxruntime"

@@ -137,5 +137,6 @@ def run(ctx: StageContext) -> StageResult:
         metrics=metrics, gates=[gate],
         artifacts={"samples": SAMPLES_FILE, "retention": RETENTION_FILE, "facts": FACTS_MD, "facts_jsonl": FACTS_JSONL,
                    "heldout": HELDOUT_FILE, "answers": ANSWERS_FILE},
-        note=f"after fine-tuning: {summary}; BLEU-4 {scores_before.bleu4:.3f} -> {scores_after.bleu4:.3f}",
+        note=f"after fine-tuning: {summary}; BLEU-4 {scores_before.bleu4:.3f} -> {scores_after.bleu4:.3f} "
+             f"(time: {len(questions)} answers on onnxruntime {generate_s:.0f} s)",
     )

@@ -64,6 +64,11 @@ def fact_probe(tokenizer: Any, rows: list[Example], cfg: EvalSection) -> Callabl
     return probe
 
 
+def _overhead(setup: dict[str, Any]) -> float:
+    """Seconds of the fine-tune not spent in optimizer steps."""
+    return float(setup["val_loss_s"] + setup["probe_s"] + setup["frozen_prefix_s"])
+
+
 def run(ctx: StageContext) -> StageResult:
     """Fine-tune LoRA adapters on the base model; save them with the tokenizer and chat template."""
     train_cfg, lora_cfg = ctx.config.train, ctx.config.lora
@@ -134,5 +139,9 @@ def run(ctx: StageContext) -> StageResult:
             "loss_csv": "loss.csv",
             "loss_png": "loss.png",
         },
-        note=f"{len(rows)} steps, {len(control)} control examples",
+        note=f"{len(rows)} steps, {len(control)} control examples"
+             + (f", KL anchor x{train_cfg.kl_weight:g} on {len(anchors)}" if anchors else "")
+             + f" (time: {train_s:.0f} s, of which steps {train_s - _overhead(train_log.setup):.0f} s, "
+               f"val loss {train_log.setup['val_loss_s']:.0f} s, fact probes {train_log.setup['probe_s']:.0f} s, "
+               f"frozen-prefix cache {train_log.setup['frozen_prefix_s']:.0f} s)",
     )

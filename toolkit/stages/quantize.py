@@ -302,4 +302,6 @@ def run(ctx: StageContext) -> StageResult:
                  "no INT8 plan script")
     else:
         metrics["qdq_shipped"] = False
+    note += (f" (time: INT8 {metrics['quantize_s']:.0f} s, Q/DQ graph {metrics.get('qdq_s', 0):.0f} s, "
+             f"answers, perplexity and agreement {metrics['evaluate_s']:.0f} s)")
     return StageResult(metrics=metrics, gates=gates, artifacts=artifacts, note=note)

@@ -296,6 +296,7 @@ def train_lora(
     anchor_stream = (batch_stream([len(e.input_ids) for e in anchors], train.kl_batch_size, train.seed + 1)
                      if anchors else None)
     prefix = None
+    prefix_s = 0.0
     visits = steps * train.batch_size * train.grad_accum
     if train.cache_frozen_prefix and visits <= len(train_examples):
         # each example is seen at most once: computing the frozen layers for all of them first only adds work
@@ -304,12 +305,15 @@ def train_lora(
         cache_started = time.perf_counter()
         prefix = FrozenPrefix.build(peft_model, [e.input_ids for e in [*train_examples, *anchors]], 32,
                                     precision.autocast())
+        prefix_s = time.perf_counter() - cache_started
         if prefix is not None:
             log.info("frozen prefix: layers 0-%d cached for %d examples in %.1f s", prefix.first - 1,
-                     len(train_examples), time.perf_counter() - cache_started)
+                     len(train_examples), prefix_s)
     log_ = TrainLog(setup={"device": str(device), "precision": precision.label,
                            "gradient_checkpointing": train.gradient_checkpointing,
-                           "frozen_prefix_layers": prefix.first if prefix is not None else 0})
+                           "frozen_prefix_layers": prefix.first if prefix is not None else 0,
+                           "frozen_prefix_s": round(prefix_s, 1) if prefix is not None else 0.0})
+    spent = {"val_loss_s": 0.0, "probe_s": 0.0}
     started = time.perf_counter()
     bar = progress_bar(range(1, steps + 1), total=steps, desc="finetune", unit="step", enabled=progress)
     for step in bar:
@@ -341,11 +345,15 @@ def train_lora(
         if step_kl is not None:
             row["kl"] = step_kl
         if step % train.eval_every == 0 or step == steps:
+            timer = time.perf_counter()
             row["val_loss"] = eval_loss(peft_model, val_examples, pad, train.batch_size)
+            spent["val_loss_s"] += time.perf_counter() - timer
         if step in probes and probe is not None:
+            timer = time.perf_counter()
             peft_model.eval()
             row["val_fact_accuracy"] = accuracy = probe(peft_model)
             peft_model.train()
+            spent["probe_s"] += time.perf_counter() - timer
             if train.keep == "best_probe" and (best is None or accuracy >= best[0]):
                 best = (accuracy, step, {n: p.detach().clone() for n, p in peft_model.named_parameters()
                                          if p.requires_grad})
@@ -353,6 +361,7 @@ def train_lora(
         bar.set_postfix(loss=f"{row['train_loss']:.3f}",
                         **({"val": f"{row['val_loss']:.3f}"} if row.get("val_loss") is not None else {}))
     bar.close()
+    log_.setup.update({k: round(v, 1) for k, v in spent.items()})
     if best is not None:
         with torch.no_grad():
             for name, param in peft_model.named_parameters():

@@ -56,7 +56,7 @@ def heldout_questions(workspace: Path, limit: int) -> tuple[list[str], str]:
         rows = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines() if line.strip()]
         questions, source = [r["messages"][-2]["content"] for r in rows], f"`{test}`"
     else:
-        path = ROOT / "benchmarks" / "heldout" / "facts_heldout.jsonl"
+        path = ROOT / "toolkit" / "datasets" / "demo_facts_heldout.jsonl"
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         questions, source = [r.get("question") or r["messages"][0]["content"] for r in rows], f"`{path}`"
     return (questions[:limit] if limit else questions), source

@@ -44,7 +44,7 @@ def _answers(model: Any, tokenizer: Any, questions: list[Any], config: BuildConf
 
 
 def run_recipe(name: str, overrides: dict[str, Any], workspace: Path, scratch: Path,
-               base_general: list[bool]) -> dict[str, Any]:
+               base_general: list[bool], sets: tuple[str, ...] = ("test", "heldout", "general")) -> dict[str, Any]:
     from peft import PeftModel
 
     config = BuildConfig.model_validate({**overrides, "workspace": str(workspace),
@@ -62,7 +62,7 @@ def run_recipe(name: str, overrides: dict[str, Any], workspace: Path, scratch: P
     model = PeftModel.from_pretrained(load_model(inputs["base_model"].path("model")), str(adapter)).merge_and_unload()
     model.eval()
     test = read_split(inputs["data"].dir, "test")
-    questions = evaluation_questions(test, heldout_paths(config.eval, demo_dataset=True))
+    questions = [q for q in evaluation_questions(test, heldout_paths(config.eval, demo_dataset=True)) if q.set in sets]
     started = time.perf_counter()
     answers = _answers(model, tokenizer, questions, config)
     answer_s = time.perf_counter() - started
@@ -102,6 +102,9 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         cells = []
         for column in COLUMNS:
+            if column not in r["scores"]:
+                cells.append("–")
+                continue
             k, n, low, high = r["scores"][column]
             cells.append(f"{k}/{n} ({k / n:.2f}, {low:.2f}-{high:.2f})")
         rule = r["retention_rule"]
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/finetune-recipes"))
     parser.add_argument("--recipe", action="append", default=[], help="NAME=JSON config overrides")
     parser.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    parser.add_argument("--sets", default="test,heldout,general", help="question sets to answer (comma-separated)")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else []
     if not args.table:
@@ -125,7 +129,8 @@ def main() -> None:
         base_general = base_general_outcomes(args.workspace, args.scratch)
         for spec in args.recipe:
             name, _, text = spec.partition("=")
-            result = run_recipe(name, json.loads(text), args.workspace, args.scratch, base_general)
+            result = run_recipe(name, json.loads(text), args.workspace, args.scratch, base_general,
+                                tuple(args.sets.split(",")))
             results = [r for r in results if r["recipe"] != name] + [result]
             args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
             print(table([result]).splitlines()[-1], flush=True)

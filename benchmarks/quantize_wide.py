@@ -1,11 +1,11 @@
-"""INT8 graphs against FP32 on more questions than the quantize gate asks (README: "INT8 recipes against
-a wider question set").
+"""Any number of graphs side by side on the build's questions (README: "INT8 recipes against a wider
+question set").
 
-Each graph (an ONNX file with the build's KV-cache interface) answers, greedily on onnxruntime with
-the model's chat template and 64 new tokens: the test split's fact questions (what the gate asks),
-the 336 questions of ``heldout/facts_heldout.jsonl``, the 12 retention questions and the 59 of
-``heldout/general_heldout.json``. Facts are scored by :func:`toolkit.textmetrics.contains_facts`,
-general answers by :func:`toolkit.retention.is_accepted`.
+Each graph (an ONNX file with the build's KV-cache interface) answers what the ``evaluate`` and
+``quantize`` stages ask (:func:`toolkit.evaluation.evaluation_questions`: the test split, the held-out
+fact questions, the 71 general questions), greedily on onnxruntime with the model's chat template and
+the build's token budget; the first graph is the reference every other is compared with by the gates'
+paired rule (:func:`toolkit.significance.not_worse`).
 
     .venv/bin/python benchmarks/quantize_wide.py --workspace build build/export_onnx/model.onnx \\
         build/quantize/model_qdq.onnx [more.onnx ...]
@@ -14,32 +14,18 @@ general answers by :func:`toolkit.retention.is_accepted`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from toolkit.dataset import language_of, read_split
-from toolkit.export.task_gate import greedy_answers
-from toolkit.modeling import decode_text, load_tokenizer, pad_token_id, render_prompt_ids, stop_token_ids
+from toolkit.config import EvalSection
+from toolkit.dataset import read_split
+from toolkit.evaluation import evaluation_questions, heldout_paths, outcomes, set_accuracies
+from toolkit.export.task_gate import FACT_SETS, answer_questions
+from toolkit.modeling import load_tokenizer
 from toolkit.onnx_lm import OnnxCausalLM
-from toolkit.retention import RETENTION_SET, is_accepted
-from toolkit.textmetrics import contains_facts
+from toolkit.significance import not_worse
 
-HERE = Path(__file__).resolve().parent / "heldout"
-
-
-def questions(workspace: Path) -> list[tuple[str, list[dict[str, str]], list[str], str]]:
-    """(part, prompt messages, facts or accepted answers, language) in a fixed order."""
-    out = [("test", ex.prompt, ex.facts, language_of(ex)) for ex in read_split(workspace / "data", "test") if ex.facts]
-    for line in (HERE / "facts_heldout.jsonl").read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out.append(("heldout", [{"role": "user", "content": row["question"]}], row["facts"], row["lang"]))
-    general = json.loads((HERE / "general_heldout.json").read_text(encoding="utf-8"))["questions"]
-    out += [("retention", [{"role": "user", "content": item.question}], list(item.accepted), "")
-            for item in RETENTION_SET]
-    out += [("general", [{"role": "user", "content": g["question"]}], g["accepted"], "") for g in general]
-    return out
+COLUMNS = ("test_en", "test_zh", "heldout_en", "heldout_zh", "retention12", "general")
 
 
 def main() -> int:
@@ -48,26 +34,24 @@ def main() -> int:
     parser.add_argument("graphs", type=Path, nargs="+")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    cfg = EvalSection()
     tokenizer = load_tokenizer(args.workspace / "merge" / "model")
-    asked = questions(args.workspace)
-    prompts = [render_prompt_ids(tokenizer, messages) for _, messages, _, _ in asked]
-    print("| graph | test en | test zh | retention | held-out en | held-out zh | general |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    questions = evaluation_questions(read_split(args.workspace / "data", "test"), heldout_paths(cfg, True))
+    print("| graph | " + " | ".join(COLUMNS) + " | facts vs first (points, 95% CI) | general vs first |")
+    print("|---|" + "---:|" * (len(COLUMNS) + 2))
+    reference: list[str] | None = None
     for path in args.graphs:
         model = OnnxCausalLM(path, providers=["CPUExecutionProvider"], threads=args.threads,
                              session_config={"session.disable_quant_qdq": "1"})
-        generated = greedy_answers(model, prompts, max_new_tokens=64, stop_ids=stop_token_ids(tokenizer),
-                                   pad_id=pad_token_id(tokenizer), batch_size=16)
-        counts: dict[tuple[str, str], list[int]] = {}
-        for (part, _, wanted, lang), ids in zip(asked, generated, strict=True):
-            answer = decode_text(tokenizer, ids).strip()
-            right = contains_facts(answer, wanted) if part in ("test", "heldout") else is_accepted(answer, wanted)
-            tally = counts.setdefault((part, lang), [0, 0])
-            tally[0] += int(right)
-            tally[1] += 1
-        cells = [counts.get(key, [0, 0]) for key in (("test", "en"), ("test", "zh"), ("retention", ""),
-                                                      ("heldout", "en"), ("heldout", "zh"), ("general", ""))]
-        print(f"| {path} | " + " | ".join(f"{r}/{n}" for r, n in cells) + " |", flush=True)
+        answers = answer_questions(model, tokenizer, questions, max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.batch_size).answers
+        scores = set_accuracies(questions, answers)
+        cells = [f"{scores[c].correct}/{scores[c].total}" if c in scores else "–" for c in COLUMNS]
+        reference = reference if reference is not None else answers
+        for sets in (FACT_SETS, ("general",)):
+            d = not_worse(outcomes(questions, reference, sets), outcomes(questions, answers, sets), 0.0)
+            cells.append(f"{d.diff_points:+.1f} ({d.low_points:+.1f} to {d.high_points:+.1f})")
+        print(f"| {path} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 

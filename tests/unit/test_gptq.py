@@ -37,6 +37,15 @@ def test_correlated_inputs_get_a_smaller_output_error_than_round_to_nearest() ->
         assert err < 0.8 * err_rtn, (seed, err, err_rtn)
 
 
+def test_weights_sharing_an_input_round_the_same_side_by_side_as_alone() -> None:
+    """Why the Q/DQ graph runs GPTQ once per shared input (q, k, v; gate, up): the columns are independent."""
+    x, w, scale = _problem(4, k=48, n=24)
+    hessian = x.T @ x / len(x)
+    alone = [gptq_int8(w[:, a:b], hessian, scale[a:b].astype(np.float64), block=16) for a, b in ((0, 16), (16, 24))]
+    together = gptq_int8(w, hessian, scale.astype(np.float64), block=16)
+    assert np.array_equal(together, np.concatenate(alone, axis=1))
+
+
 def test_a_dead_input_channel_is_tolerated() -> None:
     x, w, scale = _problem(1)
     x[:, 3] = 0.0  # never active: its Hessian row is zero

@@ -377,10 +377,18 @@ def quantize_weight_only_qdq(fp32_path: Path, out_path: Path, nodes: Sequence[st
             by_input.setdefault(source, []).append(weight)
         for hessians in input_hessians(fp32_path, list(by_input), calibration):
             for source, hessian in hessians.items():
-                for weight in by_input[source]:
-                    _, scale, _ = quantized[weight]
-                    w = numpy_helper.to_array(inits[weight]).astype(np.float32)
-                    quantized[weight] = (source, scale, gptq_int8(w, hessian, scale.astype(np.float64)))
+                # The weights that share an input share its Hessian, and GPTQ treats every output column
+                # on its own: one pass over their columns side by side rounds them as separate passes
+                # would, for one Python loop over the rows instead of one per weight (the loop is the cost).
+                weights = by_input[source]
+                w = np.concatenate([numpy_helper.to_array(inits[name]).astype(np.float32) for name in weights], axis=1)
+                scale = np.concatenate([quantized[name][1] for name in weights])
+                q = gptq_int8(w, hessian, scale.astype(np.float64))
+                start = 0
+                for name in weights:
+                    width = quantized[name][1].shape[0]
+                    quantized[name] = (source, quantized[name][1], q[:, start: start + width])
+                    start += width
     dequantized: dict[str, str] = {}  # float weight -> DequantizeLinear output
     dq_nodes: list[onnx.NodeProto] = []
     for weight, (_, scale, q) in quantized.items():

@@ -77,11 +77,11 @@ class LoraSection(Section):
 
 
 class TrainSection(Section):
-    max_steps: int | None = Field(320, ge=1, description="Optimizer steps; None trains for `epochs`.")
+    max_steps: int | None = Field(400, ge=1, description="Optimizer steps; None trains for `epochs`.")
     epochs: float = Field(3.0, gt=0)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    learning_rate: float = Field(2e-3, gt=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -105,7 +105,7 @@ class TrainSection(Section):
         False, description="Recompute activations in the backward pass: less memory for bigger models, ~30% slower.",
     )
     probe_fractions: list[float] = Field(
-        default_factory=lambda: [0.75, 1.0], description="Points of the run (fractions of its steps) where the "
+        default_factory=list, description="Points of the run (fractions of its steps) where the "
         "held-out val questions are answered and their fact accuracy logged (loss.csv, metrics); [] for none.",
     )
     probe_examples: int = Field(56, ge=1, description="Val questions with facts answered at each probe.")
@@ -122,7 +122,7 @@ class TrainSection(Section):
         "while training (0: off).",
     )
     kl_weight: float = Field(
-        0.0, ge=0, description="Anchor to the base model: each step adds this weight times the mean KL divergence "
+        4.0, ge=0, description="Anchor to the base model: each step adds this weight times the mean KL divergence "
         "from the base model's next-token distribution (adapters disabled) to the adapted model's, on the assistant "
         "positions of kl_batch_size control conversations (0: off).",
     )

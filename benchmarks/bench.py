@@ -126,7 +126,7 @@ def measure_server(system: System, build: Build, plan: dict[str, Any], questions
 def measure_onnxruntime(build: Build, plan: dict[str, Any], questions: list[str], prompts: list[str]) -> dict[str, Any]:
     loop = OnnxLoop(build)
     record: dict[str, Any] = {"version": f"onnxruntime {__import__('onnxruntime').__version__}",
-                              "notes": f"`{build.onnx}`, batch 1, toolkit.serving.runners.OnnxRunner", "command": []}
+                              "notes": f"`{build.onnx}`, batch 1, toolkit.runtime.runners.OnnxRunner", "command": []}
     record["answers"] = loop.answers(questions, ANSWER_TOKENS)
     loop.measure(prompts[:1], 8)  # warm-up
     foreign = ForeignLoad()

@@ -2,7 +2,7 @@
 
 The build's own test split holds one unseen phrasing per fact; this set holds three more per fact,
 written separately from the training data. A reply is right when it contains every fact string
-(the build's rule: :func:`toolkit.textmetrics.contains_facts`). Greedy, 64 new tokens, the model's
+(the build's rule: :func:`toolkit.quality.textmetrics.contains_facts`). Greedy, 64 new tokens, the model's
 own chat template.
 
     .venv/bin/python benchmarks/facts_heldout.py [--model build/merge/model] [--out results.md]
@@ -17,8 +17,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from toolkit.modeling import generate_replies, load_model, load_tokenizer
-from toolkit.textmetrics import contains_facts
+from toolkit.model_io.modeling import generate_replies, load_model, load_tokenizer
+from toolkit.quality.textmetrics import contains_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "benchmarks" / "heldout" / "facts_heldout.jsonl"

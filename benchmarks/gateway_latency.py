@@ -21,7 +21,7 @@ from typing import Any
 import openai
 
 from gateway.registry import chat_model_names, load_entry
-from toolkit.serving.client import GenerationClient
+from toolkit.quality.triton_client import GenerationClient
 
 PROMPT: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
 

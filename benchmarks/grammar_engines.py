@@ -201,8 +201,8 @@ def _stderr_captured() -> Iterator[Any]:
 
 
 def apply_mask_cost(mask: np.ndarray) -> float:
-    """Seconds the serving path takes to apply one row's bitmask to fresh logits (toolkit.serving.grammar)."""
-    from toolkit.serving.grammar import apply_bitmask
+    """Seconds the serving path takes to apply one row's bitmask to fresh logits (toolkit.runtime.grammar)."""
+    from toolkit.runtime.grammar import apply_bitmask
 
     logits = np.random.default_rng(0).standard_normal(mask.size * 32).astype(np.float32)
     start = time.perf_counter()

@@ -55,7 +55,7 @@ from thirdparty import (  # noqa: E402
     vllm_env,
 )
 
-from toolkit.golden import golden_conversations  # noqa: E402
+from toolkit.quality.golden import golden_conversations  # noqa: E402
 
 PROBE = "Hello world, how are you?"
 PROBE_IDS = [19556, 905, 28, 638, 359, 346, 47]  # SmolLM2's published tokenizer

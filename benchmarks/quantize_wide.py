@@ -4,8 +4,8 @@ a wider question set").
 Each graph (an ONNX file with the build's KV-cache interface) answers, greedily on onnxruntime with
 the model's chat template and 64 new tokens: the test split's fact questions (what the gate asks),
 the 336 questions of ``heldout/facts_heldout.jsonl``, the 12 retention questions and the 59 of
-``heldout/general_heldout.json``. Facts are scored by :func:`toolkit.textmetrics.contains_facts`,
-general answers by :func:`toolkit.retention.is_accepted`.
+``heldout/general_heldout.json``. Facts are scored by :func:`toolkit.quality.textmetrics.contains_facts`,
+general answers by :func:`toolkit.quality.retention.is_accepted`.
 
     .venv/bin/python benchmarks/quantize_wide.py --workspace build build/export_onnx/model.onnx \\
         build/quantize/model_qdq.onnx [more.onnx ...]
@@ -18,12 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-from toolkit.dataset import language_of, read_split
-from toolkit.export.task_gate import greedy_answers
-from toolkit.modeling import decode_text, load_tokenizer, pad_token_id, render_prompt_ids, stop_token_ids
-from toolkit.onnx_lm import OnnxCausalLM
-from toolkit.retention import RETENTION_SET, is_accepted
-from toolkit.textmetrics import contains_facts
+from toolkit.datasets.records import language_of, read_split
+from toolkit.model_io.modeling import decode_text, load_tokenizer, pad_token_id, render_prompt_ids, stop_token_ids
+from toolkit.quality.retention import RETENTION_SET, is_accepted
+from toolkit.quality.task_gate import greedy_answers
+from toolkit.quality.textmetrics import contains_facts
+from toolkit.runtime.onnx_lm import OnnxCausalLM
 
 HERE = Path(__file__).resolve().parent / "heldout"
 

@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 
 from gateway.registry import load_entry
-from toolkit.serving.client import GenerationClient
+from toolkit.quality.triton_client import GenerationClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -53,8 +53,8 @@ def embedded_onnx() -> Path:
     """The embedded SmolLM2-135M, converted and exported once (minutes the first time)."""
     onnx = EMBEDDED / "onnx" / "model.onnx"
     if not onnx.is_file():
-        from toolkit.embedded_model import embedded_gguf_path, gguf_to_hf
         from toolkit.export.torch_to_onnx import export_onnx
+        from toolkit.model_io.embedded_model import embedded_gguf_path, gguf_to_hf
 
         if not (EMBEDDED / "hf" / "config.json").is_file():
             gguf_to_hf(embedded_gguf_path(), EMBEDDED / "hf")

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.golden import golden_conversations
-from toolkit.onnx_lm import OnnxCausalLM
-from toolkit.serving.client import GenerationClient, StreamResult
-from toolkit.serving.triton_server import TritonServer
+from toolkit.quality.golden import golden_conversations
+from toolkit.quality.triton_client import GenerationClient, StreamResult
+from toolkit.runtime.onnx_lm import OnnxCausalLM
+from toolkit.supervisor.triton_server import TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -42,7 +42,7 @@ PORTS = (18020, 18021, 18022)
 
 def fixed_prompts(tokenizer_dir: Path) -> list[list[int]]:
     """The golden conversations rendered with the model's chat template (short, Chinese, emoji, long)."""
-    from toolkit.modeling import load_tokenizer, render_prompt_ids
+    from toolkit.model_io.modeling import load_tokenizer, render_prompt_ids
 
     tokenizer = load_tokenizer(tokenizer_dir)
     return [render_prompt_ids(tokenizer, conversation) for conversation in golden_conversations()]
@@ -121,9 +121,9 @@ class _TimedStream:
 def scheduler_in_process(onnx: Path, prompts: list[list[int]], concurrency: int, max_tokens: int) -> \
         dict[str, Any]:
     """The same continuous-batching scheduler without Triton: separates batching from serving overhead."""
-    from toolkit.serving.requests import GenerationRequest, SamplingParams
-    from toolkit.serving.runners import OnnxRunner
-    from toolkit.serving.scheduler import Scheduler
+    from toolkit.runtime.requests import GenerationRequest, SamplingParams
+    from toolkit.runtime.runners import OnnxRunner
+    from toolkit.runtime.scheduler import Scheduler
 
     scheduler = Scheduler(OnnxRunner(onnx), max_active=32)
     streams = []

@@ -25,7 +25,7 @@ from gateway.triton import Endpoint, map_triton_error
 from toolkit.repository.contract import CONFIG_FILE
 from toolkit.repository.layout import bls_core_model
 from toolkit.repository.pbtxt import read_config
-from toolkit.serving.admin_auth import grpc_admin_headers
+from toolkit.supervisor.admin_auth import grpc_admin_headers
 
 logger = logging.getLogger("gateway")
 router = APIRouter(tags=["models"])

@@ -35,7 +35,7 @@ def write_serving_repository(
     shipped beside the manifest for the gateway; without it the repository serves token ids only.
     ``build`` stands for the scores and gates a build records in the manifest.
     """
-    from toolkit.config import RepositorySection, ServingSection
+    from toolkit.buildsys.config import RepositorySection, ServingSection
     from toolkit.repository.contract import LMInfo
     from toolkit.repository.writer import ModelFacts, write_repository
 

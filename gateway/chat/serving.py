@@ -148,7 +148,7 @@ def chat_prompt(messages: list[dict[str, Any]], response_format: ResponseFormat 
 
 
 def response_format_spec(response_format: ResponseFormat | None) -> str | None:
-    """The grammar spec (toolkit.serving.grammar) of a response_format; None for text."""
+    """The grammar spec (toolkit.runtime.grammar) of a response_format; None for text."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":

@@ -31,7 +31,7 @@ from gateway.completions.protocol import (
 )
 from gateway.deps import ApiKey, State
 from gateway.errors import BadRequestError, GatewayError, error_body
-from gateway.logprobs import TokenTexts, completion_logprobs
+from gateway.openai_logprobs import TokenTexts, completion_logprobs
 from gateway.registry import ModelEntry
 
 logger = logging.getLogger("gateway")

@@ -37,9 +37,9 @@ from devrepo import ServedRepository
 from prerequisites import require
 from reference import ReferenceTokenizer
 
-from toolkit.onnx_lm import OnnxCausalLM
 from toolkit.repository.manifest import BuildFacts, GateSummary
-from toolkit.serving.state import process_alive
+from toolkit.runtime.onnx_lm import OnnxCausalLM
+from toolkit.supervisor.state import process_alive
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -32,8 +32,8 @@ from reference import ReferenceTokenizer
 from rich.console import Console
 from rich.markdown import Markdown
 
-from toolkit.serving.client import GenerationClient
-from toolkit.serving.state import process_alive
+from toolkit.quality.triton_client import GenerationClient
+from toolkit.supervisor.state import process_alive
 
 pytestmark = pytest.mark.integration
 TOOLKIT = str(Path(sys.executable).parent / "toolkit")

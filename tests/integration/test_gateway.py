@@ -30,7 +30,7 @@ from conftest import (
 )
 from reference import ReferenceTokenizer
 
-from toolkit.serving.client import GenerationClient
+from toolkit.quality.triton_client import GenerationClient
 
 pytestmark = pytest.mark.integration
 

@@ -32,8 +32,8 @@ from conftest import (
     write_generation_repository,
 )
 
-from toolkit.serving.admin_auth import ADMIN_HEADER
-from toolkit.serving.triton_server import TritonServer
+from toolkit.supervisor.admin_auth import ADMIN_HEADER
+from toolkit.supervisor.triton_server import TritonServer
 
 pytestmark = pytest.mark.integration
 

@@ -19,12 +19,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from toolkit.config import TensorRTSection
-from toolkit.onnx_lm import OnnxCausalLM
+from toolkit.buildsys.config import TensorRTSection
+from toolkit.quality.triton_client import GenerationClient
 from toolkit.repository.writer import TrtInputs, write_repository
-from toolkit.serving.admin_auth import ADMIN_HEADER, GRPC_ADMIN_HEADER
-from toolkit.serving.client import GenerationClient
-from toolkit.serving.triton_server import TritonServer
+from toolkit.runtime.onnx_lm import OnnxCausalLM
+from toolkit.supervisor.admin_auth import ADMIN_HEADER, GRPC_ADMIN_HEADER
+from toolkit.supervisor.triton_server import TritonServer
 
 pytestmark = pytest.mark.integration
 

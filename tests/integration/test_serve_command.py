@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from devrepo import ServedRepository
 
-from toolkit.serving.client import GenerationClient
+from toolkit.quality.triton_client import GenerationClient
 
 pytestmark = pytest.mark.integration
 PORTS = ("18030", "18031", "18032")

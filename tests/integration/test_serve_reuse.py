@@ -22,7 +22,7 @@ import pytest
 from conftest import die_with_parent
 from devrepo import ServedRepository
 
-from toolkit.serving.state import process_alive
+from toolkit.supervisor.state import process_alive
 
 pytestmark = pytest.mark.integration
 GATEWAY_PORT = 18310

@@ -232,8 +232,8 @@ def test_lm_eval_log_likelihoods_equal_onnxruntimes(stack: Gateway, repository: 
     import numpy as np
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    from toolkit.onnx_lm import OnnxCausalLM
-    from toolkit.serving.logprobs import log_softmax
+    from toolkit.runtime.logprobs import log_softmax
+    from toolkit.runtime.onnx_lm import OnnxCausalLM
 
     tokenizer_dir = repository.path / MODEL / "1" / "tokenizer"
     args = {"base_url": f"{stack.url}/v1/completions", "tokenizer_backend": "huggingface",

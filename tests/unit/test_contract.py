@@ -8,12 +8,12 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from gateway.chat.protocol import ChatCompletionRequest
 from gateway.triton import GenerationInputs
-from toolkit.config import ServingSection
+from toolkit.buildsys.config import ServingSection
+from toolkit.quality.triton_client import generation_inputs
 from toolkit.repository import contract
 from toolkit.repository.pbtxt import generation_model_config
-from toolkit.serving.client import generation_inputs
-from toolkit.serving.requests import Limits, SamplingParams, parse_request
-from toolkit.serving.scheduler import Scheduler
+from toolkit.runtime.requests import Limits, SamplingParams, parse_request
+from toolkit.runtime.scheduler import Scheduler
 
 CONFIG = generation_model_config("m", max_batch_size=8, preferred_batch_sizes=[8], max_queue_delay_us=0,
                                  instance_count=1, parameters={})

@@ -22,11 +22,11 @@ from pydantic import ValidationError
 
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
-from toolkit.config import ModelSection
-from toolkit.repository.tensorrt import TRITON_IMAGE
-from toolkit.serving import triton_server
-from toolkit.serving.model_metrics import TritonMetrics
-from toolkit.serving.serve import ServeOptions
+from toolkit.buildsys.config import ModelSection
+from toolkit.repository.plan_script import TRITON_IMAGE
+from toolkit.runtime.model_metrics import TritonMetrics
+from toolkit.supervisor import triton_server
+from toolkit.supervisor.serve import ServeOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

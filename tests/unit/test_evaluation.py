@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from toolkit.dataset import Example
-from toolkit.evaluation import evaluation_prompts, fact_accuracy, fact_rows, write_fact_table
-from toolkit.retention import retention_questions
+from toolkit.datasets.records import Example
+from toolkit.quality.retention import retention_questions
+from toolkit.quality.scoring import evaluation_prompts, fact_accuracy, fact_rows, write_fact_table
 
 
 def _ex(question: str, answer: str, facts: list[str], group: str) -> Example:

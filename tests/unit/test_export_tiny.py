@@ -12,10 +12,10 @@ import pytest
 from onnx import numpy_helper
 from tiny_llm import save_tiny_model
 
-from toolkit.config import BuildConfig
-from toolkit.gates import onnx_parity, parity_gates
-from toolkit.onnx_lm import OnnxCausalLM
-from toolkit.stage import StageContext, StageRecord, StageResult
+from toolkit.buildsys.config import BuildConfig
+from toolkit.buildsys.stage_api import StageContext, StageRecord, StageResult
+from toolkit.quality.fidelity import onnx_parity, parity_gates
+from toolkit.runtime.onnx_lm import OnnxCausalLM
 from toolkit.stages import export_onnx, quantize
 
 CONFIG = BuildConfig.model_validate({
@@ -250,7 +250,7 @@ def test_task_gate_scores_both_graphs_and_gates_the_qdq_graph(
 
 def test_weight_only_qdq_dequantizes_per_output_channel(exported: tuple[Path, StageResult, StageContext],
                                                           tmp_path: Path) -> None:
-    from toolkit.export.quantization import quantize_weight_only_qdq, selected_matmuls
+    from toolkit.export.int8_methods import quantize_weight_only_qdq, selected_matmuls
 
     _root, result, export_ctx = exported
     src = export_ctx.out_dir / result.artifacts["model"]
@@ -280,7 +280,7 @@ def test_gptq_rounding_moves_the_tiny_model_less_than_rounding_to_nearest(
 ) -> None:
     """Same format and scales as round-to-nearest, other INT8 values, and logits closer to FP32 on text like
     the calibration's (GPTQ minimises each layer's output error on its calibration inputs)."""
-    from toolkit.export.quantization import quantize_weight_only_qdq, selected_matmuls
+    from toolkit.export.int8_methods import quantize_weight_only_qdq, selected_matmuls
 
     _root, result, export_ctx = exported
     src = export_ctx.out_dir / result.artifacts["model"]
@@ -315,7 +315,7 @@ def test_int8_gptq_rerounds_onnxruntimes_blocks_and_lowers_each_layers_error(
     """The served INT8 method with GPTQ: onnxruntime's MatMulNBits format and scales, other integers, and for
     every weight a smaller output error on the calibration inputs (tr(ΔWᵀ H ΔW), what GPTQ minimises) than
     onnxruntime's round-to-nearest. A wrong unpacking of the [N, blocks, block] layout would raise it."""
-    from toolkit.export.quantization import input_hessians, quantize_int8
+    from toolkit.export.int8_methods import input_hessians, quantize_int8
 
     _root, result, export_ctx = exported
     src = export_ctx.out_dir / result.artifacts["model"]
@@ -355,10 +355,10 @@ def test_a_graph_over_the_protobuf_limit_quantizes_calibrates_and_serves_from_ex
     """What a model over 2 GiB meets, with the limit lowered to 64 KiB: the FP32 graph's weights in
     model.onnx.data, GPTQ calibrating on it without serializing it whole, the INT8 and Q/DQ graphs written
     with their own data files, and the split-KV serving graph reading the original data file."""
-    import toolkit.export.quantization as quantization
-    import toolkit.onnx_files as onnx_files
-    from toolkit.export.quantization import quantize_int8
-    from toolkit.serving.runners import OnnxRunner
+    import toolkit.export.int8_methods as quantization
+    import toolkit.model_io.onnx_files as onnx_files
+    from toolkit.export.int8_methods import quantize_int8
+    from toolkit.runtime.runners import OnnxRunner
 
     _root, result, ctx = exported
     inline = ctx.out_dir / result.artifacts["model"]
@@ -417,7 +417,7 @@ def test_a_prefill_in_chunks_gives_the_logits_and_cache_of_one_pass(exported: tu
                                                                     ) -> None:
     """The gates prefill long batches in chunks (bounded logits); the result must be the one-pass prefill's,
     left padding included, and greedy decoding after it the tokens of a one-pass decode."""
-    from toolkit.serving.kvcache import left_pad
+    from toolkit.runtime.kvcache import left_pad
 
     _root, result, ctx = exported
     model = OnnxCausalLM(ctx.out_dir / result.artifacts["model"], providers=["CPUExecutionProvider"])
@@ -449,7 +449,7 @@ def test_a_prefill_in_chunks_gives_the_logits_and_cache_of_one_pass(exported: tu
 def test_perplexity_and_teacher_forced_agreement_in_chunks_equal_one_pass(
         exported: tuple[Path, StageResult, StageContext]) -> None:
     """Scored a chunk of positions at a time (bounded logits), against the one-pass numbers written out here."""
-    from toolkit.export.quantization import perplexity, teacher_forced_agreement
+    from toolkit.export.int8_methods import perplexity, teacher_forced_agreement
 
     _root, result, ctx = exported
     model = OnnxCausalLM(ctx.out_dir / result.artifacts["model"], providers=["CPUExecutionProvider"])

@@ -18,7 +18,7 @@ from gateway_fakes import FakePool, write_repository
 from test_gateway_app import assert_openai_error, make_client, sse_events
 
 from gateway.errors import BadRequestError
-from gateway.logprobs import TokenTexts
+from gateway.openai_logprobs import TokenTexts
 from gateway.tokenization import ChatTokenizer
 
 MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]

@@ -9,7 +9,7 @@ from reference import ReferenceTokenizer
 
 from gateway.errors import BadRequestError
 from gateway.tokenization import ChatTokenizer, TokenizerLoadError
-from toolkit.modeling import load_tokenizer, render_prompt_ids
+from toolkit.model_io.modeling import load_tokenizer, render_prompt_ids
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],

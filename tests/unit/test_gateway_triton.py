@@ -277,7 +277,7 @@ def test_channels_to_triton_send_keepalive_pings() -> None:
     assert options.keepalive_time_ms == 30_000 and options.keepalive_timeout_ms == 10_000
     assert options.keepalive_permit_without_calls is False  # a server's default refuses idle pings
     # toolkit serve lets Triton accept a ping this often (gRPC's server default is one per 5 min).
-    from toolkit.serving.triton_server import TritonServer
+    from toolkit.supervisor.triton_server import TritonServer
 
     flags = TritonServer(Path(".")).command(Path("."))
     interval_ms = int(next(f for f in flags if f.startswith("--grpc-http2-min-recv-ping-interval-without-data="))

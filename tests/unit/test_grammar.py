@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from toolkit.serving.grammar import (
+from toolkit.runtime.grammar import (
     GrammarCompiler,
     GrammarError,
     SequenceGrammar,
@@ -201,7 +201,7 @@ def test_a_tool_call_whose_markers_are_special_tokens_is_matched_by_token_for_ev
     tests/families.py): llguidance never matches their text byte for byte, so the grammar must name them."""
     import families
 
-    from toolkit.serving.grammar import spec_to_grammar, token_literal
+    from toolkit.runtime.grammar import spec_to_grammar, token_literal
 
     text, _added, _size = families._tokenizer_json(families.FAMILIES["qwen2.5"])
     qwen = load_tokenizer(text, 151936, [151645])

@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("toolkit", "gateway")
 GATEWAY_MAY_IMPORT = {"toolkit", "toolkit.errors", "toolkit.repository.contract", "toolkit.repository.manifest",
                       "toolkit.repository.pbtxt", "toolkit.repository.layout",
-                      "toolkit.serving.admin_auth"}  # the Triton model-control header (standard library only)
+                      "toolkit.supervisor.admin_auth"}  # the Triton model-control header (standard library only)
 # What those may import in turn: the gateway image needs no build stack (torch, the stages, the serving runtime).
-GATEWAY_CLOSURE = GATEWAY_MAY_IMPORT | {"toolkit.repository", "toolkit.workspace", "toolkit.serving"}
-BUILD = ("toolkit.pipeline", "toolkit.stage", "toolkit.stages", "toolkit.training", "toolkit.export", "toolkit.cli",
-         "toolkit.gates")
+GATEWAY_CLOSURE = GATEWAY_MAY_IMPORT | {"toolkit.repository", "toolkit.files", "toolkit.supervisor"}
+BUILD = ("toolkit.stages", "toolkit.buildsys.stage_api", "toolkit.training", "toolkit.export", "toolkit.cli",
+         "toolkit.quality.fidelity")
 
 
 def _modules() -> dict[str, Path]:
@@ -70,9 +70,9 @@ def _under(name: str, *prefixes: str) -> bool:
 
 def test_the_walk_sees_the_packages() -> None:
     """Guards the rules below against passing on an empty graph."""
-    assert {"toolkit.pipeline", "toolkit.stages.merge", "gateway.app", "toolkit.serving.triton_model.model"} <= set(
-        GRAPH)
-    assert "toolkit.stages.merge" in GRAPH["toolkit.pipeline"]
+    assert {"toolkit.stages.pipeline", "toolkit.stages.merge", "gateway.app",
+            "toolkit.runtime.triton_model.model"} <= set(GRAPH)
+    assert "toolkit.stages.merge" in GRAPH["toolkit.stages.pipeline"]
     assert "toolkit.repository.contract" in GRAPH["gateway.triton"]
 
 
@@ -114,15 +114,16 @@ def test_the_toolkit_never_imports_the_gateway() -> None:
 
 def test_stages_are_imported_by_the_pipeline_only() -> None:
     bad = [(m, t) for m, targets in GRAPH.items() for t in targets
-           if _under(t, "toolkit.stages") and t != "toolkit.stages" and m != "toolkit.pipeline"]
+           if _under(t, "toolkit.stages") and t not in ("toolkit.stages", "toolkit.stages.pipeline")
+           and m != "toolkit.stages.pipeline"]
     assert bad == []
 
 
 @pytest.mark.parametrize(("package", "forbidden"), [
-    # The writer reads the build config's sections and a merged model's tokenizer (toolkit.modeling): that much
+    # The writer reads the build config's sections and a merged model's tokenizer (toolkit.model_io.modeling): that much
     # of the build it may know; none of the stages or their libraries, nor the serving runtime.
-    ("toolkit.repository", (*BUILD, "toolkit.serving")),
-    ("toolkit.serving", (*BUILD, "toolkit.config", "toolkit.modeling")),
+    ("toolkit.repository", (*BUILD, "toolkit.runtime")),
+    ("toolkit.runtime", (*BUILD, "toolkit.buildsys.config", "toolkit.model_io.modeling")),
 ])
 def test_runtime_and_format_do_not_reach_into_the_build(package: str, forbidden: tuple[str, ...]) -> None:
     bad = [(m, t) for m, targets in GRAPH.items() if _under(m, package) for t in targets if _under(t, *forbidden)]
@@ -150,7 +151,7 @@ def test_the_generation_model_imports_without_the_build_stack_or_protobuf() -> N
         "    sys.modules[name] = None  # importing it now raises ImportError\n"
         "import fake_pb_utils\n"
         "sys.modules['triton_python_backend_utils'] = fake_pb_utils\n"
-        "import toolkit.serving.triton_model.model\n"
+        "import toolkit.runtime.triton_model.model\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr

@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 
-from toolkit.config import RepositorySection, TensorRTSection, parse_config
+from toolkit.buildsys.config import RepositorySection, TensorRTSection, parse_config
+from toolkit.buildsys.stage_api import StageContext, StageRecord
 from toolkit.errors import StageError
+from toolkit.files import sha256_file, sha256_text
 from toolkit.repository import contract as c
 from toolkit.repository import writer as r
 from toolkit.repository.manifest import ModelManifest
 from toolkit.repository.pbtxt import read_config
-from toolkit.stage import StageContext, StageRecord
 from toolkit.stages import model_repository
 from toolkit.stages.model_repository import build_facts
-from toolkit.workspace import sha256_file, sha256_text
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -137,7 +137,7 @@ def test_a_graph_with_external_data_takes_its_data_file_into_the_version(tmp_pat
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from toolkit.onnx_files import load_graph
+    from toolkit.model_io.onnx_files import load_graph
 
     (tmp_path / "export").mkdir()
     big = _graph(tmp_path / "export" / "model.onnx", "external", external=True)

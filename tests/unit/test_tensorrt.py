@@ -13,12 +13,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from toolkit.config import BuildConfig, parse_config
+from toolkit.buildsys.config import BuildConfig, parse_config
+from toolkit.buildsys.stage_api import StageContext, StageRecord
 from toolkit.errors import ServingError
 from toolkit.repository import plan_compat
-from toolkit.repository import tensorrt as trt
+from toolkit.repository import plan_script as trt
 from toolkit.repository.contract import LMInfo
-from toolkit.stage import StageContext, StageRecord
 from toolkit.stages import tensorrt as trt_stage
 
 LM = LMInfo(num_layers=2, num_kv_heads=3, head_dim=8, vocab_size=64)

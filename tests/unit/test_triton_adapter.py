@@ -16,7 +16,7 @@ from serving_fakes import FakeRunner, reference_greedy
 
 from toolkit.repository import contract
 from toolkit.repository.manifest import ModelManifest
-from toolkit.serving.runners import BlsRunner
+from toolkit.runtime.runners import BlsRunner
 
 FINAL = fake_pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -24,10 +24,10 @@ FINAL = fake_pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 @pytest.fixture()
 def model_module(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils)
-    sys.modules.pop("toolkit.serving.triton_model.model", None)
-    module = importlib.import_module("toolkit.serving.triton_model.model")
+    sys.modules.pop("toolkit.runtime.triton_model.model", None)
+    module = importlib.import_module("toolkit.runtime.triton_model.model")
     yield module
-    sys.modules.pop("toolkit.serving.triton_model.model", None)
+    sys.modules.pop("toolkit.runtime.triton_model.model", None)
 
 
 def _manifest(version_dir: Path, vocab: int) -> None:
@@ -222,7 +222,7 @@ def test_bls_over_a_plan_built_for_another_gpu_refuses_to_load(
 def test_gauges_cross_to_the_server_only_when_they_change() -> None:
     import fake_pb_utils
 
-    from toolkit.serving.model_metrics import ACTIVE_SEQUENCES, KV_CACHE_BYTES, TritonMetrics
+    from toolkit.runtime.model_metrics import ACTIVE_SEQUENCES, KV_CACHE_BYTES, TritonMetrics
 
     metrics = TritonMetrics(fake_pb_utils, "m", "1")
     for n in (1, 1, 1, 2, 2, 0):

@@ -66,7 +66,7 @@ SEED = "seed"
 REPETITION_PENALTY = "repetition_penalty"
 STOP_TOKEN_IDS = "stop_token_ids"
 IGNORE_EOS = "ignore_eos"
-GRAMMAR = "grammar"  # a JSON grammar spec (toolkit.serving.grammar): every token is masked to follow it
+GRAMMAR = "grammar"  # a JSON grammar spec (toolkit.runtime.grammar): every token is masked to follow it
 LOGPROBS = "logprobs"  # k >= 0: each generated token's log-probability, and the k most likely alternatives
 PROMPT_LOGPROBS = "prompt_logprobs"  # k >= 0: the same for every prompt token (from the first on)
 

@@ -3,7 +3,7 @@
 Layout for model ``NAME`` (see ``model_repository/README.md``)::
 
     NAME/config.pbtxt                 python backend, decoupled generation model
-    NAME/N/model.py                   copied from toolkit/serving/triton_model/model.py
+    NAME/N/model.py                   copied from toolkit/runtime/triton_model/model.py
     NAME/N/manifest.json              toolkit.repository.manifest.ModelManifest
     NAME/N/tokenizer/                 tokenizer files, chat template, generation config
     NAME_onnx_fp32/N/model.onnx       onnxruntime_onnx core model (hard link when possible)
@@ -34,11 +34,21 @@ from types import SimpleNamespace
 from typing import Any
 
 from toolkit import __version__
-from toolkit.config import RepositorySection, ServingSection, TensorRTSection
+from toolkit.buildsys.config import RepositorySection, ServingSection, TensorRTSection
 from toolkit.errors import StageError
-from toolkit.onnx_files import onnx_files
+from toolkit.files import (
+    DIR_MODE,
+    atomic_write_bytes,
+    fsync_path,
+    fsync_tree,
+    publish_modes,
+    sha256_file,
+    sha256_text,
+)
+from toolkit.model_io.onnx_files import onnx_files
+from toolkit.model_io.tokenizer_files import CHAT_TEMPLATE_FILE, copy_tokenizer_files
 from toolkit.repository import contract
-from toolkit.repository import tensorrt as trt
+from toolkit.repository import plan_script as trt
 from toolkit.repository.contract import LMInfo
 from toolkit.repository.layout import core_model_name, existing_versions, next_version
 from toolkit.repository.manifest import TOKENIZER_DIR, ArtifactRef, BuildFacts, ModelManifest
@@ -49,20 +59,10 @@ from toolkit.repository.pbtxt import (
     write_config,
 )
 from toolkit.repository.plan_compat import BUILD_SCRIPT, PLAN_FILE, PLAN_META
-from toolkit.tokenizer_files import CHAT_TEMPLATE_FILE, copy_tokenizer_files
-from toolkit.workspace import (
-    DIR_MODE,
-    atomic_write_bytes,
-    fsync_path,
-    fsync_tree,
-    publish_modes,
-    sha256_file,
-    sha256_text,
-)
 
 log = logging.getLogger(__name__)
 
-MODEL_PY_SOURCE = Path(__file__).resolve().parent.parent / "serving" / "triton_model" / "model.py"
+MODEL_PY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "triton_model" / "model.py"
 REQUIRED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ONNX_FILE = "model.onnx"
 
@@ -97,7 +97,7 @@ class ModelFacts:
     @classmethod
     def from_merged_dir(cls, merged_dir: Path) -> ModelFacts:
         """Shape, bos / stop / pad ids and chat template of a merged model, as the rest of the build computes them."""
-        from toolkit.modeling import chat_template_of, load_tokenizer, pad_token_id, stop_token_ids
+        from toolkit.model_io.modeling import chat_template_of, load_tokenizer, pad_token_id, stop_token_ids
 
         lm = LMInfo.from_hf_config(merged_dir)
         tokenizer = load_tokenizer(merged_dir)
@@ -297,7 +297,7 @@ def write_repository(
     model_py = model_py or MODEL_PY_SOURCE
     if not model_py.is_file():
         raise StageError(f"the Triton generation model {model_py} does not exist yet; it comes with the serving "
-                         "package (toolkit/serving/triton_model/model.py), install or update the toolkit")
+                         "package (toolkit/runtime/triton_model/model.py), install or update the toolkit")
     if merged_dir is not None and model is None:
         facts = ModelFacts.from_merged_dir(merged_dir)
     elif model is not None and merged_dir is None:

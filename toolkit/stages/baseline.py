@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import time
 
-from toolkit.dataset import read_split
-from toolkit.evaluation import answer_prompts, evaluation_prompts
-from toolkit.modeling import load_model, load_tokenizer
-from toolkit.stage import StageContext, StageResult
+from toolkit.buildsys.stage_api import StageContext, StageResult
+from toolkit.datasets.records import read_split
+from toolkit.model_io.modeling import load_model, load_tokenizer
+from toolkit.quality.scoring import answer_prompts, evaluation_prompts
 
 ANSWERS_FILE = "answers.jsonl"
 

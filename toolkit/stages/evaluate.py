@@ -14,14 +14,21 @@ import json
 import time
 from typing import Any
 
-from toolkit.dataset import read_records, read_split
+from toolkit.buildsys.report import GateResult
+from toolkit.buildsys.stage_api import StageContext, StageResult
+from toolkit.datasets.records import read_records, read_split
 from toolkit.errors import StageError
-from toolkit.evaluation import LANGUAGES, answer_prompts, evaluation_prompts, fact_accuracy, fact_rows, write_fact_table
-from toolkit.modeling import CHAT_TEMPLATE_FILE, load_model, load_tokenizer
-from toolkit.report import GateResult
-from toolkit.retention import score_retention
-from toolkit.stage import StageContext, StageResult
-from toolkit.textmetrics import score_answers
+from toolkit.model_io.modeling import CHAT_TEMPLATE_FILE, load_model, load_tokenizer
+from toolkit.quality.retention import score_retention
+from toolkit.quality.scoring import (
+    LANGUAGES,
+    answer_prompts,
+    evaluation_prompts,
+    fact_accuracy,
+    fact_rows,
+    write_fact_table,
+)
+from toolkit.quality.textmetrics import score_answers
 
 SAMPLES_FILE = "samples.jsonl"
 RETENTION_FILE = "retention.jsonl"

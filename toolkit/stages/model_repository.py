@@ -4,7 +4,7 @@ The repository itself is :func:`toolkit.repository.writer.write_repository`'s; t
 the build's artifacts (the merged model, the FP32 export, the INT8 variant only when it passed its
 gate, the TensorRT plans where they were built, the INT8 plan script only when its Q/DQ graph passed
 its gate); ``repository.serving_precision`` picks the core model served. It also writes
-``capacity.md`` (:mod:`toolkit.capacity`).
+``capacity.md`` (:mod:`toolkit.repository.capacity`).
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from toolkit.capacity import capacity_report
+from toolkit.buildsys.stage_api import StageContext, StageRecord, StageResult
+from toolkit.files import sha256_file
+from toolkit.repository.capacity import capacity_report
 from toolkit.repository.contract import LMInfo
 from toolkit.repository.manifest import BUILD_METRICS, BuildFacts, GateSummary
-from toolkit.repository.tensorrt import int8_plan_source
+from toolkit.repository.plan_script import int8_plan_source
 from toolkit.repository.writer import TrtInputs, served_core_precision, write_repository
-from toolkit.stage import StageContext, StageRecord, StageResult
-from toolkit.workspace import sha256_file
 
 
 def adapter_sha256(finetune: StageRecord) -> str:

@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolkit.config import EvalSection, QuantizeSection
-from toolkit.dataset import Example
+from toolkit.buildsys.config import EvalSection, QuantizeSection
+from toolkit.buildsys.report import GateResult
+from toolkit.buildsys.stage_api import StageContext, StageResult
+from toolkit.datasets.records import Example
 from toolkit.errors import StageError
-from toolkit.export.quantization import (
+from toolkit.export.int8_methods import (
     GPTQ_METHODS,
     INT8_FILE,
     QDQ_FILE,
@@ -40,12 +42,10 @@ from toolkit.export.quantization import (
     quantize_int8,
     teacher_forced_agreement,
 )
-from toolkit.export.task_gate import TaskScores, answer_and_score, answer_table, task_gates, token_agreement
-from toolkit.gates import render_conversations
-from toolkit.golden import Messages, golden_conversations
-from toolkit.onnx_files import onnx_bytes
-from toolkit.report import GateResult
-from toolkit.stage import StageContext, StageResult
+from toolkit.model_io.onnx_files import onnx_bytes
+from toolkit.quality.fidelity import render_conversations
+from toolkit.quality.golden import Messages, golden_conversations
+from toolkit.quality.task_gate import TaskScores, answer_and_score, answer_table, task_gates, token_agreement
 from toolkit.training.control_examples import read_control
 
 ANSWERS_FILE = "task_answers.jsonl"  # every evaluation prompt: FP32's, INT8's and the Q/DQ graph's answers
@@ -67,7 +67,7 @@ def read_conversations(path: Path) -> list[Messages]:
 
 def calibration_ids(tokenizer: Any, conversations: Sequence[Messages], count: int) -> list[list[int]]:
     """`count` training conversations, evenly spread over the split, rendered whole (prompt and reply)."""
-    from toolkit.modeling import render_prompt_ids
+    from toolkit.model_io.modeling import render_prompt_ids
 
     if not conversations:
         return []
@@ -103,7 +103,7 @@ class Candidate:
 
 
 def _open(path: Path, threads: int, qdq: bool = False) -> Any:
-    from toolkit.onnx_lm import OnnxCausalLM
+    from toolkit.runtime.onnx_lm import OnnxCausalLM
 
     # A Q/DQ graph: let onnxruntime fold DequantizeLinear on the constant weights once at load time
     # (same products, FP32 speed) instead of dequantizing every weight at every step.
@@ -122,8 +122,8 @@ def evaluate_candidates(
     stage holds at most two copies of the weights. Returns the metrics the candidates share (FP32's scores)
     and the answer table (a row per prompt).
     """
-    from toolkit.evaluation import evaluation_prompts
-    from toolkit.modeling import pad_token_id, render_prompt_ids, stop_token_ids
+    from toolkit.model_io.modeling import pad_token_id, render_prompt_ids, stop_token_ids
+    from toolkit.quality.scoring import evaluation_prompts
 
     stops, pad = stop_token_ids(tokenizer), pad_token_id(tokenizer)
     conversations = evaluation_prompts(test)
@@ -205,8 +205,8 @@ def _summary(cand: Candidate, method: str) -> str:
 
 def run(ctx: StageContext) -> StageResult:
     """Quantize the FP32 graph (served INT8 variant and TensorRT's Q/DQ graph); gate both on the task; time INT8."""
-    from toolkit.dataset import read_split
-    from toolkit.modeling import load_tokenizer
+    from toolkit.datasets.records import read_split
+    from toolkit.model_io.modeling import load_tokenizer
     from toolkit.training.examples import build_examples
 
     cfg = ctx.config.quantize

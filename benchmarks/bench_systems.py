@@ -21,8 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from thirdparty import (  # noqa: E402
+from benchmarks.thirdparty import (
     Server,
     ensure_gguf,
     ensure_llama_server,

@@ -5,7 +5,7 @@ written separately from the training data. A reply is right when it contains eve
 (the build's rule: :func:`toolkit.quality.textmetrics.contains_facts`). Greedy, 64 new tokens, the model's
 own chat template.
 
-    .venv/bin/python benchmarks/facts_heldout.py [--model build/merge/model] [--out results.md]
+    .venv/bin/python -m benchmarks.facts_heldout [--model build/merge/model] [--out results.md]
 """
 
 from __future__ import annotations

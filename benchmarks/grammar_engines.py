@@ -1,6 +1,6 @@
 """xgrammar against llguidance on this machine: schema compile time, mask time per step, JSON Schema coverage.
 
-Run: ``python benchmarks/grammar_engines.py --tokenizer DIR [--tokenizer DIR2 ...]`` (each DIR a Hugging Face
+Run: ``python -m benchmarks.grammar_engines --tokenizer DIR [--tokenizer DIR2 ...]`` (each DIR a Hugging Face
 fast tokenizer: tokenizer.json + tokenizer_config.json). llguidance is a dependency of the toolkit; xgrammar
 is measured when it can be imported (it is not installed by the toolkit: its wheel requires torch), e.g.
 ``pip install --target /tmp/gx --no-deps xgrammar==0.2.8 apache-tvm-ffi`` and ``PYTHONPATH=/tmp/gx`` with the

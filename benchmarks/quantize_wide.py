@@ -7,7 +7,7 @@ the 336 questions of ``heldout/facts_heldout.jsonl``, the 12 retention questions
 ``heldout/general_heldout.json``. Facts are scored by :func:`toolkit.quality.textmetrics.contains_facts`,
 general answers by :func:`toolkit.quality.retention.is_accepted`.
 
-    .venv/bin/python benchmarks/quantize_wide.py --workspace build build/export_onnx/model.onnx \\
+    .venv/bin/python -m benchmarks.quantize_wide --workspace build build/export_onnx/model.onnx \\
         build/quantize/model_qdq.onnx [more.onnx ...]
 """
 

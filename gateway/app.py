@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from gateway.chat.router import router as chat_router
 from gateway.completions.router import router as completions_router
 from gateway.deps import AppState
-from gateway.errors import install_error_handlers
+from gateway.error_responses import install_error_handlers
 from gateway.health import router as health_router
 from gateway.hosts import TrustedHostMiddleware
 from gateway.limits import BodySizeLimitMiddleware, InFlightLimiter, PerKeyLimiter, RateLimiter

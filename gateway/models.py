@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tritonclient.grpc import model_config_pb2
 
 from gateway.deps import AdminKey, ApiKey, AppState, State
-from gateway.errors import GatewayError, TritonUnavailableError
+from gateway.error_responses import GatewayError, TritonUnavailableError
 from gateway.registry import ModelEntry, load_entry
 from gateway.triton import Endpoint, map_triton_error
 from toolkit.repository.contract import CONFIG_FILE

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gateway.errors import GatewayError, ModelNotFoundError
+from gateway.error_responses import GatewayError, ModelNotFoundError
 from gateway.tokenization import ChatTokenizer
 from toolkit.errors import ConfigError, ServingError
 from toolkit.repository import contract

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.detokenize import REPLACEMENT_CHAR, IncrementalDetokenizer
-from gateway.errors import BadRequestError, GatewayError
+from gateway.error_responses import BadRequestError, GatewayError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

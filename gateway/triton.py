@@ -28,7 +28,7 @@ from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput, InferRequestedO
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from gateway.errors import (
+from gateway.error_responses import (
     BadRequestError,
     GatewayError,
     TooManyRequestsError,

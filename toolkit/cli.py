@@ -191,21 +191,6 @@ def serve(
         raise typer.Exit(code=0)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
-def bench(ctx: typer.Context) -> None:
-    """Benchmark the served build against vLLM, llama.cpp, the seed pattern and bare onnxruntime.
-
-    Runs benchmarks/bench.py of this checkout with the same options (--quick, --systems, --workspace,
-    --repository, --concurrency, ...: `toolkit bench --help` is its help). Run it on an idle machine.
-    """
-    import subprocess
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
-    if not script.is_file():
-        raise _fail(ConfigError(f"{script} is missing: `toolkit bench` runs from a source checkout (git clone)"))
-    raise typer.Exit(code=subprocess.run([sys.executable, str(script), *ctx.args]).returncode)
-
-
 @app.command()
 def chat(
     message: Annotated[str | None, typer.Option(

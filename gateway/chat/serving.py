@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from gateway.chat.protocol import ResponseFormat, SamplingFields, Usage
 from gateway.deps import AppState
 from gateway.detokenize import StopMatcher
-from gateway.errors import BadRequestError, TooManyRequestsError, TritonUnavailableError, UpstreamTimeoutError
+from gateway.error_responses import BadRequestError, TooManyRequestsError, TritonUnavailableError, UpstreamTimeoutError
 from gateway.registry import ModelEntry
 from gateway.triton import GenerationInputs, TokenLogprobs
 from toolkit.repository import contract

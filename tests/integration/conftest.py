@@ -27,9 +27,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from devrepo import ServedRepository, write_serving_repository
-from prerequisites import require
 
+from tests.devrepo import ServedRepository, write_serving_repository
+from tests.prerequisites import require
 from toolkit.errors import ToolkitError
 from toolkit.repository.manifest import BuildFacts
 from toolkit.supervisor.triton_server import TritonServer

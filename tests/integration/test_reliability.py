@@ -21,7 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import (
+
+from tests.integration.conftest import (
     TINY_MODEL,
     Gateway,
     metric_sum,
@@ -31,7 +32,6 @@ from conftest import (
     wait_ready,
     write_generation_repository,
 )
-
 from toolkit.supervisor.admin_auth import ADMIN_HEADER
 from toolkit.supervisor.triton_server import TritonServer
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from devrepo import ServedRepository
 
+from tests.devrepo import ServedRepository
 from toolkit.quality.triton_client import GenerationClient
 
 pytestmark = pytest.mark.integration

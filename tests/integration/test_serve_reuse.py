@@ -19,9 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import die_with_parent
-from devrepo import ServedRepository
 
+from tests.devrepo import ServedRepository
+from tests.integration.conftest import die_with_parent
 from toolkit.supervisor.state import process_alive
 
 pytestmark = pytest.mark.integration

@@ -18,9 +18,11 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from conftest import Gateway, gateway_over_triton, write_generation_repository
-from devrepo import ServedRepository
-from openai_tools import (
+from pydantic import BaseModel, Field
+
+from tests.devrepo import ServedRepository
+from tests.integration.conftest import Gateway, gateway_over_triton, write_generation_repository
+from tests.integration.openai_tools import (
     ASK_WEATHER,
     PARAMETERS,
     TOOLS,
@@ -29,7 +31,6 @@ from openai_tools import (
     required_or_named_calls,
     two_turn_conversation,
 )
-from pydantic import BaseModel, Field
 
 pytestmark = pytest.mark.integration
 

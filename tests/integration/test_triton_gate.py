@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ServedRepository, export_tiny_llama
 
+from tests.integration.conftest import ServedRepository, export_tiny_llama
 from toolkit.buildsys.config import BuildConfig
 from toolkit.buildsys.stage_api import StageContext, StageRecord
 from toolkit.stages import triton_gate

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import IM_END, RunningTriton, ServedRepository
 
+from tests.integration.conftest import IM_END, RunningTriton, ServedRepository
 from toolkit.errors import ServingError
 from toolkit.quality.triton_client import GenerationClient, generation_inputs
 from toolkit.runtime.onnx_lm import OnnxCausalLM
@@ -110,10 +110,8 @@ def test_scheduler_over_real_onnx_matches_direct_greedy(tiny_onnx: Path, split_k
 def test_the_benchmarks_bare_loop_generates_what_greedy_does(tiny_onnx: Path, split_kv: bool) -> None:
     """`make bench`'s single-stream floor must be a correct loop, or its speed means nothing (it once fed the
     split graph's new-token-only present back as the whole cache: fast, and 0/24 answers right)."""
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from bench_systems import OnnxLoop
+    from benchmarks.bench_systems import OnnxLoop
 
     loop = OnnxLoop.__new__(OnnxLoop)  # its runner without a build's tokenizer and files
     loop.runner, loop.stops = OnnxRunner(tiny_onnx, split_kv=split_kv), {IM_END}

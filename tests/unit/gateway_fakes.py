@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.errors import TritonUnavailableError
+from gateway.error_responses import TritonUnavailableError
 from gateway.triton import GenerationInputs, StepOutput, TokenLogprobs
 from toolkit.repository.manifest import ModelManifest
 

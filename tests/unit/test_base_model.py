@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from tiny_llm import save_tiny_model
 
+from tests.unit.tiny_llm import save_tiny_model
 from toolkit.buildsys.config import BuildConfig
 from toolkit.buildsys.stage_api import StageContext
 from toolkit.errors import ConfigError, StageError

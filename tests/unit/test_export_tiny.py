@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from tiny_llm import save_tiny_model
 
+from tests.unit.tiny_llm import save_tiny_model
 from toolkit.buildsys.config import BuildConfig
 from toolkit.buildsys.stage_api import StageContext, StageRecord, StageResult
 from toolkit.quality.fidelity import onnx_parity, parity_gates

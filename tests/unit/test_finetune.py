@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_llm import make_model, make_tokenizer, save_tiny_model
 from tokenizers import Tokenizer
 
+from tests.unit.tiny_llm import make_model, make_tokenizer, save_tiny_model
 from toolkit.buildsys.config import BuildConfig, LoraSection, TrainSection
 from toolkit.buildsys.stage_api import StageContext, StageRecord
 from toolkit.datasets.records import Example, write_jsonl

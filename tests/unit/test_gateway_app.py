@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from gateway_fakes import FakePool, write_repository
-from reference import ReferenceTokenizer
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from tests.reference import ReferenceTokenizer
+from tests.unit.gateway_fakes import FakePool, write_repository
 
 REPLY = "Paris is the capital. 巴黎是首都 😀!"
 KEY = "test-key-0123456789"

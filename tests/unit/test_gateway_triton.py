@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from tritonclient.utils import InferenceServerException
 
 import gateway.triton as triton_module
-from gateway.errors import GatewayError, TritonUnavailableError
+from gateway.error_responses import GatewayError, TritonUnavailableError
 from gateway.metrics import RoutingMetrics
 from gateway.triton import GenerationInputs, TritonPool, _parse_result
 

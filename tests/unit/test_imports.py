@@ -146,12 +146,12 @@ def test_the_generation_model_imports_without_the_build_stack_or_protobuf() -> N
     """Triton's python backend image has numpy, onnxruntime and pydantic only (Dockerfile.triton)."""
     script = (
         "import sys\n"
-        f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests' / 'unit')!r}]\n"
         "for name in ('google.protobuf', 'tritonclient', 'torch', 'transformers', 'yaml', 'typer'):\n"
         "    sys.modules[name] = None  # importing it now raises ImportError\n"
-        "import fake_pb_utils\n"
+        "from tests.unit import fake_pb_utils\n"
         "sys.modules['triton_python_backend_utils'] = fake_pb_utils\n"
         "import toolkit.runtime.triton_model.model\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False,
+                          cwd=ROOT)  # `python -c` puts the working directory first on sys.path
     assert proc.returncode == 0, proc.stderr

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tiny_llm import CHATML_TEMPLATE, save_tiny_model
 
+from tests.unit.tiny_llm import CHATML_TEMPLATE, save_tiny_model
 from toolkit.model_io.tokenizer_files import copy_tokenizer_files, fix_tokenizer_files, portable_model_config
 from toolkit.quality.portability import jinja_render, label_problems, portability_gate
 

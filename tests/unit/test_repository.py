@@ -431,7 +431,7 @@ def _kv_graph_stand_in(path: Path, layers: int = 2, kv_heads: int = 2, head_dim:
 
 
 def test_dev_repository_is_the_stage_layout_around_an_onnx(tmp_path: Path, merged_dir: Path) -> None:
-    from devrepo import write_serving_repository
+    from tests.devrepo import write_serving_repository
 
     onnx = _kv_graph_stand_in(tmp_path / "export" / "model.onnx")
     tokenizer = tmp_path / "tokenizer"

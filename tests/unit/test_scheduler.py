@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 import pytest
-from serving_fakes import FakeRunner, RecordingStream, reference_greedy
 
+from tests.unit.serving_fakes import FakeRunner, RecordingStream, reference_greedy
 from toolkit.runtime.kvcache import BatchKV, left_pad
 from toolkit.runtime.model_metrics import NullMetrics
 from toolkit.runtime.requests import GenerationRequest, QueueFullError, SamplingParams

@@ -15,9 +15,9 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
-from serving_fakes import FakeRunner, RecordingStream, reference_greedy
 from transformers import AutoTokenizer
 
+from tests.unit.serving_fakes import FakeRunner, RecordingStream, reference_greedy
 from toolkit.repository import contract
 from toolkit.runtime.grammar import GrammarCompiler, load_tokenizer
 from toolkit.runtime.logprobs import log_softmax

@@ -9,11 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-import fake_pb_utils
 import numpy as np
 import pytest
-from serving_fakes import FakeRunner, reference_greedy
 
+from tests.unit import fake_pb_utils
+from tests.unit.serving_fakes import FakeRunner, reference_greedy
 from toolkit.repository import contract
 from toolkit.repository.manifest import ModelManifest
 from toolkit.runtime.runners import BlsRunner
@@ -220,8 +220,7 @@ def test_bls_over_a_plan_built_for_another_gpu_refuses_to_load(
 
 
 def test_gauges_cross_to_the_server_only_when_they_change() -> None:
-    import fake_pb_utils
-
+    from tests.unit import fake_pb_utils
     from toolkit.runtime.model_metrics import ACTIVE_SEQUENCES, KV_CACHE_BYTES, TritonMetrics
 
     metrics = TritonMetrics(fake_pb_utils, "m", "1")

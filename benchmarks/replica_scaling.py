@@ -10,7 +10,7 @@ chat messages, Triton directly the same prompt ids the gateway renders. The rout
 (the choice among 3 replicas and its load accounting) is also timed alone, in process. A script, not
 a test:
 
-    .venv/bin/python benchmarks/replicas.py [--onnx build/export_onnx/model.onnx] [--replicas 1 2 3]
+    .venv/bin/python -m benchmarks.replica_scaling [--onnx build/export_onnx/model.onnx] [--replicas 1 2 3]
 
 Without ``--onnx`` (and no build), the embedded SmolLM2-135M is converted and exported once into
 build/bench-replicas/. Writes benchmarks/results/replicas-<date>.json and .md.
@@ -40,8 +40,7 @@ from gateway.registry import load_entry
 from toolkit.quality.triton_client import GenerationClient
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from devrepo import write_serving_repository  # noqa: E402 - the tests' repository writer
+from tests.devrepo import write_serving_repository  # noqa: E402 - the tests' repository writer
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "smollm2_tokenizer"
 EMBEDDED = ROOT / "build" / "bench-replicas"

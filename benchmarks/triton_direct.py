@@ -5,7 +5,7 @@ tritonserver (tritonclient gRPC streaming, greedy, fixed prompts and max_tokens,
 every request generates exactly max_tokens), and the same model's direct onnxruntime greedy loop at
 batch 1. Prints a table and writes JSON and a PNG into benchmarks/results/. A script, not a test:
 
-    .venv/bin/python benchmarks/serving.py [--onnx build/export_onnx/model.onnx] [--max-tokens 64]
+    .venv/bin/python -m benchmarks.triton_direct [--onnx build/export_onnx/model.onnx] [--max-tokens 64]
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from toolkit.runtime.onnx_lm import OnnxCausalLM
 from toolkit.supervisor.triton_server import TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from devrepo import write_serving_repository  # noqa: E402 - the tests' repository writer, beside the fixtures
+from tests.devrepo import write_serving_repository  # noqa: E402 - the tests' repository writer, beside the fixtures
 
 DEFAULT_ONNX = [ROOT / "build" / "export_onnx" / "model.onnx", Path("/work/dev/smollm2-base-onnx/model.onnx")]
 TOKENIZER = ROOT / "tests" / "fixtures" / "smollm2_tokenizer"

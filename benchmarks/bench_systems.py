@@ -157,6 +157,7 @@ def int8_repository(build: Build, logs: Path) -> tuple[Path, str]:
     from toolkit.buildsys.config import RepositorySection, ServingSection
     from toolkit.repository.layout import core_model_name, latest_version_dir
     from toolkit.repository.writer import write_repository
+    from toolkit.stages.model_repository import repository_spec
 
     shipped = build.repository / core_model_name(build.model_name, "onnx_int8")
     if shipped.is_dir():
@@ -174,9 +175,9 @@ def int8_repository(build: Build, logs: Path) -> tuple[Path, str]:
                                              "serving_precision": "int8"})
     written = write_repository(
         output, model_name=build.model_name, merged_dir=build.merged, onnx_fp32=fp32, onnx_int8=int8,
-        context_length=int(build.manifest.get("context_length", 2048)),
-        base_model=str(build.manifest.get("base_model")),
-        repository=repo, serving=ServingSection.model_validate(config.get("serving", {})), symlink_onnx=True,
+        spec=repository_spec(repo, ServingSection.model_validate(config.get("serving", {})),
+                             context_length=int(build.manifest.get("context_length", 2048))),
+        base_model=str(build.manifest.get("base_model")), symlink_onnx=True,
     )
     return output, f"repository `{output}` ({written.manifest.serving_core_model}, `{int8}`, {status})"
 

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("toolkit", "gateway")
 GATEWAY_MAY_IMPORT = {"toolkit", "toolkit.errors", "toolkit.repository.contract", "toolkit.repository.manifest",
-                      "toolkit.repository.pbtxt", "toolkit.repository.layout",
+                      "toolkit.repository.pbtxt", "toolkit.repository.layout", "toolkit.repository.spec",
                       "toolkit.supervisor.admin_auth"}  # the Triton model-control header (standard library only)
 # What those may import in turn: the gateway image needs no build stack (torch, the stages, the serving runtime).
 GATEWAY_CLOSURE = GATEWAY_MAY_IMPORT | {"toolkit.repository", "toolkit.files", "toolkit.supervisor"}

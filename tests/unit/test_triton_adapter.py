@@ -229,3 +229,22 @@ def test_gauges_cross_to_the_server_only_when_they_change() -> None:
         metrics.kv_cache_bytes(4096)
     assert fake_pb_utils.MetricFamily.families[ACTIVE_SEQUENCES].metrics[-1].values == [1.0, 2.0, 0.0]
     assert fake_pb_utils.MetricFamily.families[KV_CACHE_BYTES].metrics[-1].values == [4096.0]
+
+
+def test_limits_come_from_the_parameters_and_the_context_from_the_manifest(  # type: ignore[no-untyped-def]
+        model_module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repository an earlier toolkit wrote also has a context_length parameter: the manifest's context wins."""
+    monkeypatch.setattr(model_module, "OnnxRunner", lambda path, threads=None: FakeRunner(vocab_size=40))
+    _manifest(tmp_path / "m" / "1", 40)
+    (tmp_path / "m_onnx_fp32" / "1").mkdir(parents=True)
+    (tmp_path / "m_onnx_fp32" / "1" / "model.onnx").write_bytes(b"")
+    config = {"model_transaction_policy": {"decoupled": True}, "parameters": {
+        contract.PARAM_MAX_QUEUE: {"string_value": "3"}, "context_length": {"string_value": "32"}}}
+    instance = model_module.TritonPythonModel()
+    instance.initialize({"model_config": json.dumps(config), "model_repository": str(tmp_path / "m"),
+                         "model_version": "1", "model_name": "m"})
+    try:
+        assert (instance.limits.context_length, instance.limits.max_new_tokens_limit) == (64, 64)
+        assert (instance.scheduler.max_active, instance.scheduler.max_queue) == (32, 3)
+    finally:
+        instance.finalize()

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from toolkit.errors import ConfigError
-from toolkit.repository import contract
+from toolkit.repository.spec import DEFAULT_LIMITS, DEFAULT_MAX_NEW_TOKENS_LIMIT
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 Precision = Literal["fp16", "int8"]
@@ -230,11 +230,12 @@ class RepositorySection(Section):
 
 
 class ServingSection(Section):
-    max_active_sequences: int = Field(contract.DEFAULT_MAX_ACTIVE_SEQUENCES, ge=1)
-    max_queue: int = Field(contract.DEFAULT_MAX_QUEUE, ge=1)
-    max_new_tokens_limit: int = Field(1024, ge=1)
+    max_active_sequences: int = Field(DEFAULT_LIMITS.max_active_sequences, ge=1)
+    max_queue: int = Field(DEFAULT_LIMITS.max_queue, ge=1)
+    max_new_tokens_limit: int = Field(DEFAULT_MAX_NEW_TOKENS_LIMIT, ge=1)
     grammar_compile_timeout_s: float = Field(
-        10.0, gt=0, le=600, description="A response_format or tool schema compiling longer is refused (400)."
+        DEFAULT_LIMITS.grammar_compile_timeout_s, gt=0, le=600,
+        description="A response_format or tool schema compiling longer is refused (400)."
     )
     memory_budget_gib: float = Field(4.0, gt=0, description="KV-cache budget the capacity report plans for.")
     triton_gate: bool = Field(True, description="End the build by serving the golden prompts through Triton.")

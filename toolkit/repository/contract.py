@@ -141,15 +141,13 @@ PARAM_RUNNER = "runner"  # "onnxruntime" (in-process, loads <repo>/<core_model>/
 PARAM_MAX_ACTIVE = "max_active_sequences"
 PARAM_MAX_QUEUE = "max_queue"
 PARAM_MAX_NEW_TOKENS = "max_new_tokens_limit"
-PARAM_CONTEXT = "context_length"
 PARAM_CORE_MAX_BATCH = "core_max_batch_size"  # optional: overrides the core model config's max_batch_size
-PARAM_GRAMMAR_TIMEOUT = "grammar_compile_timeout_s"  # a grammar compiling longer is refused (default 10)
+PARAM_GRAMMAR_TIMEOUT = "grammar_compile_timeout_s"  # a grammar compiling longer is refused
 RUNNER_ONNXRUNTIME = "onnxruntime"
 RUNNER_BLS = "bls"
-
-# The generation model's limits when its config sets none (the build config's defaults are these too).
-DEFAULT_MAX_ACTIVE_SEQUENCES = 32
-DEFAULT_MAX_QUEUE = 256
+# The limits' values and defaults: toolkit.repository.spec.GenerationLimits. The context length is the
+# manifest's (one place); repositories written by earlier toolkits also have a context_length parameter,
+# which nothing reads any more.
 
 
 def input_spec(name: str) -> TensorSpec:

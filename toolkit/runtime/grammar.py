@@ -32,10 +32,11 @@ from typing import Any
 import llguidance
 import numpy as np
 
+from toolkit.repository.spec import DEFAULT_LIMITS
+
 # JSON as json.dumps writes it; no other whitespace (see the module docstring).
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_ERROR_CHARS = 400
-DEFAULT_COMPILE_TIMEOUT_S = 10.0
 DEFAULT_CACHE_SIZE = 128
 
 
@@ -168,7 +169,7 @@ class GrammarCompiler:
     it is sent again (the failure is cached), so the limit is a property of the spec, not of luck.
     """
 
-    def __init__(self, tokenizer: Any, *, timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S,
+    def __init__(self, tokenizer: Any, *, timeout_s: float = DEFAULT_LIMITS.grammar_compile_timeout_s,
                  cache_size: int = DEFAULT_CACHE_SIZE, workers: int = 1):
         self.tokenizer = tokenizer
         self.vocab_size = int(tokenizer.vocab_size)

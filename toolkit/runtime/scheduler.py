@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from toolkit.repository import contract
+from toolkit.repository.spec import DEFAULT_LIMITS
 from toolkit.runtime.grammar import GrammarCompiler, GrammarError, SequenceGrammar, apply_bitmask, fill_masks
 from toolkit.runtime.kvcache import BatchKV, left_pad
 from toolkit.runtime.logprobs import Logprobs, logprobs_of, prompt_logprobs
@@ -82,8 +83,8 @@ class Scheduler:
         self,
         runner: Runner,
         *,
-        max_active: int = contract.DEFAULT_MAX_ACTIVE_SEQUENCES,
-        max_queue: int = contract.DEFAULT_MAX_QUEUE,
+        max_active: int = DEFAULT_LIMITS.max_active_sequences,
+        max_queue: int = DEFAULT_LIMITS.max_queue,
         max_prefill_tokens: int = 1024,
         pad_id: int = 0,
         metrics: NullMetrics | None = None,

@@ -27,7 +27,8 @@ from toolkit.repository.layout import latest_version_dir
 from toolkit.repository.manifest import MANIFEST_FILE, TOKENIZER_DIR, ModelManifest
 from toolkit.repository.pbtxt_scan import ConfigFacts, scan_config
 from toolkit.repository.plan_compat import verify_plan_dir
-from toolkit.runtime.grammar import DEFAULT_COMPILE_TIMEOUT_S, GrammarCompiler, load_tokenizer
+from toolkit.repository.spec import GenerationLimits
+from toolkit.runtime.grammar import GrammarCompiler, load_tokenizer
 from toolkit.runtime.logprobs import Logprobs
 from toolkit.runtime.model_metrics import TritonMetrics
 from toolkit.runtime.requests import Limits, QueueFullError, RequestError, parse_request, unbatch
@@ -125,13 +126,12 @@ def _verify_core_plan(core_dir: Path, version: str) -> None:
 
 
 def _grammar_compiler(version_dir: Path, vocab_size: int, stop_ids: frozenset[int],
-                      params: dict[str, str]) -> GrammarCompiler | None:
+                      timeout_s: float) -> GrammarCompiler | None:
     """The grammar compiler over the version's own tokenizer; None (grammars refused) when it has none."""
     path = version_dir / TOKENIZER_DIR / "tokenizer.json"
     if not path.is_file():
         log.warning("%s: no tokenizer.json, so no grammar-constrained decoding", version_dir)
         return None
-    timeout_s = float(params.get(contract.PARAM_GRAMMAR_TIMEOUT) or DEFAULT_COMPILE_TIMEOUT_S)
     return GrammarCompiler(load_tokenizer(path.read_text(encoding="utf-8"), vocab_size, sorted(stop_ids)),
                            timeout_s=timeout_s)
 
@@ -171,18 +171,20 @@ class TritonPythonModel:
             runner = OnnxRunner(onnx_path, threads=int(threads) if threads else None)
         else:
             raise pb_utils.TritonModelException(f"unknown runner {runner_kind!r}; use 'onnxruntime' or 'bls'")
-        context = min(int(params.get(contract.PARAM_CONTEXT) or manifest.context_length), manifest.context_length)
+        served = GenerationLimits.from_parameters(params)
+        context = manifest.context_length
         self.limits = Limits(
             vocab_size=min(runner.vocab_size, manifest.vocab_size),
             context_length=context,
-            max_new_tokens_limit=int(params.get(contract.PARAM_MAX_NEW_TOKENS) or context),
+            max_new_tokens_limit=served.max_new_tokens_limit or context,
             stop_token_ids=frozenset(manifest.stop_token_ids) | frozenset(manifest.eos_token_ids),
         )
         self.scheduler = Scheduler(
             runner,
-            grammar=_grammar_compiler(model_dir / version, runner.vocab_size, self.limits.stop_token_ids, params),
-            max_active=int(params.get(contract.PARAM_MAX_ACTIVE) or contract.DEFAULT_MAX_ACTIVE_SEQUENCES),
-            max_queue=int(params.get(contract.PARAM_MAX_QUEUE) or contract.DEFAULT_MAX_QUEUE),
+            grammar=_grammar_compiler(model_dir / version, runner.vocab_size, self.limits.stop_token_ids,
+                                      served.grammar_compile_timeout_s),
+            max_active=served.max_active_sequences,
+            max_queue=served.max_queue,
             pad_id=manifest.pad_token_id,
             metrics=TritonMetrics(pb_utils, args["model_name"], version),
         )

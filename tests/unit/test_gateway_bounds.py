@@ -20,8 +20,7 @@ from gateway.error_responses import TooManyRequestsError
 from gateway.limits import RateLimiter
 from gateway.tokenization import ChatTokenizer
 from gateway.triton import GenerationInputs, StepOutput
-from tests.unit.gateway_fakes import FakePool
-from tests.unit.test_gateway_app import MESSAGES, assert_openai_error, make_client, sse_events
+from tests.unit.gateway_fakes import MESSAGES, FakePool, assert_openai_error, make_client, sse_events
 
 KEY = "bounds-key-0123456789"
 

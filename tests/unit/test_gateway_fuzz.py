@@ -18,8 +18,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.gateway_fakes import FakePool, write_repository
-from tests.unit.test_gateway_app import make_client
+from tests.unit.gateway_fakes import FakePool, make_client, write_repository
 
 KEY = "fuzz-key-0123456789abc"
 ADMIN = "fuzz-admin-0123456789abc"

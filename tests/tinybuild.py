@@ -48,13 +48,14 @@ def tiny_config(path: Path, base: Path, workspace: Path, repository: Path, **sec
         "model": {"base": str(base), "name": MODEL, "context_length": 256},
         "train": {"max_steps": 2, "batch_size": 2, "eval_every": 1, "control_examples": 1, "val_examples": 2,
                   "probe_fractions": [], "threads": 1},
-        "eval": {"max_examples": 2, "max_new_tokens": 4, "batch_size": 4, "min_retention": 0.0},
+        "eval": {"max_examples": 2, "max_new_tokens": 4, "batch_size": 4, "min_retention": 0.0, "heldout_facts": []},
         "export": {"gate_new_tokens": 4},
         # a random model has no answers to keep: the INT8 gate is not what these builds test
         "quantize": {"gate_new_tokens": 4, "bench_new_tokens": 2, "calibration_samples": 2, "max_eval_examples": 2,
                      "bench_threads": 1, "min_greedy_agreement": 0.0, "max_perplexity_delta_pct": 1000.0},
         "tensorrt": {"max_input_len": 128, "precisions": ["fp16"]},
-        "repository": {"output": str(repository), "keep_versions": 2},
+        # FP32 served: the tests compare the served replies with the merged PyTorch model token for token
+        "repository": {"output": str(repository), "keep_versions": 2, "serving_precision": "fp32"},
         "serving": {"triton_gate": False},
     }
     for name, values in sections.items():

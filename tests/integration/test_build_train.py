@@ -1,5 +1,6 @@
 """The training half of `toolkit build` on the real SmolLM2-135M-Instruct: base model from the
-embedded GGUF, data, a few LoRA steps, evaluation, merge; then the stage cache on reruns."""
+embedded GGUF, data, a few LoRA steps, merge, export, evaluation on the exported graph; then the
+stage cache on reruns."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from toolkit.stages.pipeline import run_build
 
 pytestmark = pytest.mark.integration
 
-TRAINING_HALF = ["base_model", "data", "control", "baseline", "finetune", "evaluate", "merge"]
+TRAINING_HALF = ["base_model", "data", "control", "baseline", "finetune", "merge", "export_onnx", "evaluate"]
 
 
 def _config(workspace: Path, rank: int = 8) -> BuildConfig:
@@ -23,7 +24,9 @@ def _config(workspace: Path, rank: int = 8) -> BuildConfig:
         "lora": {"rank": rank, "alpha": 2 * rank},
         "train": {"max_steps": 3, "batch_size": 4, "eval_every": 2, "control_examples": 2, "val_examples": 4},
         # Retention is a pipeline-mechanics check here: 3 steps barely move the model, but keep margin.
-        "eval": {"max_examples": 3, "max_new_tokens": 32, "min_retention": 0.5},
+        # No held-out fact set: the 71 general questions and 3 test questions are enough to exercise the stage.
+        "eval": {"max_examples": 3, "max_new_tokens": 32, "min_retention": 0.5, "heldout_facts": []},
+        "export": {"gate_new_tokens": 4},
     })
 
 
@@ -35,7 +38,7 @@ def _statuses(report_path: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ws = tmp_path_factory.mktemp("build")
-    run_build(_config(ws), until="merge")
+    run_build(_config(ws), until="evaluate")
     return ws
 
 
@@ -73,6 +76,12 @@ def test_first_build_writes_every_artifact_and_passes_its_gates(workspace: Path)
     samples = (workspace / "evaluate" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 3 and {"question", "reference", "before", "after"} <= json.loads(samples[0]).keys()
     assert "Held-out-phrasing fact accuracy" in (workspace / "evaluate" / "facts.md").read_text()
+    # retention: the 71 general questions before and after, decided by the paired rule
+    assert scores["retention_total"] == 71 and scores["retention12_after"].endswith("/12")
+    rule = scores["retention_rule"]
+    assert rule["questions"] == 71 and rule["low_points"] <= rule["diff_points"] <= rule["high_points"]
+    gate = next(g for g in stages["evaluate"]["gates"] if g["name"] == "retention")
+    assert gate["passed"] == (rule["low_points"] > -rule["margin_points"] and scores["retention_after"] >= 0.5)
 
     merged = workspace / "merge" / "model"
     assert (merged / "model.safetensors").is_file()
@@ -85,13 +94,13 @@ def test_first_build_writes_every_artifact_and_passes_its_gates(workspace: Path)
 
 
 def test_rerun_skips_everything_and_a_lora_change_reruns_only_what_follows(workspace: Path) -> None:
-    run_build(_config(workspace), until="merge")
+    run_build(_config(workspace), until="evaluate")
     assert set(_statuses(workspace / "report.json").values()) == {"skipped"}
 
-    run_build(_config(workspace, rank=4), until="merge")
+    run_build(_config(workspace, rank=4), until="evaluate")
     statuses = _statuses(workspace / "report.json")
     # The base model's answers (baseline) are not recomputed for a new recipe.
     assert statuses == {"base_model": "skipped", "data": "skipped", "control": "skipped", "baseline": "skipped",
-                        "finetune": "ran", "evaluate": "ran", "merge": "ran"}
+                        "finetune": "ran", "merge": "ran", "export_onnx": "ran", "evaluate": "ran"}
     adapter_config = json.loads((workspace / "finetune" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4

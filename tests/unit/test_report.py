@@ -58,3 +58,18 @@ def test_cells_escape_pipes_with_a_backslash() -> None:
     assert "| stop at <\\|im_end\\|> \\| 300 records |" in markdown
     assert "| stop_ids | pass | <\\|im_end\\|> | a\\|b |  |" in markdown
     assert "- max_abs_logit_delta: 0.0004" in markdown  # list items are not table cells: left alone
+
+
+def test_the_evaluate_stage_scores_render_as_a_table_with_intervals() -> None:
+    report = BuildReport.start(BuildConfig())
+    report.add(StageReport(name="evaluate", status="ran", metrics={
+        "accuracy": {"test_en": {"after": [45, 56, 0.68, 0.89], "before": [0, 56, 0.0, 0.064]},
+                     "heldout_en": {"after": [120, 168, 0.64, 0.78]}},
+        "generate_s": 80.5,
+    }))
+    markdown = render_markdown(report)
+    _stages, scores = _rendered_tables(markdown)
+    assert scores == [["questions", "before", "after"],
+                      ["test_en", "0/56 (0.00, 95% CI 0.00–0.06)", "45/56 (0.80, 95% CI 0.68–0.89)"],
+                      ["heldout_en", "–", "120/168 (0.71, 95% CI 0.64–0.78)"]]
+    assert "- generate_s: 80.5" in markdown and "- accuracy:" not in markdown

@@ -163,9 +163,24 @@ def render_markdown(report: BuildReport) -> str:
                 cells = [g.name, g.verdict, _fmt(g.value), _fmt(g.threshold), g.detail]
                 lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
             lines.append("")
+        accuracy = s.metrics.get("accuracy")
+        if isinstance(accuracy, dict) and accuracy:  # the evaluate stage's scores per question set
+            lines += ["| questions | before | after |", "| --- | ---: | ---: |"]
+            for name, row in accuracy.items():
+                lines.append(f"| {_cell(name)} | {_score(row.get('before'))} | {_score(row.get('after'))} |")
+            lines.append("")
         for key, value in s.metrics.items():
-            lines.append(f"- {key}: {_fmt(value)}")
+            if key != "accuracy":
+                lines.append(f"- {key}: {_fmt(value)}")
     return "\n".join(lines) + "\n"
+
+
+def _score(value: Any) -> str:
+    """[right, asked, low, high] as "right/asked (share, 95% CI low-high)"; "–" when not measured."""
+    if not isinstance(value, list) or len(value) != 4 or not value[1]:
+        return "–"
+    right, asked, low, high = value
+    return f"{right}/{asked} ({right / asked:.2f}, 95% CI {low:.2f}–{high:.2f})"
 
 
 def write_report(report: BuildReport, workspace: Path) -> None:

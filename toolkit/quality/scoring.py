@@ -1,34 +1,144 @@
-"""Scoring a model on the build's held-out questions.
+"""Scoring a model on the build's questions: held-out facts and general knowledge.
 
-The test split holds, for every taught fact with enough phrasings, one phrasing that training never
-saw (``toolkit.dataset.split_by_phrasing``). An answer is right when it contains every one of the
-example's ``facts`` strings (NFKC, case-folded, whitespace removed on both sides:
-:func:`toolkit.textmetrics.contains_facts`). Held-out-phrasing fact accuracy is the share of test
-examples with facts answered right, per language (``zh`` when the question has a CJK ideograph,
-else ``en``). BLEU-4 and ROUGE-L compare the answers with the reference answers; retention asks
-the fixed general-knowledge set (:mod:`toolkit.retention`).
+Three sets, asked together in one generation pass (:func:`evaluation_questions`):
+
+- ``test``: for every taught fact with enough phrasings, one phrasing that training never saw
+  (``toolkit.dataset.split_by_phrasing``): 56 English and 56 Chinese questions in the demo build;
+- ``heldout``: fact questions written apart from the dataset (``eval.heldout_facts``; for the demo
+  dataset ``toolkit/datasets/demo_facts_heldout.jsonl``, 168 a language), never trained on;
+- ``general``: 71 general-knowledge questions (the 12 of :mod:`toolkit.retention` and the 59 of
+  ``toolkit/datasets/general_questions.json``), none among the control prompts the fine-tune trains on.
+
+A fact answer is right when it contains every one of the question's ``facts`` strings (NFKC,
+case-folded, whitespace removed on both sides: :func:`toolkit.textmetrics.contains_facts`), per
+language (``zh`` when the question has a CJK ideograph, else ``en``); a general answer when it
+contains an accepted answer (:func:`toolkit.retention.is_accepted`). Accuracies carry 95 % intervals
+and comparisons a paired rule (:mod:`toolkit.significance`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from toolkit.buildsys.config import EvalSection
-from toolkit.datasets.records import Example, language_of
+from toolkit.datasets.records import DATASETS_DIR, Example, is_chinese, language_of
+from toolkit.errors import DataError
 from toolkit.model_io.modeling import Messages, generate_replies
-from toolkit.quality.retention import retention_questions
+from toolkit.quality.retention import RETENTION_SET, is_accepted
+from toolkit.quality.significance import Accuracy, accuracy
 from toolkit.quality.textmetrics import contains_facts
 
 LANGUAGES = ("en", "zh")
+DEMO_HELDOUT_FACTS = DATASETS_DIR / "demo_facts_heldout.jsonl"
+GENERAL_QUESTIONS = DATASETS_DIR / "general_questions.json"
+CORE_RETENTION = "retention"  # the group of the 12 original retention questions within the general set
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question of an evaluation set and what a right answer must contain."""
+
+    set: str  # "test", "heldout" or "general"
+    prompt: Messages
+    facts: tuple[str, ...] = ()
+    accepted: tuple[str, ...] = ()
+    language: str = "en"
+    group: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.prompt[-1]["content"]
+
+    def right(self, answer: str) -> bool | None:
+        """Whether `answer` is right; None for a test question without facts (nothing to check)."""
+        if self.set == "general":
+            return is_accepted(answer, self.accepted)
+        return contains_facts(answer, list(self.facts)) if self.facts else None
+
+
+def test_questions(test: Sequence[Example]) -> list[Question]:
+    return [Question("test", ex.prompt, tuple(ex.facts), language=language_of(ex), group=ex.group or ex.answer[:40])
+            for ex in test]
+
+
+def heldout_questions(paths: Iterable[Path]) -> list[Question]:
+    """Fact questions from JSON Lines files: ``{"question", "facts", "group"?, "lang"?}`` a line."""
+    out = []
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"eval.heldout_facts: {path} does not exist")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                question, facts = str(row["question"]), [str(f) for f in row["facts"]]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataError(f"{path}:{number}: a held-out question needs 'question' and 'facts' ({err})") from None
+            if not facts:
+                raise DataError(f"{path}:{number}: a held-out question needs at least one fact string")
+            language = row.get("lang") or ("zh" if is_chinese(question) else "en")
+            out.append(Question("heldout", [{"role": "user", "content": question}], tuple(facts),
+                                language=language, group=str(row.get("group", ""))))
+    return out
+
+
+def general_questions() -> list[Question]:
+    """The 12 retention questions, then the 59 of ``general_questions.json``."""
+    rows = json.loads(GENERAL_QUESTIONS.read_text(encoding="utf-8"))["questions"]
+    items = [(item.question, item.accepted, CORE_RETENTION) for item in RETENTION_SET]
+    items += [(row["question"], tuple(row["accepted"]), "general") for row in rows]
+    return [Question("general", [{"role": "user", "content": q}], accepted=tuple(a),
+                     language="zh" if is_chinese(q) else "en", group=g) for q, a, g in items]
+
+
+def heldout_paths(cfg: EvalSection, demo_dataset: bool) -> list[Path]:
+    """The held-out fact files: ``eval.heldout_facts``, or the demo one when the build uses the demo dataset."""
+    if cfg.heldout_facts is not None:
+        return list(cfg.heldout_facts)
+    return [DEMO_HELDOUT_FACTS] if demo_dataset else []
+
+
+def evaluation_questions(test: Sequence[Example], heldout: Sequence[Path] = ()) -> list[Question]:
+    """Every question a model is scored on, in the order answers are stored: test, held-out, general."""
+    return [*test_questions(test), *heldout_questions(heldout), *general_questions()]
 
 
 def evaluation_prompts(test: Sequence[Example]) -> list[Messages]:
-    """The test questions, then the retention questions: one generation pass answers both."""
-    return [ex.prompt for ex in test] + [[{"role": "user", "content": q}] for q in retention_questions()]
+    """The test questions, then the general questions (the base model's "before" set: no held-out facts)."""
+    return [q.prompt for q in evaluation_questions(test)]
+
+
+def outcomes(questions: Sequence[Question], answers: Sequence[str], sets: Sequence[str],
+             language: str | None = None, group: str | None = None) -> list[bool]:
+    """Right/wrong per question of the given sets (and language, group), in order; questions without facts left out."""
+    out = []
+    for q, answer in zip(questions, answers, strict=True):
+        if q.set in sets and (language is None or q.language == language) and (group is None or q.group == group):
+            right = q.right(answer)
+            if right is not None:
+                out.append(right)
+    return out
+
+
+def set_accuracies(questions: Sequence[Question], answers: Sequence[str]) -> dict[str, Accuracy]:
+    """Accuracy with its 95 % interval per set and language: ``test_en``, ``heldout_zh``, ``general``,
+    ``retention12``; sets with no question are left out."""
+    out = {}
+    for name in ("test", "heldout"):
+        for language in LANGUAGES:
+            picked = outcomes(questions, answers, [name], language)
+            if picked:
+                out[f"{name}_{language}"] = accuracy(picked)
+    general = outcomes(questions, answers, ["general"])
+    if general:
+        out["general"] = accuracy(general)
+        out["retention12"] = accuracy(outcomes(questions, answers, ["general"], group=CORE_RETENTION))
+    return out
 
 
 def answer_prompts(model: Any, tokenizer: Any, prompts: Sequence[Messages], cfg: EvalSection) -> list[str]:

@@ -1,17 +1,16 @@
 """The task-quality gate of a quantized graph: does it answer the build's questions as well as FP32?
 
-Both graphs answer the evaluate stage's prompts (:func:`toolkit.evaluation.evaluation_prompts`: the
-held-out-phrasing test questions, then the 12 retention questions) greedily on onnxruntime, with the
-same prompts, the same token budget and the same batches, and are scored as the evaluate stage
-scores the fine-tuned model: an answer is right when it contains every fact string of its question
-(:func:`toolkit.textmetrics.contains_facts`), per language (:func:`toolkit.dataset.language_of`),
-and retention by :func:`toolkit.retention.score_retention`.
+The evaluate stage's FP32 graph answered every question (:func:`toolkit.evaluation.evaluation_questions`:
+the held-out-phrasing test questions, the held-out fact questions, the 71 general questions) greedily
+on onnxruntime; a variant answers the same prompts with the same token budget and the same batches,
+and both are scored alike (facts: :func:`toolkit.textmetrics.contains_facts`; general questions:
+:func:`toolkit.retention.is_accepted`).
 
-The gate is on the drop from FP32 to the variant, in percentage points: held-out fact accuracy per
-language (56 questions a language in the default build: one question is 1.8 points) and retention
-(12 questions: one question is 8.3 points, so the default 2-point allowance means the variant must
-answer at least as many retention questions right as FP32). A variant that scores higher than FP32
-passes: the gate is on what quantization loses.
+Two gates per variant, each by the paired rule of :func:`toolkit.significance.not_worse`: the fact
+questions of both languages pooled (448 in the demo build), and the general questions (71). A variant
+passes when the 95 % paired-bootstrap interval of its difference from FP32 stays above minus the
+configured margin: one answer flipping in the last bits of a CPU's arithmetic moves the interval a
+little, not the decision.
 """
 
 from __future__ import annotations
@@ -24,43 +23,27 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from toolkit.buildsys.report import GateResult
-from toolkit.datasets.records import Example, language_of
-from toolkit.quality.retention import score_retention
-from toolkit.quality.scoring import LANGUAGES
-from toolkit.quality.textmetrics import contains_facts
+from toolkit.quality.scoring import Question, outcomes, set_accuracies
+from toolkit.quality.significance import not_worse
 from toolkit.runtime.onnx_lm import record_greedy_step
 
 if TYPE_CHECKING:
     from toolkit.runtime.onnx_lm import OnnxCausalLM
 
+FACT_SETS = ("test", "heldout")
+
 
 @dataclass(frozen=True)
-class TaskScores:
-    """One graph's answers to the evaluation prompts, scored."""
+class GraphAnswers:
+    """One graph's greedy answers to the evaluation questions, in question order."""
 
-    facts: dict[str, tuple[int, int]]  # language -> (right, asked); languages with no questions left out
-    retention: tuple[int, int]  # (right, asked)
-    generated: list[list[int]] = field(repr=False)  # token ids per prompt, prompt order
+    answers: list[str]
+    generated: list[list[int]] = field(repr=False)  # token ids per question
     generate_s: float = 0.0
-    answers: list[str] = field(default_factory=list, repr=False)  # decoded, prompt order
-    right: list[bool | None] = field(default_factory=list, repr=False)  # per prompt; None: a test row without facts
 
-    def fact_points(self, language: str) -> float:
-        right, asked = self.facts[language]
-        return 100.0 * right / asked
-
-    @property
-    def retention_points(self) -> float:
-        right, asked = self.retention
-        return 100.0 * right / asked if asked else 0.0
-
-    def as_metrics(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for language, (right, asked) in self.facts.items():
-            out[f"fact_accuracy_{language}"] = round(right / asked, 4)
-            out[f"fact_right_{language}"] = f"{right}/{asked}"
-        out["retention"] = round(self.retention[0] / self.retention[1], 4) if self.retention[1] else None
-        out["retention_right"] = f"{self.retention[0]}/{self.retention[1]}"
+    def as_metrics(self, questions: Sequence[Question]) -> dict[str, Any]:
+        out: dict[str, Any] = {name: f"{acc.correct}/{acc.total}" for name, acc in
+                               set_accuracies(questions, self.answers).items()}
         out["generated_tokens"] = sum(len(g) for g in self.generated)
         out["generate_s"] = round(self.generate_s, 1)
         return out
@@ -113,45 +96,28 @@ def greedy_answers(model: OnnxCausalLM, prompts: Sequence[Sequence[int]], *, max
     return out
 
 
-def score_task(test: Sequence[Example], answers: Sequence[str], generated: list[list[int]],
-               generate_s: float = 0.0) -> TaskScores:
-    """Score answers to ``evaluation_prompts(test)`` (test questions, then retention questions)."""
-    counts = {language: [0, 0] for language in LANGUAGES}
-    right: list[bool | None] = []
-    for example, answer in zip(test, answers, strict=False):
-        right.append(contains_facts(answer, example.facts) if example.facts else None)
-        if example.facts:
-            tally = counts.setdefault(language_of(example), [0, 0])
-            tally[0] += bool(right[-1])
-            tally[1] += 1
-    kept = score_retention(answers[len(test):])
-    right += [bool(row["correct"]) for row in kept.per_question]
-    facts = {language: (n, asked) for language, (n, asked) in counts.items() if asked}
-    return TaskScores(facts=facts, retention=(kept.correct, kept.total), generated=generated, generate_s=generate_s,
-                      answers=list(answers), right=right)
+def answer_questions(model: OnnxCausalLM, tokenizer: Any, questions: Sequence[Question], *, max_new_tokens: int,
+                     batch_size: int) -> GraphAnswers:
+    """Greedy answers of one graph to the questions, rendered with the model's chat template and decoded as the
+    evaluate stage decodes."""
+    from toolkit.model_io.modeling import decode_text, pad_token_id, render_prompt_ids, stop_token_ids
 
-
-def answer_and_score(model: OnnxCausalLM, tokenizer: Any, test: Sequence[Example], prompt_ids: Sequence[Sequence[int]],
-                     *, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int, batch_size: int) -> TaskScores:
-    """Greedy answers of one graph to the rendered evaluation prompts, decoded as the evaluate stage decodes."""
-    from toolkit.model_io.modeling import decode_text
-
+    prompts = [render_prompt_ids(tokenizer, q.prompt) for q in questions]
     started = time.perf_counter()
-    generated = greedy_answers(model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                               batch_size=batch_size)
+    generated = greedy_answers(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer),
+                               pad_id=pad_token_id(tokenizer), batch_size=batch_size)
     generate_s = time.perf_counter() - started
-    answers = [decode_text(tokenizer, ids).strip() for ids in generated]
-    return score_task(test, answers, generated, generate_s)
+    return GraphAnswers([decode_text(tokenizer, ids).strip() for ids in generated], generated, generate_s)
 
 
-def answer_table(questions: Sequence[str], scores: dict[str, TaskScores]) -> list[dict[str, Any]]:
-    """One row per evaluation prompt: each graph's answer and whether it was right (None: no facts to check)."""
+def answer_table(questions: Sequence[Question], graphs: dict[str, GraphAnswers]) -> list[dict[str, Any]]:
+    """One row per question: each graph's answer and whether it was right (None: no facts to check)."""
     rows = []
-    for i, question in enumerate(questions):
-        row: dict[str, Any] = {"question": question}
-        for name, score in scores.items():
-            row[name] = score.answers[i]
-            row[f"{name}_right"] = score.right[i]
+    for i, q in enumerate(questions):
+        row: dict[str, Any] = {"set": q.set, "question": q.text}
+        for name, graph in graphs.items():
+            row[name] = graph.answers[i]
+            row[f"{name}_right"] = q.right(graph.answers[i])
         rows.append(row)
     return rows
 
@@ -164,26 +130,19 @@ def token_agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequ
     return same, total, identical
 
 
-def task_gates(reference: TaskScores, candidate: TaskScores, *, prefix: str, label: str,
-               max_fact_drop_points: float, max_retention_drop_points: float) -> list[GateResult]:
-    """Non-blocking gates: per-language held-out fact accuracy and retention, candidate vs FP32, in points."""
+def task_gates(questions: Sequence[Question], reference: Sequence[str], candidate: Sequence[str], *, prefix: str,
+               label: str, max_fact_drop_points: float, max_retention_drop_points: float, seed: int,
+               resamples: int) -> list[GateResult]:
+    """Non-blocking gates: pooled fact questions and general questions, candidate vs FP32, by the paired rule."""
     gates = []
-    for language, (right, asked) in reference.facts.items():
-        got, got_asked = candidate.facts.get(language, (0, asked))
-        drop = reference.fact_points(language) - 100.0 * got / got_asked
+    for name, sets, margin, what in (("facts", FACT_SETS, max_fact_drop_points, "fact questions (both languages)"),
+                                     ("general", ("general",), max_retention_drop_points, "general questions")):
+        ref, got = outcomes(questions, reference, sets), outcomes(questions, candidate, sets)
+        if not ref:
+            continue
+        decision = not_worse(ref, got, margin, seed=seed, resamples=resamples)
         gates.append(GateResult(
-            name=f"{prefix}_fact_accuracy_{language}_drop_points", passed=drop <= max_fact_drop_points,
-            value=round(drop, 2), threshold=max_fact_drop_points, blocking=False,
-            detail=f"held-out-phrasing facts ({language}): FP32 {right}/{asked}, {label} {got}/{got_asked} "
-                   f"(one question = {100.0 / asked:.1f} points)",
+            name=f"{prefix}_{name}_not_worse", passed=decision.passed, value=decision.low_points,
+            threshold=-margin, blocking=False, detail=f"{what}, {label} vs FP32: {decision.text()}",
         ))
-    (right, asked), (got, _) = reference.retention, candidate.retention
-    drop = reference.retention_points - candidate.retention_points
-    gates.append(GateResult(
-        name=f"{prefix}_retention_drop_points", passed=drop <= max_retention_drop_points, value=round(drop, 2),
-        threshold=max_retention_drop_points, blocking=False,
-        detail=f"general questions: FP32 {right}/{asked}, {label} {got}/{asked} (one question = "
-               f"{100.0 / asked:.1f} points, so a {max_retention_drop_points:g}-point allowance lets "
-               f"{int(max_retention_drop_points // (100.0 / asked))} question(s) go)",
-    ))
     return gates

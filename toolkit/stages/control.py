@@ -74,5 +74,6 @@ def run(ctx: StageContext) -> StageResult:
         metrics={"control_examples": len(control), "cut_at_cap": cut,
                  "generate_s": round(time.perf_counter() - started, 1)},
         artifacts={"control": CONTROL_FILE},
-        note=f"{len(control)} self-distilled examples ({cut} cut at {CONTROL_MAX_NEW_TOKENS} tokens)",
+        note=f"{len(control)} self-distilled examples ({cut} cut at {CONTROL_MAX_NEW_TOKENS} tokens; time: "
+             f"{len(control)} greedy answers of the base model)",
     )

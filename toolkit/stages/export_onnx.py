@@ -52,5 +52,6 @@ def run(ctx: StageContext) -> StageResult:
         },
         gates=gates,
         artifacts={"model": MODEL_FILE},
-        note=f"{EXPORTER} opset {stats['opset']}, {stats['graph_mib']} MiB; FP32 parity {summary}",
+        note=f"{EXPORTER} opset {stats['opset']}, {stats['graph_mib']} MiB; FP32 parity {summary} "
+             f"(time: export {export_s:.0f} s, parity decodes {gate_s:.0f} s)",
     )

@@ -64,6 +64,11 @@ def fact_probe(tokenizer: Any, rows: list[Example], cfg: EvalSection) -> Callabl
     return probe
 
 
+def _overhead(setup: dict[str, Any]) -> float:
+    """Seconds of the fine-tune not spent in optimizer steps."""
+    return float(setup["val_loss_s"] + setup["probe_s"] + setup["frozen_prefix_s"])
+
+
 def run(ctx: StageContext) -> StageResult:
     """Fine-tune LoRA adapters on the base model; save them with the tokenizer and chat template."""
     train_cfg, lora_cfg = ctx.config.train, ctx.config.lora
@@ -77,10 +82,13 @@ def run(ctx: StageContext) -> StageResult:
 
     max_len = ctx.config.data.max_seq_len
     data_rows = read_split(ctx.inputs["data"].dir, "train")
+    sft_control = control if train_cfg.control_sft else []
     train_examples, dropped = tokenize_all(
-        tokenizer, [r.messages for r in data_rows] + [c.messages for c in control], max_len,
-        train_eos=[True] * len(data_rows) + [c.finished for c in control],
+        tokenizer, [r.messages for r in data_rows] + [c.messages for c in sft_control], max_len,
+        train_eos=[True] * len(data_rows) + [c.finished for c in sft_control],
     )
+    anchors, _ = (tokenize_all(tokenizer, [c.messages for c in control], max_len,
+                               train_eos=[c.finished for c in control]) if train_cfg.kl_weight > 0 else ([], 0))
     val_rows = read_split(ctx.inputs["data"].dir, "val")[: train_cfg.val_examples]
     val_examples, _ = tokenize_all(tokenizer, [r.messages for r in val_rows], max_len)
     if dropped:
@@ -91,7 +99,7 @@ def run(ctx: StageContext) -> StageResult:
                        [: train_cfg.probe_examples], ctx.config.eval)
     started, cpu_started = time.perf_counter(), time.process_time()
     peft_model, train_log = train_lora(model, tokenizer, train_examples, val_examples, lora_cfg, train_cfg,
-                                       probe=probe)
+                                       probe=probe, anchor_examples=anchors)
     train_s, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
 
     adapter = ctx.out_dir / ADAPTER_DIR
@@ -111,6 +119,8 @@ def run(ctx: StageContext) -> StageResult:
             "val_fact_accuracy": [[r["step"], r["val_fact_accuracy"]] for r in rows if "val_fact_accuracy" in r],
             "train_examples": len(train_examples),
             "control_examples": len(control),
+            "kl_anchor_examples": len(anchors),
+            "kl_last": next((round(r["kl"], 5) for r in reversed(rows) if "kl" in r), None),
             "val_examples": len(val_examples),
             "dropped_examples": dropped,
             "train_loss_first": round(rows[0]["train_loss"], 4),
@@ -129,5 +139,9 @@ def run(ctx: StageContext) -> StageResult:
             "loss_csv": "loss.csv",
             "loss_png": "loss.png",
         },
-        note=f"{len(rows)} steps, {len(control)} control examples",
+        note=f"{len(rows)} steps, {len(control)} control examples"
+             + (f", KL anchor x{train_cfg.kl_weight:g} on {len(anchors)}" if anchors else "")
+             + f" (time: {train_s:.0f} s, of which steps {train_s - _overhead(train_log.setup):.0f} s, "
+               f"val loss {train_log.setup['val_loss_s']:.0f} s, fact probes {train_log.setup['probe_s']:.0f} s, "
+               f"frozen-prefix cache {train_log.setup['frozen_prefix_s']:.0f} s)",
     )

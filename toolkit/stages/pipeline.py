@@ -95,14 +95,17 @@ STAGES: tuple[StageSpec, ...] = (
               ("base_model", "data"), "base-model answers to the test and retention questions"),
     StageSpec("finetune", finetune, ("lora", "train", "data.max_seq_len"), ("base_model", "data", "control"),
               "PEFT LoRA fine-tune"),
-    StageSpec("evaluate", evaluate, ("eval",), ("base_model", "data", "finetune", "baseline"),
-              "held-out-phrasing fact accuracy, BLEU/ROUGE, retention"),
     StageSpec("merge", merge, (), ("base_model", "finetune"), "merge_and_unload + gate"),
     StageSpec("export_onnx", export_onnx, ("export",), ("merge",), "ONNX with KV cache + FP32 parity gate"),
-    # eval.*: the task gate asks the evaluate stage's questions with its token budget and batch size
-    StageSpec("quantize", quantize, ("quantize", "eval.max_new_tokens", "eval.max_examples", "eval.batch_size"),
+    # The served FP32 graph answers: what ships is what is scored, on the fastest engine the build has.
+    StageSpec("evaluate", evaluate, ("eval",), ("data", "baseline", "merge", "export_onnx"),
+              "fact accuracy (test split, held-out questions), BLEU/ROUGE, retention"),
+    # eval.*: the task gate compares the variants with the evaluate stage's FP32 answers, so it asks the
+    # same questions with the same token budget and batch size
+    StageSpec("quantize", quantize, ("quantize", "eval"),
               # control: GPTQ calibrates on general conversations as well as the dataset's
-              ("merge", "export_onnx", "data", "control"), "INT8 ONNX + Q/DQ graph, task-quality gates, speed"),
+              ("merge", "export_onnx", "data", "control", "evaluate"),
+              "INT8 ONNX + Q/DQ graph, task-quality gates, speed"),
     StageSpec("tensorrt", tensorrt, ("tensorrt", "repository.max_batch_size", "model.context_length"),
               ("export_onnx", "quantize"), "TensorRT FP16/INT8 plans"),
     StageSpec("repository", model_repository, ("model", "repository", "serving", "tensorrt"),

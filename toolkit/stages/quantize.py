@@ -31,7 +31,7 @@ from typing import Any
 from toolkit.buildsys.config import EvalSection, QuantizeSection
 from toolkit.buildsys.report import GateResult
 from toolkit.buildsys.stage_api import StageContext, StageResult
-from toolkit.datasets.records import Example
+from toolkit.datasets.records import read_records
 from toolkit.errors import StageError
 from toolkit.export.int8_methods import (
     GPTQ_METHODS,
@@ -45,7 +45,8 @@ from toolkit.export.int8_methods import (
 from toolkit.model_io.onnx_files import onnx_bytes
 from toolkit.quality.fidelity import render_conversations
 from toolkit.quality.golden import Messages, golden_conversations
-from toolkit.quality.task_gate import TaskScores, answer_and_score, answer_table, task_gates, token_agreement
+from toolkit.quality.scoring import Question, evaluation_questions, heldout_paths
+from toolkit.quality.task_gate import GraphAnswers, answer_questions, answer_table, task_gates, token_agreement
 from toolkit.training.control_examples import read_control
 
 ANSWERS_FILE = "task_answers.jsonl"  # every evaluation prompt: FP32's, INT8's and the Q/DQ graph's answers
@@ -95,7 +96,7 @@ class Candidate:
     qdq: bool = False  # a Q/DQ graph: its DequantizeLinears are folded at load
     metrics: dict[str, Any] = field(default_factory=dict)
     gates: list[GateResult] = field(default_factory=list)
-    scores: TaskScores | None = None
+    answers: GraphAnswers | None = None
 
     @property
     def passed(self) -> bool:
@@ -111,50 +112,53 @@ def _open(path: Path, threads: int, qdq: bool = False) -> Any:
     return OnnxCausalLM(path, providers=["CPUExecutionProvider"], threads=threads, session_config=config)
 
 
+def read_reference(path: Path, questions: Sequence[Question]) -> GraphAnswers:
+    """The evaluate stage's FP32 answers (and token ids) to `questions`, checked to be those questions."""
+    rows = read_records(path)
+    if [(r["set"], r["question"]) for r in rows] != [(q.set, q.text) for q in questions]:
+        raise StageError(f"{path} does not answer the questions this stage asks; rerun with --force --stages evaluate")
+    return GraphAnswers([r["answer"] for r in rows], [list(r["ids"]) for r in rows])
+
+
 def evaluate_candidates(
-    fp32: Any, candidates: list[Candidate], tokenizer: Any, test: Sequence[Example],
+    fp32: Any, reference: GraphAnswers, candidates: list[Candidate], tokenizer: Any, questions: Sequence[Question],
     scored: Sequence[tuple[Sequence[int], Sequence[int]]], cfg: QuantizeSection, eval_cfg: EvalSection,
     threads: int,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Score FP32 and every candidate on the task (facts, retention), perplexity and agreement; gate each.
+    """Score every candidate on the task (facts, general questions) against FP32's answers, perplexity and
+    agreement; gate each.
 
     Candidates are opened one at a time beside FP32 (a Q/DQ graph folds back to FP32-sized weights), so the
     stage holds at most two copies of the weights. Returns the metrics the candidates share (FP32's scores)
-    and the answer table (a row per prompt).
+    and the answer table (a row per question).
     """
-    from toolkit.model_io.modeling import pad_token_id, render_prompt_ids, stop_token_ids
-    from toolkit.quality.scoring import evaluation_prompts
+    from toolkit.model_io.modeling import pad_token_id, stop_token_ids
 
     stops, pad = stop_token_ids(tokenizer), pad_token_id(tokenizer)
-    conversations = evaluation_prompts(test)
-    prompt_ids = [render_prompt_ids(tokenizer, p) for p in conversations]
-
-    def answer(model: Any) -> TaskScores:
-        return answer_and_score(model, tokenizer, test, prompt_ids, max_new_tokens=eval_cfg.max_new_tokens,
-                                stop_ids=stops, pad_id=pad, batch_size=eval_cfg.batch_size)
-
-    reference = answer(fp32)
     fp32_ppl = perplexity(fp32, scored) if scored else float("nan")
     golden = render_conversations(tokenizer, golden_conversations())
     golden_ref = [fp32.greedy([p], cfg.gate_new_tokens, stops, pad)[0][0] for p in golden]
-    shared: dict[str, Any] = {"task_prompts": len(prompt_ids), "fp32_task": reference.as_metrics(),
+    shared: dict[str, Any] = {"task_questions": len(questions), "fp32_task": reference.as_metrics(questions),
                               "fp32_perplexity": round(fp32_ppl, 4) if scored else None,
                               "perplexity_examples": len(scored)}
     for cand in candidates:
         model = _open(cand.path, threads, qdq=cand.qdq)
-        scores = cand.scores = answer(model)
-        same, total, identical = token_agreement(reference.generated, scores.generated)
+        graph = cand.answers = answer_questions(model, tokenizer, questions, max_new_tokens=eval_cfg.max_new_tokens,
+                                                batch_size=eval_cfg.batch_size)
+        same, total, identical = token_agreement(reference.generated, graph.generated)
         hits, positions = teacher_forced_agreement(model, golden, golden_ref)
         cand.metrics.update({
-            "task": scores.as_metrics(),
+            "task": graph.as_metrics(questions),
             "greedy_agreement": round(same / total, 6) if total else 1.0,
-            "greedy_tokens": f"{same}/{total}", "identical_answers": f"{identical}/{len(prompt_ids)}",
+            "greedy_tokens": f"{same}/{total}", "identical_answers": f"{identical}/{len(questions)}",
             "teacher_forced_agreement": round(hits / positions, 6) if positions else 1.0,
             "teacher_forced_tokens": f"{hits}/{positions}",
         })
-        cand.gates = task_gates(reference, scores, prefix=f"onnx_{cand.key}", label=cand.label,
-                                max_fact_drop_points=cfg.max_fact_accuracy_drop_points,
-                                max_retention_drop_points=cfg.max_retention_drop_points)
+        cand.gates = task_gates(questions, reference.answers, graph.answers, prefix=f"onnx_{cand.key}",
+                                label=cand.label, max_fact_drop_points=cfg.max_fact_accuracy_drop_points,
+                                max_retention_drop_points=cfg.max_retention_drop_points,
+                                seed=eval_cfg.bootstrap_seed, resamples=eval_cfg.bootstrap_resamples)
+        cand.metrics["rules"] = {g.name: g.detail for g in cand.gates}
         if scored:
             ppl = perplexity(model, scored)
             cand.metrics.update(perplexity=round(ppl, 4), perplexity_delta_pct=round((ppl / fp32_ppl - 1) * 100, 3))
@@ -177,8 +181,8 @@ def evaluate_candidates(
                        f"{same}/{total} greedy tokens on the evaluation prompts match FP32's; {identical} answers "
                        "identical"))
         del model
-    questions = [conversation[-1]["content"] for conversation in conversations]
-    return shared, answer_table(questions, {"fp32": reference, **{c.key: c.scores for c in candidates if c.scores}})
+    graphs = {"fp32": reference, **{c.key: c.answers for c in candidates if c.answers}}
+    return shared, answer_table(questions, graphs)
 
 
 def _bench(fp32: Any, int8: Any, cfg: QuantizeSection, tokenizer: Any, threads: int) -> dict[str, Any]:
@@ -197,10 +201,11 @@ def _bench(fp32: Any, int8: Any, cfg: QuantizeSection, tokenizer: Any, threads: 
 
 def _summary(cand: Candidate, method: str) -> str:
     task = cand.metrics["task"]
-    facts = ", ".join(f"{lang} {task[f'fact_right_{lang}']}" for lang in ("en", "zh") if f"fact_right_{lang}" in task)
+    sets = ", ".join(f"{name} {task[name]}" for name in ("test_en", "test_zh", "heldout_en", "heldout_zh", "general")
+                     if name in task)
     ppl = cand.metrics["perplexity_delta_pct"]
-    return (f"{method}: facts {facts}, retention {task['retention_right']}, perplexity "
-            f"{'not scored' if ppl is None else f'{ppl:+.2f}%'}, greedy agreement {cand.metrics['greedy_tokens']}")
+    return (f"{method}: {sets}, perplexity {'not scored' if ppl is None else f'{ppl:+.2f}%'}, "
+            f"greedy agreement {cand.metrics['greedy_tokens']}")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -221,7 +226,9 @@ def run(ctx: StageContext) -> StageResult:
     if not test and (data.dir / data.artifacts.get("val", "val.jsonl")).is_file():
         test = read_conversations(data.dir / data.artifacts.get("val", "val.jsonl"))  # tiny datasets: no test rows
     test = test[: cfg.max_eval_examples]
-    task_test = read_split(data.dir, "test")[: ctx.config.eval.max_examples]  # the evaluate stage's questions
+    questions = evaluation_questions(read_split(data.dir, "test")[: ctx.config.eval.max_examples],
+                                     heldout_paths(ctx.config.eval, not ctx.config.data.paths))
+    reference = read_reference(ctx.inputs["evaluate"].path("answers"), questions)  # FP32's, same graph, same batches
     qdq_method = {"weight_only": "weight_only_qdq", "weight_only_gptq": "weight_only_gptq_qdq"}.get(
         cfg.qdq_method, cfg.qdq_method)  # quantize_int8's name for the recipe
     methods = {cfg.method, qdq_method if cfg.emit_qdq else ""}
@@ -263,8 +270,8 @@ def run(ctx: StageContext) -> StageResult:
     candidates = [int8]
     if cfg.emit_qdq:
         candidates.append(Candidate("qdq", "Q/DQ", ctx.out_dir / QDQ_FILE, qdq=True))
-    shared, answers = evaluate_candidates(fp32, candidates, tokenizer, task_test, scored, cfg, ctx.config.eval,
-                                          threads)
+    shared, answers = evaluate_candidates(fp32, reference, candidates, tokenizer, questions, scored, cfg,
+                                          ctx.config.eval, threads)
     with (ctx.out_dir / ANSWERS_FILE).open("w", encoding="utf-8") as fh:
         for row in answers:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -295,4 +302,6 @@ def run(ctx: StageContext) -> StageResult:
                  "no INT8 plan script")
     else:
         metrics["qdq_shipped"] = False
+    note += (f" (time: INT8 {metrics['quantize_s']:.0f} s, Q/DQ graph {metrics.get('qdq_s', 0):.0f} s, "
+             f"answers, perplexity and agreement {metrics['evaluate_s']:.0f} s)")
     return StageResult(metrics=metrics, gates=gates, artifacts=artifacts, note=note)

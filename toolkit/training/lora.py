@@ -61,6 +61,41 @@ def summed_loss(
     return loss, int(keep.sum())
 
 
+def anchor_kl(
+    model: Any, batch: dict[str, torch.Tensor], prefix: FrozenPrefix | None = None,
+    indices: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Sum over labelled positions of KL(base || adapted) between next-token distributions, and the count.
+
+    The teacher is the same model with its adapters disabled (PEFT's ``disable_adapter``): the frozen
+    base costs one extra forward pass without gradients, not a second copy of the weights. With a
+    frozen-prefix cache both passes start from the cached hidden states (the layers below the adapters
+    are the base model's either way).
+    """
+    import torch
+    import torch.nn.functional as F  # noqa: N812 - the conventional alias
+
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(core.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def head_logits() -> torch.Tensor:
+        if prefix is not None and indices is not None:
+            hidden = prefix.hidden(indices, batch["attention_mask"])
+        else:
+            hidden = core.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+        return core.get_output_embeddings()(hidden[:, :-1, :][keep]).float()
+
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    student = F.log_softmax(head_logits(), dim=-1)
+    with torch.no_grad(), model.disable_adapter():
+        teacher = F.log_softmax(head_logits(), dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="sum")
+    return kl, int(keep.sum())
+
+
 def eval_loss(model: Any, examples: Sequence[TokenizedExample], pad_id: int, batch_size: int) -> float | None:
     """Mean per-token loss on `examples` (no dropout, no gradients)."""
     import torch
@@ -167,7 +202,7 @@ class TrainLog:
 
     def write_csv(self, path: Path) -> None:
         with path.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["step", "train_loss", "val_loss", "val_fact_accuracy", "lr",
+            writer = csv.DictWriter(fh, fieldnames=["step", "train_loss", "val_loss", "val_fact_accuracy", "kl", "lr",
                                                     "elapsed_s"])
             writer.writeheader()
             for row in self.rows:
@@ -220,6 +255,7 @@ def train_lora(
     *,
     progress: bool = True,
     probe: Callable[[Any], float] | None = None,
+    anchor_examples: Sequence[TokenizedExample] = (),
 ) -> tuple[Any, TrainLog]:
     """Fine-tune `model` with LoRA; return the PEFT model and its loss log.
 
@@ -227,7 +263,9 @@ def train_lora(
     drawn from seeded generators, and every optimizer step sees the same micro-batches. Runs on
     ``train.device``; the returned model is back on the CPU. `probe(model)` (the held-out val
     questions' fact accuracy) runs at ``train.probe_fractions``; with ``train.keep: best_probe`` the
-    adapter weights of the best probe are restored at the end.
+    adapter weights of the best probe are restored at the end. With ``train.kl_weight`` > 0 every step
+    also draws ``train.kl_batch_size`` of `anchor_examples` (general conversations) and adds
+    ``kl_weight`` times the mean per-position KL(base || adapted) there (:func:`anchor_kl`).
     """
     import torch
 
@@ -254,20 +292,28 @@ def train_lora(
     stream = batch_stream([len(e.input_ids) for e in train_examples], train.batch_size, train.seed)
     probes = probe_steps(train.probe_fractions, steps) if probe is not None else set()
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    anchors = list(anchor_examples) if train.kl_weight > 0 else []
+    anchor_stream = (batch_stream([len(e.input_ids) for e in anchors], train.kl_batch_size, train.seed + 1)
+                     if anchors else None)
     prefix = None
+    prefix_s = 0.0
     visits = steps * train.batch_size * train.grad_accum
     if train.cache_frozen_prefix and visits <= len(train_examples):
         # each example is seen at most once: computing the frozen layers for all of them first only adds work
         log.info("frozen-prefix cache skipped: %d steps visit %d examples of %d", steps, visits, len(train_examples))
     elif train.cache_frozen_prefix and train.neftune_alpha == 0:  # NEFTune noise must be fresh every step
         cache_started = time.perf_counter()
-        prefix = FrozenPrefix.build(peft_model, [e.input_ids for e in train_examples], 32, precision.autocast())
+        prefix = FrozenPrefix.build(peft_model, [e.input_ids for e in [*train_examples, *anchors]], 32,
+                                    precision.autocast())
+        prefix_s = time.perf_counter() - cache_started
         if prefix is not None:
             log.info("frozen prefix: layers 0-%d cached for %d examples in %.1f s", prefix.first - 1,
-                     len(train_examples), time.perf_counter() - cache_started)
+                     len(train_examples), prefix_s)
     log_ = TrainLog(setup={"device": str(device), "precision": precision.label,
                            "gradient_checkpointing": train.gradient_checkpointing,
-                           "frozen_prefix_layers": prefix.first if prefix is not None else 0})
+                           "frozen_prefix_layers": prefix.first if prefix is not None else 0,
+                           "frozen_prefix_s": round(prefix_s, 1) if prefix is not None else 0.0})
+    spent = {"val_loss_s": 0.0, "probe_s": 0.0}
     started = time.perf_counter()
     bar = progress_bar(range(1, steps + 1), total=steps, desc="finetune", unit="step", enabled=progress)
     for step in bar:
@@ -280,6 +326,14 @@ def train_lora(
                 loss, _ = summed_loss(peft_model, batch, prefix, pick)
             scaler.scale(loss / max(window_tokens, 1)).backward()
             step_loss += float(loss.detach())
+        step_kl = None
+        if anchor_stream is not None:
+            pick = next(anchor_stream)
+            with precision.autocast():
+                kl, positions = anchor_kl(peft_model, collate([anchors[i] for i in pick], pad), prefix,
+                                          [len(train_examples) + i for i in pick])
+            scaler.scale(train.kl_weight * kl / max(positions, 1)).backward()
+            step_kl = float(kl.detach()) / max(positions, 1)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -288,12 +342,18 @@ def train_lora(
             "step": step, "train_loss": step_loss / max(window_tokens, 1),
             "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - started, 2),
         }
+        if step_kl is not None:
+            row["kl"] = step_kl
         if step % train.eval_every == 0 or step == steps:
+            timer = time.perf_counter()
             row["val_loss"] = eval_loss(peft_model, val_examples, pad, train.batch_size)
+            spent["val_loss_s"] += time.perf_counter() - timer
         if step in probes and probe is not None:
+            timer = time.perf_counter()
             peft_model.eval()
             row["val_fact_accuracy"] = accuracy = probe(peft_model)
             peft_model.train()
+            spent["probe_s"] += time.perf_counter() - timer
             if train.keep == "best_probe" and (best is None or accuracy >= best[0]):
                 best = (accuracy, step, {n: p.detach().clone() for n, p in peft_model.named_parameters()
                                          if p.requires_grad})
@@ -301,6 +361,7 @@ def train_lora(
         bar.set_postfix(loss=f"{row['train_loss']:.3f}",
                         **({"val": f"{row['val_loss']:.3f}"} if row.get("val_loss") is not None else {}))
     bar.close()
+    log_.setup.update({k: round(v, 1) for k, v in spent.items()})
     if best is not None:
         with torch.no_grad():
             for name, param in peft_model.named_parameters():

@@ -1,0 +1,101 @@
+"""The KL anchor of the fine-tune: KL(base || adapted) on general conversations, the base being the adapters off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional alias
+
+from tests.unit.tiny_llm import make_model, make_tokenizer
+from toolkit.buildsys.config import LoraSection, TrainSection
+from toolkit.model_io.modeling import pad_token_id
+from toolkit.training.examples import IGNORE_INDEX, TokenizedExample, build_examples, collate
+from toolkit.training.lora import anchor_kl, batch_stream, lora_model, train_lora
+
+LORA = LoraSection(rank=4, alpha=8, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def tok():  # type: ignore[no-untyped-def]
+    return make_tokenizer()
+
+
+def _conversations(tok, n: int, topic: str) -> list[TokenizedExample]:  # type: ignore[no-untyped-def]
+    out: list[TokenizedExample] = []
+    for i in range(n):
+        messages = [{"role": "user", "content": f"{topic} question {i}?"},
+                    {"role": "assistant", "content": f"The {topic} answer is {i * 7 % 10} units."}]
+        out += build_examples(tok, messages, max_seq_len=128)
+    return out
+
+
+def _reference_kl(model, batch: dict[str, torch.Tensor]) -> float:  # type: ignore[no-untyped-def]
+    """KL(base || adapted) summed over the labelled positions, from the models' ordinary forward and the
+    textbook formula sum p_base * (log p_base - log p_adapted)."""
+    with torch.no_grad():
+        adapted = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with model.disable_adapter():
+            base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    log_p_base = F.log_softmax(base[:, :-1][keep].double(), -1)
+    log_p_adapted = F.log_softmax(adapted[:, :-1][keep].double(), -1)
+    return float((log_p_base.exp() * (log_p_base - log_p_adapted)).sum())
+
+
+def test_kl_is_zero_without_adapters_and_positive_with_trained_ones(tok) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = lora_model(make_model(len(tok)), LORA)
+    batch = collate(_conversations(tok, 3, "general"), pad_token_id(tok))
+    with torch.no_grad():
+        kl, positions = anchor_kl(model, batch)  # fresh adapters (B = 0) change nothing
+    assert positions == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) > 0
+    assert abs(float(kl)) < 1e-6
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.5)
+        kl, _ = anchor_kl(model, batch)
+        assert float(kl) > 1e-3
+        assert float(kl) == pytest.approx(_reference_kl(model, batch), rel=1e-4)
+        with model.disable_adapter():  # the student is the base model too
+            off, _ = anchor_kl(model, batch)
+    assert abs(float(off)) < 1e-6
+
+
+def test_kl_weight_zero_trains_exactly_as_without_the_anchor(tok) -> None:  # type: ignore[no-untyped-def]
+    examples, anchors = _conversations(tok, 8, "company"), _conversations(tok, 4, "general")
+    train = TrainSection(max_steps=3, batch_size=2, learning_rate=1e-2, warmup_steps=0, kl_weight=0.0)
+    torch.manual_seed(1)
+    _, plain = train_lora(make_model(len(tok)), tok, examples, [], LORA, train, progress=False)
+    torch.manual_seed(1)
+    _, zero = train_lora(make_model(len(tok)), tok, examples, [], LORA, train, progress=False,
+                         anchor_examples=anchors)
+    assert [r["train_loss"] for r in zero.rows] == [r["train_loss"] for r in plain.rows]
+    assert all("kl" not in r for r in zero.rows)
+    # and the first step's loss is the base model's mean cross-entropy on the first batch, as transformers computes it
+    torch.manual_seed(1)
+    reference = make_model(len(tok))
+    first = next(batch_stream([len(e.input_ids) for e in examples], train.batch_size, train.seed))
+    batch = collate([examples[i] for i in first], pad_token_id(tok))
+    with torch.no_grad():
+        expected = reference(**batch).loss
+    assert plain.rows[0]["train_loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_the_anchor_keeps_the_model_closer_to_its_base(tok) -> None:  # type: ignore[no-untyped-def]
+    examples, anchors = _conversations(tok, 8, "company"), _conversations(tok, 4, "general")
+    pad = pad_token_id(tok)
+    drift = {}
+    for weight in (0.0, 5.0):
+        torch.manual_seed(2)
+        train = TrainSection(max_steps=12, batch_size=2, learning_rate=3e-2, warmup_steps=0, kl_weight=weight,
+                             kl_batch_size=2)
+        model, log = train_lora(make_model(len(tok)), tok, examples, [], LORA, train, progress=False,
+                                anchor_examples=anchors)
+        if weight:
+            assert all(r["kl"] >= 0 for r in log.rows) and len(log.rows) == 12
+        with torch.no_grad():
+            kl, positions = anchor_kl(model, collate(anchors, pad))
+        drift[weight] = float(kl) / positions
+    assert drift[0.0] > 0.01
+    assert drift[5.0] < drift[0.0] / 2, drift

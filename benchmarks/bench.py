@@ -7,7 +7,7 @@ loaded by a third-party client, ``vllm bench serve --backend openai-chat``, at e
 ``ignore_eos``), and stopped. The bare onnxruntime loop (the toolkit's runner, batch 1, no server)
 is timed in-process as the single-stream floor. Writes ``benchmarks/results/<date>-<machine>.{md,json,png}``.
 
-    .venv/bin/python benchmarks/bench.py [--quick] [--systems toolkit,toolkit-int8,vllm,llama.cpp,seed,onnxruntime]
+    .venv/bin/python -m benchmarks.bench [--quick] [--systems toolkit,toolkit-int8,vllm,llama.cpp,seed,onnxruntime]
         [--workspace build] [--repository model_repository] [--concurrency 1,4,16,32] [--max-tokens 128]
 
 Run it on an otherwise idle machine: every number is CPU time shared with nothing else. A full run
@@ -29,11 +29,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_report  # noqa: E402
-from bench_structured import measure_structured  # noqa: E402
-from bench_systems import SYSTEMS, Build, OnnxLoop, System, make_system, server_answers  # noqa: E402
-from thirdparty import BENCH_DIR, ROOT, ForeignLoad, ensure_vllm, vllm_env  # noqa: E402
+from benchmarks import bench_report
+from benchmarks.bench_structured import measure_structured
+from benchmarks.bench_systems import SYSTEMS, Build, OnnxLoop, System, make_system, server_answers
+from benchmarks.thirdparty import BENCH_DIR, ROOT, ForeignLoad, ensure_vllm, vllm_env
 
 DEMO = ROOT / "toolkit" / "datasets" / "demo_customer_service.json"
 FULL: dict[str, Any] = {"concurrency": (1, 4, 16, 32), "prompts": {1: 8, 4: 16, 16: 48, 32: 64}, "answers": 24}
@@ -126,7 +125,7 @@ def measure_server(system: System, build: Build, plan: dict[str, Any], questions
 def measure_onnxruntime(build: Build, plan: dict[str, Any], questions: list[str], prompts: list[str]) -> dict[str, Any]:
     loop = OnnxLoop(build)
     record: dict[str, Any] = {"version": f"onnxruntime {__import__('onnxruntime').__version__}",
-                              "notes": f"`{build.onnx}`, batch 1, toolkit.serving.runners.OnnxRunner", "command": []}
+                              "notes": f"`{build.onnx}`, batch 1, toolkit.runtime.runners.OnnxRunner", "command": []}
     record["answers"] = loop.answers(questions, ANSWER_TOKENS)
     loop.measure(prompts[:1], 8)  # warm-up
     foreign = ForeignLoad()

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import bench_structured
-from bench_systems import LABELS
+from benchmarks import bench_structured
+from benchmarks.bench_systems import LABELS
 
 # Issue 14's targets, checked on every run (speed goals live in the benchmark output, not in tests).
 TARGETS = (

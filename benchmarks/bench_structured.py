@@ -24,8 +24,9 @@ from typing import Any
 
 import httpx
 import numpy as np
-from grammar_engines import SCHEMA
-from thirdparty import Server, free_port, toolkit_serve_command
+
+from benchmarks.grammar_engines import SCHEMA
+from benchmarks.thirdparty import Server, free_port, toolkit_serve_command
 
 TARGET_ITL_C1 = 0.10  # constrained ITL p50 at most 10 % above unconstrained at c=1
 TARGET_TPUT_C16 = 0.15  # constrained output tok/s at most 15 % below unconstrained at c=16
@@ -215,14 +216,14 @@ def markdown(record: dict[str, Any]) -> list[str]:
 
 
 def main() -> int:
-    """``python benchmarks/bench_structured.py --repository DIR``: this row alone, on any toolkit repository."""
+    """``python -m benchmarks.bench_structured --repository DIR``: this row alone, on any toolkit repository."""
     import argparse
     import platform
     from datetime import UTC, datetime
 
     from bench import QUICK, demo_prompts, machine_description
-    from thirdparty import BENCH_DIR, ForeignLoad
 
+    from benchmarks.thirdparty import BENCH_DIR, ForeignLoad
     from toolkit.repository.layout import generation_models
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -254,7 +255,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     raise SystemExit(main())

@@ -2,7 +2,7 @@
 
 Every server system is an OpenAI-compatible HTTP server that the third-party client
 (``vllm bench serve --backend openai-chat``) drives; the bare onnxruntime loop has no server and is
-timed in-process with the toolkit's own runner (``toolkit.serving.runners.OnnxRunner``).
+timed in-process with the toolkit's own runner (``toolkit.runtime.runners.OnnxRunner``).
 ``toolkit-int8`` is the toolkit serving the build's INT8 graph from a repository written beside the
 run (:func:`int8_repository`): the same server, batching and prompts, only the precision differs.
 """
@@ -21,8 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from thirdparty import (  # noqa: E402
+from benchmarks.thirdparty import (
     Server,
     ensure_gguf,
     ensure_llama_server,
@@ -155,9 +154,10 @@ def int8_repository(build: Build, logs: Path) -> tuple[Path, str]:
     measured instead, marked as not shipped. Batching and serving settings are the build's own
     (``report.json``), so only the precision differs from the ``toolkit`` system.
     """
-    from toolkit.config import RepositorySection, ServingSection
+    from toolkit.buildsys.config import RepositorySection, ServingSection
     from toolkit.repository.layout import core_model_name, latest_version_dir
     from toolkit.repository.writer import write_repository
+    from toolkit.stages.model_repository import repository_spec
 
     shipped = build.repository / core_model_name(build.model_name, "onnx_int8")
     if shipped.is_dir():
@@ -175,9 +175,9 @@ def int8_repository(build: Build, logs: Path) -> tuple[Path, str]:
                                              "serving_precision": "int8"})
     written = write_repository(
         output, model_name=build.model_name, merged_dir=build.merged, onnx_fp32=fp32, onnx_int8=int8,
-        context_length=int(build.manifest.get("context_length", 2048)),
-        base_model=str(build.manifest.get("base_model")),
-        repository=repo, serving=ServingSection.model_validate(config.get("serving", {})), symlink_onnx=True,
+        spec=repository_spec(repo, ServingSection.model_validate(config.get("serving", {})),
+                             context_length=int(build.manifest.get("context_length", 2048))),
+        base_model=str(build.manifest.get("base_model")), symlink_onnx=True,
     )
     return output, f"repository `{output}` ({written.manifest.serving_core_model}, `{int8}`, {status})"
 
@@ -208,27 +208,27 @@ class OnnxLoop:
     """Greedy batch-1 decoding with the toolkit's OnnxRunner: the floor any server on this model can reach."""
 
     def __init__(self, build: Build):
-        from toolkit.modeling import load_tokenizer
-        from toolkit.serving.runners import OnnxRunner
+        from toolkit.model_io.modeling import load_tokenizer
+        from toolkit.runtime.runners import OnnxRunner
 
         self.runner = OnnxRunner(build.onnx)
         self.tokenizer = load_tokenizer(build.tokenizer)
         self.stops = set(build.stop_ids)
 
     def prompt_ids(self, question: str) -> list[int]:
-        from toolkit.modeling import render_prompt_ids
+        from toolkit.model_io.modeling import render_prompt_ids
 
         return render_prompt_ids(self.tokenizer, [{"role": "user", "content": question}])
 
     def generate(self, prompt: list[int], max_tokens: int, ignore_eos: bool) -> tuple[list[int], list[float]]:
         """Generated ids and the time each arrived (perf_counter), starting from the call.
 
-        The scheduler's own cache handling at batch 1 (:class:`~toolkit.serving.kvcache.BatchKV`): the
+        The scheduler's own cache handling at batch 1 (:class:`~toolkit.runtime.kvcache.BatchKV`): the
         runner may serve the split-KV graph, whose ``present`` is the new token's keys and values only,
         so feeding ``present`` back as the next ``past`` (as a loop over the exported graph would) drops
         the whole context.
         """
-        from toolkit.serving.kvcache import BatchKV, left_pad
+        from toolkit.runtime.kvcache import BatchKV, left_pad
 
         stamps = [time.perf_counter()]
         ids, mask, positions = left_pad([prompt])

@@ -5,7 +5,7 @@ an existing workspace's ``base_model``, ``data`` and ``control`` stages; the tun
 memory) then answers every question the ``evaluate`` stage asks: the test split (56 + 56 in the demo
 build), the held-out fact questions (168 + 168) and the 71 general questions. The base model's answers
 to the general questions are computed once; each recipe's general answers are compared with them by
-the gates' paired rule (:func:`toolkit.significance.not_worse`). Usage::
+the gates' paired rule (:func:`toolkit.quality.significance.not_worse`). Usage::
 
     .venv/bin/python benchmarks/finetune_recipes.py --workspace build --out benchmarks/results/recipes.json \\
         --recipe 'kl1={"train": {"learning_rate": 0.002, "max_steps": 400, "kl_weight": 1.0}}' ...
@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toolkit.config import BuildConfig
-from toolkit.dataset import read_split
-from toolkit.evaluation import answer_prompts, evaluation_questions, heldout_paths, outcomes, set_accuracies
-from toolkit.modeling import CHAT_TEMPLATE_FILE, load_model, load_tokenizer, seed_everything
-from toolkit.significance import not_worse
-from toolkit.stage import StageContext, StageRecord
+from toolkit.buildsys.config import BuildConfig
+from toolkit.buildsys.stage_api import StageContext, StageRecord
+from toolkit.datasets.records import read_split
+from toolkit.model_io.modeling import CHAT_TEMPLATE_FILE, load_model, load_tokenizer, seed_everything
+from toolkit.quality.scoring import answer_prompts, evaluation_questions, heldout_paths, outcomes, set_accuracies
+from toolkit.quality.significance import not_worse
 from toolkit.stages import finetune as finetune_stage
 
 COLUMNS = ("test_en", "test_zh", "heldout_en", "heldout_zh", "retention12", "general")

@@ -2,7 +2,7 @@
 
 Against a running stack (``toolkit serve``), sequential requests (concurrency 1), greedy:
 
-    python benchmarks/gateway_latency.py --gateway http://127.0.0.1:8080 --triton 127.0.0.1:8001 \
+    python -m benchmarks.gateway_latency --gateway http://127.0.0.1:8080 --triton 127.0.0.1:8001 \
         --repository model_repository [--model NAME] [--api-key KEY] [--runs 10] [--max-tokens 16]
 
 Direct Triton gets the same prompt ids the gateway renders; both runs use the same max_tokens.
@@ -21,7 +21,7 @@ from typing import Any
 import openai
 
 from gateway.registry import chat_model_names, load_entry
-from toolkit.serving.client import GenerationClient
+from toolkit.quality.triton_client import GenerationClient
 
 PROMPT: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
 

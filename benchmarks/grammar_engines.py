@@ -1,6 +1,6 @@
 """xgrammar against llguidance on this machine: schema compile time, mask time per step, JSON Schema coverage.
 
-Run: ``python benchmarks/grammar_engines.py --tokenizer DIR [--tokenizer DIR2 ...]`` (each DIR a Hugging Face
+Run: ``python -m benchmarks.grammar_engines --tokenizer DIR [--tokenizer DIR2 ...]`` (each DIR a Hugging Face
 fast tokenizer: tokenizer.json + tokenizer_config.json). llguidance is a dependency of the toolkit; xgrammar
 is measured when it can be imported (it is not installed by the toolkit: its wheel requires torch), e.g.
 ``pip install --target /tmp/gx --no-deps xgrammar==0.2.8 apache-tvm-ffi`` and ``PYTHONPATH=/tmp/gx`` with the
@@ -201,8 +201,8 @@ def _stderr_captured() -> Iterator[Any]:
 
 
 def apply_mask_cost(mask: np.ndarray) -> float:
-    """Seconds the serving path takes to apply one row's bitmask to fresh logits (toolkit.serving.grammar)."""
-    from toolkit.serving.grammar import apply_bitmask
+    """Seconds the serving path takes to apply one row's bitmask to fresh logits (toolkit.runtime.grammar)."""
+    from toolkit.runtime.grammar import apply_bitmask
 
     logits = np.random.default_rng(0).standard_normal(mask.size * 32).astype(np.float32)
     start = time.perf_counter()

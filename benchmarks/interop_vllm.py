@@ -16,10 +16,10 @@ Writes ``benchmarks/results/interop-vllm-<date>.{json,md}``. Not part of the tes
 run installs vLLM (about 3.5 GB, see benchmarks/thirdparty.py) and vLLM takes about 100 s to start
 here.
 
-    .venv/bin/python benchmarks/interop_vllm.py [--build build] [--repository model_repository]
+    .venv/bin/python -m benchmarks.interop_vllm [--build build] [--repository model_repository]
 
 ``--families qwen2.5,llama3.2,...`` (or ``all``) does the same for every model family of
-``tests/families.py`` instead of the default build: each family's tiny random-weight model (its real
+``tests/family_models.py`` instead of the default build: each family's tiny random-weight model (its real
 tokenizer and chat template, head size 64 as vLLM's CPU attention wants) is built like the family tests
 build it into one repository; then for each, vLLM serving its merged model and the gateway answer the same
 conversations greedily, past the end of turn (``ignore_eos``), and must give the same text; and the
@@ -43,8 +43,7 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from thirdparty import (  # noqa: E402
+from benchmarks.thirdparty import (
     BENCH_DIR,
     ROOT,
     Server,
@@ -54,8 +53,7 @@ from thirdparty import (  # noqa: E402
     toolkit_serve_command,
     vllm_env,
 )
-
-from toolkit.golden import golden_conversations  # noqa: E402
+from toolkit.quality.golden import golden_conversations
 
 PROBE = "Hello world, how are you?"
 PROBE_IDS = [19556, 905, 28, 638, 359, 346, 47]  # SmolLM2's published tokenizer
@@ -244,9 +242,8 @@ def check_vectors(python: Path, cases: dict[str, list[tuple[str, list[int]]]]) -
 
 
 def run_families(names: list[str], old_transformers: str) -> int:
-    sys.path.insert(0, str(ROOT / "tests"))
-    import families
-    from tinybuild import CONVERSATIONS, build_families, served_name
+    from tests import family_models as families
+    from tests.tinybuild import CONVERSATIONS, build_families, served_name
 
     vllm = ensure_vllm()
     root = BENCH_DIR / "families"
@@ -301,19 +298,17 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-chat", help="served model name (the repository's)")
     parser.add_argument("--model-dir", type=Path, help="compare this merged model directory with --repository's "
                         "--model (greedy answers only)")
-    parser.add_argument("--families", help="comma-separated families of tests/families.py, or 'all'")
+    parser.add_argument("--families", help="comma-separated families of tests/family_models.py, or 'all'")
     parser.add_argument("--bench-prompts", type=int, default=16)
     parser.add_argument("--old-transformers", default="4.57.6")
     args = parser.parse_args()
     if args.families:
-        sys.path.insert(0, str(ROOT / "tests"))
-        import families
+        from tests import family_models as families
 
         names = list(families.FAMILIES) if args.families == "all" else args.families.split(",")
         return run_families(names, args.old_transformers)
     if args.model_dir:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tinybuild import CONVERSATIONS
+        from tests.tinybuild import CONVERSATIONS
 
         gateway_port, triton_port = free_port(), free_port() + 100
         with Server("toolkit serve", toolkit_serve_command(args.repository, gateway_port, triton_port),

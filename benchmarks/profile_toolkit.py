@@ -8,7 +8,7 @@ Starts ``toolkit serve`` on a repository, loads it with ``vllm bench serve --bac
 - records py-spy (``pip install py-spy``; found under .bench/tools/bin or on PATH) on the stub and
   on the gateway, and prints each one's heaviest functions (inclusive and self, share of samples).
 
-    .venv/bin/python benchmarks/profile_toolkit.py --repository model_repository --workspace build \\
+    .venv/bin/python -m benchmarks.profile_toolkit --repository model_repository --workspace build \\
         [--concurrency 16] [--prompts 48] [--seconds 25]
 """
 
@@ -24,10 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import client_command, demo_prompts, level_metrics  # noqa: E402
-from bench_systems import Build, make_system  # noqa: E402
-from thirdparty import BENCH_DIR, ForeignLoad, ensure_vllm, vllm_env  # noqa: E402
+from benchmarks.bench import client_command, demo_prompts, level_metrics
+from benchmarks.bench_systems import Build, make_system
+from benchmarks.thirdparty import BENCH_DIR, ForeignLoad, ensure_vllm, vllm_env
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

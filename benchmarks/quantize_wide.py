@@ -2,10 +2,10 @@
 question set").
 
 Each graph (an ONNX file with the build's KV-cache interface) answers what the ``evaluate`` and
-``quantize`` stages ask (:func:`toolkit.evaluation.evaluation_questions`: the test split, the held-out
+``quantize`` stages ask (:func:`toolkit.quality.scoring.evaluation_questions`: the test split, the held-out
 fact questions, the 71 general questions), greedily on onnxruntime with the model's chat template and
 the build's token budget; the first graph is the reference every other is compared with by the gates'
-paired rule (:func:`toolkit.significance.not_worse`).
+paired rule (:func:`toolkit.quality.significance.not_worse`).
 
     .venv/bin/python benchmarks/quantize_wide.py --workspace build build/export_onnx/model.onnx \\
         build/quantize/model_qdq.onnx [more.onnx ...]
@@ -17,13 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from toolkit.config import EvalSection
-from toolkit.dataset import read_split
-from toolkit.evaluation import evaluation_questions, heldout_paths, outcomes, set_accuracies
-from toolkit.export.task_gate import FACT_SETS, answer_questions
-from toolkit.modeling import load_tokenizer
-from toolkit.onnx_lm import OnnxCausalLM
-from toolkit.significance import not_worse
+from toolkit.buildsys.config import EvalSection
+from toolkit.datasets.records import read_split
+from toolkit.model_io.modeling import load_tokenizer
+from toolkit.quality.scoring import evaluation_questions, heldout_paths, outcomes, set_accuracies
+from toolkit.quality.significance import not_worse
+from toolkit.quality.task_gate import FACT_SETS, answer_questions
+from toolkit.runtime.onnx_lm import OnnxCausalLM
 
 COLUMNS = ("test_en", "test_zh", "heldout_en", "heldout_zh", "retention12", "general")
 

@@ -2,9 +2,9 @@
 
 Against a running stack (``toolkit serve``; its state file gives the gateway URL and both pids):
 
-    python benchmarks/reliability.py --state build/serve/state.json [--api-key KEY] \
+    python -m benchmarks.reliability --state build/serve/state.json [--api-key KEY] \
         [--clients 200] [--soak-s 600] [--out benchmarks/results/reliability-latest.json]
-    python benchmarks/reliability.py --no-serving --build-kills 20      # the build scenario alone
+    python -m benchmarks.reliability --no-serving --build-kills 20      # the build scenario alone
 
 1. load: ``--clients`` streaming requests at once (max_tokens 32). Passes when every answer is a
    200 or a 429 with Retry-After, none is a 5xx, and none hangs past ``--deadline-s``.
@@ -179,8 +179,7 @@ async def soak(url: str, headers: dict[str, str], pids: dict[str, int], seconds:
 
 def build_kills(kills: int, seed: int, root: Path) -> dict[str, Any]:
     """SIGKILL `kills` tiny builds at points spread over a full build's duration; rerun and verify each."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tinybuild import kill_build_within, run_build, timed, tiny_base_model, tiny_config, verify_build
+    from tests.tinybuild import kill_build_within, run_build, timed, tiny_base_model, tiny_config, verify_build
 
     base = tiny_base_model(root / "base")
     workspace, repository = root / "ws", root / "repo"

@@ -1,7 +1,7 @@
 """The README's picture of the chat page: a real build served by ``toolkit serve``, one question asked
 in headless Chromium (Debian's ``chromium``, driven by playwright), the models panel open.
 
-    .venv/bin/python benchmarks/screenshot_page.py --repository model_repository --out docs/img/chat-page.png
+    .venv/bin/python -m benchmarks.screenshot_page --repository model_repository --out docs/img/chat-page.png
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Only what the benchmark needs: ``GET /v1/models``, ``POST /v1/chat/completions``
 not; ``max_tokens``/``max_completion_tokens``, greedy or sampled, ``ignore_eos``,
 ``stream_options.include_usage``).
 
-    python benchmarks/seed_server.py --model build/merge/model --port 8090 [--name smollm2-chat]
+    python -m benchmarks.seed_server --model build/merge/model --port 8090 [--name smollm2-chat]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The whole build at real size: a Qwen2.5-0.5B- or 1.5B-shaped model, then served and asked through the gateway.
 
 The model has Qwen2.5's exact shape (layers, widths, heads, tied embeddings, 151,936-token vocabulary) and
-Qwen2's real tokenizer and chat template (``tests/families.py``), with random weights: everything but the
+Qwen2's real tokenizer and chat template (``tests/family_models.py``), with random weights: everything but the
 answers' quality is what a user's fine-tuned Qwen2.5 meets. The build runs every stage with a few training
 steps and a small evaluation (the stages' memory and time depend on the model's size, not on how long it
 trains), the Triton gate included; then ``toolkit serve`` serves the repository and the `openai` client asks
@@ -10,7 +10,7 @@ mark, reset before each stage; Triton's processes apart) go to
 ``benchmarks/results/size-<shape>-<date>.{json,md}``. A build the memory guard refuses is a result too: its
 one-line refusal is recorded.
 
-    .venv/bin/python benchmarks/size_build.py --shape 0.5b [--workdir .bench/size]
+    .venv/bin/python -m benchmarks.size_build --shape 0.5b [--workdir .bench/size]
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import Any
 
 import yaml
 
+from benchmarks.thirdparty import Server, free_port, toolkit_serve_command
+from tests import family_models as families
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
-import families  # noqa: E402
-from thirdparty import Server, free_port, toolkit_serve_command  # noqa: E402
 
 # Qwen2.5's published configs (hidden, MLP, layers, heads, KV heads); both tie their embeddings.
 SHAPES: dict[str, dict[str, Any]] = {

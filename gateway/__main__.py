@@ -14,7 +14,7 @@ def main() -> int:
     from pydantic import ValidationError
 
     from gateway.app import create_app
-    from gateway.errors import GatewayError
+    from gateway.error_responses import GatewayError
     from gateway.settings import GatewaySettings
     from toolkit.errors import ToolkitError
 

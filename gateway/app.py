@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from gateway.chat.router import router as chat_router
 from gateway.completions.router import router as completions_router
 from gateway.deps import AppState
-from gateway.errors import install_error_handlers
+from gateway.error_responses import install_error_handlers
 from gateway.health import router as health_router
 from gateway.hosts import TrustedHostMiddleware
 from gateway.limits import BodySizeLimitMiddleware, InFlightLimiter, PerKeyLimiter, RateLimiter
@@ -39,6 +39,24 @@ def _triton_pool(settings: GatewaySettings, metrics: RoutingMetrics | None = Non
                       settings.grpc_keepalive_s, settings.triton_resolve_interval_s, metrics=metrics)
 
 
+def check_in_flight_bound(settings: GatewaySettings, registry: ModelRegistry) -> None:
+    """Warn when GATEWAY_MAX_IN_FLIGHT admits more requests than the Tritons hold; they would refuse the rest.
+
+    Each Triton URL holds, per generation model, instances x (max_active_sequences + max_queue) requests
+    (the repository's config.pbtxt); past that Triton answers busy, which the gateway also turns into 429.
+    A URL that resolves to several replicas holds more, so the bound counts one per URL (the least).
+    """
+    held = len(settings.triton_urls) * min(entry.accepted_requests for entry in registry.entries())
+    if settings.max_in_flight > held:
+        entry = min(registry.entries(), key=lambda e: e.accepted_requests)
+        logger.warning(
+            "GATEWAY_MAX_IN_FLIGHT=%d is above what Triton holds for model %s: %d Triton URL(s) x %d instance(s) "
+            "x (max_active_sequences %d + max_queue %d) = %d; past %d requests Triton refuses them as busy (429) "
+            "before the gateway's own bound does. Lower GATEWAY_MAX_IN_FLIGHT to %d or raise serving.max_queue.",
+            settings.max_in_flight, entry.name, len(settings.triton_urls), entry.instances,
+            entry.limits.max_active_sequences, entry.limits.max_queue, held, held, held)
+
+
 def create_app(
     settings: GatewaySettings | None = None, pool_factory: Callable[[GatewaySettings], TritonPool] | None = None
 ) -> FastAPI:
@@ -51,6 +69,7 @@ def create_app(
     logger.setLevel(logging.INFO)
     settings = settings or GatewaySettings()
     registry = ModelRegistry.from_repository(settings.repository, settings.default_model)
+    check_in_flight_bound(settings, registry)
     metrics = GatewayMetrics()
 
     @asynccontextmanager

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from gateway.errors import ForbiddenError, UnauthorizedError
+from gateway.error_responses import ForbiddenError, UnauthorizedError
 from gateway.limits import InFlightLimiter, PerKeyLimiter, RateLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.registry import ModelRegistry

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import BadRequestError, to_error_response
+from gateway.error_responses import BadRequestError, to_error_response
 
 
 def host_name(header: str) -> str:

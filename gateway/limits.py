@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import BodyTooLargeError, TooManyRequestsError, to_error_response
+from gateway.error_responses import BodyTooLargeError, TooManyRequestsError, to_error_response
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 

@@ -19,13 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from tritonclient.grpc import model_config_pb2
 
 from gateway.deps import AdminKey, ApiKey, AppState, State
-from gateway.errors import GatewayError, TritonUnavailableError
+from gateway.error_responses import GatewayError, TritonUnavailableError
 from gateway.registry import ModelEntry, load_entry
 from gateway.triton import Endpoint, map_triton_error
 from toolkit.repository.contract import CONFIG_FILE
 from toolkit.repository.layout import bls_core_model
 from toolkit.repository.pbtxt import read_config
-from toolkit.serving.admin_auth import grpc_admin_headers
+from toolkit.supervisor.admin_auth import grpc_admin_headers
 
 logger = logging.getLogger("gateway")
 router = APIRouter(tags=["models"])

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gateway.errors import GatewayError, ModelNotFoundError
+from gateway.error_responses import GatewayError, ModelNotFoundError
 from gateway.tokenization import ChatTokenizer
 from toolkit.errors import ConfigError, ServingError
-from toolkit.repository import contract
-from toolkit.repository.layout import generation_models, latest_version_dir, model_parameters
+from toolkit.repository.layout import generation_instances, generation_models, latest_version_dir, model_parameters
 from toolkit.repository.manifest import MANIFEST_FILE, TOKENIZER_DIR, ModelManifest
+from toolkit.repository.spec import GenerationLimits
 
 logger = logging.getLogger("gateway")
 
@@ -41,6 +41,13 @@ class ModelEntry:
     tokenizer: ChatTokenizer
     max_new_tokens_limit: int
     created_s: int
+    limits: GenerationLimits = GenerationLimits()  # as its config.pbtxt declares them
+    instances: int = 1  # Triton instances of the generation model, each with its own limits
+
+    @property
+    def accepted_requests(self) -> int:
+        """Requests one Triton holds for this model before refusing more as busy."""
+        return self.instances * self.limits.accepted_requests
 
     @property
     def context_length(self) -> int:
@@ -64,10 +71,11 @@ def load_entry(repository: Path, name: str, version: int | None = None) -> Model
         raise RepositoryError(f"{version_dir / MANIFEST_FILE} is not a valid manifest: {problem['msg']}") from None
     tokenizer = ChatTokenizer.from_dir(version_dir / TOKENIZER_DIR, manifest.chat_template)
     try:
-        limit_text = model_parameters(repository, name).get(contract.PARAM_MAX_NEW_TOKENS)
+        limits = GenerationLimits.from_parameters(model_parameters(repository, name))
+        instances = generation_instances(repository, name)
     except ConfigError as err:
-        raise RepositoryError(str(err)) from None
-    limit = int(limit_text) if limit_text and limit_text.isdigit() else manifest.context_length
+        raise RepositoryError(f"model '{name}': {err}") from None
+    limit = limits.max_new_tokens_limit or manifest.context_length
     return ModelEntry(
         name=name,
         version=int(version_dir.name),
@@ -75,6 +83,8 @@ def load_entry(repository: Path, name: str, version: int | None = None) -> Model
         tokenizer=tokenizer,
         max_new_tokens_limit=min(limit, manifest.context_length),
         created_s=int(version_dir.stat().st_mtime),
+        limits=limits,
+        instances=instances,
     )
 
 

@@ -1,6 +1,6 @@
 """The model's own tokenizer and chat template, loaded from the repository.
 
-The prompt is rendered exactly as training renders it (``toolkit.modeling.render_prompt_ids``):
+The prompt is rendered exactly as training renders it (``toolkit.model_io.modeling.render_prompt_ids``):
 the chat template turns the conversation into text, and that text is tokenized without adding
 special tokens, because the template writes every special token itself. The template comes from
 the manifest (what the model was fine-tuned with), not from whatever the tokenizer files carry.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.detokenize import REPLACEMENT_CHAR, IncrementalDetokenizer
-from gateway.errors import BadRequestError, GatewayError
+from gateway.error_responses import BadRequestError, GatewayError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -103,7 +103,7 @@ def hermes_call(name: str, arguments: dict[str, Any]) -> str:
 
 
 def grammar_spec(style: ToolStyle, tools: Sequence[tuple[str, dict[str, Any]]], required: bool, parallel: bool) -> str:
-    """The generation model's ``tool_calls`` grammar spec (toolkit.serving.grammar) for (name, parameters) tools."""
+    """The generation model's ``tool_calls`` grammar spec (toolkit.runtime.grammar) for (name, parameters) tools."""
     return json.dumps({
         "type": "tool_calls", "tools": [{"name": n, "parameters": p} for n, p in tools], "begin": style.begin,
         "end": style.end, "arguments_key": style.arguments_key, "required": required,

@@ -28,7 +28,7 @@ from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput, InferRequestedO
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from gateway.errors import (
+from gateway.error_responses import (
     BadRequestError,
     GatewayError,
     TooManyRequestsError,
@@ -63,7 +63,7 @@ class GenerationInputs:
     repetition_penalty: float = contract.DEFAULT_REPETITION_PENALTY
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = contract.DEFAULT_IGNORE_EOS
-    grammar: str | None = None  # a grammar spec (toolkit.serving.grammar), JSON
+    grammar: str | None = None  # a grammar spec (toolkit.runtime.grammar), JSON
     logprobs: int | None = None  # alternatives per generated token; None: no log-probabilities
     prompt_logprobs: int | None = None  # the same for the prompt's tokens
 

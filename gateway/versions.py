@@ -16,7 +16,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field, ValidationError
 
 from gateway.deps import ApiKey, AppState, State
-from gateway.errors import ModelNotFoundError
+from gateway.error_responses import ModelNotFoundError
 from gateway.registry import chat_model_names
 from toolkit.repository.manifest import MANIFEST_FILE, BuildFacts, ModelManifest
 

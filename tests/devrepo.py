@@ -35,9 +35,10 @@ def write_serving_repository(
     shipped beside the manifest for the gateway; without it the repository serves token ids only.
     ``build`` stands for the scores and gates a build records in the manifest.
     """
-    from toolkit.config import RepositorySection, ServingSection
+    from toolkit.buildsys.config import RepositorySection, ServingSection
     from toolkit.repository.contract import LMInfo
     from toolkit.repository.writer import ModelFacts, write_repository
+    from toolkit.stages.model_repository import repository_spec
 
     template_file = tokenizer_dir / "chat_template.jinja" if tokenizer_dir is not None else None
     facts = ModelFacts(
@@ -46,11 +47,12 @@ def write_serving_repository(
         chat_template=template_file.read_text() if template_file is not None and template_file.is_file() else "",
     )
     written = write_repository(
-        root, model_name=name, model=facts, onnx_fp32=onnx, context_length=context_length, base_model=str(onnx),
-        repository=RepositorySection(max_batch_size=max_batch_size, runner="onnxruntime"),
-        serving=ServingSection(max_active_sequences=max_active, max_queue=max_queue,
-                               max_new_tokens_limit=max_new_tokens_limit,
-                               grammar_compile_timeout_s=grammar_compile_timeout_s),
+        root, model_name=name, model=facts, onnx_fp32=onnx, base_model=str(onnx),
+        spec=repository_spec(RepositorySection(max_batch_size=max_batch_size, runner="onnxruntime"),
+                             ServingSection(max_active_sequences=max_active, max_queue=max_queue,
+                                            max_new_tokens_limit=max_new_tokens_limit,
+                                            grammar_compile_timeout_s=grammar_compile_timeout_s),
+                             context_length=context_length),
         symlink_onnx=True, build=build,
     )
     return ServedRepository(root, name, onnx, written.manifest)

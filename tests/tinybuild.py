@@ -36,8 +36,7 @@ REUSABLE = ("ran", "unavailable")
 
 def tiny_base_model(out: Path) -> Path:
     """The tiny chat model (tokenizer, template, safetensors) the builds start from."""
-    sys.path.insert(0, str(ROOT / "tests" / "unit"))
-    from tiny_llm import save_tiny_model
+    from tests.unit.tiny_llm import save_tiny_model
 
     return save_tiny_model(out)
 
@@ -95,7 +94,7 @@ def build_families(names: Sequence[str], root: Path, timeout_s: float = 900, **m
     at a time with one thread each; returns each family's workspace. Raises on a failed build, with its output."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import families
+    from tests import family_models as families
 
     dataset = root / "short-answers.jsonl"
     dataset.write_text("".join(json.dumps({"instruction": q, "output": ANSWERS[i % len(ANSWERS)]}) + "\n"

@@ -15,10 +15,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from toolkit.buildlog import NOISY_LOGGERS
-from toolkit.config import BuildConfig, load_config
+from toolkit.buildsys.buildlog import NOISY_LOGGERS
+from toolkit.buildsys.config import BuildConfig, load_config
+from toolkit.buildsys.report import StageStatus
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.report import StageStatus
 
 app = typer.Typer(
     help="Fine-tune a chat model and ship it to NVIDIA Triton.",
@@ -85,8 +85,8 @@ def build(
 
     The terminal shows the stages and gates; ``<workspace>/build.log`` holds everything else.
     """
-    from toolkit.buildlog import LOG_FILE, build_logging
-    from toolkit.pipeline import STAGE_NAMES, run_build
+    from toolkit.buildsys.buildlog import LOG_FILE, build_logging
+    from toolkit.stages.pipeline import STAGE_NAMES, run_build
 
     try:
         cfg = _override(load_config(config), workspace=workspace, output=output)
@@ -122,8 +122,8 @@ def _write_junit(workspace: Path, path: Path | None, started_ns: int, error: str
     """The JUnit XML of the report this build left in `workspace`, whatever its outcome."""
     if path is None:
         return
-    from toolkit.junit import write_junit
-    from toolkit.report import BuildReport, BuildStatus
+    from toolkit.buildsys.junit import write_junit
+    from toolkit.buildsys.report import BuildReport, BuildStatus
 
     saved = workspace / "report.json"
     if saved.is_file() and saved.stat().st_mtime_ns >= started_ns:
@@ -136,7 +136,7 @@ def _write_junit(workspace: Path, path: Path | None, started_ns: int, error: str
 
 
 def _port(value: str, option: str) -> int | None:
-    from toolkit.serving.ports import parse_port
+    from toolkit.supervisor.ports import parse_port
 
     try:
         return parse_port(value, option)
@@ -174,8 +174,8 @@ def serve(
     says where and exits 0; a port held by anything else is an error that names the process.
     """
     _setup_logging(verbose)
-    from toolkit.serving.serve import ServeOptions, ServeOutcome
-    from toolkit.serving.serve import serve as run_serve
+    from toolkit.supervisor.serve import ServeOptions, ServeOutcome
+    from toolkit.supervisor.serve import serve as run_serve
 
     try:
         options = ServeOptions(
@@ -189,21 +189,6 @@ def serve(
         raise _fail(err) from None
     if outcome is ServeOutcome.ALREADY_RUNNING:
         raise typer.Exit(code=0)
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
-def bench(ctx: typer.Context) -> None:
-    """Benchmark the served build against vLLM, llama.cpp, the seed pattern and bare onnxruntime.
-
-    Runs benchmarks/bench.py of this checkout with the same options (--quick, --systems, --workspace,
-    --repository, --concurrency, ...: `toolkit bench --help` is its help). Run it on an idle machine.
-    """
-    import subprocess
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
-    if not script.is_file():
-        raise _fail(ConfigError(f"{script} is missing: `toolkit bench` runs from a source checkout (git clone)"))
-    raise typer.Exit(code=subprocess.run([sys.executable, str(script), *ctx.args]).returncode)
 
 
 @app.command()
@@ -228,10 +213,10 @@ def chat(
     """Chat with the served model in the terminal; starts (and later stops) a server when none runs."""
     import signal
 
-    from toolkit.chat.client import GatewayClient
-    from toolkit.chat.launcher import Backend, connect
-    from toolkit.chat.repl import ChatRepl, one_shot
-    from toolkit.chat.session import ChatSession
+    from toolkit.terminal_chat.gateway_client import GatewayClient
+    from toolkit.terminal_chat.launcher import Backend, connect
+    from toolkit.terminal_chat.repl import ChatRepl, one_shot
+    from toolkit.terminal_chat.session import ChatSession
 
     def note(text: str) -> None:
         console.print(f"[dim]{escape(text)}[/]", highlight=False, soft_wrap=True)

@@ -34,8 +34,8 @@ from gateway.chat.protocol import (
 from gateway.chat.serving import ChatService, TextEvent, chat_prompt
 from gateway.chat.structured import chat_render, tool_parser
 from gateway.deps import ApiKey, State
-from gateway.errors import BadRequestError, GatewayError, error_body
-from gateway.logprobs import TokenTexts, chat_logprobs
+from gateway.error_responses import BadRequestError, GatewayError, error_body
+from gateway.openai_logprobs import TokenTexts, chat_logprobs
 from gateway.tools import ToolCallParser
 
 logger = logging.getLogger("gateway")

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from gateway.chat.protocol import ResponseFormat, SamplingFields, Usage
 from gateway.deps import AppState
 from gateway.detokenize import StopMatcher
-from gateway.errors import BadRequestError, TooManyRequestsError, TritonUnavailableError, UpstreamTimeoutError
+from gateway.error_responses import BadRequestError, TooManyRequestsError, TritonUnavailableError, UpstreamTimeoutError
 from gateway.registry import ModelEntry
 from gateway.triton import GenerationInputs, TokenLogprobs
 from toolkit.repository import contract
@@ -148,7 +148,7 @@ def chat_prompt(messages: list[dict[str, Any]], response_format: ResponseFormat 
 
 
 def response_format_spec(response_format: ResponseFormat | None) -> str | None:
-    """The grammar spec (toolkit.serving.grammar) of a response_format; None for text."""
+    """The grammar spec (toolkit.runtime.grammar) of a response_format; None for text."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":

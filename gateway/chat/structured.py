@@ -2,7 +2,7 @@
 
 :func:`chat_render` turns a request into the prompt plan for one model: tools rendered by the model's
 own chat template where it takes them, else as a system prompt (:mod:`gateway.tools`); and the
-grammar spec (``toolkit.serving.grammar``) from ``response_format`` or from ``tool_choice``:
+grammar spec (``toolkit.runtime.grammar``) from ``response_format`` or from ``tool_choice``:
 ``required`` and a named tool constrain the reply to calls, ``auto`` constrains each call once it
 starts (hermes), ``none`` leaves tools out of the prompt.
 """

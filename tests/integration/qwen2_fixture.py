@@ -1,6 +1,6 @@
 """A random-weight Qwen2.5 (Qwen2's real tokenizer, Qwen2.5's published chat template with tools), exported.
 
-The model is the ``qwen2.5`` family of ``tests/families.py`` (2 layers, hidden 64, random weights; the
+The model is the ``qwen2.5`` family of ``tests/family_models.py`` (2 layers, hidden 64, random weights; the
 tokenizer and template from llama.cpp's vocabulary files, which ``make test`` fetches), exported by the
 toolkit's own exporter; the tests need only the export directory (graph + tokenizer files + template).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import families
+from tests import family_models as families
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IM_END = 151645  # <|im_end|> in Qwen2's vocabulary

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tinybuild import (
+
+from tests.tinybuild import (
     ROOT,
     kill_build_within,
     run_build,

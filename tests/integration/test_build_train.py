@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.config import BuildConfig
-from toolkit.modeling import load_tokenizer
-from toolkit.pipeline import run_build
+from toolkit.buildsys.config import BuildConfig
+from toolkit.model_io.modeling import load_tokenizer
+from toolkit.stages.pipeline import run_build
 
 pytestmark = pytest.mark.integration
 

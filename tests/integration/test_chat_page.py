@@ -25,7 +25,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import (
+
+from tests.devrepo import ServedRepository
+from tests.integration.conftest import (
     IM_END,
     SMOLLM_TOKENIZER,
     TINY_MODEL,
@@ -33,13 +35,11 @@ from conftest import (
     export_tiny_llama,
     write_generation_repository,
 )
-from devrepo import ServedRepository
-from prerequisites import require
-from reference import ReferenceTokenizer
-
-from toolkit.onnx_lm import OnnxCausalLM
+from tests.prerequisites import require
+from tests.reference import ReferenceTokenizer
 from toolkit.repository.manifest import BuildFacts, GateSummary
-from toolkit.serving.state import process_alive
+from toolkit.runtime.onnx_lm import OnnxCausalLM
+from toolkit.supervisor.state import process_alive
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -245,7 +245,7 @@ def test_new_build_becomes_the_default_from_the_page_without_a_restart(
 
 
 def test_stop_copy_and_new_chat(page: Any, server: dict[str, Any]) -> None:
-    from conftest import metric_sum, scrape
+    from tests.integration.conftest import metric_sum, scrape
 
     metrics = f"http://127.0.0.1:{server['metrics_port']}/metrics"
     before = scrape(metrics)

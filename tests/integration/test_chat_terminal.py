@@ -26,14 +26,14 @@ from pathlib import Path
 import httpx
 import pexpect
 import pytest
-from conftest import die_with_parent, metric_sum, scrape
-from devrepo import ServedRepository
-from reference import ReferenceTokenizer
 from rich.console import Console
 from rich.markdown import Markdown
 
-from toolkit.serving.client import GenerationClient
-from toolkit.serving.state import process_alive
+from tests.devrepo import ServedRepository
+from tests.integration.conftest import die_with_parent, metric_sum, scrape
+from tests.reference import ReferenceTokenizer
+from toolkit.quality.triton_client import GenerationClient
+from toolkit.supervisor.state import process_alive
 
 pytestmark = pytest.mark.integration
 TOOLKIT = str(Path(sys.executable).parent / "toolkit")

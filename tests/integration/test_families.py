@@ -1,6 +1,6 @@
 """Every supported model family through the whole build, a real Triton and the gateway.
 
-For each family (``tests/families.py``: a tiny random-weight model of the family's architecture with its real
+For each family (``tests/family_models.py``: a tiny random-weight model of the family's architecture with its real
 tokenizer and chat template), ``toolkit build`` runs every stage as a user runs it: LoRA fine-tune on a small
 dataset whose answers are one word, so the tuned model learns to end its turn with the family's own
 end-of-turn token; merge and the portability gates; ONNX export with the exact parity gates; INT8 and the
@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import families
 import openai
 import pytest
-import tinybuild
-from conftest import Gateway, gateway_over_triton, wait_ready
-from reference import ReferenceTokenizer
-from tinybuild import CONVERSATIONS, served_name
+
+from tests import family_models as families
+from tests import tinybuild
+from tests.integration.conftest import Gateway, gateway_over_triton, wait_ready
+from tests.reference import ReferenceTokenizer
+from tests.tinybuild import CONVERSATIONS, served_name
 
 # Seven builds, then one Triton for all: the module's first test waits for every build (about 3 minutes on
 # two idle cores), so it gets twice the suite's per-test limit.

@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import (
+
+from tests.integration.conftest import (
     Gateway,
     RunningTriton,
     ServedRepository,
@@ -28,9 +29,8 @@ from conftest import (
     stop_gateway,
     wait_ready,
 )
-from reference import ReferenceTokenizer
-
-from toolkit.serving.client import GenerationClient
+from tests.reference import ReferenceTokenizer
+from toolkit.quality.triton_client import GenerationClient
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import yaml
-from conftest import (
+
+from tests.integration.conftest import (
     REPO_ROOT,
     Gateway,
     RunningTriton,
@@ -39,7 +40,7 @@ from conftest import (
     stop_process,
     wait_ready,
 )
-from prerequisites import require
+from tests.prerequisites import require
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import (
+
+from tests.integration.conftest import (
     TINY_MODEL,
     Gateway,
     metric_sum,
@@ -31,9 +32,8 @@ from conftest import (
     wait_ready,
     write_generation_repository,
 )
-
-from toolkit.serving.admin_auth import ADMIN_HEADER
-from toolkit.serving.triton_server import TritonServer
+from toolkit.supervisor.admin_auth import ADMIN_HEADER
+from toolkit.supervisor.triton_server import TritonServer
 
 pytestmark = pytest.mark.integration
 

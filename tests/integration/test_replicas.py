@@ -27,7 +27,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import TINY_MODEL, metric_sum, write_generation_repository
+
+from tests.integration.conftest import TINY_MODEL, metric_sum, write_generation_repository
 
 pytestmark = pytest.mark.integration
 

@@ -19,12 +19,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from toolkit.config import TensorRTSection
-from toolkit.onnx_lm import OnnxCausalLM
+from toolkit.buildsys.config import RepositorySection, ServingSection, TensorRTSection
+from toolkit.quality.triton_client import GenerationClient
 from toolkit.repository.writer import TrtInputs, write_repository
-from toolkit.serving.admin_auth import ADMIN_HEADER, GRPC_ADMIN_HEADER
-from toolkit.serving.client import GenerationClient
-from toolkit.serving.triton_server import TritonServer
+from toolkit.runtime.onnx_lm import OnnxCausalLM
+from toolkit.stages.model_repository import plan_spec, repository_spec
+from toolkit.supervisor.admin_auth import ADMIN_HEADER, GRPC_ADMIN_HEADER
+from toolkit.supervisor.triton_server import TritonServer
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +51,9 @@ def test_written_repository_loads_and_serves(tiny_onnx: Path, tmp_path: Path) ->
     (merged / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "bos_token_id": 1}))
     repo = tmp_path / "repo"
     written = write_repository(
-        repo, model_name="tiny", merged_dir=merged, onnx_fp32=tiny_onnx, context_length=256,
-        trt_inputs=TrtInputs(section=TensorRTSection(max_input_len=128), max_batch_size=8, context_length=256),
+        repo, model_name="tiny", merged_dir=merged, onnx_fp32=tiny_onnx,
+        spec=repository_spec(RepositorySection(), ServingSection(), context_length=256),
+        trt_inputs=TrtInputs(plan=plan_spec(TensorRTSection(max_input_len=128))),
     )
     assert written.manifest.stop_token_ids == [2]
     expected, _ = OnnxCausalLM(tiny_onnx, threads=1).greedy([PROMPT], 8, [2], pad_id=written.manifest.pad_token_id)

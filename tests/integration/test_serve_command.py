@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from devrepo import ServedRepository
 
-from toolkit.serving.client import GenerationClient
+from tests.devrepo import ServedRepository
+from toolkit.quality.triton_client import GenerationClient
 
 pytestmark = pytest.mark.integration
 PORTS = ("18030", "18031", "18032")

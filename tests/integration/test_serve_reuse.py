@@ -19,10 +19,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import die_with_parent
-from devrepo import ServedRepository
 
-from toolkit.serving.state import process_alive
+from tests.devrepo import ServedRepository
+from tests.integration.conftest import die_with_parent
+from toolkit.supervisor.state import process_alive
 
 pytestmark = pytest.mark.integration
 GATEWAY_PORT = 18310

@@ -18,9 +18,11 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from conftest import Gateway, gateway_over_triton, write_generation_repository
-from devrepo import ServedRepository
-from openai_tools import (
+from pydantic import BaseModel, Field
+
+from tests.devrepo import ServedRepository
+from tests.integration.conftest import Gateway, gateway_over_triton, write_generation_repository
+from tests.integration.openai_tools import (
     ASK_WEATHER,
     PARAMETERS,
     TOOLS,
@@ -29,7 +31,6 @@ from openai_tools import (
     required_or_named_calls,
     two_turn_conversation,
 )
-from pydantic import BaseModel, Field
 
 pytestmark = pytest.mark.integration
 
@@ -232,8 +233,8 @@ def test_lm_eval_log_likelihoods_equal_onnxruntimes(stack: Gateway, repository: 
     import numpy as np
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    from toolkit.onnx_lm import OnnxCausalLM
-    from toolkit.serving.logprobs import log_softmax
+    from toolkit.runtime.logprobs import log_softmax
+    from toolkit.runtime.onnx_lm import OnnxCausalLM
 
     tokenizer_dir = repository.path / MODEL / "1" / "tokenizer"
     args = {"base_url": f"{stack.url}/v1/completions", "tokenizer_backend": "huggingface",

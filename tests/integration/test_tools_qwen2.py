@@ -17,11 +17,18 @@ from typing import Any
 import openai
 import pytest
 import transformers
-from conftest import Gateway, gateway_over_triton
-from devrepo import ServedRepository, write_serving_repository
-from openai_tools import ASK_WEATHER, TOOLS, auto_calls, required_or_named_calls, two_turn_conversation
-from qwen2_fixture import IM_END, REPO_ROOT, export_random_qwen2
-from reference import ReferenceTokenizer
+
+from tests.devrepo import ServedRepository, write_serving_repository
+from tests.integration.conftest import Gateway, gateway_over_triton
+from tests.integration.openai_tools import (
+    ASK_WEATHER,
+    TOOLS,
+    auto_calls,
+    required_or_named_calls,
+    two_turn_conversation,
+)
+from tests.integration.qwen2_fixture import IM_END, REPO_ROOT, export_random_qwen2
+from tests.reference import ReferenceTokenizer
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +39,7 @@ TRITON_PORTS, GATEWAY_PORT = (18150, 18151, 18152), 18153
 @pytest.fixture(scope="module")
 def qwen2_onnx(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The export, cached across sessions (keyed on the code that makes it and transformers' version)."""
-    makers = ("tests/integration/qwen2_fixture.py", "tests/families.py", "toolkit/export/torch_to_onnx.py")
+    makers = ("tests/integration/qwen2_fixture.py", "tests/family_models.py", "toolkit/export/torch_to_onnx.py")
     key = hashlib.sha256(transformers.__version__.encode() + b"".join(
         (REPO_ROOT / name).read_bytes() for name in makers)).hexdigest()[:12]
     cache = getattr(request.config, "cache", None)

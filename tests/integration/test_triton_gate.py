@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ServedRepository, export_tiny_llama
 
-from toolkit.config import BuildConfig
-from toolkit.stage import StageContext, StageRecord
+from tests.integration.conftest import ServedRepository, export_tiny_llama
+from toolkit.buildsys.config import BuildConfig
+from toolkit.buildsys.stage_api import StageContext, StageRecord
 from toolkit.stages import triton_gate
 
 pytestmark = pytest.mark.integration

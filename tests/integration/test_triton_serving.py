@@ -16,15 +16,15 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import IM_END, RunningTriton, ServedRepository
 
+from tests.integration.conftest import IM_END, RunningTriton, ServedRepository
 from toolkit.errors import ServingError
-from toolkit.onnx_lm import OnnxCausalLM
-from toolkit.serving.client import GenerationClient, generation_inputs
-from toolkit.serving.requests import GenerationRequest, SamplingParams
-from toolkit.serving.runners import OnnxRunner
-from toolkit.serving.scheduler import Scheduler
-from toolkit.serving.triton_server import TritonServer
+from toolkit.quality.triton_client import GenerationClient, generation_inputs
+from toolkit.runtime.onnx_lm import OnnxCausalLM
+from toolkit.runtime.requests import GenerationRequest, SamplingParams
+from toolkit.runtime.runners import OnnxRunner
+from toolkit.runtime.scheduler import Scheduler
+from toolkit.supervisor.triton_server import TritonServer
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 60.0
@@ -110,10 +110,8 @@ def test_scheduler_over_real_onnx_matches_direct_greedy(tiny_onnx: Path, split_k
 def test_the_benchmarks_bare_loop_generates_what_greedy_does(tiny_onnx: Path, split_kv: bool) -> None:
     """`make bench`'s single-stream floor must be a correct loop, or its speed means nothing (it once fed the
     split graph's new-token-only present back as the whole cache: fast, and 0/24 answers right)."""
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from bench_systems import OnnxLoop
+    from benchmarks.bench_systems import OnnxLoop
 
     loop = OnnxLoop.__new__(OnnxLoop)  # its runner without a build's tokenizer and files
     loop.runner, loop.stops = OnnxRunner(tiny_onnx, split_kv=split_kv), {IM_END}
@@ -125,7 +123,7 @@ def test_the_benchmarks_bare_loop_generates_what_greedy_does(tiny_onnx: Path, sp
 
 def test_split_kv_graph_logits_equal_the_exported_graph(tiny_onnx: Path) -> None:
     """Prefill (left-padded) and a decode step over a cache with masked spare columns, against the export."""
-    from toolkit.serving.kvcache import BatchKV, left_pad
+    from toolkit.runtime.kvcache import BatchKV, left_pad
 
     split, plain = OnnxRunner(tiny_onnx), OnnxRunner(tiny_onnx, split_kv=False)
     ids, mask, positions = left_pad(_prompts(3, seed=9))
@@ -146,7 +144,7 @@ def test_split_kv_graph_logits_equal_the_exported_graph(tiny_onnx: Path) -> None
 
 def test_split_kv_graph_gives_every_positions_logits_when_asked(tiny_onnx: Path) -> None:
     """Prompt logprobs (echo) need the whole prompt's logits: the serving graph's logits_from input, fed 0."""
-    from toolkit.serving.kvcache import left_pad
+    from toolkit.runtime.kvcache import left_pad
 
     split, plain = OnnxRunner(tiny_onnx), OnnxRunner(tiny_onnx, split_kv=False)
     ids, mask, positions = left_pad(_prompts(2, seed=5))

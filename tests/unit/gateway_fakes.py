@@ -11,13 +11,21 @@ import shutil
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from gateway.errors import TritonUnavailableError
+from fastapi.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.error_responses import TritonUnavailableError
+from gateway.settings import GatewaySettings
 from gateway.triton import GenerationInputs, StepOutput, TokenLogprobs
 from toolkit.repository.manifest import ModelManifest
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "smollm2_tokenizer"
 EOS_ID = 2  # <|im_end|>
+KEY = "test-key-0123456789"
+ADMIN = "admin-key-0123456789"
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def write_repository(root: Path, name: str = "chat", context_length: int = 128, max_new_tokens: int = 48) -> Path:
@@ -154,3 +162,25 @@ class FakePool:
         finally:
             if not finished:
                 self.closed_early += 1
+
+
+def make_client(repository: Path, pool: FakePool, **overrides: Any) -> TestClient:
+    """The gateway app over `pool` (a fake Triton), as a test client on a loopback name."""
+    settings = GatewaySettings(repository=repository, triton_urls=["fake:8001"], **overrides)
+    app = create_app(settings, pool_factory=lambda _: pool)  # type: ignore[arg-type]
+    return TestClient(app, base_url="http://localhost")  # a loopback name: auth off serves only those
+
+
+def assert_openai_error(response: Any, status: int, fragment: str, param: str | None = None) -> dict:
+    """The response is `status` with an error in the OpenAI shape whose message holds `fragment`."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert fragment in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def sse_events(response: Any) -> list[str]:
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from toolkit.serving.logprobs import Logprobs
+from toolkit.runtime.logprobs import Logprobs
 
 
 class FakeRunner:

@@ -7,13 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
-from tiny_llm import save_tiny_model
 
-from toolkit import embedded_model
-from toolkit.config import BuildConfig
+from tests.unit.tiny_llm import save_tiny_model
+from toolkit.buildsys.config import BuildConfig
+from toolkit.buildsys.stage_api import StageContext
 from toolkit.errors import ConfigError, StageError
-from toolkit.modeling import load_tokenizer, render_prompt_ids
-from toolkit.stage import StageContext
+from toolkit.model_io import embedded_model
+from toolkit.model_io.modeling import load_tokenizer, render_prompt_ids
 from toolkit.stages import base_model
 
 
@@ -128,7 +128,7 @@ def test_a_transformers_5_tokenizer_class_is_renamed_at_base_model(tmp_path: Pat
     model_dir, metrics = _run_stage(tmp_path, str(model))
     assert json.loads((model_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert metrics["fixes"][0].startswith("tokenizer_class TokenizersBackend -> PreTrainedTokenizerFast")
-    from toolkit.portability import label_problems
+    from toolkit.quality.portability import label_problems
 
     assert label_problems(model_dir) == []
 
@@ -158,7 +158,7 @@ def test_every_end_id_of_the_model_stays_a_stop_and_a_turn_start_does_not(tmp_pa
 
 
 def test_an_in_place_edit_of_the_base_directory_reruns_base_model(tmp_path: Path) -> None:
-    from toolkit.pipeline import run_build
+    from toolkit.stages.pipeline import run_build
 
     model = save_tiny_model(tmp_path / "checkpoints" / "latest")
     config = BuildConfig.model_validate({"workspace": str(tmp_path / "ws"), "model": {"base": str(model)}})

@@ -13,23 +13,23 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from toolkit import pipeline
-from toolkit.buildlog import progress
+from toolkit.buildsys.buildlog import progress
+from toolkit.buildsys.junit import junit_xml
+from toolkit.buildsys.report import BuildReport, BuildStatus, GateResult, StageReport, StageStatus
+from toolkit.buildsys.stage_api import StageContext, StageResult
 from toolkit.cli import app
-from toolkit.junit import junit_xml
-from toolkit.pipeline import StageSpec
-from toolkit.report import BuildReport, BuildStatus, GateResult, StageReport, StageStatus
-from toolkit.stage import StageContext, StageResult
+from toolkit.stages import pipeline
+from toolkit.stages.pipeline import StageSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
 NOISY_BUILD = """
 import logging, os, sys, warnings
 from pathlib import Path
-from toolkit.buildlog import build_logging, progress
+from toolkit.buildsys.buildlog import build_logging, progress
 
 with build_logging(Path(sys.argv[1])):
-    logging.getLogger("toolkit.pipeline").info("finetune: running (PEFT LoRA fine-tune)")
+    logging.getLogger("toolkit.stages.pipeline").info("finetune: running (PEFT LoRA fine-tune)")
     print("[torch.onnx] Obtain model graph")  # a library that prints
     os.write(2, b"onnxruntime C++ warning on fd 2\\n")  # a library that writes to the fd itself
     os.write(1, b"native write on fd 1\\n")
@@ -41,7 +41,7 @@ with build_logging(Path(sys.argv[1])):
     warnings.warn("is_gradient_checkpointing is deprecated", FutureWarning)
     for _ in progress(range(20), total=20, desc="finetune", unit="step"):
         pass
-    logging.getLogger("toolkit.pipeline").info("finetune: ran in 1.0 s")
+    logging.getLogger("toolkit.stages.pipeline").info("finetune: ran in 1.0 s")
 print("after the build")
 """
 

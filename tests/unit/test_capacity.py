@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from toolkit.capacity import GIB, MIB, capacity_report, kv_bytes_per_token
+from toolkit.repository.capacity import GIB, MIB, capacity_report, kv_bytes_per_token
 from toolkit.repository.contract import LMInfo
 
 SMOLLM2 = LMInfo(num_layers=30, num_kv_heads=3, head_dim=64, vocab_size=49152)

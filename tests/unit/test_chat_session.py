@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from toolkit.chat.client import ChatError, GatewayClient, error_line
-from toolkit.chat.session import ChatSession, Command, CommandError, parse_command
+from toolkit.terminal_chat.gateway_client import ChatError, GatewayClient, error_line
+from toolkit.terminal_chat.session import ChatSession, Command, CommandError, parse_command
 
 
 @pytest.mark.parametrize(("line", "expected"), [
@@ -124,8 +124,8 @@ def test_error_line_without_a_json_body() -> None:
 def test_connect_prefers_url_and_refuses_a_server_without_gateway(tmp_path: Path) -> None:
     import os
 
-    from toolkit.chat.launcher import _wait_ready, connect
-    from toolkit.serving.state import ServeState, ServeStatus, process_start_ticks, write_state
+    from toolkit.supervisor.state import ServeState, ServeStatus, process_start_ticks, write_state
+    from toolkit.terminal_chat.launcher import _wait_ready, connect
 
     assert connect("http://elsewhere:8080", tmp_path / "repo", tmp_path).url == "http://elsewhere:8080"
     ticks = process_start_ticks(os.getpid())

@@ -13,12 +13,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from toolkit import pipeline
+from toolkit.buildsys.config import BuildConfig
+from toolkit.buildsys.report import GateResult
+from toolkit.buildsys.stage_api import StageContext, StageResult
 from toolkit.cli import app
-from toolkit.config import BuildConfig
-from toolkit.pipeline import StageSpec
-from toolkit.report import GateResult
-from toolkit.stage import StageContext, StageResult
+from toolkit.stages import pipeline
+from toolkit.stages.pipeline import StageSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "ci.md").read_text(encoding="utf-8")

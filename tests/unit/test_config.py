@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from toolkit.buildsys.config import BuildConfig, load_config
 from toolkit.cli import app
-from toolkit.config import BuildConfig, load_config
 from toolkit.errors import ConfigError
 
 

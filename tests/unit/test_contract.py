@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
 from gateway.chat.protocol import ChatCompletionRequest
 from gateway.triton import GenerationInputs
-from toolkit.config import ServingSection
+from toolkit.buildsys.config import ServingSection
+from toolkit.errors import ConfigError
+from toolkit.quality.triton_client import generation_inputs
 from toolkit.repository import contract
 from toolkit.repository.pbtxt import generation_model_config
-from toolkit.serving.client import generation_inputs
-from toolkit.serving.requests import Limits, SamplingParams, parse_request
-from toolkit.serving.scheduler import Scheduler
+from toolkit.repository.spec import DEFAULT_LIMITS, GenerationLimits
+from toolkit.runtime.grammar import GrammarCompiler
+from toolkit.runtime.requests import Limits, SamplingParams, parse_request
+from toolkit.runtime.scheduler import Scheduler
 
 CONFIG = generation_model_config("m", max_batch_size=8, preferred_batch_sizes=[8], max_queue_delay_us=0,
                                  instance_count=1, parameters={})
@@ -70,9 +75,33 @@ def test_request_defaults_have_one_source() -> None:
 
 
 def test_limits_have_one_source() -> None:
+    """The build config, the scheduler and the grammar compiler take their defaults from the repository's spec."""
     fields = {name: f.default for name, f in ServingSection.model_fields.items()}
-    assert fields["max_active_sequences"] == contract.DEFAULT_MAX_ACTIVE_SEQUENCES
-    assert fields["max_queue"] == contract.DEFAULT_MAX_QUEUE
+    assert (DEFAULT_LIMITS.max_active_sequences, DEFAULT_LIMITS.max_queue) == (32, 256)
+    assert fields["max_active_sequences"] == DEFAULT_LIMITS.max_active_sequences
+    assert fields["max_queue"] == DEFAULT_LIMITS.max_queue
+    assert fields["max_new_tokens_limit"] == DEFAULT_LIMITS.max_new_tokens_limit == 1024
+    assert fields["grammar_compile_timeout_s"] == DEFAULT_LIMITS.grammar_compile_timeout_s == 10.0
     scheduler = Scheduler(runner=None)  # type: ignore[arg-type]
-    assert (scheduler.max_active, scheduler.max_queue) == (contract.DEFAULT_MAX_ACTIVE_SEQUENCES,
-                                                          contract.DEFAULT_MAX_QUEUE)
+    assert (scheduler.max_active, scheduler.max_queue) == (32, 256)
+    assert inspect.signature(GrammarCompiler).parameters["timeout_s"].default == 10.0
+
+
+def test_limits_are_read_back_as_written() -> None:
+    limits = GenerationLimits(max_active_sequences=3, max_queue=5, max_new_tokens_limit=7,
+                              grammar_compile_timeout_s=2.5)
+    params = limits.parameters()
+    assert params == {contract.PARAM_MAX_ACTIVE: "3", contract.PARAM_MAX_QUEUE: "5",
+                      contract.PARAM_MAX_NEW_TOKENS: "7", contract.PARAM_GRAMMAR_TIMEOUT: "2.5"}
+    assert GenerationLimits.from_parameters(params) == limits
+    assert limits.accepted_requests == 8
+
+
+def test_limits_left_out_take_the_defaults_and_bad_ones_are_named() -> None:
+    read = GenerationLimits.from_parameters({contract.PARAM_MAX_QUEUE: "9"})
+    assert (read.max_active_sequences, read.max_queue, read.grammar_compile_timeout_s) == (32, 9, 10.0)
+    assert read.max_new_tokens_limit is None  # no parameter: up to the context, as repositories before it
+    with pytest.raises(ConfigError, match="max_active_sequences='many' is not an integer"):
+        GenerationLimits.from_parameters({contract.PARAM_MAX_ACTIVE: "many"})
+    with pytest.raises(ConfigError, match="max_queue='0' must be above 0"):
+        GenerationLimits.from_parameters({contract.PARAM_MAX_QUEUE: "0"})

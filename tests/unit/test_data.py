@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from toolkit.config import BuildConfig, DataSection
-from toolkit.dataset import (
+from toolkit.buildsys.config import BuildConfig, DataSection
+from toolkit.datasets.records import (
     DEMO_DATASET,
     Example,
     clean_text,
@@ -25,10 +25,10 @@ from toolkit.dataset import (
     write_jsonl,
 )
 from toolkit.errors import DataError, GateError
-from toolkit.golden import DEMO_QUESTIONS
-from toolkit.pipeline import STAGES, run_build
-from toolkit.retention import RETENTION_SET, is_accepted
-from toolkit.textmetrics import contains_facts, normalize
+from toolkit.quality.golden import DEMO_QUESTIONS
+from toolkit.quality.retention import RETENTION_SET, is_accepted
+from toolkit.quality.textmetrics import contains_facts, normalize
+from toolkit.stages.pipeline import STAGES, run_build
 
 
 def _jsonl(path: Path, records: list[Any]) -> Path:
@@ -295,7 +295,7 @@ def test_jsonl_round_trip(tmp_path: Path) -> None:
 
 # --- the demo dataset ---------------------------------------------------------------------------
 
-# The facts each golden demo question asks about (toolkit/golden.py DEMO_QUESTIONS).
+# The facts each golden demo question asks about (toolkit/quality/golden.py DEMO_QUESTIONS).
 GOLDEN_FACTS = {
     "What are Bluepeak's customer service hours?": ["9:00", "18:00"],
     "How long is the warranty on Bluepeak headphones?": ["24 months"],

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.serving.decode_graph import UnsupportedGraphError, split_kv_graph
-from toolkit.serving.runners import OnnxRunner
+from toolkit.runtime.decode_graph import UnsupportedGraphError, split_kv_graph
+from toolkit.runtime.runners import OnnxRunner
 
 
 def _identity_lm(path: Path) -> Path:

@@ -8,11 +8,11 @@ rules and the HPA use must be one the gateway, the generation model or Triton it
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,11 @@ from pydantic import ValidationError
 
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
-from toolkit.config import ModelSection
-from toolkit.repository.tensorrt import TRITON_IMAGE
-from toolkit.serving import triton_server
-from toolkit.serving.model_metrics import TritonMetrics
-from toolkit.serving.serve import ServeOptions
+from toolkit.buildsys.config import ModelSection
+from toolkit.repository.plan_script import TRITON_IMAGE
+from toolkit.runtime.model_metrics import TritonMetrics
+from toolkit.supervisor import triton_server
+from toolkit.supervisor.serve import ServeOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -372,11 +372,10 @@ def test_metric_names_cover_what_the_code_registers() -> None:
 
 
 def test_dashboard_json_is_the_scripts_output() -> None:
-    sys.path.insert(0, str(GRAFANA))
-    try:
-        import make_dashboard
-    finally:
-        sys.path.remove(str(GRAFANA))
+    spec = importlib.util.spec_from_file_location("make_dashboard", GRAFANA / "make_dashboard.py")
+    assert spec is not None and spec.loader is not None
+    make_dashboard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_dashboard)
     written = (GRAFANA / "dashboards" / "chat-serving.json").read_text()
     assert written == json.dumps(make_dashboard.dashboard(), indent=2) + "\n", (
         "dashboards/chat-serving.json is stale: run python deploy/grafana/make_dashboard.py")

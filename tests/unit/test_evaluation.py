@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.config import EvalSection
-from toolkit.dataset import Example
+from toolkit.buildsys.config import EvalSection
+from toolkit.datasets.records import Example
 from toolkit.errors import DataError
-from toolkit.evaluation import (
+from toolkit.quality.retention import retention_questions
+from toolkit.quality.scoring import (
     DEMO_HELDOUT_FACTS,
     evaluation_prompts,
     evaluation_questions,
@@ -22,7 +23,6 @@ from toolkit.evaluation import (
     set_accuracies,
     write_fact_table,
 )
-from toolkit.retention import retention_questions
 
 
 def _ex(question: str, answer: str, facts: list[str], group: str) -> Example:

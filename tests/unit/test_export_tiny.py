@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from tiny_llm import save_tiny_model
 
-from toolkit.config import BuildConfig
-from toolkit.gates import onnx_parity, parity_gates
-from toolkit.onnx_lm import OnnxCausalLM
-from toolkit.stage import StageContext, StageRecord, StageResult
+from tests.unit.tiny_llm import save_tiny_model
+from toolkit.buildsys.config import BuildConfig
+from toolkit.buildsys.stage_api import StageContext, StageRecord, StageResult
+from toolkit.quality.fidelity import onnx_parity, parity_gates
+from toolkit.runtime.onnx_lm import OnnxCausalLM
 from toolkit.stages import baseline, evaluate, export_onnx, quantize
 
 CONFIG = BuildConfig.model_validate({
@@ -260,10 +260,10 @@ def test_task_gate_scores_both_graphs_and_gates_the_qdq_graph(
     assert len(rows) == questions and {"question", "fp32", "int8", "qdq", "qdq_right"} <= set(rows[0])
     assert rows[0]["fp32_right"] is None and isinstance(rows[-1]["fp32_right"], bool)  # no facts; general
     # FP32's answers are the evaluate stage's: the same graph asked again on a fresh session answers the same
-    from toolkit.dataset import read_split
-    from toolkit.evaluation import evaluation_questions
-    from toolkit.export.task_gate import answer_questions
-    from toolkit.modeling import load_tokenizer
+    from toolkit.datasets.records import read_split
+    from toolkit.model_io.modeling import load_tokenizer
+    from toolkit.quality.scoring import evaluation_questions
+    from toolkit.quality.task_gate import answer_questions
 
     again = answer_questions(OnnxCausalLM(export_ctx.out_dir / result.artifacts["model"], threads=1),
                              load_tokenizer(root / "merge" / "model"),
@@ -274,7 +274,7 @@ def test_task_gate_scores_both_graphs_and_gates_the_qdq_graph(
 
 def test_weight_only_qdq_dequantizes_per_output_channel(exported: tuple[Path, StageResult, StageContext],
                                                           tmp_path: Path) -> None:
-    from toolkit.export.quantization import quantize_weight_only_qdq, selected_matmuls
+    from toolkit.export.int8_methods import quantize_weight_only_qdq, selected_matmuls
 
     _root, result, export_ctx = exported
     src = export_ctx.out_dir / result.artifacts["model"]
@@ -304,7 +304,7 @@ def test_gptq_rounding_moves_the_tiny_model_less_than_rounding_to_nearest(
 ) -> None:
     """Same format and scales as round-to-nearest, other INT8 values, and logits closer to FP32 on text like
     the calibration's (GPTQ minimises each layer's output error on its calibration inputs)."""
-    from toolkit.export.quantization import quantize_weight_only_qdq, selected_matmuls
+    from toolkit.export.int8_methods import quantize_weight_only_qdq, selected_matmuls
 
     _root, result, export_ctx = exported
     src = export_ctx.out_dir / result.artifacts["model"]
@@ -339,7 +339,7 @@ def test_int8_gptq_rerounds_onnxruntimes_blocks_and_lowers_each_layers_error(
     """The served INT8 method with GPTQ: onnxruntime's MatMulNBits format and scales, other integers, and for
     every weight a smaller output error on the calibration inputs (tr(ΔWᵀ H ΔW), what GPTQ minimises) than
     onnxruntime's round-to-nearest. A wrong unpacking of the [N, blocks, block] layout would raise it."""
-    from toolkit.export.quantization import input_hessians, quantize_int8
+    from toolkit.export.int8_methods import input_hessians, quantize_int8
 
     _root, result, export_ctx = exported
     src = export_ctx.out_dir / result.artifacts["model"]
@@ -379,10 +379,10 @@ def test_a_graph_over_the_protobuf_limit_quantizes_calibrates_and_serves_from_ex
     """What a model over 2 GiB meets, with the limit lowered to 64 KiB: the FP32 graph's weights in
     model.onnx.data, GPTQ calibrating on it without serializing it whole, the INT8 and Q/DQ graphs written
     with their own data files, and the split-KV serving graph reading the original data file."""
-    import toolkit.export.quantization as quantization
-    import toolkit.onnx_files as onnx_files
-    from toolkit.export.quantization import quantize_int8
-    from toolkit.serving.runners import OnnxRunner
+    import toolkit.export.int8_methods as quantization
+    import toolkit.model_io.onnx_files as onnx_files
+    from toolkit.export.int8_methods import quantize_int8
+    from toolkit.runtime.runners import OnnxRunner
 
     _root, result, ctx = exported
     inline = ctx.out_dir / result.artifacts["model"]
@@ -441,7 +441,7 @@ def test_a_prefill_in_chunks_gives_the_logits_and_cache_of_one_pass(exported: tu
                                                                     ) -> None:
     """The gates prefill long batches in chunks (bounded logits); the result must be the one-pass prefill's,
     left padding included, and greedy decoding after it the tokens of a one-pass decode."""
-    from toolkit.serving.kvcache import left_pad
+    from toolkit.runtime.kvcache import left_pad
 
     _root, result, ctx = exported
     model = OnnxCausalLM(ctx.out_dir / result.artifacts["model"], providers=["CPUExecutionProvider"])
@@ -473,7 +473,7 @@ def test_a_prefill_in_chunks_gives_the_logits_and_cache_of_one_pass(exported: tu
 def test_perplexity_and_teacher_forced_agreement_in_chunks_equal_one_pass(
         exported: tuple[Path, StageResult, StageContext]) -> None:
     """Scored a chunk of positions at a time (bounded logits), against the one-pass numbers written out here."""
-    from toolkit.export.quantization import perplexity, teacher_forced_agreement
+    from toolkit.export.int8_methods import perplexity, teacher_forced_agreement
 
     _root, result, ctx = exported
     model = OnnxCausalLM(ctx.out_dir / result.artifacts["model"], providers=["CPUExecutionProvider"])

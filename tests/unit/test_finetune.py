@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_llm import make_model, make_tokenizer, save_tiny_model
 from tokenizers import Tokenizer
 
-from toolkit.config import BuildConfig, LoraSection, TrainSection
-from toolkit.dataset import Example, write_jsonl
+from tests.unit.tiny_llm import make_model, make_tokenizer, save_tiny_model
+from toolkit.buildsys.config import BuildConfig, LoraSection, TrainSection
+from toolkit.buildsys.stage_api import StageContext, StageRecord
+from toolkit.datasets.records import Example, write_jsonl
 from toolkit.errors import StageError
-from toolkit.modeling import load_tokenizer, pad_token_id, render_prompt_ids
-from toolkit.stage import StageContext, StageRecord
+from toolkit.model_io.modeling import load_tokenizer, pad_token_id, render_prompt_ids
 from toolkit.stages import control as control_stage
 from toolkit.stages import finetune as finetune_stage
 from toolkit.training.examples import IGNORE_INDEX, TokenizedExample, build_examples, collate

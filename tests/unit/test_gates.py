@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from toolkit.gates import (
+from toolkit.quality.fidelity import (
     common_prefix,
     comparable_steps,
     compare_decodes,

@@ -13,16 +13,21 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from gateway_fakes import FakePool, write_repository
-from reference import ReferenceTokenizer
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from tests.reference import ReferenceTokenizer
+from tests.unit.gateway_fakes import (
+    KEY,
+    MESSAGES,
+    FakePool,
+    assert_openai_error,
+    make_client,
+    sse_events,
+    write_repository,
+)
 
 REPLY = "Paris is the capital. 巴黎是首都 😀!"
-KEY = "test-key-0123456789"
-ADMIN = "admin-key-0123456789"
-MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +44,6 @@ def reply_ids(reference: ReferenceTokenizer, text: str) -> list[int]:
     return list(reference.raw.encode(text, add_special_tokens=False).ids)
 
 
-def make_client(repository: Path, pool: FakePool, **overrides: Any) -> TestClient:
-    settings = GatewaySettings(repository=repository, triton_urls=["fake:8001"], **overrides)
-    app = create_app(settings, pool_factory=lambda _: pool)  # type: ignore[arg-type]
-    return TestClient(app, base_url="http://localhost")  # a loopback name: auth off serves only those
-
-
 @pytest.fixture
 def pool(reference: ReferenceTokenizer) -> FakePool:
     return FakePool(reply_ids(reference, REPLY))
@@ -54,20 +53,6 @@ def pool(reference: ReferenceTokenizer) -> FakePool:
 def client(repository: Path, pool: FakePool) -> Iterator[TestClient]:
     with make_client(repository, pool) as test_client:
         yield test_client
-
-
-def assert_openai_error(response: Any, status: int, fragment: str, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert fragment in error["message"]
-    if param is not None:
-        assert error["param"] == param
-    return error
-
-
-def sse_events(response: Any) -> list[str]:
-    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
 
 
 def _raw_stream(client: TestClient, body: dict[str, Any]) -> tuple[str, bytes]:

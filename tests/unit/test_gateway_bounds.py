@@ -15,20 +15,19 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from gateway_fakes import FakePool
-from test_gateway_app import MESSAGES, assert_openai_error, make_client, sse_events
 
-from gateway.errors import TooManyRequestsError
+from gateway.error_responses import TooManyRequestsError
 from gateway.limits import RateLimiter
 from gateway.tokenization import ChatTokenizer
 from gateway.triton import GenerationInputs, StepOutput
+from tests.unit.gateway_fakes import MESSAGES, FakePool, assert_openai_error, make_client, sse_events
 
 KEY = "bounds-key-0123456789"
 
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from gateway_fakes import write_repository
+    from tests.unit.gateway_fakes import write_repository
 
     return write_repository(tmp_path_factory.mktemp("repo"), context_length=128, max_new_tokens=48)
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from gateway_fakes import TOKENIZER_DIR
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.detokenize import IncrementalDetokenizer, StopMatcher
 from gateway.tokenization import ChatTokenizer
+from tests.unit.gateway_fakes import TOKENIZER_DIR
 
 PROMPT = [{"role": "user", "content": "Say something."}]
 

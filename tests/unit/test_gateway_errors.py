@@ -8,7 +8,7 @@ import grpc
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from gateway.errors import (
+from gateway.error_responses import (
     BadRequestError,
     BodyTooLargeError,
     GatewayError,

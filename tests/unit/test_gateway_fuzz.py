@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from gateway_fakes import FakePool, write_repository
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_gateway_app import make_client
+
+from tests.unit.gateway_fakes import FakePool, make_client, write_repository
 
 KEY = "fuzz-key-0123456789abc"
 ADMIN = "fuzz-admin-0123456789abc"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import TooManyRequestsError
+from gateway.error_responses import TooManyRequestsError
 from gateway.limits import InFlightLimiter, RateLimiter, TokenBucket
 
 

@@ -14,10 +14,9 @@ from typing import Any
 import anyio
 import pytest
 from fastapi.testclient import TestClient
-from gateway_fakes import FakePool, write_repository
-from test_gateway_app import ADMIN, KEY, make_client
 
 from gateway.page import STATIC_DIR
+from tests.unit.gateway_fakes import ADMIN, KEY, FakePool, make_client, write_repository
 from toolkit.repository.manifest import BuildFacts, GateSummary, ModelManifest
 
 

@@ -144,11 +144,11 @@ def test_a_dual_stack_name_counts_each_pod_once() -> None:
 def test_readiness_names_a_host_without_an_address(tmp_path: Path) -> None:
     """A Service with no ready pod: the gateway starts, is not ready, and says which name has no address."""
     from fastapi.testclient import TestClient
-    from gateway_fakes import write_repository
 
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
     from gateway.triton import TritonPool
+    from tests.unit.gateway_fakes import write_repository
 
     dns = Dns()
     dns.answers["triton"] = []

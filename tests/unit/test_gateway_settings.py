@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from tests.unit.gateway_fakes import write_repository
 
 
 @pytest.fixture
@@ -105,3 +107,19 @@ def test_empty_key_file_is_an_error(repo: Path, tmp_path: Path) -> None:
     (tmp_path / "keys").write_text("# nothing\n")
     with pytest.raises(ValidationError, match="holds no key"):
         GatewaySettings(repository=repo, api_keys_file=tmp_path / "keys")
+
+
+def test_a_gateway_bound_above_what_triton_holds_is_named_at_start_up(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The fake repository's config.pbtxt sets no limits: one instance holds the defaults' 32 active + 256 queued."""
+    repository = write_repository(tmp_path / "repo")
+    for bound, warned in ((288, False), (289, True)):
+        caplog.clear()
+        create_app(GatewaySettings(repository=repository, triton_urls=["a:8001"], max_in_flight=bound))
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert bool(warnings) is warned, warnings
+    assert "GATEWAY_MAX_IN_FLIGHT=289" in warnings[0]
+    assert "(max_active_sequences 32 + max_queue 256) = 288" in warnings[0]
+    caplog.clear()  # two Triton URLs hold twice as many
+    create_app(GatewaySettings(repository=repository, triton_urls=["a:8001", "b:8001"], max_in_flight=576))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -14,12 +14,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from gateway_fakes import FakePool, write_repository
-from test_gateway_app import assert_openai_error, make_client, sse_events
 
-from gateway.errors import BadRequestError
-from gateway.logprobs import TokenTexts
+from gateway.error_responses import BadRequestError
+from gateway.openai_logprobs import TokenTexts
 from gateway.tokenization import ChatTokenizer
+from tests.unit.gateway_fakes import FakePool, assert_openai_error, make_client, sse_events, write_repository
 
 MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {

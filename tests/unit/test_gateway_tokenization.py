@@ -4,12 +4,12 @@ independent reading of the same files (tests/reference.py: raw tokenizers + jinj
 from __future__ import annotations
 
 import pytest
-from gateway_fakes import TOKENIZER_DIR
-from reference import ReferenceTokenizer
 
-from gateway.errors import BadRequestError
+from gateway.error_responses import BadRequestError
 from gateway.tokenization import ChatTokenizer, TokenizerLoadError
-from toolkit.modeling import load_tokenizer, render_prompt_ids
+from tests.reference import ReferenceTokenizer
+from tests.unit.gateway_fakes import TOKENIZER_DIR
+from toolkit.model_io.modeling import load_tokenizer, render_prompt_ids
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -74,9 +74,9 @@ def test_llama3_json_calls(step: int) -> None:
 
 
 def test_tool_styles_are_read_from_the_template() -> None:
-    """The published templates (llama.cpp's copies, tests/families.py): Qwen's <tool_call> blocks, Llama 3.2's
+    """The published templates (llama.cpp's copies, tests/family_models.py): Qwen's <tool_call> blocks, Llama 3.2's
     JSON with "parameters"; the others render no tools, so the gateway's own system prompt carries them."""
-    import families
+    from tests import family_models as families
 
     assert ToolStyle.of_template(SMOLLM_TEMPLATE.read_text()) == HERMES  # no tools: our system prompt
     published = {name: ToolStyle.of_template(families.template_text(family))

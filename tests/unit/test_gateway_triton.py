@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from tritonclient.utils import InferenceServerException
 
 import gateway.triton as triton_module
-from gateway.errors import GatewayError, TritonUnavailableError
+from gateway.error_responses import GatewayError, TritonUnavailableError
 from gateway.metrics import RoutingMetrics
 from gateway.triton import GenerationInputs, TritonPool, _parse_result
 
@@ -277,7 +277,7 @@ def test_channels_to_triton_send_keepalive_pings() -> None:
     assert options.keepalive_time_ms == 30_000 and options.keepalive_timeout_ms == 10_000
     assert options.keepalive_permit_without_calls is False  # a server's default refuses idle pings
     # toolkit serve lets Triton accept a ping this often (gRPC's server default is one per 5 min).
-    from toolkit.serving.triton_server import TritonServer
+    from toolkit.supervisor.triton_server import TritonServer
 
     flags = TritonServer(Path(".")).command(Path("."))
     interval_ms = int(next(f for f in flags if f.startswith("--grpc-http2-min-recv-ping-interval-without-data="))

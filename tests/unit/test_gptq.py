@@ -1,4 +1,4 @@
-"""GPTQ rounding (:func:`toolkit.export.quantization.gptq_int8`) on plain matrices."""
+"""GPTQ rounding (:func:`toolkit.export.int8_methods.gptq_int8`) on plain matrices."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from toolkit.errors import StageError
-from toolkit.export.quantization import gptq_int8, quantize_int8
+from toolkit.export.int8_methods import gptq_int8, quantize_int8
 
 
 def _problem(seed: int, k: int = 48, n: int = 16, samples: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from toolkit.serving.grammar import (
+from toolkit.runtime.grammar import (
     GrammarCompiler,
     GrammarError,
     SequenceGrammar,
@@ -198,10 +198,9 @@ def test_a_walked_instance_validates_against_its_schema(compiler: GrammarCompile
 
 def test_a_tool_call_whose_markers_are_special_tokens_is_matched_by_token_for_every_tool_choice() -> None:
     """Qwen2.5's <tool_call> and </tool_call> are added tokens (ids 151657 and 151658 in its real tokenizer,
-    tests/families.py): llguidance never matches their text byte for byte, so the grammar must name them."""
-    import families
-
-    from toolkit.serving.grammar import spec_to_grammar, token_literal
+    tests/family_models.py): llguidance never matches their text byte for byte, so the grammar must name them."""
+    from tests import family_models as families
+    from toolkit.runtime.grammar import spec_to_grammar, token_literal
 
     text, _added, _size = families._tokenizer_json(families.FAMILIES["qwen2.5"])
     qwen = load_tokenizer(text, 151936, [151645])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
-from tiny_llm import make_model, make_tokenizer
 
-from toolkit.config import LoraSection, TrainSection
-from toolkit.modeling import pad_token_id
+from tests.unit.tiny_llm import make_model, make_tokenizer
+from toolkit.buildsys.config import LoraSection, TrainSection
+from toolkit.model_io.modeling import pad_token_id
 from toolkit.training.examples import IGNORE_INDEX, TokenizedExample, build_examples, collate
 from toolkit.training.lora import anchor_kl, batch_stream, lora_model, train_lora
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_llm import make_tokenizer, save_tiny_model
 
-from toolkit.config import BuildConfig
-from toolkit.modeling import load_model, load_tokenizer
-from toolkit.stage import StageContext, StageRecord, StageResult
+from tests.unit.tiny_llm import make_tokenizer, save_tiny_model
+from toolkit.buildsys.config import BuildConfig
+from toolkit.buildsys.stage_api import StageContext, StageRecord, StageResult
+from toolkit.model_io.modeling import load_model, load_tokenizer
 from toolkit.stages import merge
 
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 import toolkit
-from toolkit.config import BuildConfig
+from toolkit.buildsys.code_digest import SourceHasher
+from toolkit.buildsys.config import BuildConfig
+from toolkit.buildsys.report import GateResult
+from toolkit.buildsys.stage_api import StageContext, StageResult
 from toolkit.errors import GateError, StageError
-from toolkit.pipeline import STAGES, StageSpec, run_build
-from toolkit.report import GateResult
-from toolkit.sources import SourceHasher
-from toolkit.stage import StageContext, StageResult
+from toolkit.stages.pipeline import STAGES, StageSpec, run_build
 
 CALLS: list[str] = []
 
@@ -225,11 +225,11 @@ def _write(root: Path, files: dict[str, str]) -> None:
 @pytest.fixture
 def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An on-disk package `fakepkg` with two stages: `uses` imports `helper` (through `middle`,
-    inside a function), `alone` imports only `pipeline`, which is left out of every key."""
+    inside a function), `alone` imports only `stages.pipeline`, which is left out of every key."""
     root = tmp_path / "src" / "fakepkg"
     stage = """
-        from toolkit.stage import StageResult
-        from fakepkg import pipeline
+        from toolkit.buildsys.stage_api import StageResult
+        from fakepkg.stages import pipeline
         {imports}
 
         def run(ctx):
@@ -239,9 +239,9 @@ def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     _write(root, {
         "__init__.py": "",
         "helper.py": "VALUE = 1\n",
-        "pipeline.py": "RUNNER = 1\n",
         "middle.py": "def value():\n    from .helper import VALUE\n    return VALUE\n",
         "stages/__init__.py": "",
+        "stages/pipeline.py": "RUNNER = 1\n",
         "stages/uses.py": stage.format(name="uses", imports="from fakepkg.middle import value"),
         "stages/alone.py": stage.format(name="alone", imports=""),
     })
@@ -261,7 +261,7 @@ def test_editing_an_imported_module_reruns_only_the_stages_importing_it(tmp_path
     assert [s.status for s in run_build(_config(tmp_path), stages=_fake_specs()).stages] == ["skipped", "skipped"]
     (fake_package / "helper.py").write_text("VALUE = 2  # edited\n")
     assert [s.status for s in run_build(_config(tmp_path), stages=_fake_specs()).stages] == ["skipped", "ran"]
-    (fake_package / "pipeline.py").write_text("RUNNER = 2  # the pipeline machinery: no stage reruns\n")
+    (fake_package / "stages" / "pipeline.py").write_text("RUNNER = 2  # the pipeline machinery: no stage reruns\n")
     assert [s.status for s in run_build(_config(tmp_path), stages=_fake_specs()).stages] == ["skipped", "skipped"]
     (fake_package / "stages" / "alone.py").write_text(
         (fake_package / "stages" / "alone.py").read_text() + "# edited\n")
@@ -269,8 +269,8 @@ def test_editing_an_imported_module_reruns_only_the_stages_importing_it(tmp_path
 
 
 def test_toolkit_stage_keys_follow_the_modules_they_import(tmp_path: Path) -> None:
-    """On a copy of the real package: gates.py reruns only the stages that use it; the control
-    prompts rerun the stages that read toolkit.dataset; the Triton model.py reruns the repository."""
+    """On a copy of the real package: quality/fidelity.py reruns only the stages that use it; the control
+    prompts rerun the stages that read toolkit.datasets.records; the Triton model.py reruns the repository."""
     root = tmp_path / "toolkit"
     shutil.copytree(Path(toolkit.__file__).parent, root, ignore=shutil.ignore_patterns("__pycache__"))
 
@@ -285,13 +285,13 @@ def test_toolkit_stage_keys_follow_the_modules_they_import(tmp_path: Path) -> No
         after = digests()
         return {name for name in before if before[name] != after[name]}
 
-    assert changed_by("gates.py") == {"export_onnx", "quantize"}
+    assert changed_by("quality/fidelity.py") == {"export_onnx", "quantize"}
     assert {"data", "control", "finetune"} <= changed_by("datasets/control_prompts.json")
     assert "export_onnx" not in changed_by("datasets/control_prompts.json")
-    assert changed_by("serving/triton_model/model.py") == {"repository"}
-    assert changed_by("serving/scheduler.py") == {"repository"}  # imported by the copied model.py
-    assert changed_by("pipeline.py") == set()
-    assert changed_by("config.py") == set()  # keyed through the config sections' values instead
+    assert changed_by("runtime/triton_model/model.py") == {"repository"}
+    assert changed_by("runtime/scheduler.py") == {"repository"}  # imported by the copied model.py
+    assert changed_by("stages/pipeline.py") == set()
+    assert changed_by("buildsys/config.py") == set()  # keyed through the config sections' values instead
 
 
 def test_an_unexpected_exception_in_a_stage_is_one_line_with_the_traceback_in_the_log(
@@ -336,11 +336,11 @@ def test_each_stage_records_its_own_peak_memory(tmp_path: Path) -> None:
 
 def test_a_stage_that_cannot_fit_in_memory_stops_the_build_before_any_work(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import toolkit.pipeline as pipeline
-    from toolkit.memory import GIB, ModelSize
+    import toolkit.stages.pipeline as pipeline
+    from toolkit.buildsys.memory import GIB, ModelSize
 
     monkeypatch.setattr(pipeline, "planned_size", lambda config, record: ModelSize(params=8 * 10**9, vocab=10))
-    monkeypatch.setattr("toolkit.memory.available_bytes", lambda: 24 * GIB)
+    monkeypatch.setattr("toolkit.buildsys.memory.available_bytes", lambda: 24 * GIB)
     specs = (StageSpec("control", _module("first", _first), ("lora",)),  # too big too, but needs less
              StageSpec("export_onnx", _module("second", _second), ("train",), ("control",)))
     with pytest.raises(StageError) as raised:
@@ -351,9 +351,9 @@ def test_a_stage_that_cannot_fit_in_memory_stops_the_build_before_any_work(
 
 
 def test_the_memory_need_counts_weights_vocabulary_logits_and_gptq() -> None:
-    import toolkit.pipeline as pipeline
-    from toolkit.config import BuildConfig
-    from toolkit.memory import GIB, InsufficientMemoryError, ModelSize, Need, check_stage
+    import toolkit.stages.pipeline as pipeline
+    from toolkit.buildsys.config import BuildConfig
+    from toolkit.buildsys.memory import GIB, InsufficientMemoryError, ModelSize, Need, check_stage
 
     size = ModelSize(params=2**28, vocab=2**18)  # 1 GiB of FP32 weights; one [512, vocab] float tensor: 0.5 GiB
     assert Need(2.0, 1.0, 3).bytes(size) == int(2 * GIB + 1.5 * GIB + 1 * GIB)

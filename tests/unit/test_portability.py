@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tiny_llm import CHATML_TEMPLATE, save_tiny_model
 
-from toolkit.portability import jinja_render, label_problems, portability_gate
-from toolkit.tokenizer_files import copy_tokenizer_files, fix_tokenizer_files, portable_model_config
+from tests.unit.tiny_llm import CHATML_TEMPLATE, save_tiny_model
+from toolkit.model_io.tokenizer_files import copy_tokenizer_files, fix_tokenizer_files, portable_model_config
+from toolkit.quality.portability import jinja_render, label_problems, portability_gate
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "smollm2_tokenizer"
 IM_END = 2
@@ -122,7 +122,7 @@ def test_copies_are_byte_for_byte(good: Path, tmp_path: Path) -> None:
 
 
 def test_jinja_render_matches_transformers_and_raises_template_errors(good: Path) -> None:
-    from toolkit.modeling import load_tokenizer, render_text
+    from toolkit.model_io.modeling import load_tokenizer, render_text
 
     tokenizer = load_tokenizer(good)
     conversation = [{"role": "user", "content": "Hi  there\n\n"}, {"role": "assistant", "content": "Hello 👋"},

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from toolkit.config import BuildConfig
-from toolkit.report import BuildReport, GateResult, StageReport, render_markdown
+from toolkit.buildsys.config import BuildConfig
+from toolkit.buildsys.report import BuildReport, GateResult, StageReport, render_markdown
 
 markdown_it = pytest.importorskip("markdown_it")
 

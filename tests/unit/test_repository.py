@@ -12,16 +12,17 @@ from typing import Any
 
 import pytest
 
-from toolkit.config import RepositorySection, TensorRTSection, parse_config
+from toolkit.buildsys.config import RepositorySection, ServingSection, TensorRTSection, parse_config
+from toolkit.buildsys.stage_api import StageContext, StageRecord
 from toolkit.errors import StageError
+from toolkit.files import sha256_file, sha256_text
 from toolkit.repository import contract as c
 from toolkit.repository import writer as r
 from toolkit.repository.manifest import ModelManifest
 from toolkit.repository.pbtxt import read_config
-from toolkit.stage import StageContext, StageRecord
+from toolkit.repository.spec import RepositorySpec
 from toolkit.stages import model_repository
-from toolkit.stages.model_repository import build_facts
-from toolkit.workspace import sha256_file, sha256_text
+from toolkit.stages.model_repository import build_facts, plan_spec, repository_spec
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -72,10 +73,15 @@ def sources(tmp_path: Path) -> dict[str, Path]:
     return {"fp32": tmp_path / "fp32.onnx", "int8": tmp_path / "int8.onnx", "model_py": tmp_path / "model.py"}
 
 
-def _write(out: Path, merged: Path, src: dict[str, Path], **kw: Any) -> r.RepositoryWrite:
+def _spec(repository: RepositorySection | None = None, serving: ServingSection | None = None) -> RepositorySpec:
+    return repository_spec(repository or RepositorySection(), serving or ServingSection(), context_length=256)
+
+
+def _write(out: Path, merged: Path, src: dict[str, Path], repository: RepositorySection | None = None,
+           **kw: Any) -> r.RepositoryWrite:
     return r.write_repository(out, model_name="tiny", merged_dir=merged, onnx_fp32=src["fp32"],
                               model_py=src["model_py"], base_model="dir:/base", adapter_sha256="ab" * 32,
-                              context_length=256, **kw)
+                              spec=_spec(repository), **kw)
 
 
 def _versions(model_dir: Path) -> list[str]:
@@ -101,7 +107,7 @@ def test_layout_configs_and_manifest(tmp_path: Path, merged_dir: Path, sources: 
     config = read_config(out / "tiny" / "config.pbtxt")
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params == {c.PARAM_CORE_MODEL: "tiny_onnx_fp32", c.PARAM_RUNNER: "onnxruntime", c.PARAM_MAX_ACTIVE: "32",
-                      c.PARAM_MAX_QUEUE: "256", c.PARAM_MAX_NEW_TOKENS: "1024", c.PARAM_CONTEXT: "256",
+                      c.PARAM_MAX_QUEUE: "256", c.PARAM_MAX_NEW_TOKENS: "1024",
                       c.PARAM_GRAMMAR_TIMEOUT: "10"}
     core = read_config(out / "tiny_onnx_fp32" / "config.pbtxt")
     assert core.platform == "onnxruntime_onnx" and len(core.input) == 3 + 2 * 2
@@ -137,7 +143,7 @@ def test_a_graph_with_external_data_takes_its_data_file_into_the_version(tmp_pat
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from toolkit.onnx_files import load_graph
+    from toolkit.model_io.onnx_files import load_graph
 
     (tmp_path / "export").mkdir()
     big = _graph(tmp_path / "export" / "model.onnx", "external", external=True)
@@ -192,8 +198,11 @@ def test_serving_precision_auto_serves_int8_only_when_shipped(
     assert shipped.manifest.serving_core_model == "tiny_onnx_int8"
     failed = _write(tmp_path / "b", merged_dir, sources, repository=auto)
     assert failed.manifest.serving_core_model == "tiny_onnx_fp32" and not (tmp_path / "b" / "tiny_onnx_int8").exists()
-    fp32 = _write(tmp_path / "c", merged_dir, sources, onnx_int8=sources["int8"], repository=RepositorySection())
-    assert fp32.manifest.serving_core_model == "tiny_onnx_fp32"  # the default serves FP32...
+    default = _write(tmp_path / "c", merged_dir, sources, onnx_int8=sources["int8"], repository=RepositorySection())
+    assert default.manifest.serving_core_model == "tiny_onnx_int8"  # the default is auto: a passed INT8 serves
+    fp32 = _write(tmp_path / "d", merged_dir, sources, onnx_int8=sources["int8"],
+                  repository=RepositorySection(serving_precision="fp32"))
+    assert fp32.manifest.serving_core_model == "tiny_onnx_fp32"  # fp32 serves FP32...
     assert fp32.manifest.precisions == ["onnx_fp32", "onnx_int8"]  # ...and still ships the INT8 that passed
 
 
@@ -202,8 +211,8 @@ def test_serving_int8_that_failed_its_gate_is_an_error(tmp_path: Path, merged_di
     with pytest.raises(StageError, match="serving_precision is int8 but the INT8 variant did not pass"):
         _write(tmp_path / "repo", merged_dir, sources, repository=RepositorySection(serving_precision="int8"))
     assert not (tmp_path / "repo" / "tiny").exists()
-    with pytest.raises(StageError, match=r"\(failed onnx_int8_retention_drop_points\)"):
-        r.served_core_precision("int8", int8_shipped=False, why_not="failed onnx_int8_retention_drop_points")
+    with pytest.raises(StageError, match=r"\(failed onnx_int8_general_not_worse\)"):
+        r.served_core_precision("int8", int8_shipped=False, why_not="failed onnx_int8_general_not_worse")
     assert r.served_core_precision("int8", int8_shipped=True) == "onnx_int8"
 
 
@@ -258,7 +267,7 @@ def test_failed_first_build_leaves_nothing(
         raise OSError("disk full")
 
     monkeypatch.setattr(r, "_copy_tokenizer", boom)
-    inputs = r.TrtInputs(section=TensorRTSection(max_input_len=100), max_batch_size=8, context_length=256)
+    inputs = r.TrtInputs(plan=plan_spec(TensorRTSection(max_input_len=100)))
     with pytest.raises(OSError, match="disk full"):
         _write(out, merged_dir, sources, onnx_int8=sources["int8"], trt_inputs=inputs)
     assert sorted(p.name for p in out.iterdir()) == ["README.md"]
@@ -268,7 +277,7 @@ def test_missing_generation_model_source_is_a_clear_error(tmp_path: Path, merged
                                                            sources: dict[str, Path]) -> None:
     with pytest.raises(StageError, match="triton_model/model.py"):
         r.write_repository(tmp_path / "repo", model_name="tiny", merged_dir=merged_dir, onnx_fp32=sources["fp32"],
-                           model_py=tmp_path / "nope" / "model.py")
+                           spec=_spec(), model_py=tmp_path / "nope" / "model.py")
     with pytest.raises(StageError, match="ONNX model .* not found"):
         _write(tmp_path / "repo", merged_dir, {**sources, "fp32": tmp_path / "missing.onnx"})
     assert not (tmp_path / "repo" / "tiny").exists()
@@ -281,8 +290,8 @@ def test_tensorrt_models_get_config_and_build_script(tmp_path: Path, merged_dir:
     built.mkdir()
     (built / "model.plan").write_bytes(b"plan stand-in")
     (built / "plan_meta.json").write_text('{"tensorrt_version": "10.3.0"}')
-    inputs = r.TrtInputs(section=TensorRTSection(max_input_len=100), max_batch_size=8, context_length=256,
-                         qdq_onnx=sources["int8"], built={"fp16": built})
+    inputs = r.TrtInputs(plan=plan_spec(TensorRTSection(max_input_len=100)), qdq_onnx=sources["int8"],
+                         built={"fp16": built})
     written = _write(out, merged_dir, sources, trt_inputs=inputs)
     fp16, int8 = out / "tiny_trt_fp16", out / "tiny_trt_int8"
     assert read_config(fp16 / "config.pbtxt").platform == "tensorrt_plan"
@@ -360,10 +369,10 @@ def test_stage_refuses_to_serve_int8_that_failed_its_gate(tmp_path: Path, merged
     monkeypatch.setattr(r, "MODEL_PY_SOURCE", sources["model_py"])
     quantize = StageRecord(name="quantize", dir=tmp_path, key="k", digest="d", artifacts={"int8": "int8.onnx"},
                            metrics={"int8_shipped": False}, data={"gates": [
-                               {"name": "onnx_int8_fact_accuracy_en_drop_points", "passed": False},
-                               {"name": "onnx_int8_retention_drop_points", "passed": True}]})
+                               {"name": "onnx_int8_facts_not_worse", "passed": False},
+                               {"name": "onnx_int8_general_not_worse", "passed": True}]})
     ctx = _stage_ctx(tmp_path, merged_dir, {"serving_precision": "int8"}, quantize)
-    with pytest.raises(StageError, match=r"did not pass .*\(failed onnx_int8_fact_accuracy_en_drop_points\)"):
+    with pytest.raises(StageError, match=r"did not pass .*\(failed onnx_int8_facts_not_worse\)"):
         model_repository.run(ctx)
     assert not (tmp_path / "repo" / "tiny").exists()
 
@@ -431,7 +440,7 @@ def _kv_graph_stand_in(path: Path, layers: int = 2, kv_heads: int = 2, head_dim:
 
 
 def test_dev_repository_is_the_stage_layout_around_an_onnx(tmp_path: Path, merged_dir: Path) -> None:
-    from devrepo import write_serving_repository
+    from tests.devrepo import write_serving_repository
 
     onnx = _kv_graph_stand_in(tmp_path / "export" / "model.onnx")
     tokenizer = tmp_path / "tokenizer"
@@ -446,7 +455,7 @@ def test_dev_repository_is_the_stage_layout_around_an_onnx(tmp_path: Path, merge
     assert (repo / "dev_onnx_fp32" / "1" / "model.onnx").resolve() == onnx.resolve()  # linked, not copied
     params = {k: v.string_value for k, v in read_config(repo / "dev" / "config.pbtxt").parameters.items()}
     assert params == {c.PARAM_CORE_MODEL: "dev_onnx_fp32", c.PARAM_RUNNER: "onnxruntime", c.PARAM_MAX_ACTIVE: "4",
-                      c.PARAM_MAX_QUEUE: "16", c.PARAM_MAX_NEW_TOKENS: "64", c.PARAM_CONTEXT: "128",
+                      c.PARAM_MAX_QUEUE: "16", c.PARAM_MAX_NEW_TOKENS: "64",
                       c.PARAM_GRAMMAR_TIMEOUT: "10"}
     core = read_config(repo / "dev_onnx_fp32" / "config.pbtxt")
     assert core.max_batch_size == 2 and list(core.dynamic_batching.preferred_batch_size) == [2]
@@ -467,8 +476,7 @@ def test_python_backend_reads_every_written_config_as_read_config_does(
     from toolkit.repository.pbtxt import model_parameters
     from toolkit.repository.pbtxt_scan import scan_config
 
-    inputs = r.TrtInputs(section=TensorRTSection(max_input_len=100), max_batch_size=8, context_length=256,
-                         qdq_onnx=sources["int8"])
+    inputs = r.TrtInputs(plan=plan_spec(TensorRTSection(max_input_len=100)), qdq_onnx=sources["int8"])
     _write(tmp_path / "repo", merged_dir, sources, onnx_int8=sources["int8"], trt_inputs=inputs)
     configs = sorted((tmp_path / "repo").glob("*/config.pbtxt"))
     assert [p.parent.name for p in configs] == ["tiny", "tiny_onnx_fp32", "tiny_onnx_int8", "tiny_trt_fp16",
@@ -486,7 +494,7 @@ def test_written_repository_is_readable_by_another_user(tmp_path: Path, merged_d
     old_umask = os.umask(0o077)  # the strictest a build user could have
     try:
         sources["model_py"].chmod(0o600)
-        inputs = r.TrtInputs(section=TensorRTSection(max_input_len=100), max_batch_size=8, context_length=256)
+        inputs = r.TrtInputs(plan=plan_spec(TensorRTSection(max_input_len=100)))
         _write(tmp_path / "repo", merged_dir, sources, trt_inputs=inputs)
     finally:
         os.umask(old_umask)
@@ -506,7 +514,7 @@ def test_configs_and_scripts_overwritten_by_a_failed_build_are_restored(
     tmp_path: Path, merged_dir: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "repo"
-    inputs = r.TrtInputs(section=TensorRTSection(max_input_len=100), max_batch_size=8, context_length=256)
+    inputs = r.TrtInputs(plan=plan_spec(TensorRTSection(max_input_len=100)))
     _write(out, merged_dir, sources, trt_inputs=inputs)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.name in ("config.pbtxt", "build_plan.sh")}
     real = r.trt.write_build_script
@@ -515,7 +523,7 @@ def test_configs_and_scripts_overwritten_by_a_failed_build_are_restored(
         raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr(r.trt, "write_build_script", fail_on_script)
-    other = r.TrtInputs(section=TensorRTSection(max_input_len=50), max_batch_size=4, context_length=256)
+    other = r.TrtInputs(plan=plan_spec(TensorRTSection(max_input_len=50)))
     with pytest.raises(OSError, match="No space left"):
         _write(out, merged_dir, sources, trt_inputs=other,
                repository=RepositorySection(max_batch_size=4, preferred_batch_sizes=[4]))

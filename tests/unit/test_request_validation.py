@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from toolkit.serving.requests import Limits, RequestError, parse_request
+from toolkit.runtime.requests import Limits, RequestError, parse_request
 
 LIMITS = Limits(vocab_size=100, context_length=32, max_new_tokens_limit=20, stop_token_ids=frozenset({2}))
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from toolkit.serving.requests import SamplingParams
-from toolkit.serving.sampling import Sampler, StopState
+from toolkit.runtime.requests import SamplingParams
+from toolkit.runtime.sampling import Sampler, StopState
 
 LOGITS = np.asarray([0.1, 2.0, -1.0, 1.5, 0.3], dtype=np.float32)
 

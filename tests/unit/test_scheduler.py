@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 import pytest
-from serving_fakes import FakeRunner, RecordingStream, reference_greedy
 
-from toolkit.serving.kvcache import BatchKV, left_pad
-from toolkit.serving.model_metrics import NullMetrics
-from toolkit.serving.requests import GenerationRequest, QueueFullError, SamplingParams
-from toolkit.serving.scheduler import Scheduler
+from tests.unit.serving_fakes import FakeRunner, RecordingStream, reference_greedy
+from toolkit.runtime.kvcache import BatchKV, left_pad
+from toolkit.runtime.model_metrics import NullMetrics
+from toolkit.runtime.requests import GenerationRequest, QueueFullError, SamplingParams
+from toolkit.runtime.scheduler import Scheduler
 
 PROMPTS = [[3, 7, 9], [5], [1, 2, 3, 4, 5, 6, 7, 8], [11, 12], [30, 31, 32, 33], [8, 8, 8, 8, 8, 8]]
 

@@ -15,15 +15,15 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
-from serving_fakes import FakeRunner, RecordingStream, reference_greedy
 from transformers import AutoTokenizer
 
+from tests.unit.serving_fakes import FakeRunner, RecordingStream, reference_greedy
 from toolkit.repository import contract
-from toolkit.serving.grammar import GrammarCompiler, load_tokenizer
-from toolkit.serving.logprobs import log_softmax
-from toolkit.serving.model_metrics import NullMetrics
-from toolkit.serving.requests import GenerationRequest, RequestError, SamplingParams
-from toolkit.serving.scheduler import Scheduler
+from toolkit.runtime.grammar import GrammarCompiler, load_tokenizer
+from toolkit.runtime.logprobs import log_softmax
+from toolkit.runtime.model_metrics import NullMetrics
+from toolkit.runtime.requests import GenerationRequest, RequestError, SamplingParams
+from toolkit.runtime.scheduler import Scheduler
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "fixtures" / "smollm2_tokenizer"
 VOCAB, EOS = 49152, 2

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from toolkit.errors import ServingError
-from toolkit.serving import triton_replicas
-from toolkit.serving.triton_replicas import ReplicaStatus, TritonPorts, TritonReplica
+from toolkit.supervisor import triton_replicas
+from toolkit.supervisor.triton_replicas import ReplicaStatus, TritonPorts, TritonReplica
 
 PIDS = itertools.count(100)
 
@@ -157,7 +157,7 @@ def test_the_gpus_replicas_may_use(environ: dict[str, str], expected: list[str])
 
 
 def test_each_replica_gets_one_gpu_round_robin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from toolkit.serving.serve import ServeOptions, Supervisor
+    from toolkit.supervisor.serve import ServeOptions, Supervisor
 
     assert [triton_replicas.gpu_for(i, 3, ["0", "1"]) for i in range(3)] == ["0", "1", "0"]
     assert triton_replicas.gpu_for(0, 1, ["0", "1"]) is None  # one replica: every GPU, as before

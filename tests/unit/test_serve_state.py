@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from toolkit.errors import ServingError
-from toolkit.serving.ports import busy_ports, free_ports, listening_pids, owns_port, parse_port, port_free
-from toolkit.serving.serve import ServeOptions, resolve_ports
-from toolkit.serving.state import ServeLock, ServeState, ServeStatus, process_start_ticks, read_state, write_state
+from toolkit.supervisor.ports import busy_ports, free_ports, listening_pids, owns_port, parse_port, port_free
+from toolkit.supervisor.serve import ServeOptions, resolve_ports
+from toolkit.supervisor.state import ServeLock, ServeState, ServeStatus, process_start_ticks, read_state, write_state
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from toolkit.significance import accuracy, mcnemar_p, not_worse
+from toolkit.quality.significance import accuracy, mcnemar_p, not_worse
 
 
 def _answers(n: int, right: int, seed: int) -> list[bool]:

@@ -13,12 +13,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from toolkit.config import BuildConfig, parse_config
+from toolkit.buildsys.config import BuildConfig, parse_config
+from toolkit.buildsys.stage_api import StageContext, StageRecord
 from toolkit.errors import ServingError
 from toolkit.repository import plan_compat
-from toolkit.repository import tensorrt as trt
+from toolkit.repository import plan_script as trt
 from toolkit.repository.contract import LMInfo
-from toolkit.stage import StageContext, StageRecord
 from toolkit.stages import tensorrt as trt_stage
 
 LM = LMInfo(num_layers=2, num_kv_heads=3, head_dim=8, vocab_size=64)
@@ -157,12 +157,12 @@ def test_stage_runs_trtexec_and_records_plan_meta(tmp_path: Path, monkeypatch: p
 def test_a_qdq_graph_that_failed_its_gate_gets_no_int8_plan(tmp_path: Path) -> None:
     ctx = _ctx(tmp_path, _config(trtexec="trtexec-not-installed-here"), qdq=True, qdq_metrics={
         "qdq_shipped": False, "qdq_method": "static_qdq",
-        "qdq_failed_gates": ["onnx_qdq_fact_accuracy_en_drop_points", "onnx_qdq_perplexity_delta_pct"]})
+        "qdq_failed_gates": ["onnx_qdq_facts_not_worse", "onnx_qdq_perplexity_delta_pct"]})
     result = trt_stage.run(ctx)
     assert set(result.artifacts) == {"build_plan_fp16"}
     assert not (ctx.out_dir / "int8").exists() and "int8" not in result.metrics["commands"]
     assert ("INT8 plan not written: model_qdq.onnx (static_qdq) did not pass its task-quality gate "
-            "(onnx_qdq_fact_accuracy_en_drop_points, onnx_qdq_perplexity_delta_pct)") in result.note
+            "(onnx_qdq_facts_not_worse, onnx_qdq_perplexity_delta_pct)") in result.note
 
 
 def test_build_script_runs_and_writes_plan_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

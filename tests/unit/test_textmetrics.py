@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from toolkit.retention import RETENTION_SET, is_accepted, retention_questions, score_retention
-from toolkit.textmetrics import (
+from toolkit.quality.retention import RETENTION_SET, is_accepted, retention_questions, score_retention
+from toolkit.quality.textmetrics import (
     contains_facts,
     corpus_bleu,
     corpus_rouge_l,

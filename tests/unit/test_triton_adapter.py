@@ -9,14 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-import fake_pb_utils
 import numpy as np
 import pytest
-from serving_fakes import FakeRunner, reference_greedy
 
+from tests.unit import fake_pb_utils
+from tests.unit.serving_fakes import FakeRunner, reference_greedy
 from toolkit.repository import contract
 from toolkit.repository.manifest import ModelManifest
-from toolkit.serving.runners import BlsRunner
+from toolkit.runtime.runners import BlsRunner
 
 FINAL = fake_pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -24,10 +24,10 @@ FINAL = fake_pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 @pytest.fixture()
 def model_module(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils)
-    sys.modules.pop("toolkit.serving.triton_model.model", None)
-    module = importlib.import_module("toolkit.serving.triton_model.model")
+    sys.modules.pop("toolkit.runtime.triton_model.model", None)
+    module = importlib.import_module("toolkit.runtime.triton_model.model")
     yield module
-    sys.modules.pop("toolkit.serving.triton_model.model", None)
+    sys.modules.pop("toolkit.runtime.triton_model.model", None)
 
 
 def _manifest(version_dir: Path, vocab: int) -> None:
@@ -220,9 +220,8 @@ def test_bls_over_a_plan_built_for_another_gpu_refuses_to_load(
 
 
 def test_gauges_cross_to_the_server_only_when_they_change() -> None:
-    import fake_pb_utils
-
-    from toolkit.serving.model_metrics import ACTIVE_SEQUENCES, KV_CACHE_BYTES, TritonMetrics
+    from tests.unit import fake_pb_utils
+    from toolkit.runtime.model_metrics import ACTIVE_SEQUENCES, KV_CACHE_BYTES, TritonMetrics
 
     metrics = TritonMetrics(fake_pb_utils, "m", "1")
     for n in (1, 1, 1, 2, 2, 0):
@@ -230,3 +229,22 @@ def test_gauges_cross_to_the_server_only_when_they_change() -> None:
         metrics.kv_cache_bytes(4096)
     assert fake_pb_utils.MetricFamily.families[ACTIVE_SEQUENCES].metrics[-1].values == [1.0, 2.0, 0.0]
     assert fake_pb_utils.MetricFamily.families[KV_CACHE_BYTES].metrics[-1].values == [4096.0]
+
+
+def test_limits_come_from_the_parameters_and_the_context_from_the_manifest(  # type: ignore[no-untyped-def]
+        model_module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repository an earlier toolkit wrote also has a context_length parameter: the manifest's context wins."""
+    monkeypatch.setattr(model_module, "OnnxRunner", lambda path, threads=None: FakeRunner(vocab_size=40))
+    _manifest(tmp_path / "m" / "1", 40)
+    (tmp_path / "m_onnx_fp32" / "1").mkdir(parents=True)
+    (tmp_path / "m_onnx_fp32" / "1" / "model.onnx").write_bytes(b"")
+    config = {"model_transaction_policy": {"decoupled": True}, "parameters": {
+        contract.PARAM_MAX_QUEUE: {"string_value": "3"}, "context_length": {"string_value": "32"}}}
+    instance = model_module.TritonPythonModel()
+    instance.initialize({"model_config": json.dumps(config), "model_repository": str(tmp_path / "m"),
+                         "model_version": "1", "model_name": "m"})
+    try:
+        assert (instance.limits.context_length, instance.limits.max_new_tokens_limit) == (64, 64)
+        assert (instance.scheduler.max_active, instance.scheduler.max_queue) == (32, 3)
+    finally:
+        instance.finalize()

@@ -31,7 +31,7 @@ BATCHING: dict[str, Any] = {
     "max_batch_size": 8, "preferred_batch_sizes": [4, 8], "max_queue_delay_us": 2000, "instance_count": 1
 }
 PARAMS = {c.PARAM_CORE_MODEL: "tiny_onnx_fp32", c.PARAM_RUNNER: "onnxruntime", c.PARAM_MAX_ACTIVE: "32",
-          c.PARAM_MAX_QUEUE: "256", c.PARAM_MAX_NEW_TOKENS: "1024", c.PARAM_CONTEXT: "2048"}
+          c.PARAM_MAX_QUEUE: "256", c.PARAM_MAX_NEW_TOKENS: "1024"}
 
 
 def _generation() -> pb.ModelConfig:

@@ -10,8 +10,8 @@ import pytest
 
 from toolkit.errors import ServingError
 from toolkit.repository.layout import generation_models
-from toolkit.serving.triton_replicas import ReplicaStatus, TritonPorts
-from toolkit.serving.triton_server import TritonServer, prepare_backend_dir, pytriton_dist
+from toolkit.supervisor.triton_replicas import ReplicaStatus, TritonPorts
+from toolkit.supervisor.triton_server import TritonServer, prepare_backend_dir, pytriton_dist
 
 
 def test_backend_dir_symlinks_the_python_backend_and_this_pythons_stub(tmp_path: Path) -> None:
@@ -76,7 +76,7 @@ def test_serve_also_loads_the_core_model_of_a_bls_generation_model(tmp_path: Pat
 
 
 def test_model_control_is_restricted_to_a_fresh_secret(tmp_path: Path) -> None:
-    from toolkit.serving.admin_auth import ADMIN_HEADER, RESTRICTED_PROTOCOLS
+    from toolkit.supervisor.admin_auth import ADMIN_HEADER, RESTRICTED_PROTOCOLS
 
     first, second = TritonServer(tmp_path), TritonServer(tmp_path)
     assert first.admin_key != second.admin_key and len(first.admin_key) >= 40
@@ -89,7 +89,7 @@ def test_model_control_is_restricted_to_a_fresh_secret(tmp_path: Path) -> None:
 
 
 def test_serve_binds_triton_to_loopback_whatever_host_says(tmp_path: Path) -> None:
-    from toolkit.serving.serve import ServeOptions, Supervisor
+    from toolkit.supervisor.serve import ServeOptions, Supervisor
 
     (tmp_path / "chat" / "1").mkdir(parents=True)
     (tmp_path / "chat" / "config.pbtxt").write_text('name: "chat"\nbackend: "python"\n')
@@ -106,7 +106,7 @@ def test_a_gateway_that_exits_with_a_configuration_error_is_not_restarted(tmp_pa
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import subprocess
 
-    from toolkit.serving.serve import ServeOptions, Supervisor
+    from toolkit.supervisor.serve import ServeOptions, Supervisor
 
     (tmp_path / "chat" / "1").mkdir(parents=True)
     (tmp_path / "chat" / "config.pbtxt").write_text('name: "chat"\nbackend: "python"\n')

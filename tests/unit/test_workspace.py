@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import workspace
+from toolkit import files as workspace
 from toolkit.errors import StageError
-from toolkit.workspace import (
+from toolkit.files import (
     atomic_dir,
     atomic_write_text,
     clean_stale_temps,
@@ -134,7 +134,7 @@ def test_atomic_write_text_on_a_full_disk_keeps_the_old_file_and_leaves_no_temp(
     code = textwrap.dedent(f"""
         import errno, resource, signal, sys
         from pathlib import Path
-        from toolkit.workspace import atomic_write_text
+        from toolkit.files import atomic_write_text
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         try:

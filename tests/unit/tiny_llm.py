@@ -85,7 +85,7 @@ def make_tokenizer(*, defects: bool = False, tmp: Path | None = None):  # type: 
     """The tiny tokenizer loaded through transformers (written to `tmp` or a fresh temp dir)."""
     import tempfile
 
-    from toolkit.modeling import load_tokenizer
+    from toolkit.model_io.modeling import load_tokenizer
 
     folder = tmp if tmp is not None else Path(tempfile.mkdtemp(prefix="tiny-tokenizer-"))
     return load_tokenizer(write_tokenizer_files(folder, defects=defects))

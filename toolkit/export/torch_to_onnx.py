@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import StageError
-from toolkit.onnx_files import external_data_names
+from toolkit.model_io.onnx_files import external_data_names
+from toolkit.model_io.tokenizer_files import copy_tokenizer_files
 from toolkit.repository.contract import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -24,7 +25,6 @@ from toolkit.repository.contract import (
     past_names,
     present_names,
 )
-from toolkit.tokenizer_files import copy_tokenizer_files
 
 MODEL_FILE = "model.onnx"
 TASK = "text-generation-with-past"
@@ -42,7 +42,7 @@ def export_onnx(model_dir: Path, out_dir: Path, opset: int = 18) -> Path:
     """
     import torch
 
-    from toolkit.modeling import load_model
+    from toolkit.model_io.modeling import load_model
 
     model = load_model(model_dir)
     _use_grouped_attention(model)

@@ -66,7 +66,7 @@ SEED = "seed"
 REPETITION_PENALTY = "repetition_penalty"
 STOP_TOKEN_IDS = "stop_token_ids"
 IGNORE_EOS = "ignore_eos"
-GRAMMAR = "grammar"  # a JSON grammar spec (toolkit.serving.grammar): every token is masked to follow it
+GRAMMAR = "grammar"  # a JSON grammar spec (toolkit.runtime.grammar): every token is masked to follow it
 LOGPROBS = "logprobs"  # k >= 0: each generated token's log-probability, and the k most likely alternatives
 PROMPT_LOGPROBS = "prompt_logprobs"  # k >= 0: the same for every prompt token (from the first on)
 
@@ -141,15 +141,13 @@ PARAM_RUNNER = "runner"  # "onnxruntime" (in-process, loads <repo>/<core_model>/
 PARAM_MAX_ACTIVE = "max_active_sequences"
 PARAM_MAX_QUEUE = "max_queue"
 PARAM_MAX_NEW_TOKENS = "max_new_tokens_limit"
-PARAM_CONTEXT = "context_length"
 PARAM_CORE_MAX_BATCH = "core_max_batch_size"  # optional: overrides the core model config's max_batch_size
-PARAM_GRAMMAR_TIMEOUT = "grammar_compile_timeout_s"  # a grammar compiling longer is refused (default 10)
+PARAM_GRAMMAR_TIMEOUT = "grammar_compile_timeout_s"  # a grammar compiling longer is refused
 RUNNER_ONNXRUNTIME = "onnxruntime"
 RUNNER_BLS = "bls"
-
-# The generation model's limits when its config sets none (the build config's defaults are these too).
-DEFAULT_MAX_ACTIVE_SEQUENCES = 32
-DEFAULT_MAX_QUEUE = 256
+# The limits' values and defaults: toolkit.repository.spec.GenerationLimits. The context length is the
+# manifest's (one place); repositories written by earlier toolkits also have a context_length parameter,
+# which nothing reads any more.
 
 
 def input_spec(name: str) -> TensorSpec:

@@ -71,6 +71,16 @@ def model_parameters(repository: Path, name: str) -> dict[str, str]:
     return parameters_of(read_config(path)) if path.is_file() else {}
 
 
+def generation_instances(repository: Path, name: str) -> int:
+    """How many Triton instances of model `name` its ``config.pbtxt`` asks for (1 when it names none)."""
+    from toolkit.repository.pbtxt import read_config
+
+    path = repository / name / contract.CONFIG_FILE
+    if not path.is_file():
+        return 1
+    return sum(group.count or 1 for group in read_config(path).instance_group) or 1
+
+
 def bls_core_model(repository: Path, name: str) -> str | None:
     """The core model generation model `name` calls through Triton, or None when it runs onnxruntime itself."""
     params = model_parameters(repository, name)

@@ -17,9 +17,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from toolkit.errors import ConfigError
+from toolkit.files import atomic_write_text
 from toolkit.repository import contract
 from toolkit.repository.contract import CONFIG_FILE, LMInfo, TensorSpec
-from toolkit.workspace import atomic_write_text
 
 InstanceKind = Literal["KIND_AUTO", "KIND_CPU", "KIND_GPU"]
 
@@ -74,7 +74,7 @@ def tensorrt_core_config(
     name: str, lm_info: LMInfo, *, max_batch_size: int, preferred_batch_sizes: Iterable[int],
     max_queue_delay_us: int, instance_count: int, kind: InstanceKind = "KIND_GPU",
 ) -> pb.ModelConfig:
-    """A ``tensorrt_plan`` core model over a plan built by ``toolkit.repository.tensorrt``.
+    """A ``tensorrt_plan`` core model over a plan built by ``toolkit.repository.plan_script``.
 
     The I/O types are the ONNX graph's, for FP16 and INT8 plans alike: ``--fp16``/``--int8`` only
     allow lower-precision kernels inside the engine, and trtexec binds every network input and

@@ -3,7 +3,7 @@
 Layout for model ``NAME`` (see ``model_repository/README.md``)::
 
     NAME/config.pbtxt                 python backend, decoupled generation model
-    NAME/N/model.py                   copied from toolkit/serving/triton_model/model.py
+    NAME/N/model.py                   copied from toolkit/runtime/triton_model/model.py
     NAME/N/manifest.json              toolkit.repository.manifest.ModelManifest
     NAME/N/tokenizer/                 tokenizer files, chat template, generation config
     NAME_onnx_fp32/N/model.onnx       onnxruntime_onnx core model (hard link when possible)
@@ -34,11 +34,20 @@ from types import SimpleNamespace
 from typing import Any
 
 from toolkit import __version__
-from toolkit.config import RepositorySection, ServingSection, TensorRTSection
 from toolkit.errors import StageError
-from toolkit.onnx_files import onnx_files
+from toolkit.files import (
+    DIR_MODE,
+    atomic_write_bytes,
+    fsync_path,
+    fsync_tree,
+    publish_modes,
+    sha256_file,
+    sha256_text,
+)
+from toolkit.model_io.onnx_files import onnx_files
+from toolkit.model_io.tokenizer_files import CHAT_TEMPLATE_FILE, copy_tokenizer_files
 from toolkit.repository import contract
-from toolkit.repository import tensorrt as trt
+from toolkit.repository import plan_script as trt
 from toolkit.repository.contract import LMInfo
 from toolkit.repository.layout import core_model_name, existing_versions, next_version
 from toolkit.repository.manifest import TOKENIZER_DIR, ArtifactRef, BuildFacts, ModelManifest
@@ -49,31 +58,20 @@ from toolkit.repository.pbtxt import (
     write_config,
 )
 from toolkit.repository.plan_compat import BUILD_SCRIPT, PLAN_FILE, PLAN_META
-from toolkit.tokenizer_files import CHAT_TEMPLATE_FILE, copy_tokenizer_files
-from toolkit.workspace import (
-    DIR_MODE,
-    atomic_write_bytes,
-    fsync_path,
-    fsync_tree,
-    publish_modes,
-    sha256_file,
-    sha256_text,
-)
+from toolkit.repository.spec import PlanSpec, RepositorySpec
 
 log = logging.getLogger(__name__)
 
-MODEL_PY_SOURCE = Path(__file__).resolve().parent.parent / "serving" / "triton_model" / "model.py"
+MODEL_PY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "triton_model" / "model.py"
 REQUIRED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ONNX_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
 class TrtInputs:
-    """What the repository needs for the tensorrt_plan core models."""
+    """What the repository needs for the tensorrt_plan core models (their batch and context: the spec's)."""
 
-    section: TensorRTSection
-    max_batch_size: int
-    context_length: int
+    plan: PlanSpec
     qdq_onnx: Path | None = None  # source of the INT8 plan (a Q/DQ graph that passed its gate); None leaves it out
     qdq_missing: str = "no Q/DQ ONNX to build an INT8 plan from"  # why qdq_onnx is None, for the notes
     built: Mapping[str, Path] = field(default_factory=dict)  # precision -> dir with model.plan + plan_meta.json
@@ -97,7 +95,7 @@ class ModelFacts:
     @classmethod
     def from_merged_dir(cls, merged_dir: Path) -> ModelFacts:
         """Shape, bos / stop / pad ids and chat template of a merged model, as the rest of the build computes them."""
-        from toolkit.modeling import chat_template_of, load_tokenizer, pad_token_id, stop_token_ids
+        from toolkit.model_io.modeling import chat_template_of, load_tokenizer, pad_token_id, stop_token_ids
 
         lm = LMInfo.from_hf_config(merged_dir)
         tokenizer = load_tokenizer(merged_dir)
@@ -267,15 +265,13 @@ def write_repository(
     output: Path,
     *,
     model_name: str,
+    spec: RepositorySpec,
     merged_dir: Path | None = None,
     model: ModelFacts | None = None,
     onnx_fp32: Path,
     onnx_int8: Path | None = None,
-    context_length: int = 2048,
     base_model: str = "",
     adapter_sha256: str | None = None,
-    repository: RepositorySection | None = None,
-    serving: ServingSection | None = None,
     trt_inputs: TrtInputs | None = None,
     model_py: Path | None = None,
     extra_parameters: Mapping[str, str] | None = None,
@@ -286,18 +282,17 @@ def write_repository(
 
     `merged_dir` is a Hugging Face model directory with the tokenizer (config.json, tokenizer.json,
     tokenizer_config.json, ...); or pass what it would give as `model` instead. `onnx_fp32` is the
-    KV-cache ONNX export; `onnx_int8` the INT8 variant, only when it passed its gate. Sections
-    default to the build config's defaults. `extra_parameters` are added to the generation model's
+    KV-cache ONNX export; `onnx_int8` the INT8 variant, only when it passed its gate. `spec` is
+    everything else the repository is written with (batching, served limits, context, runner).
+    `extra_parameters` are added to the generation model's
     config parameters (e.g. EXECUTION_ENV_PATH). `symlink_onnx` links the core models to the
     exports instead of holding them (hard link or copy): for dev repositories beside a build only,
     a shipped repository must stand alone. `build` (scores and gates) goes into the manifest.
     """
-    repo = repository or RepositorySection()
-    srv = serving or ServingSection()
     model_py = model_py or MODEL_PY_SOURCE
     if not model_py.is_file():
         raise StageError(f"the Triton generation model {model_py} does not exist yet; it comes with the serving "
-                         "package (toolkit/serving/triton_model/model.py), install or update the toolkit")
+                         "package (toolkit/runtime/triton_model/model.py), install or update the toolkit")
     if merged_dir is not None and model is None:
         facts = ModelFacts.from_merged_dir(merged_dir)
     elif model is not None and merged_dir is None:
@@ -311,13 +306,13 @@ def write_repository(
     drop_unfinished_versions(output, model_name)
     version = next_version(output, model_name)
     notes: list[str] = []
-    batching: dict[str, Any] = {"max_batch_size": repo.max_batch_size,
-                                "preferred_batch_sizes": repo.preferred_batch_sizes,
-                                "max_queue_delay_us": repo.max_queue_delay_us,
-                                "instance_count": repo.instance_count}
+    batching: dict[str, Any] = {"max_batch_size": spec.batching.max_batch_size,
+                                "preferred_batch_sizes": list(spec.batching.preferred_batch_sizes),
+                                "max_queue_delay_us": spec.batching.max_queue_delay_us,
+                                "instance_count": spec.batching.instance_count}
     precisions = ["onnx_fp32"] + (["onnx_int8"] if onnx_int8 is not None else [])
-    served = served_core_precision(repo.serving_precision, int8_shipped=onnx_int8 is not None)
-    if repo.serving_precision == "auto" and served == "onnx_fp32":
+    served = served_core_precision(spec.serving_precision, int8_shipped=onnx_int8 is not None)
+    if spec.serving_precision == "auto" and served == "onnx_fp32":
         notes.append("serving_precision auto: INT8 not shipped, the generation model runs onnx_fp32")
     core = core_model_name(model_name, served)
     writer = _VersionWriter(version)
@@ -339,16 +334,12 @@ def write_repository(
                 fp32_data = data_files
             configs.append((model_dir, onnx_core_config(model_dir.name, lm, **batching)))
         if trt_inputs is not None:
-            notes += _write_trt_models(output, model_name, version, lm, trt_inputs, batching, writer, configs,
-                                       scripts, artifacts, precisions, fp32_data)
+            notes += _write_trt_models(output, model_name, version, lm, trt_inputs, spec, batching, writer,
+                                       configs, scripts, artifacts, precisions, fp32_data)
         params = {
             contract.PARAM_CORE_MODEL: core,
-            contract.PARAM_RUNNER: repo.runner,
-            contract.PARAM_MAX_ACTIVE: str(srv.max_active_sequences),
-            contract.PARAM_MAX_QUEUE: str(srv.max_queue),
-            contract.PARAM_MAX_NEW_TOKENS: str(srv.max_new_tokens_limit),
-            contract.PARAM_GRAMMAR_TIMEOUT: f"{srv.grammar_compile_timeout_s:g}",
-            contract.PARAM_CONTEXT: str(context_length),
+            contract.PARAM_RUNNER: spec.runner,
+            **spec.limits.parameters(),
             **(extra_parameters or {}),
         }
         gen_dir = output / model_name
@@ -364,7 +355,7 @@ def write_repository(
             manifest = ModelManifest(
                 model_name=model_name, version=version, base_model=base_model, adapter_sha256=adapter_sha256,
                 toolkit_version=__version__, built_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                context_length=context_length, vocab_size=lm.vocab_size, num_layers=lm.num_layers,
+                context_length=spec.context_length, vocab_size=lm.vocab_size, num_layers=lm.num_layers,
                 num_kv_heads=lm.num_kv_heads, head_dim=lm.head_dim, bos_token_id=facts.bos_token_id,
                 eos_token_ids=list(facts.stop_token_ids), stop_token_ids=list(facts.stop_token_ids),
                 pad_token_id=facts.pad_token_id, chat_template=facts.chat_template,
@@ -381,21 +372,22 @@ def write_repository(
     except BaseException:
         writer.rollback()
         raise
-    pruned = prune_versions([d for d, _ in configs], repo.keep_versions)
+    pruned = prune_versions([d for d, _ in configs], spec.keep_versions)
     return RepositoryWrite(root=output, version=version, version_dirs=list(writer.done),
                            model_dirs=[d for d, _ in configs], manifest=manifest, notes=notes, pruned=pruned,
                            shared_files=[d / contract.CONFIG_FILE for d, _ in configs] + [p for p, _ in scripts])
 
 
 def _write_trt_models(
-    output: Path, model_name: str, version: int, lm: LMInfo, inputs: TrtInputs, batching: dict[str, Any],
+    output: Path, model_name: str, version: int, lm: LMInfo, inputs: TrtInputs, spec: RepositorySpec,
+    batching: dict[str, Any],
     writer: _VersionWriter, configs: list[tuple[Path, Any]], scripts: list[tuple[Path, str]],
     artifacts: dict[str, ArtifactRef], precisions: list[str], fp32_data: list[str],
 ) -> list[str]:
     notes: list[str] = []
-    profile = trt.kv_cache_profile(lm, max_batch=inputs.max_batch_size, opt_batch=inputs.section.opt_batch_size,
-                                   max_input_len=inputs.section.max_input_len, context_length=inputs.context_length)
-    for precision in inputs.section.precisions:
+    profile = trt.kv_cache_profile(lm, max_batch=spec.batching.max_batch_size, opt_batch=inputs.plan.opt_batch_size,
+                                   max_input_len=inputs.plan.max_input_len, context_length=spec.context_length)
+    for precision in inputs.plan.precisions:
         if precision == "fp16":
             source = f"../{core_model_name(model_name, 'onnx_fp32')}/{version}/{ONNX_FILE}"
             data = fp32_data
@@ -408,8 +400,8 @@ def _write_trt_models(
         model_dir = output / core_model_name(model_name, f"trt_{precision}")
         script = trt.build_script(model=model_name, precision=precision, default_onnx=source,
                                   plan=f"{version}/{PLAN_FILE}", timing_cache=trt.TIMING_CACHE,
-                                  trtexec=inputs.section.trtexec, profile=profile,
-                                  workspace_mib=inputs.section.workspace_mib, external_data=data)
+                                  trtexec=inputs.plan.trtexec, profile=profile,
+                                  workspace_mib=inputs.plan.workspace_mib, external_data=data)
         built = inputs.built.get(precision)
         if built is not None and (built / PLAN_FILE).is_file():
             with writer.version_dir(model_dir) as tmp:

@@ -19,21 +19,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from toolkit.config import EMBEDDED_MODEL, BuildConfig
-from toolkit.embedded_model import embedded_gguf_path, gguf_to_hf
+from toolkit.buildsys.config import EMBEDDED_MODEL, BuildConfig
+from toolkit.buildsys.stage_api import StageContext, StageResult
 from toolkit.errors import ConfigError, StageError, ToolkitError
-from toolkit.families import check_architecture
-from toolkit.modeling import chat_template_of, load_tokenizer, stop_token_ids
-from toolkit.portability import (
-    V5_ONLY_CLASSES,
-    jinja_render,
-    portability_gate,
-    probe_texts,
-    special_token_vars,
-    tokenizer_only_problems,
-)
-from toolkit.stage import StageContext, StageResult
-from toolkit.tokenizer_files import (
+from toolkit.files import sha256_file, sha256_text
+from toolkit.model_io.embedded_model import embedded_gguf_path, gguf_to_hf
+from toolkit.model_io.families import check_architecture
+from toolkit.model_io.modeling import chat_template_of, load_tokenizer, stop_token_ids
+from toolkit.model_io.tokenizer_files import (
     CHAT_TEMPLATE_FILE,
     TOKENIZER_CONFIG,
     fix_tokenizer_files,
@@ -41,7 +34,14 @@ from toolkit.tokenizer_files import (
     read_json,
     write_json,
 )
-from toolkit.workspace import sha256_file, sha256_text
+from toolkit.quality.portability import (
+    V5_ONLY_CLASSES,
+    jinja_render,
+    portability_gate,
+    probe_texts,
+    special_token_vars,
+    tokenizer_only_problems,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -11,12 +11,12 @@ import json
 import time
 from typing import Any
 
-from toolkit.config import BuildConfig
-from toolkit.dataset import read_split
-from toolkit.evaluation import GENERAL_QUESTIONS, answer_prompts, evaluation_questions, set_accuracies
-from toolkit.modeling import load_model, load_tokenizer
-from toolkit.stage import StageContext, StageResult
-from toolkit.workspace import sha256_file
+from toolkit.buildsys.config import BuildConfig
+from toolkit.buildsys.stage_api import StageContext, StageResult
+from toolkit.datasets.records import read_split
+from toolkit.files import sha256_file
+from toolkit.model_io.modeling import load_model, load_tokenizer
+from toolkit.quality.scoring import GENERAL_QUESTIONS, answer_prompts, evaluation_questions, set_accuracies
 
 ANSWERS_FILE = "answers.jsonl"
 

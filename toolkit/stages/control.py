@@ -12,12 +12,19 @@ import logging
 import time
 from typing import Any
 
-from toolkit.config import BuildConfig
-from toolkit.dataset import CONTROL_PROMPTS, load_control_prompts
-from toolkit.modeling import Messages, greedy_generate, load_model, load_tokenizer, render_prompt_ids, seed_everything
-from toolkit.stage import StageContext, StageResult
+from toolkit.buildsys.config import BuildConfig
+from toolkit.buildsys.stage_api import StageContext, StageResult
+from toolkit.datasets.records import CONTROL_PROMPTS, load_control_prompts
+from toolkit.files import sha256_file
+from toolkit.model_io.modeling import (
+    Messages,
+    greedy_generate,
+    load_model,
+    load_tokenizer,
+    render_prompt_ids,
+    seed_everything,
+)
 from toolkit.training.control_examples import ControlExample, write_control
-from toolkit.workspace import sha256_file
 
 log = logging.getLogger(__name__)
 

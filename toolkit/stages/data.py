@@ -12,11 +12,18 @@ import logging
 from collections import Counter
 from typing import Any
 
-from toolkit.config import BuildConfig
-from toolkit.dataset import dataset_paths, language_of, load_examples, resolve_split_by, split_dataset, write_jsonl
-from toolkit.report import GateResult
-from toolkit.stage import StageContext, StageResult
-from toolkit.workspace import sha256_file
+from toolkit.buildsys.config import BuildConfig
+from toolkit.buildsys.report import GateResult
+from toolkit.buildsys.stage_api import StageContext, StageResult
+from toolkit.datasets.records import (
+    dataset_paths,
+    language_of,
+    load_examples,
+    resolve_split_by,
+    split_dataset,
+    write_jsonl,
+)
+from toolkit.files import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -3,11 +3,11 @@
 "Before" is the base model's answers from the ``baseline`` stage; "after" is the exported FP32 ONNX
 graph of the merged model (what the repository serves; the merge and export gates prove it decodes as
 the adapter model does) answering the same prompts and the held-out fact questions
-(:func:`toolkit.evaluation.evaluation_questions`) greedily on onnxruntime, in batches whose finished
+(:func:`toolkit.quality.scoring.evaluation_questions`) greedily on onnxruntime, in batches whose finished
 rows leave the batch. The ``quantize`` stage compares its INT8 graphs with these very answers.
 Reported: fact accuracy per set and language with 95 % intervals, BLEU-4, ROUGE-L and fact exact
 match over the test split, and general-knowledge retention on 71 questions, which gates the build
-by a paired rule (:func:`toolkit.significance.not_worse`): an adapter that makes the model forget
+by a paired rule (:func:`toolkit.quality.significance.not_worse`): an adapter that makes the model forget
 what it knew fails here rather than in production. ``facts.md``/``facts.jsonl`` list every test
 question with both answers; ``heldout.jsonl`` the held-out questions with the tuned answers.
 """
@@ -18,10 +18,14 @@ import json
 import os
 from typing import Any
 
-from toolkit.config import BuildConfig
-from toolkit.dataset import read_records, read_split
+from toolkit.buildsys.config import BuildConfig
+from toolkit.buildsys.report import GateResult
+from toolkit.buildsys.stage_api import StageContext, StageResult
+from toolkit.datasets.records import read_records, read_split
 from toolkit.errors import StageError
-from toolkit.evaluation import (
+from toolkit.files import sha256_file
+from toolkit.model_io.modeling import load_tokenizer
+from toolkit.quality.scoring import (
     LANGUAGES,
     evaluation_questions,
     fact_accuracy,
@@ -31,13 +35,9 @@ from toolkit.evaluation import (
     set_accuracies,
     write_fact_table,
 )
-from toolkit.export.task_gate import answer_questions
-from toolkit.modeling import load_tokenizer
-from toolkit.report import GateResult
-from toolkit.significance import not_worse
-from toolkit.stage import StageContext, StageResult
-from toolkit.textmetrics import score_answers
-from toolkit.workspace import sha256_file
+from toolkit.quality.significance import not_worse
+from toolkit.quality.task_gate import answer_questions
+from toolkit.quality.textmetrics import score_answers
 
 ANSWERS_FILE = "answers.jsonl"  # every question, the FP32 graph's answer and token ids (the quantize gates' reference)
 SAMPLES_FILE = "samples.jsonl"
@@ -54,7 +54,7 @@ def cache_inputs(config: BuildConfig) -> dict[str, Any]:
 
 def run(ctx: StageContext) -> StageResult:
     """Score the fine-tuned model against the base model's answers; gate on retention."""
-    from toolkit.onnx_lm import OnnxCausalLM
+    from toolkit.runtime.onnx_lm import OnnxCausalLM
 
     cfg = ctx.config.eval
     tokenizer = load_tokenizer(ctx.inputs["merge"].path("model"))

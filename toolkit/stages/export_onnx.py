@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import time
 
+from toolkit.buildsys.stage_api import StageContext, StageResult
 from toolkit.export.torch_to_onnx import EXPORTER, MODEL_FILE, TASK, export_onnx, graph_stats
-from toolkit.gates import onnx_parity, parity_gates
-from toolkit.stage import StageContext, StageResult
+from toolkit.quality.fidelity import onnx_parity, parity_gates
 
 log = logging.getLogger(__name__)
 

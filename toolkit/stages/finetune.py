@@ -12,9 +12,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from toolkit.config import EvalSection
-from toolkit.dataset import Example, read_split
-from toolkit.modeling import (
+from toolkit.buildsys.config import EvalSection
+from toolkit.buildsys.stage_api import StageContext, StageResult
+from toolkit.datasets.records import Example, read_split
+from toolkit.files import sha256_text
+from toolkit.model_io.modeling import (
     CHAT_TEMPLATE_FILE,
     Messages,
     chat_template_of,
@@ -25,13 +27,11 @@ from toolkit.modeling import (
     render_prompt_ids,
     seed_everything,
 )
-from toolkit.stage import StageContext, StageResult
-from toolkit.textmetrics import contains_facts
-from toolkit.tokenizer_files import copy_tokenizer_files
+from toolkit.model_io.tokenizer_files import copy_tokenizer_files
+from toolkit.quality.textmetrics import contains_facts
 from toolkit.training.control_examples import read_control
 from toolkit.training.examples import TokenizedExample, build_examples
 from toolkit.training.lora import train_lora
-from toolkit.workspace import sha256_text
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from toolkit.golden import golden_conversations
-from toolkit.modeling import (
+from toolkit.buildsys.report import GateResult
+from toolkit.buildsys.stage_api import StageContext, StageResult
+from toolkit.files import sha256_text
+from toolkit.model_io.modeling import (
     CHAT_TEMPLATE_FILE,
     Messages,
     chat_template_of,
@@ -24,11 +26,9 @@ from toolkit.modeling import (
     render_prompt_ids,
     stop_token_ids,
 )
-from toolkit.portability import portability_gate
-from toolkit.report import GateResult
-from toolkit.stage import StageContext, StageResult
-from toolkit.tokenizer_files import copy_tokenizer_files, portable_model_config
-from toolkit.workspace import sha256_text
+from toolkit.model_io.tokenizer_files import copy_tokenizer_files, portable_model_config
+from toolkit.quality.golden import golden_conversations
+from toolkit.quality.portability import portability_gate
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The repository itself is :func:`toolkit.repository.writer.write_repository`'s; t
 the build's artifacts (the merged model, the FP32 export, the INT8 variant only when it passed its
 gate, the TensorRT plans where they were built, the INT8 plan script only when its Q/DQ graph passed
 its gate); ``repository.serving_precision`` picks the core model served. It also writes
-``capacity.md`` (:mod:`toolkit.capacity`).
+``capacity.md`` (:mod:`toolkit.repository.capacity`).
 """
 
 from __future__ import annotations
@@ -13,13 +13,34 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from toolkit.capacity import capacity_report
+from toolkit.buildsys.config import RepositorySection, ServingSection, TensorRTSection
+from toolkit.buildsys.stage_api import StageContext, StageRecord, StageResult
+from toolkit.files import sha256_file
+from toolkit.repository.capacity import capacity_report
 from toolkit.repository.contract import LMInfo
 from toolkit.repository.manifest import BUILD_METRICS, BuildFacts, GateSummary
-from toolkit.repository.tensorrt import int8_plan_source
+from toolkit.repository.plan_script import int8_plan_source
+from toolkit.repository.spec import Batching, GenerationLimits, PlanSpec, RepositorySpec
 from toolkit.repository.writer import TrtInputs, served_core_precision, write_repository
-from toolkit.stage import StageContext, StageRecord, StageResult
-from toolkit.workspace import sha256_file
+
+
+def repository_spec(repo: RepositorySection, serving: ServingSection, *, context_length: int) -> RepositorySpec:
+    """What the repository is written with, from the build config's sections (where its values are set)."""
+    return RepositorySpec(
+        batching=Batching(max_batch_size=repo.max_batch_size, preferred_batch_sizes=tuple(repo.preferred_batch_sizes),
+                          max_queue_delay_us=repo.max_queue_delay_us, instance_count=repo.instance_count),
+        limits=GenerationLimits(max_active_sequences=serving.max_active_sequences, max_queue=serving.max_queue,
+                                max_new_tokens_limit=serving.max_new_tokens_limit,
+                                grammar_compile_timeout_s=serving.grammar_compile_timeout_s),
+        context_length=context_length, serving_precision=repo.serving_precision, runner=repo.runner,
+        keep_versions=repo.keep_versions,
+    )
+
+
+def plan_spec(trt: TensorRTSection) -> PlanSpec:
+    """The TensorRT plans' build script settings, from the build config's section."""
+    return PlanSpec(precisions=tuple(trt.precisions), trtexec=trt.trtexec, opt_batch_size=trt.opt_batch_size,
+                    max_input_len=trt.max_input_len, workspace_mib=trt.workspace_mib)
 
 
 def adapter_sha256(finetune: StageRecord) -> str:
@@ -74,13 +95,11 @@ def run(ctx: StageContext) -> StageResult:
     built = {p: trt_record.dir / p for p in ("fp16", "int8") if f"plan_{p}" in trt_record.artifacts}
     written = write_repository(
         cfg.repository.output, model_name=cfg.model.name, merged_dir=merged_dir,
+        spec=repository_spec(cfg.repository, cfg.serving, context_length=cfg.model.context_length),
         onnx_fp32=onnx_fp32, onnx_int8=quantize.path("int8") if int8_shipped else None,
-        context_length=cfg.model.context_length,
         base_model=str(ctx.inputs["base_model"].metrics.get("source", cfg.model.base)),
-        adapter_sha256=adapter_sha256(ctx.inputs["finetune"]), repository=cfg.repository, serving=cfg.serving,
-        trt_inputs=TrtInputs(section=cfg.tensorrt, max_batch_size=cfg.repository.max_batch_size,
-                             context_length=cfg.model.context_length,
-                             qdq_onnx=qdq_onnx, qdq_missing=qdq_why_not, built=built),
+        adapter_sha256=adapter_sha256(ctx.inputs["finetune"]),
+        trt_inputs=TrtInputs(plan=plan_spec(cfg.tensorrt), qdq_onnx=qdq_onnx, qdq_missing=qdq_why_not, built=built),
         build=build_facts(ctx.inputs),
     )
     notes += written.notes

@@ -1,7 +1,7 @@
 """Stage ``quantize``: an INT8 ONNX variant to serve and a Q/DQ graph for TensorRT, each shipped only
 when it answers as well as FP32.
 
-Both graphs are gated the same way (:mod:`toolkit.export.task_gate`): FP32 and the candidate answer
+Both graphs are gated the same way (:mod:`toolkit.quality.task_gate`): FP32 and the candidate answer
 the evaluate stage's prompts greedily on onnxruntime, and the candidate ships when its held-out-phrasing
 fact accuracy (per language) and its retention are each within ``quantize.max_*_drop_points``
 percentage points of FP32's and its test-split perplexity rises less than
@@ -12,7 +12,7 @@ a gate when set.
 The gates are not blocking: a variant that fails is reported with ``int8_shipped: False`` and the
 repository leaves it out; a Q/DQ graph that fails (``qdq_shipped: False``) gets no INT8 plan script
 and no ``NAME_trt_int8`` entry. ``model_qdq.onnx`` is weight-only by default (INT8 weights with a
-per-channel DequantizeLinear, float activations: :func:`toolkit.export.quantization.quantize_weight_only_qdq`);
+per-channel DequantizeLinear, float activations: :func:`toolkit.export.int8_methods.quantize_weight_only_qdq`);
 its INT8 values are rounded by GPTQ on calibration inputs from the training split and the control
 examples (``quantize.qdq_method: weight_only_gptq``); ``weight_only`` rounds to nearest, and the
 static Q/DQ recipes remain selectable.
@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolkit.config import EvalSection, QuantizeSection
-from toolkit.dataset import read_records
+from toolkit.buildsys.config import EvalSection, QuantizeSection
+from toolkit.buildsys.report import GateResult
+from toolkit.buildsys.stage_api import StageContext, StageResult
+from toolkit.datasets.records import read_records
 from toolkit.errors import StageError
-from toolkit.evaluation import Question, evaluation_questions, heldout_paths
-from toolkit.export.quantization import (
+from toolkit.export.int8_methods import (
     GPTQ_METHODS,
     INT8_FILE,
     QDQ_FILE,
@@ -41,12 +42,11 @@ from toolkit.export.quantization import (
     quantize_int8,
     teacher_forced_agreement,
 )
-from toolkit.export.task_gate import GraphAnswers, answer_questions, answer_table, task_gates, token_agreement
-from toolkit.gates import render_conversations
-from toolkit.golden import Messages, golden_conversations
-from toolkit.onnx_files import onnx_bytes
-from toolkit.report import GateResult
-from toolkit.stage import StageContext, StageResult
+from toolkit.model_io.onnx_files import onnx_bytes
+from toolkit.quality.fidelity import render_conversations
+from toolkit.quality.golden import Messages, golden_conversations
+from toolkit.quality.scoring import Question, evaluation_questions, heldout_paths
+from toolkit.quality.task_gate import GraphAnswers, answer_questions, answer_table, task_gates, token_agreement
 from toolkit.training.control_examples import read_control
 
 ANSWERS_FILE = "task_answers.jsonl"  # every evaluation prompt: FP32's, INT8's and the Q/DQ graph's answers
@@ -68,7 +68,7 @@ def read_conversations(path: Path) -> list[Messages]:
 
 def calibration_ids(tokenizer: Any, conversations: Sequence[Messages], count: int) -> list[list[int]]:
     """`count` training conversations, evenly spread over the split, rendered whole (prompt and reply)."""
-    from toolkit.modeling import render_prompt_ids
+    from toolkit.model_io.modeling import render_prompt_ids
 
     if not conversations:
         return []
@@ -104,7 +104,7 @@ class Candidate:
 
 
 def _open(path: Path, threads: int, qdq: bool = False) -> Any:
-    from toolkit.onnx_lm import OnnxCausalLM
+    from toolkit.runtime.onnx_lm import OnnxCausalLM
 
     # A Q/DQ graph: let onnxruntime fold DequantizeLinear on the constant weights once at load time
     # (same products, FP32 speed) instead of dequantizing every weight at every step.
@@ -132,7 +132,7 @@ def evaluate_candidates(
     stage holds at most two copies of the weights. Returns the metrics the candidates share (FP32's scores)
     and the answer table (a row per question).
     """
-    from toolkit.modeling import pad_token_id, stop_token_ids
+    from toolkit.model_io.modeling import pad_token_id, stop_token_ids
 
     stops, pad = stop_token_ids(tokenizer), pad_token_id(tokenizer)
     fp32_ppl = perplexity(fp32, scored) if scored else float("nan")
@@ -210,8 +210,8 @@ def _summary(cand: Candidate, method: str) -> str:
 
 def run(ctx: StageContext) -> StageResult:
     """Quantize the FP32 graph (served INT8 variant and TensorRT's Q/DQ graph); gate both on the task; time INT8."""
-    from toolkit.dataset import read_split
-    from toolkit.modeling import load_tokenizer
+    from toolkit.datasets.records import read_split
+    from toolkit.model_io.modeling import load_tokenizer
     from toolkit.training.examples import build_examples
 
     cfg = ctx.config.quantize

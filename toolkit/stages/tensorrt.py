@@ -3,7 +3,7 @@
 INT8 is built from the quantize stage's ``model_qdq.onnx`` only when that graph passed its
 task-quality gate (``qdq_shipped``); otherwise no INT8 script is written and the report says why.
 
-The profile and the command are :mod:`toolkit.repository.tensorrt`'s. Where ``trtexec`` and a GPU
+The profile and the command are :mod:`toolkit.repository.plan_script`'s. Where ``trtexec`` and a GPU
 are present the plans are built and ``plan_meta.json`` records the TensorRT version, GPU and compute
 capability, which :mod:`toolkit.repository.plan_compat` checks at load time. Elsewhere the stage is
 ``unavailable`` and leaves a ready-to-run ``build_plan.sh`` per precision. No plan is ever faked.
@@ -18,11 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from toolkit.onnx_files import onnx_files
-from toolkit.report import StageStatus
+from toolkit.buildsys.report import StageStatus
+from toolkit.buildsys.stage_api import StageContext, StageResult
+from toolkit.files import atomic_write_json, run_tool
+from toolkit.model_io.onnx_files import onnx_files
 from toolkit.repository.contract import LMInfo
 from toolkit.repository.plan_compat import BUILD_SCRIPT, PLAN_FILE, PLAN_META, gpu_facts, trt_version_from_tag
-from toolkit.repository.tensorrt import (
+from toolkit.repository.plan_script import (
     TIMING_CACHE,
     build_script,
     int8_plan_source,
@@ -30,8 +32,6 @@ from toolkit.repository.tensorrt import (
     trtexec_command,
     write_build_script,
 )
-from toolkit.stage import StageContext, StageResult
-from toolkit.workspace import atomic_write_json, run_tool
 
 
 def plan_sources(ctx: StageContext) -> tuple[dict[str, Path], list[str]]:

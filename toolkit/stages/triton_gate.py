@@ -15,12 +15,12 @@ import socket
 import time
 from pathlib import Path
 
+from toolkit.buildsys.memory import MIB, tree_peak_rss_bytes
+from toolkit.buildsys.report import GateResult, StageStatus
+from toolkit.buildsys.stage_api import StageContext, StageResult
 from toolkit.errors import StageError
-from toolkit.golden import golden_conversations
-from toolkit.memory import MIB, tree_peak_rss_bytes
-from toolkit.report import GateResult, StageStatus
+from toolkit.quality.golden import golden_conversations
 from toolkit.repository.manifest import TOKENIZER_DIR, ModelManifest
-from toolkit.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,10 @@ def serve_and_compare(
     log_path: Path | None = None,
 ) -> dict[str, object]:
     """Serve the golden prompts through Triton and through the ONNX greedy loop; return both and the score."""
-    from toolkit.modeling import load_tokenizer, render_prompt_ids
-    from toolkit.onnx_lm import OnnxCausalLM
-    from toolkit.serving.client import GenerationClient
-    from toolkit.serving.triton_server import TritonServer
+    from toolkit.model_io.modeling import load_tokenizer, render_prompt_ids
+    from toolkit.quality.triton_client import GenerationClient
+    from toolkit.runtime.onnx_lm import OnnxCausalLM
+    from toolkit.supervisor.triton_server import TritonServer
 
     version_dir = repository / model / str(version)
     manifest = ModelManifest.load(version_dir)

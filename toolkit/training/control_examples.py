@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.modeling import Messages
+from toolkit.model_io.modeling import Messages
 
 
 @dataclass(frozen=True)

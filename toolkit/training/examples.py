@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from toolkit.errors import StageError
-from toolkit.modeling import Messages, encode_text, render_text
+from toolkit.model_io.modeling import Messages, encode_text, render_text
 
 if TYPE_CHECKING:
     import torch

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolkit.buildlog import progress as progress_bar
-from toolkit.config import LoraSection, TrainSection
+from toolkit.buildsys.buildlog import progress as progress_bar
+from toolkit.buildsys.config import LoraSection, TrainSection
 from toolkit.errors import StageError
-from toolkit.modeling import pad_token_id
+from toolkit.model_io.modeling import pad_token_id
 from toolkit.training.device import Precision, resolve_device
 from toolkit.training.examples import IGNORE_INDEX, TokenizedExample, collate
 from toolkit.training.frozen_prefix import FrozenPrefix

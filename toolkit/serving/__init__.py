@@ -1,1 +1,0 @@
-"""Serving: the continuous-batching generation model and the Triton launcher."""

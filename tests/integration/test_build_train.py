@@ -100,7 +100,8 @@ def test_rerun_skips_everything_and_a_lora_change_reruns_only_what_follows(works
     run_build(_config(workspace, rank=4), until="merge")  # export and evaluate would rerun too: not needed here
     statuses = _statuses(workspace / "report.json")
     # The base model's answers (baseline) are not recomputed for a new recipe.
+    # (export_onnx and evaluate, past --until, are listed with their earlier records as "cached")
     assert statuses == {"base_model": "skipped", "data": "skipped", "control": "skipped", "baseline": "skipped",
-                        "finetune": "ran", "merge": "ran"}
+                        "finetune": "ran", "merge": "ran", "export_onnx": "cached", "evaluate": "cached"}
     adapter_config = json.loads((workspace / "finetune" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4

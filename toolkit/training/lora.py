@@ -32,19 +32,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def summed_loss(
+def labelled_logits(
     model: Any, batch: dict[str, torch.Tensor], prefix: FrozenPrefix | None = None,
     indices: Sequence[int] | None = None,
-) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over labelled tokens, and how many there were.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output head's float logits at the positions that predict a label, and those labels.
 
-    The output head runs only at positions that predict a label: with a 49k vocabulary it is a
-    large share of a small model's compute, and most positions (system/user/template) have none.
-    With a frozen-prefix cache (and the batch's example `indices` into it), the decoder starts at
-    the first adapted layer from the cached hidden states.
+    The head runs only there: with a 49k vocabulary it is a large share of a small model's compute,
+    and most positions (system/user/template) have none. With a frozen-prefix cache (and the batch's
+    example `indices` into it), the decoder starts at the first adapted layer from the cached states.
     """
-    import torch.nn.functional as F  # noqa: N812 - the conventional alias
-
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(core.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -56,9 +53,18 @@ def summed_loss(
         ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = core.get_output_embeddings()(hidden[:, :-1, :][keep]).float()
-    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-    return loss, int(keep.sum())
+    return core.get_output_embeddings()(hidden[:, :-1, :][keep]).float(), targets[keep]
+
+
+def summed_loss(
+    model: Any, batch: dict[str, torch.Tensor], prefix: FrozenPrefix | None = None,
+    indices: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labelled tokens, and how many there were."""
+    import torch.nn.functional as F  # noqa: N812 - the conventional alias
+
+    logits, targets = labelled_logits(model, batch, prefix, indices)
+    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
 
 
 def anchor_kl(
@@ -75,25 +81,12 @@ def anchor_kl(
     import torch
     import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    device = next(core.parameters()).device
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-    def head_logits() -> torch.Tensor:
-        if prefix is not None and indices is not None:
-            hidden = prefix.hidden(indices, batch["attention_mask"])
-        else:
-            hidden = core.get_decoder()(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state
-        return core.get_output_embeddings()(hidden[:, :-1, :][keep]).float()
-
-    keep = batch["labels"][:, 1:] != IGNORE_INDEX
-    student = F.log_softmax(head_logits(), dim=-1)
+    logits, targets = labelled_logits(model, batch, prefix, indices)
+    student = F.log_softmax(logits, dim=-1)
     with torch.no_grad(), model.disable_adapter():
-        teacher = F.log_softmax(head_logits(), dim=-1)
+        teacher = F.log_softmax(labelled_logits(model, batch, prefix, indices)[0], dim=-1)
     kl = F.kl_div(student, teacher, log_target=True, reduction="sum")
-    return kl, int(keep.sum())
+    return kl, int(targets.numel())
 
 
 def eval_loss(model: Any, examples: Sequence[TokenizedExample], pad_id: int, batch_size: int) -> float | None:

@@ -31,7 +31,7 @@ from gateway.chat.protocol import (
     completion_id,
     openapi_examples,
 )
-from gateway.chat.serving import ChatService, TextEvent, chat_prompt
+from gateway.chat.serving import ChatService, TextEvent, chat_prompt, watch_client
 from gateway.chat.structured import chat_render, tool_parser
 from gateway.deps import ApiKey, State
 from gateway.error_responses import BadRequestError, GatewayError, error_body
@@ -94,7 +94,8 @@ async def chat_completions(
     parser = tool_parser(request, entry)
     if not request.stream:
         with _grammar_errors(_grammar_param(request)):
-            result = await service.complete_or_cancel(prepared, http_request.is_disconnected)
+            async with watch_client(http_request.receive) as client_gone:
+                result = await service.complete_or_cancel(prepared, client_gone)
         if result is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         content: str | None = result.text
@@ -259,7 +260,8 @@ async def chat(http_request: Request, state: State, caller: ApiKey, request: Sim
     prepared = await service.prepare(request, chat_prompt(request.template_messages(), request.response_format),
                                      request.max_tokens, caller, completion_id())
     with _grammar_errors("response_format"):
-        result = await service.complete_or_cancel(prepared, http_request.is_disconnected)
+        async with watch_client(http_request.receive) as client_gone:
+            result = await service.complete_or_cancel(prepared, client_gone)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return SimpleChatResponse(model=prepared.entry.name, response=result.text, finish_reason=result.finish_reason,

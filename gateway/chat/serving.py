@@ -17,10 +17,12 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+from starlette.types import Message
 
 from gateway.chat.protocol import ResponseFormat, SamplingFields, Usage
 from gateway.deps import AppState
@@ -302,19 +304,17 @@ class ChatService:
             metrics.completion_tokens.labels(model).inc(completion_tokens)
             state.rate_limiter.charge_completion(prepared.caller, completion_tokens)
 
-    async def complete_or_cancel(
-        self, prepared: Prepared, is_disconnected: Callable[[], Awaitable[bool]], poll_s: float = 0.5
-    ) -> Completion | None:
-        """:meth:`complete`, cancelled (Triton request and all) if the client goes away first; None then."""
+    async def complete_or_cancel(self, prepared: Prepared, client_gone: asyncio.Future[None]) -> Completion | None:
+        """:meth:`complete`, cancelled (Triton request and all) the moment the client goes away; None then.
+
+        ``client_gone`` is :func:`watch_client`'s task: it ends when the connection closes.
+        """
         task = asyncio.create_task(self.complete(prepared))
         task.add_done_callback(lambda _: prepared.release())  # also when cancelled before it ran
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=poll_s)
-                if done:
-                    return task.result()
-                if await is_disconnected():
-                    return None
+            waited: list[asyncio.Future[Any]] = [task, client_gone]
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+            return task.result() if task.done() else None
         finally:
             if not task.done():
                 task.cancel()
@@ -330,6 +330,27 @@ class ChatService:
                     assert event.usage is not None
                     return Completion("".join(e.text for e in received), event.finish_reason, event.usage, received)
         raise TritonUnavailableError("the generation ended without a final response")
+
+
+@asynccontextmanager
+async def watch_client(receive: Callable[[], Awaitable[Message]]) -> AsyncIterator[asyncio.Task[None]]:
+    """A task that ends when the client disconnects, for a handler whose body is already read.
+
+    It listens for ``http.disconnect`` as Starlette's ``StreamingResponse`` does (and vLLM's
+    ``with_cancellation``), so a non-streaming request is cancelled at once rather than at the next
+    poll; polling ``Request.is_disconnected`` missed a client that left just before the reply ended.
+    """
+
+    async def until_disconnect() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.create_task(until_disconnect())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _tokenize(entry: ModelEntry, render: Render, stops: list[str]) -> tuple[PromptPlan, list[int]]:

@@ -20,7 +20,7 @@ from sse_starlette import EventSourceResponse
 
 from gateway.chat.protocol import FinishReason, Usage
 from gateway.chat.router import _ERRORS, CLIENT_CLOSED_REQUEST
-from gateway.chat.serving import ChatService, Completion, Prepared, PromptPlan, Render, TextEvent
+from gateway.chat.serving import ChatService, Completion, Prepared, PromptPlan, Render, TextEvent, watch_client
 from gateway.completions.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -138,8 +138,9 @@ async def completions(http_request: Request, state: State, caller: ApiKey, reque
     model = prepared[0].entry.name
     choices = [_Choice(p, prompt, request) for p, prompt in zip(prepared, prompts, strict=True)]
     if not request.stream:
-        results = await asyncio.gather(*(service.complete_or_cancel(p, http_request.is_disconnected)
-                                         for p in prepared), return_exceptions=True)
+        async with watch_client(http_request.receive) as client_gone:
+            results = await asyncio.gather(*(service.complete_or_cancel(p, client_gone) for p in prepared),
+                                           return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result

@@ -19,6 +19,7 @@ ambiguous. The gate checks, without trusting the installed transformers alone:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -65,11 +66,10 @@ PROBE_CONVERSATIONS: list[list[Message]] = [
 # --------------------------------------------------------------------------- plain jinja2
 
 
-def jinja_render(template: str, messages: Sequence[Message], add_generation_prompt: bool,
-                 special_tokens: dict[str, str] | None = None) -> str:
-    """Render a chat template with plain jinja2, set up as transformers (and so vLLM) and TGI set it up:
-    a sandboxed environment with ``trim_blocks``/``lstrip_blocks``, loop controls, ``raise_exception``,
-    ``strftime_now`` and a ``tojson`` that keeps non-ASCII text; the special tokens as variables."""
+@functools.lru_cache(maxsize=16)
+def _compiled_template(template: str) -> Any:
+    """The template compiled once per source text (a large template takes a tenth of a second or more to compile,
+    and the portability checks render each one dozens of times), as transformers caches its own."""
     import jinja2
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -85,7 +85,15 @@ def jinja_render(template: str, messages: Sequence[Message], add_generation_prom
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template).render(
+    return env.from_string(template)
+
+
+def jinja_render(template: str, messages: Sequence[Message], add_generation_prompt: bool,
+                 special_tokens: dict[str, str] | None = None) -> str:
+    """Render a chat template with plain jinja2, set up as transformers (and so vLLM) and TGI set it up:
+    a sandboxed environment with ``trim_blocks``/``lstrip_blocks``, loop controls, ``raise_exception``,
+    ``strftime_now`` and a ``tojson`` that keeps non-ASCII text; the special tokens as variables."""
+    return _compiled_template(template).render(
         messages=list(messages), add_generation_prompt=add_generation_prompt, **(special_tokens or {})
     )
 

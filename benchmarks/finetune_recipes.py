@@ -11,6 +11,8 @@ the gates' paired rule (:func:`toolkit.quality.significance.not_worse`). Usage::
         --recipe 'kl1={"train": {"learning_rate": 0.002, "max_steps": 400, "kl_weight": 1.0}}' ...
 
 Results are appended per recipe (a run that stops keeps what it measured); ``--table`` prints them.
+``--answers NAME=build/evaluate/answers.jsonl`` scores a build's own answers (its FP32 graph on
+onnxruntime) the same way, and ``--plot FILE.png`` draws facts right against general answers kept.
 """
 
 from __future__ import annotations
@@ -66,20 +68,41 @@ def run_recipe(name: str, overrides: dict[str, Any], workspace: Path, scratch: P
     started = time.perf_counter()
     answers = _answers(model, tokenizer, questions, config)
     answer_s = time.perf_counter() - started
-    scores = set_accuracies(questions, answers)
-    kept = not_worse(base_general, outcomes(questions, answers, ["general"]), config.eval.max_retention_drop_points)
     (out / "answers.jsonl").write_text("".join(
         json.dumps({"set": q.set, "question": q.text, "answer": a, "right": q.right(a)}, ensure_ascii=False) + "\n"
         for q, a in zip(questions, answers, strict=True)), encoding="utf-8")
     return {
         "recipe": name, "overrides": overrides,
-        "scores": {k: [v.correct, v.total, v.low, v.high] for k, v in scores.items()},
-        "retention_rule": kept.as_dict(),
+        **_scored(questions, answers, base_general, config),
         "finetune": {k: result.metrics.get(k) for k in ("steps", "train_s", "s_per_step", "train_loss_last",
                                                          "val_loss_last", "kept_step", "kl_last",
                                                          "val_fact_accuracy")},
         "finetune_s": round(finetune_s, 1), "answer_s": round(answer_s, 1),
     }
+
+
+def _scored(questions: list[Any], answers: list[str], base_general: list[bool], config: BuildConfig) -> dict[str, Any]:
+    scores = set_accuracies(questions, answers)
+    kept = not_worse(base_general, outcomes(questions, answers, ["general"]), config.eval.max_retention_drop_points)
+    return {"scores": {k: [v.correct, v.total, v.low, v.high] for k, v in scores.items()},
+            "retention_rule": kept.as_dict()}
+
+
+def score_build_answers(name: str, answers_file: Path, overrides: dict[str, Any], workspace: Path,
+                        base_general: list[bool]) -> dict[str, Any]:
+    """A build's own ``evaluate/answers.jsonl`` (the FP32 graph on onnxruntime) scored as a recipe's answers are."""
+    config = BuildConfig.model_validate({**overrides, "workspace": str(workspace)})
+    rows = [json.loads(line) for line in answers_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    given = {(r["set"], r["question"]): r["answer"] for r in rows}
+    test = read_split(_record(workspace, "data").dir, "test")
+    questions = evaluation_questions(test, heldout_paths(config.eval, demo_dataset=True))
+    missing = [q.text for q in questions if (q.set, q.text) not in given]
+    if missing:
+        raise SystemExit(f"{answers_file}: {len(missing)} of the {len(questions)} questions have no answer, "
+                         f"e.g. {missing[0]!r}")
+    answers = [given[(q.set, q.text)] for q in questions]
+    return {"recipe": name, "overrides": overrides, "source": f"build answers {answers_file}",
+            **_scored(questions, answers, base_general, config), "finetune_s": None, "answer_s": None}
 
 
 def base_general_outcomes(workspace: Path, scratch: Path) -> list[bool]:
@@ -108,10 +131,41 @@ def table(results: list[dict[str, Any]]) -> str:
             k, n, low, high = r["scores"][column]
             cells.append(f"{k}/{n} ({k / n:.2f}, {low:.2f}-{high:.2f})")
         rule = r["retention_rule"]
+        seconds = f"{r['finetune_s']:.0f}" if r.get("finetune_s") is not None else "(build)"
         lines.append(f"| {r['recipe']} | " + " | ".join(cells) +
                      f" | {rule['diff_points']:+.1f} ({rule['low_points']:+.1f} to {rule['high_points']:+.1f}) | "
-                     f"{r['finetune_s']:.0f} |")
+                     f"{seconds} |")
     return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Facts right (every fact question) against general answers kept, one point per recipe, 95 % intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from toolkit.quality.significance import accuracy
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for r in results:
+        scores = r["scores"]
+        facts = [k for k in ("test_en", "test_zh", "heldout_en", "heldout_zh") if k in scores]
+        right, total = sum(scores[k][0] for k in facts), sum(scores[k][1] for k in facts)
+        kept, asked = scores["general"][0], scores["general"][1]
+        fy = accuracy([True] * right + [False] * (total - right))
+        gx = accuracy([True] * kept + [False] * (asked - kept))
+        ax.errorbar(gx.value, fy.value, xerr=[[gx.value - gx.low], [gx.high - gx.value]],
+                    yerr=[[fy.value - fy.low], [fy.high - fy.value]], fmt="o", capsize=3)
+        ax.annotate(f"{r['recipe']} ({right}/{total})", (gx.value, fy.value), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("general questions answered right (share of 71; the base model: 71/71)")
+    ax.set_ylabel("fact questions answered right (share)")
+    ax.set_title("Fine-tune recipes: facts learned against general answers kept (95 % intervals)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -120,6 +174,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSON file the results are appended to")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/finetune-recipes"))
     parser.add_argument("--recipe", action="append", default=[], help="NAME=JSON config overrides")
+    parser.add_argument("--answers", action="append", default=[],
+                        help="NAME=ANSWERS_JSONL[=JSON overrides]: score a build's evaluate/answers.jsonl as a recipe")
+    parser.add_argument("--plot", type=Path, help="also draw facts against general answers kept (PNG)")
     parser.add_argument("--table", action="store_true", help="print the table of --out and stop")
     parser.add_argument("--sets", default="test,heldout,general", help="question sets to answer (comma-separated)")
     args = parser.parse_args()
@@ -134,7 +191,15 @@ def main() -> None:
             results = [r for r in results if r["recipe"] != name] + [result]
             args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
             print(table([result]).splitlines()[-1], flush=True)
+        for spec in args.answers:
+            name, _, rest = spec.partition("=")
+            file, _, text = rest.partition("=")
+            result = score_build_answers(name, Path(file), json.loads(text or "{}"), args.workspace, base_general)
+            results = [r for r in results if r["recipe"] != name] + [result]
+            args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     print(table(results))
+    if args.plot:
+        plot(results, args.plot)
 
 
 if __name__ == "__main__":

@@ -28,36 +28,40 @@ class _SlowService(ChatService):
         return Completion("done", "stop", None, [])  # type: ignore[arg-type]
 
 
-def _client() -> tuple[asyncio.Queue[dict[str, Any]], Any]:
-    messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    return messages, messages.get
+class _Request:
+    """One request in flight: the client's message queue, its slot's releases, and the handler's call."""
+
+    def __init__(self, service: _SlowService) -> None:
+        self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.released: list[bool] = []
+        self.prepared = SimpleNamespace(release=lambda: self.released.append(True))
+        self.service = service
+
+    def start(self, gone: asyncio.Task[None]) -> asyncio.Task[Completion | None]:
+        return asyncio.create_task(self.service.complete_or_cancel(self.prepared, gone))  # type: ignore[arg-type]
 
 
 async def test_a_disconnect_cancels_the_generation_and_frees_its_slot() -> None:
-    service, released = _SlowService(), []
-    messages, receive = _client()
-    prepared = SimpleNamespace(release=lambda: released.append(True))
-    async with watch_client(receive) as gone:
-        call = asyncio.create_task(service.complete_or_cancel(prepared, gone))  # type: ignore[arg-type]
-        await service.started.wait()
-        await messages.put({"type": "http.request", "body": b"", "more_body": False})  # not a disconnect
+    request = _Request(_SlowService())
+    async with watch_client(request.messages.get) as gone:
+        call = request.start(gone)
+        await request.service.started.wait()
+        await request.messages.put({"type": "http.request", "body": b"", "more_body": False})  # not a disconnect
         await asyncio.sleep(0)
         assert not call.done()
-        await messages.put({"type": "http.disconnect"})
+        await request.messages.put({"type": "http.disconnect"})
         result = await asyncio.wait_for(call, timeout=10)
     assert result is None
-    assert service.cancelled and released == [True]
+    assert request.service.cancelled and request.released == [True]
 
 
 async def test_a_client_that_stays_gets_the_completion() -> None:
-    service, released = _SlowService(), []
-    _, receive = _client()
-    prepared = SimpleNamespace(release=lambda: released.append(True))
-    async with watch_client(receive) as gone:
-        call = asyncio.create_task(service.complete_or_cancel(prepared, gone))  # type: ignore[arg-type]
-        await service.started.wait()
-        service.finish.set()
+    request = _Request(_SlowService())
+    async with watch_client(request.messages.get) as gone:
+        call = request.start(gone)
+        await request.service.started.wait()
+        request.service.finish.set()
         result = await asyncio.wait_for(call, timeout=10)
     assert result is not None and result.text == "done"
-    assert not service.cancelled and released == [True]
+    assert not request.service.cancelled and request.released == [True]
     assert gone.cancelled()  # the watch ends with the handler

@@ -12,7 +12,7 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +215,15 @@ def _open_stream(client: httpx.Client, gateway: Gateway, max_tokens: int) -> htt
     return client.send(request, stream=True)
 
 
+def _wait_until_generating(metrics_url: str, check: Callable[[], None] = lambda: None) -> None:
+    """Wait until Triton reports a sequence in generation, calling `check` between scrapes."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while metric_sum(scrape(metrics_url), "toolkit_active_sequences") < 1:
+        check()
+        assert time.monotonic() < deadline, "no request showed in Triton's active sequences"
+        time.sleep(0.02)
+
+
 def _wait_for_one_cancelled(metrics_url: str, before: str, timeout_s: float = 20) -> str:
     """Wait until Triton holds no sequence, assert exactly one more request ended cancelled; return the scrape."""
     deadline = time.monotonic() + timeout_s
@@ -237,7 +246,7 @@ def test_disconnect_mid_stream_frees_the_triton_slot(gateway: Gateway, triton_se
         lines = response.iter_lines()
         received = [line for _, line in zip(range(6), lines, strict=False)]
         assert any(line.startswith("data: ") for line in received)
-        assert metric_sum(scrape(triton_server.metrics_url), "toolkit_active_sequences") >= 1
+        _wait_until_generating(triton_server.metrics_url)  # Triton's gauge may trail the first tokens a little
         response.close()  # the client goes away mid-stream
     after = _wait_for_one_cancelled(triton_server.metrics_url, before)
     completion = metric_sum(after, "toolkit_generated_tokens_total") - metric_sum(
@@ -257,13 +266,13 @@ def test_disconnect_during_a_non_streaming_request_frees_the_slot(
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
     with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as connection:
         connection.sendall(head.encode() + body)
-        deadline = time.monotonic() + TIMEOUT_S
         connection.setblocking(False)
-        while metric_sum(scrape(triton_server.metrics_url), "toolkit_active_sequences") < 1:
+
+        def no_answer_yet() -> None:
             with contextlib.suppress(BlockingIOError):
                 pytest.fail(f"the gateway answered before Triton started: {connection.recv(4096)!r}")
-            assert time.monotonic() < deadline, "the request never reached Triton"
-            time.sleep(0.02)
+
+        _wait_until_generating(triton_server.metrics_url, no_answer_yet)
     after = _wait_for_one_cancelled(triton_server.metrics_url, before)
     generated = metric_sum(after, "toolkit_generated_tokens_total") - metric_sum(
         before, "toolkit_generated_tokens_total"

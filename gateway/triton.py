@@ -47,6 +47,12 @@ _PROMPT_LOGPROB_OUTPUTS = (contract.PROMPT_TOKEN_LOGPROBS, contract.PROMPT_TOP_L
 CLOSE_TIMEOUT_S = 5.0  # for Triton to end a half-closed stream whose request is complete
 MAX_ATTEMPTS = 2  # a request that fails before its first token is tried on one other replica
 RECONNECT_BACKOFF_MS = (250, 1000)  # gRPC's first and longest wait before reconnecting a broken channel
+# Triton's own words (in a stream's error, which carries no status code) for "this server cannot take
+# the request now": the model is unknown or unloaded, the server is not ready, a SIGTERM is draining it
+# ("Server is stopping, scheduler for model has stopped accepting new inference requests", measured on
+# Triton 2.51 for requests that arrive while its in-flight streams finish), or the python backend's stub
+# process died. Each means "try another replica", never a fault of the request or of the model's output.
+TRITON_NOT_SERVING = ("is not found", "unknown model", "not ready", "Server is stopping", "is not healthy")
 TAKEN_OUT = "replica_taken_out"  # error code of a request whose replica was taken out before its first token
 
 
@@ -215,7 +221,7 @@ def map_triton_error(err: Exception, url: str) -> GatewayError:
         return BadRequestError(f"the generation model rejected the request: {message}")
     if status and "UNAVAILABLE" in str(status):
         return TritonUnavailableError(f"Triton at {url} is unavailable: {message}", retry_after_s=1)
-    if "is not found" in message or "unknown model" in message or "not ready" in message:
+    if any(sign in message for sign in TRITON_NOT_SERVING):
         return TritonUnavailableError(f"Triton at {url}: {message}", retry_after_s=1)
     # Anything else (a failed model run, an internal error) is the server's fault, not the request's.
     return GatewayError(f"the generation model failed: {message}", status_code=502, code="upstream_error")

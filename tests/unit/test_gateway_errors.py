@@ -69,6 +69,11 @@ class FakeRpcError(grpc.RpcError):
         (InferenceServerException("server busy: 64 requests already queued (max_queue=64); retry later"), 429),
         (InferenceServerException("shutting down: the model is unloading; retry on another instance"), 503),
         (InferenceServerException("Request for unknown model: 'x' is not found"), 503),
+        # Triton 2.51 draining after SIGTERM, and its python backend's stub gone (both measured)
+        (InferenceServerException("[request id: <id_unknown>] Server is stopping, scheduler for model has stopped "
+                                  "accepting new inference requests"), 503),
+        (InferenceServerException("Request for unknown model: 'tiny-chat' has no available versions"), 503),
+        (InferenceServerException("Stub process 'tiny-chat_0_0' is not healthy."), 503),
         (InferenceServerException("invalid request: max_tokens is 5000; this model allows at most 1000"), 400),
         # the model's own faults are the server's, never the client's
         (InferenceServerException("internal error: RuntimeError: onnxruntime failed"), 502),

@@ -127,6 +127,12 @@ class TrainSection(Section):
         "positions of kl_batch_size control conversations (0: off).",
     )
     kl_batch_size: int = Field(4, ge=1, description="Control conversations in each step's KL term.")
+    kl_top_k: int = Field(
+        64, ge=0, description="The base model's next-token distribution on the control conversations is computed "
+        "once, before the first step, and kept as its top kl_top_k log-probabilities and the rest's total; the KL "
+        "term is taken on that partition (a lower bound of the full KL, equal when the rest is empty). 0: a "
+        "teacher pass over the full vocabulary at every step.",
+    )
     control_sft: bool = Field(
         True, description="Also train on the control conversations' replies with cross-entropy (self-distillation).",
     )

@@ -66,7 +66,7 @@ def fact_probe(tokenizer: Any, rows: list[Example], cfg: EvalSection) -> Callabl
 
 def _overhead(setup: dict[str, Any]) -> float:
     """Seconds of the fine-tune not spent in optimizer steps."""
-    return float(setup["val_loss_s"] + setup["probe_s"] + setup["frozen_prefix_s"])
+    return float(setup["val_loss_s"] + setup["probe_s"] + setup["frozen_prefix_s"] + setup.get("kl_teacher_s", 0.0))
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -141,7 +141,11 @@ def run(ctx: StageContext) -> StageResult:
         },
         note=f"{len(rows)} steps, {len(control)} control examples"
              + (f", KL anchor x{train_cfg.kl_weight:g} on {len(anchors)}" if anchors else "")
+             + (f" (teacher's top {train_cfg.kl_top_k}, {train_log.setup['kl_teacher_rest_mass']:.2%} of its mass "
+                "outside)" if "kl_teacher_s" in train_log.setup else "")
              + f" (time: {train_s:.0f} s, of which steps {train_s - _overhead(train_log.setup):.0f} s, "
                f"val loss {train_log.setup['val_loss_s']:.0f} s, fact probes {train_log.setup['probe_s']:.0f} s, "
-               f"frozen-prefix cache {train_log.setup['frozen_prefix_s']:.0f} s)",
+               f"frozen-prefix cache {train_log.setup['frozen_prefix_s']:.0f} s"
+             + (f", KL teacher {train_log.setup['kl_teacher_s']:.0f} s" if "kl_teacher_s" in train_log.setup else "")
+             + ")",
     )

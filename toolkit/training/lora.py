@@ -24,6 +24,7 @@ from toolkit.model_io.modeling import pad_token_id
 from toolkit.training.device import Precision, resolve_device
 from toolkit.training.examples import IGNORE_INDEX, TokenizedExample, collate
 from toolkit.training.frozen_prefix import FrozenPrefix
+from toolkit.training.teacher import TeacherCache, sparse_kl
 
 if TYPE_CHECKING:
     import torch
@@ -69,23 +70,26 @@ def summed_loss(
 
 def anchor_kl(
     model: Any, batch: dict[str, torch.Tensor], prefix: FrozenPrefix | None = None,
-    indices: Sequence[int] | None = None,
+    indices: Sequence[int] | None = None, teacher: TeacherCache | None = None, picks: Sequence[int] = (),
 ) -> tuple[torch.Tensor, int]:
     """Sum over labelled positions of KL(base || adapted) between next-token distributions, and the count.
 
     The teacher is the same model with its adapters disabled (PEFT's ``disable_adapter``): the frozen
     base costs one extra forward pass without gradients, not a second copy of the weights. With a
     frozen-prefix cache both passes start from the cached hidden states (the layers below the adapters
-    are the base model's either way).
+    are the base model's either way). With `teacher` (its rows for anchor examples `picks`) that pass
+    was made once before training, and the divergence is the top-k one of :mod:`toolkit.training.teacher`.
     """
     import torch
     import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
     logits, targets = labelled_logits(model, batch, prefix, indices)
+    if teacher is not None:
+        return sparse_kl(logits, *teacher.rows(picks, logits.device)), int(targets.numel())
     student = F.log_softmax(logits, dim=-1)
     with torch.no_grad(), model.disable_adapter():
-        teacher = F.log_softmax(labelled_logits(model, batch, prefix, indices)[0], dim=-1)
-    kl = F.kl_div(student, teacher, log_target=True, reduction="sum")
+        base = F.log_softmax(labelled_logits(model, batch, prefix, indices)[0], dim=-1)
+    kl = F.kl_div(student, base, log_target=True, reduction="sum")
     return kl, int(targets.numel())
 
 
@@ -302,10 +306,20 @@ def train_lora(
         if prefix is not None:
             log.info("frozen prefix: layers 0-%d cached for %d examples in %.1f s", prefix.first - 1,
                      len(train_examples), prefix_s)
+    teacher = None
+    if anchors and train.kl_top_k > 0:
+        cache_started = time.perf_counter()
+        teacher = TeacherCache.build(peft_model, anchors, pad, train.kl_top_k, labelled_logits, prefix,
+                                     offset=len(train_examples), autocast=precision.autocast)
+        teacher_s = time.perf_counter() - cache_started
+        log.info("KL teacher: top %d of the base model's log-probabilities on %d anchor conversations in %.1f s; "
+                 "mean mass outside them %.4f", train.kl_top_k, len(anchors), teacher_s, teacher.rest_mass())
     log_ = TrainLog(setup={"device": str(device), "precision": precision.label,
                            "gradient_checkpointing": train.gradient_checkpointing,
                            "frozen_prefix_layers": prefix.first if prefix is not None else 0,
                            "frozen_prefix_s": round(prefix_s, 1) if prefix is not None else 0.0})
+    if teacher is not None:
+        log_.setup.update(kl_teacher_s=round(teacher_s, 1), kl_teacher_rest_mass=round(teacher.rest_mass(), 5))
     spent = {"val_loss_s": 0.0, "probe_s": 0.0}
     started = time.perf_counter()
     bar = progress_bar(range(1, steps + 1), total=steps, desc="finetune", unit="step", enabled=progress)
@@ -324,7 +338,7 @@ def train_lora(
             pick = next(anchor_stream)
             with precision.autocast():
                 kl, positions = anchor_kl(peft_model, collate([anchors[i] for i in pick], pad), prefix,
-                                          [len(train_examples) + i for i in pick])
+                                          [len(train_examples) + i for i in pick], teacher, pick)
             scaler.scale(train.kl_weight * kl / max(positions, 1)).backward()
             step_kl = float(kl.detach()) / max(positions, 1)
         scaler.step(optimizer)

@@ -30,16 +30,21 @@ def _conversations(tok, n: int, topic: str) -> list[TokenizedExample]:  # type: 
     return out
 
 
-def _reference_kl(model, batch: dict[str, torch.Tensor]) -> float:  # type: ignore[no-untyped-def]
-    """KL(base || adapted) summed over the labelled positions, from the models' ordinary forward and the
-    textbook formula sum p_base * (log p_base - log p_adapted)."""
+def _ordinary_log_probs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """The base and adapted models' next-token log-probabilities at the labelled positions, from their
+    ordinary forward (no cache, the head on every position), in float64."""
     with torch.no_grad():
         adapted = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         with model.disable_adapter():
             base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     keep = batch["labels"][:, 1:] != IGNORE_INDEX
-    log_p_base = F.log_softmax(base[:, :-1][keep].double(), -1)
-    log_p_adapted = F.log_softmax(adapted[:, :-1][keep].double(), -1)
+    return F.log_softmax(base[:, :-1][keep].double(), -1), F.log_softmax(adapted[:, :-1][keep].double(), -1)
+
+
+def _reference_kl(model, batch: dict[str, torch.Tensor]) -> float:  # type: ignore[no-untyped-def]
+    """KL(base || adapted) summed over the labelled positions, by the textbook formula
+    sum p_base * (log p_base - log p_adapted)."""
+    log_p_base, log_p_adapted = _ordinary_log_probs(model, batch)
     return float((log_p_base.exp() * (log_p_base - log_p_adapted)).sum())
 
 
@@ -117,14 +122,9 @@ def _perturbed(tok, seed: int = 0):  # type: ignore[no-untyped-def]
 
 def _grouped_reference_kl(model, batch: dict[str, torch.Tensor], k: int) -> float:  # type: ignore[no-untyped-def]
     """The textbook KL between the two models' distributions with every token outside the base model's k most
-    likely merged into one outcome, from ordinary forwards, in float64."""
-    with torch.no_grad():
-        adapted = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        with model.disable_adapter():
-            base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    keep = batch["labels"][:, 1:] != IGNORE_INDEX
-    p = F.softmax(base[:, :-1][keep].double(), -1)
-    q = F.softmax(adapted[:, :-1][keep].double(), -1)
+    likely merged into one outcome."""
+    log_p, log_q = _ordinary_log_probs(model, batch)
+    p, q = log_p.exp(), log_q.exp()
     total = 0.0
     for p_row, q_row in zip(p, q, strict=True):
         top = p_row.argsort(descending=True)[:k]

@@ -112,6 +112,8 @@ def run(ctx: StageContext) -> StageResult:
     rows = train_log.rows
     val_losses = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    setup = train_log.setup
+    teacher_cached = "kl_teacher_s" in setup
     return StageResult(
         metrics={
             "steps": len(rows),
@@ -141,11 +143,10 @@ def run(ctx: StageContext) -> StageResult:
         },
         note=f"{len(rows)} steps, {len(control)} control examples"
              + (f", KL anchor x{train_cfg.kl_weight:g} on {len(anchors)}" if anchors else "")
-             + (f" (teacher's top {train_cfg.kl_top_k}, {train_log.setup['kl_teacher_rest_mass']:.2%} of its mass "
-                "outside)" if "kl_teacher_s" in train_log.setup else "")
-             + f" (time: {train_s:.0f} s, of which steps {train_s - _overhead(train_log.setup):.0f} s, "
-               f"val loss {train_log.setup['val_loss_s']:.0f} s, fact probes {train_log.setup['probe_s']:.0f} s, "
-               f"frozen-prefix cache {train_log.setup['frozen_prefix_s']:.0f} s"
-             + (f", KL teacher {train_log.setup['kl_teacher_s']:.0f} s" if "kl_teacher_s" in train_log.setup else "")
-             + ")",
+             + (f" (teacher's top {train_cfg.kl_top_k}, {setup['kl_teacher_rest_mass']:.2%} of its mass outside)"
+                if teacher_cached else "")
+             + f" (time: {train_s:.0f} s, of which steps {train_s - _overhead(setup):.0f} s, "
+               f"val loss {setup['val_loss_s']:.0f} s, fact probes {setup['probe_s']:.0f} s, "
+               f"frozen-prefix cache {setup['frozen_prefix_s']:.0f} s"
+             + (f", KL teacher {setup['kl_teacher_s']:.0f} s" if teacher_cached else "") + ")",
     )

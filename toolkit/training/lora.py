@@ -311,15 +311,15 @@ def train_lora(
         cache_started = time.perf_counter()
         teacher = TeacherCache.build(peft_model, anchors, pad, train.kl_top_k, labelled_logits, prefix,
                                      offset=len(train_examples), autocast=precision.autocast)
-        teacher_s = time.perf_counter() - cache_started
+        teacher_s, rest_mass = time.perf_counter() - cache_started, teacher.rest_mass()
         log.info("KL teacher: top %d of the base model's log-probabilities on %d anchor conversations in %.1f s; "
-                 "mean mass outside them %.4f", train.kl_top_k, len(anchors), teacher_s, teacher.rest_mass())
+                 "mean mass outside them %.4f", train.kl_top_k, len(anchors), teacher_s, rest_mass)
     log_ = TrainLog(setup={"device": str(device), "precision": precision.label,
                            "gradient_checkpointing": train.gradient_checkpointing,
                            "frozen_prefix_layers": prefix.first if prefix is not None else 0,
                            "frozen_prefix_s": round(prefix_s, 1) if prefix is not None else 0.0})
     if teacher is not None:
-        log_.setup.update(kl_teacher_s=round(teacher_s, 1), kl_teacher_rest_mass=round(teacher.rest_mass(), 5))
+        log_.setup.update(kl_teacher_s=round(teacher_s, 1), kl_teacher_rest_mass=round(rest_mass, 5))
     spent = {"val_loss_s": 0.0, "probe_s": 0.0}
     started = time.perf_counter()
     bar = progress_bar(range(1, steps + 1), total=steps, desc="finetune", unit="step", enabled=progress)

@@ -53,8 +53,7 @@ class TeacherCache:
         ids: list[torch.Tensor] = []
         logp: list[torch.Tensor] = []
         rest: list[torch.Tensor] = []
-        disable = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-        with torch.no_grad(), disable:
+        with torch.no_grad(), model.disable_adapter():
             for start in range(0, len(anchors), batch_size):
                 chunk = anchors[start: start + batch_size]
                 indices = [offset + start + i for i in range(len(chunk))]
